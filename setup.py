@@ -1,0 +1,31 @@
+"""Installs the `transformer` package: attention and transformers in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="transformer",
+    version="0.1.0",
+    description="Attention as it is taught, and attention patterns that really skip work, in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["transformer", "transformer.*"]),
+    install_requires=[
+        "numpy>=1.26,<3",
+        "jax>=0.8.0,<0.11",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "tensorflow-datasets>=4.9.9,<4.10",
+        "importlib_resources>=6.0",  # TFDS 4.9.10 imports it for builders inside a package
+        "absl-py>=2.1,<3",
+        "ml-collections>=1.0,<2",
+        "grain>=0.2.12,<0.3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        "tpu": ["jax[tpu]>=0.8.0,<0.11"],
+        "cuda": ["jax[cuda12]>=0.8.0,<0.11"],
+    },
+)

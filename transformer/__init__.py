@@ -1,0 +1,1 @@
+"""Attention and transformers in JAX/Flax, from Bahdanau attention to block-sparse patterns."""
