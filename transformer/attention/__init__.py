@@ -1,6 +1,6 @@
 """Attention as pure functions of arrays: scores, masks and `dot_product_attention`."""
 
-from transformer.attention.dense import dense_attention
+from transformer.attention.dense import alibi_bias, dense_attention
 from transformer.attention.dot_product import dot_product_attention
 from transformer.attention.masks import (
     attention_padding_mask,

@@ -8,7 +8,17 @@ import jax
 import jax.numpy as jnp
 
 
-def dense_attention(query, key, value, *, mask=None, bias=None, scale=None,
+def alibi_bias(slopes, q_len, kv_len, *, offset=0):
+    """`[1, heads, q_len, kv_len]`: -slope * |i - j|, ALiBi's linear distance penalty.
+
+    With a causal pattern only j <= i survives, where this equals ALiBi's -slope * (i - j).
+    `offset` is the position of the first query relative to the first key.
+    """
+    distance = jnp.abs(jnp.arange(q_len)[:, None] + offset - jnp.arange(kv_len)[None, :])
+    return -jnp.asarray(slopes, jnp.float32)[None, :, None, None] * distance[None, None]
+
+
+def dense_attention(query, key, value, *, mask=None, bias=None, scale=None, alibi_slopes=None,
                     dropout_rate=0.0, dropout_rng=None, return_weights=False):
     """softmax(q k^T * scale + bias, masked) v.
 
@@ -21,6 +31,7 @@ def dense_attention(query, key, value, *, mask=None, bias=None, scale=None,
       bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]` (ALiBi, relative
         positions).
       scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
+      alibi_slopes: `[heads]`; adds `alibi_bias` to the logits.
       dropout_rate, dropout_rng: dropout on the attention weights; off when rate is 0 or rng None.
       return_weights: also return the weights `[batch, heads, q_len, kv_len]`.
 
@@ -35,6 +46,8 @@ def dense_attention(query, key, value, *, mask=None, bias=None, scale=None,
     logits = logits * scale
     if bias is not None:
         logits = logits + bias.astype(compute_dtype)
+    if alibi_slopes is not None:
+        logits = logits + alibi_bias(alibi_slopes, query.shape[1], key.shape[1])
     if mask is not None:
         # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
         logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)

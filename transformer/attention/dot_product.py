@@ -27,7 +27,7 @@ def _check_shapes(query, key, value, mask, bias):
 
 
 def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None,
-                          pattern=None, implementation="dense",
+                          alibi_slopes=None, pattern=None, implementation="dense",
                           dropout_rate=0.0, dropout_rng=None, return_weights=False):
     """Scaled dot-product attention, softmax(q k^T / sqrt(d) + bias) v, over masked keys.
 
@@ -39,6 +39,8 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
         attend. A query whose keys are all masked gets zeros, never NaN, in output and gradients.
       bias: float, broadcastable to `[batch, heads, q_len, kv_len]`, added to the logits.
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
+      alibi_slopes: `[heads]` ALiBi slopes; adds -slope * |i - j| to the logits. Given as slopes
+        rather than a bias array so that sparse implementations compute it block by block.
       pattern: an attention pattern (see `transformer.patterns`) or None for full attention;
         it is combined with `mask` by logical AND.
       implementation: how to compute it; "dense" materialises the score matrix (the reference).
@@ -55,5 +57,6 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
         pattern_mask = pattern.mask(query.shape[1], key.shape[1])[None, None]
         mask = pattern_mask if mask is None else mask & pattern_mask
     return dense_attention(query, key, value, mask=mask, bias=bias, scale=scale,
+                           alibi_slopes=alibi_slopes,
                            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                            return_weights=return_weights)
