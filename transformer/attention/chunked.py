@@ -1,0 +1,341 @@
+"""Chunked attention: exact softmax attention in memory linear in length.
+
+The keys are visited one chunk at a time and the softmax is accumulated online: each query row
+keeps its running maximum logit `m`, the running sum of exponentials `l` and the running weighted
+sum of values, rescaled whenever `m` grows (Rabe & Staats 2021, "Self-attention does not need
+O(n^2) memory"; Dao et al. 2022, FlashAttention). No `[q_len, kv_len]` array exists, only
+`[query_chunk, key_chunk]` tiles.
+
+The backward pass is a custom VJP in the manner of FlashAttention-2: the forward pass stores only
+its output and the log-sum-exp of each query row; the backward pass recomputes each tile of
+probabilities from them, so it too needs memory linear in length.
+
+Causal attention visits only the key chunks at or below the diagonal, so it does about half the
+work of full attention rather than masking the upper half away.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Tile sizes measured fastest for forward+backward on a 2-core AVX-512 CPU at 8K tokens
+# (benchmarks/chunked_benchmark.py). Short sequences shrink them to the padded length.
+DEFAULT_QUERY_CHUNK = 512
+DEFAULT_KEY_CHUNK = 512
+
+
+def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=None,
+                      alibi_slopes=None, chunk_size=None):
+    """softmax(q k^T * scale + alibi, masked) v, computed chunk by chunk.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`.
+      key: `[batch, kv_len, heads, head_dim]`.
+      value: `[batch, kv_len, heads, value_dim]`.
+      scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
+      causal: query i sees key j only if j <= i + (kv_len - q_len). When q_len != kv_len the
+        queries are the last q_len positions of the key sequence (as when decoding the end of a
+        cache); with q_len == kv_len this is the usual j <= i.
+      key_valid: boolean `[batch, kv_len]`, False at padded keys; None means all are valid.
+      alibi_slopes: `[heads]`; adds -slope * |i - j| to the logits (i, j positions aligned as for
+        `causal`), computed tile by tile. Its gradient is computed too.
+      chunk_size: None for the tuned default, an int for square tiles, or a pair
+        `(query_chunk, key_chunk)`. Any lengths work: the inputs are padded internally.
+
+    Returns:
+      `[batch, q_len, heads, value_dim]` in the dtype of `query`. A query with no valid key gets
+      zeros in its output and its gradients. Softmax statistics are kept in float32.
+    """
+    _check_inputs(query, key, value, key_valid, alibi_slopes)
+    batch, q_len, heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    if scale is None:
+        scale = head_dim ** -0.5
+    query_chunk, key_chunk = _chunk_sizes(chunk_size, q_len, kv_len)
+    num_q_chunks = -(-q_len // query_chunk)
+    num_k_chunks = -(-kv_len // key_chunk)
+
+    # [batch, heads, length, dim] once, outside the loops, so every tile is a plain batched matmul.
+    q = jnp.swapaxes(query, 1, 2)
+    k = jnp.swapaxes(key, 1, 2)
+    v = jnp.swapaxes(value, 1, 2)
+    q = _pad_length(q, num_q_chunks * query_chunk)
+    k = _pad_length(k, num_k_chunks * key_chunk)
+    v = _pad_length(v, num_k_chunks * key_chunk)
+    if key_valid is None and kv_len % key_chunk:
+        key_valid = jnp.ones((batch, kv_len), bool)
+    if key_valid is not None:
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, num_k_chunks * key_chunk - kv_len)))
+    if alibi_slopes is not None:
+        alibi_slopes = jnp.asarray(alibi_slopes, jnp.float32)
+
+    config = _Config(scale=float(scale), causal=bool(causal), offset=kv_len - q_len,
+                     query_chunk=query_chunk, key_chunk=key_chunk,
+                     num_q_chunks=num_q_chunks, num_k_chunks=num_k_chunks)
+    out = _attention(config, q, k, v, key_valid, alibi_slopes)
+    return jnp.swapaxes(out[:, :, :q_len], 1, 2)
+
+
+def _check_inputs(query, key, value, key_valid, alibi_slopes):
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            "query, key and value must be [batch, length, heads, head_dim]; got shapes "
+            f"{query.shape}, {key.shape}, {value.shape}.")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key {key.shape} and value {value.shape} must agree on "
+                         "[batch, kv_len, heads].")
+    if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
+        raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
+    if query.shape[3] != key.shape[3]:
+        raise ValueError(f"query head_dim {query.shape[3]} != key head_dim {key.shape[3]}.")
+    if key_valid is not None:
+        if key_valid.shape != key.shape[:2] or key_valid.dtype != bool:
+            raise ValueError(f"key_valid must be boolean [batch, kv_len] = {list(key.shape[:2])}; "
+                             f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (query.shape[2],):
+        raise ValueError(f"alibi_slopes must be [heads] = [{query.shape[2]}]; got shape "
+                         f"{jnp.shape(alibi_slopes)}.")
+
+
+def _chunk_sizes(chunk_size, q_len, kv_len):
+    if chunk_size is None:
+        query_chunk, key_chunk = DEFAULT_QUERY_CHUNK, DEFAULT_KEY_CHUNK
+    elif isinstance(chunk_size, int):
+        query_chunk = key_chunk = chunk_size
+    else:
+        query_chunk, key_chunk = chunk_size
+    for name, size in (("query", query_chunk), ("key", key_chunk)):
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"chunk_size must be a positive int or a pair of them; got {name} "
+                             f"chunk {size!r}.")
+    # No point in tiles longer than the (8-aligned) sequence: that is only padding.
+    return min(int(query_chunk), _round_up(q_len, 8)), min(int(key_chunk), _round_up(kv_len, 8))
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _pad_length(x, length):
+    """Zero-pads axis 2 (length) of `[batch, heads, length, dim]` to `length`."""
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
+
+class _Config(NamedTuple):
+    """Static description of the tiling; hashable, so it can be a non-differentiable argument."""
+    scale: float
+    causal: bool
+    offset: int  # position of query 0 relative to key 0
+    query_chunk: int
+    key_chunk: int
+    num_q_chunks: int
+    num_k_chunks: int
+
+
+# --- Which tiles to visit -------------------------------------------------------------------
+# Query chunk i holds positions [i*Cq, (i+1)*Cq) + offset in key coordinates, key chunk j holds
+# [j*Ck, (j+1)*Ck). Under the causal rule a tile is empty when all its keys lie after its last
+# query, and needs no mask when all its keys lie at or before its first query.
+
+def _key_chunks_needed(config, q_index):
+    """Key chunks [0, n) hold every key that query chunk `q_index` can see."""
+    if not config.causal:
+        return config.num_k_chunks
+    last_query = (q_index + 1) * config.query_chunk - 1 + config.offset
+    return jnp.clip(last_query // config.key_chunk + 1, 0, config.num_k_chunks)
+
+
+def _first_query_chunk(config, k_index):
+    """Query chunks [n, num_q_chunks) can see some key of key chunk `k_index`."""
+    if not config.causal:
+        return 0
+    first_key = k_index * config.key_chunk
+    # Smallest i with (i + 1) * Cq - 1 + offset >= first_key.
+    first = (first_key - config.offset + 1 + config.query_chunk - 1) // config.query_chunk - 1
+    return jnp.clip(first, 0, config.num_q_chunks)
+
+
+# --- One tile -------------------------------------------------------------------------------
+
+def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes):
+    """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend.
+
+    `q_tile` is already multiplied by the scale.
+    """
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_tile, k_tile, preferred_element_type=jnp.float32)
+    if config.causal or slopes is not None:
+        query_pos = (q_index * config.query_chunk + config.offset
+                     + jnp.arange(config.query_chunk))[:, None]
+        key_pos = (k_index * config.key_chunk + jnp.arange(config.key_chunk))[None, :]
+    if slopes is not None:
+        distance = jnp.abs(query_pos - key_pos).astype(jnp.float32)
+        logits = logits - slopes[None, :, None, None] * distance
+    if config.causal:
+        logits = jnp.where(key_pos <= query_pos, logits, -jnp.inf)
+    if key_valid is not None:
+        valid = jax.lax.dynamic_slice_in_dim(key_valid, k_index * config.key_chunk,
+                                             config.key_chunk, axis=1)
+        logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    return logits
+
+
+def _varying_like(arrays, *inits):
+    """Marks loop initial values as varying over the mesh axes that `arrays` vary over.
+
+    Inside `jax.shard_map` a loop's carry must keep its type; zeros made from scratch are
+    replicated, while the carry they become depends on per-device inputs. Outside it, a no-op.
+    """
+    axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays if a is not None))
+    marked = []
+    for x in inits:
+        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
+        marked.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(marked)
+
+
+def _chunk(x, index, size):
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=2)
+
+
+# --- Forward --------------------------------------------------------------------------------
+
+def _forward(config, q, k, v, key_valid, slopes):
+    """Output `[batch, heads, Lq, value_dim]` and log-sum-exp `[batch, heads, Lq]` (float32).
+
+    The log-sum-exp is +inf for a query with no valid key, so that the backward pass's
+    exp(logit - lse) is 0 there rather than NaN.
+    """
+    batch, heads, _, _ = q.shape
+    value_dim = v.shape[-1]
+    cq, ck = config.query_chunk, config.key_chunk
+    q = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
+
+    def query_chunk_step(_, q_index):
+        q_tile = _chunk(q, q_index, cq)
+
+        def key_chunk_step(k_index, carry):
+            row_max, row_sum, acc = carry
+            logits = _tile_logits(config, q_tile, _chunk(k, k_index, ck), q_index, k_index,
+                                  key_valid, slopes)
+            new_max = jnp.maximum(row_max, logits.max(axis=-1))
+            # While a row has seen only masked keys its max is -inf; shift by 0 instead so that
+            # exp(-inf - shift) is 0 rather than NaN.
+            shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            probs = jnp.exp(logits - shift[..., None])
+            correction = jnp.exp(row_max - shift)
+            row_sum = row_sum * correction + probs.sum(axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bhqk,bhkd->bhqd", probs.astype(v.dtype), _chunk(v, k_index, ck),
+                preferred_element_type=jnp.float32)
+            return new_max, row_sum, acc
+
+        init = _varying_like((q, k, v, key_valid, slopes),
+                             jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
+                             jnp.zeros((batch, heads, cq), jnp.float32),
+                             jnp.zeros((batch, heads, cq, value_dim), jnp.float32))
+        row_max, row_sum, acc = jax.lax.fori_loop(
+            0, _key_chunks_needed(config, q_index), key_chunk_step, init)
+        empty = row_sum == 0.0
+        out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
+        lse = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+        return None, (out, lse)
+
+    _, (out, lse) = jax.lax.scan(query_chunk_step, None, jnp.arange(config.num_q_chunks))
+    # [num_q_chunks, batch, heads, Cq, ...] -> [batch, heads, Lq, ...]
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, -1, value_dim)
+    lse = jnp.moveaxis(lse, 0, 2).reshape(batch, heads, -1)
+    return out.astype(q.dtype), lse
+
+
+# --- Backward -------------------------------------------------------------------------------
+
+def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
+    """Gradients for q, k, v (and the ALiBi slopes) by recomputing each tile's probabilities.
+
+    Loops over key chunks outside (accumulating dk, dv of that chunk) and query chunks inside
+    (adding into a full-length dq), as FlashAttention-2 does.
+    """
+    batch, heads, _, head_dim = q.shape
+    value_dim = v.shape[-1]
+    cq, ck = config.query_chunk, config.key_chunk
+    inputs = (q, k, v, key_valid, slopes, lse, d_out)
+    q_scaled = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
+    # D_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax Jacobian's row term.
+    row_dot = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_out = d_out.astype(v.dtype)
+
+    def key_chunk_step(carry, k_index):
+        d_q, d_slopes = carry
+        k_tile = _chunk(k, k_index, ck)
+        v_tile = _chunk(v, k_index, ck)
+
+        def query_chunk_step(q_index, inner):
+            d_q, d_k, d_v, d_slopes = inner
+            q_tile = _chunk(q_scaled, q_index, cq)
+            d_out_tile = _chunk(d_out, q_index, cq)
+            logits = _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes)
+            lse_tile = jax.lax.dynamic_slice_in_dim(lse, q_index * cq, cq, axis=2)
+            probs = jnp.exp(logits - lse_tile[..., None])
+            d_v = d_v + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out_tile,
+                                   preferred_element_type=jnp.float32)
+            d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_tile, v_tile,
+                                 preferred_element_type=jnp.float32)
+            row_dot_tile = jax.lax.dynamic_slice_in_dim(row_dot, q_index * cq, cq, axis=2)
+            d_logits = probs * (d_probs - row_dot_tile[..., None])
+            if slopes is not None:
+                query_pos = q_index * cq + config.offset + jnp.arange(cq)
+                key_pos = k_index * ck + jnp.arange(ck)
+                distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
+                d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
+            d_logits = d_logits.astype(q.dtype)
+            d_q_tile = jax.lax.dynamic_slice_in_dim(d_q, q_index * cq, cq, axis=2)
+            d_q_tile = d_q_tile + jnp.einsum("bhqk,bhkd->bhqd", d_logits, k_tile,
+                                             preferred_element_type=jnp.float32)
+            d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)
+            d_k = d_k + jnp.einsum("bhqk,bhqd->bhkd", d_logits, q_tile,
+                                   preferred_element_type=jnp.float32)
+            return d_q, d_k, d_v, d_slopes
+
+        d_k, d_v = _varying_like(inputs, jnp.zeros((batch, heads, ck, head_dim), jnp.float32),
+                                 jnp.zeros((batch, heads, ck, value_dim), jnp.float32))
+        d_q, d_k, d_v, d_slopes = jax.lax.fori_loop(
+            _first_query_chunk(config, k_index), config.num_q_chunks, query_chunk_step,
+            (d_q, d_k, d_v, d_slopes))
+        return (d_q, d_slopes), (d_k, d_v)
+
+    init = _varying_like(inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads,), jnp.float32))
+    (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(key_chunk_step, init,
+                                               jnp.arange(config.num_k_chunks))
+    d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
+    d_v = jnp.moveaxis(d_v, 0, 2).reshape(v.shape)
+    # The scale was folded into q for the logits: dL/dq = scale * dL/d(q*scale), while dk got
+    # q*scale already.
+    d_q = d_q * config.scale
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype),
+            None if slopes is None else d_slopes)
+
+
+# --- Custom VJP -----------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(config, q, k, v, key_valid, slopes):
+    out, _ = _forward(config, q, k, v, key_valid, slopes)
+    return out
+
+
+def _attention_fwd(config, q, k, v, key_valid, slopes):
+    out, lse = _forward(config, q, k, v, key_valid, slopes)
+    return out, (q, k, v, key_valid, slopes, out, lse)
+
+
+def _attention_bwd(config, residuals, d_out):
+    q, k, v, key_valid, slopes, out, lse = residuals
+    d_q, d_k, d_v, d_slopes = _backward(config, q, k, v, key_valid, slopes, out, lse, d_out)
+    # key_valid is boolean: its cotangent is None.
+    return d_q, d_k, d_v, None, d_slopes
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
