@@ -1,0 +1,40 @@
+"""The position-wise feed-forward block: the non-linearity that attention (a weighted average)
+lacks. FFN(x) = W_2 act(W_1 x + b_1) + b_2, applied to every position independently."""
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+
+
+class FeedForward(nn.Module):
+    """`[batch, length, d_model]` -> `[batch, length, d_model]` through a `d_ff`-wide hidden layer.
+
+    Attributes:
+      d_ff: hidden width (2048 in Transformer-base, 4 x d_model).
+      activation: a name in ACTIVATIONS ("relu" in the paper).
+      dropout_rate: dropout on the hidden activations.
+      dtype: compute dtype; param_dtype: parameter dtype.
+    """
+
+    d_ff: int
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, inputs, *, deterministic=True):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; allowed: "
+                             f"{', '.join(ACTIVATIONS)}.")
+        d_model = inputs.shape[-1]
+        hidden = nn.Dense(self.d_ff, kernel_init=self.kernel_init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="hidden")(inputs)
+        hidden = ACTIVATIONS[self.activation](hidden)
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+        return nn.Dense(d_model, kernel_init=self.kernel_init, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="output")(hidden)

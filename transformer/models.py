@@ -1,0 +1,388 @@
+"""Transformer stacks and the models built from them.
+
+  Encoder            bidirectional self-attention layers over embeddings
+  Decoder            causal self-attention (+ cross-attention to an encoder) over embeddings
+  EncoderClassifier  tokens -> class logits, pooling by [CLS], mean or learned attention
+  DecoderLM          tokens -> next-token logits (decoder-only language model)
+  EncoderDecoder     source tokens, target tokens -> target logits (the paper's Transformer)
+
+Build a model from a config with a `name`: `build_model({"name": "decoder_lm", ...})`. Token id 0
+is padding in every model: it is never attended to and never pooled.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from transformer import patterns
+from transformer.attention import dot_product_attention
+from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig
+from transformer.positional import ADDED_POSITIONAL_ENCODINGS
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(LayerConfig):
+    """Every model's hyperparameters (the layer fields are documented on LayerConfig).
+
+    Attributes:
+      vocab_size: token vocabulary (the source vocabulary of an EncoderDecoder).
+      d_model: width of the residual stream.
+      num_layers: encoder layers (EncoderClassifier, EncoderDecoder) or decoder layers
+        (DecoderLM).
+      max_len: longest input of a "learned" positional encoding.
+      pattern: self-attention pattern: a name in `transformer.patterns.PATTERNS` (built per layer
+        with `patterns.build(pattern, layer=i, **pattern_options)`, so random parts differ by
+        layer) or a Pattern object used in every layer. Decoders intersect it with causal().
+      pattern_options: keyword arguments of the named pattern.
+      num_classes, pooling: EncoderClassifier only; pooling is a name in POOLINGS.
+      num_decoder_layers, target_vocab_size, share_embeddings: EncoderDecoder only.
+        target_vocab_size None means the source vocabulary; share_embeddings uses one embedding
+        table for source and target tokens (needs one vocabulary).
+      tie_output_embedding: DecoderLM and EncoderDecoder: the output projection is the
+        transposed (target) embedding, as in the paper.
+    """
+
+    vocab_size: int = 32_000
+    d_model: int = 512
+    num_layers: int = 6
+    max_len: int = 512
+    pattern: Any = "full"
+    pattern_options: Any = dataclasses.field(default_factory=dict)
+    num_classes: int = 2
+    pooling: str = "cls"
+    num_decoder_layers: int = 6
+    target_vocab_size: int | None = None
+    share_embeddings: bool = True
+    tie_output_embedding: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("vocab_size", "d_model", "num_layers", "max_len", "num_classes",
+                     "num_decoder_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
+                             f"{self.num_heads}; choose num_heads dividing d_model or set "
+                             "head_dim.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; allowed: "
+                             f"{', '.join(POOLINGS)}.")
+        if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
+            raise ValueError(f"share_embeddings needs one vocabulary, but target_vocab_size "
+                             f"{self.target_vocab_size} != vocab_size {self.vocab_size}; set "
+                             "share_embeddings=False or target_vocab_size=None.")
+        if isinstance(self.pattern, str):
+            # Build once now so that a bad name or option fails at start-up, not at trace time.
+            patterns.build(self.pattern, layer=0, **dict(self.pattern_options))
+        elif not isinstance(self.pattern, patterns.Pattern):
+            raise ValueError(f"pattern must be a name in {sorted(patterns.PATTERNS)} or a "
+                             f"Pattern; got {self.pattern!r}.")
+        # A plain dict is unhashable; Flax modules holding this config must stay hashable.
+        object.__setattr__(self, "pattern_options",
+                           tuple(sorted(dict(self.pattern_options).items())))
+
+
+def layer_pattern(config, layer, *, causal):
+    """The self-attention pattern of layer `layer`: its own random seed, causal in decoders."""
+    if isinstance(config.pattern, str):
+        pattern = patterns.build(config.pattern, layer=layer, **dict(config.pattern_options))
+    else:
+        pattern = config.pattern
+    return pattern & patterns.causal() if causal else pattern
+
+
+def add_positions(config, x, *, deterministic):
+    """Adds the positional encoding that acts on embeddings (if any), then dropout."""
+    if config.positional in ADDED_POSITIONAL_ENCODINGS:
+        x = ADDED_POSITIONAL_ENCODINGS[config.positional](
+            config.max_len, config.param_dtype)(x)
+    return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+    """Bidirectional stack: positional encoding, `config.num_layers` EncoderLayers, and a final
+    LayerNorm when pre-LN.
+
+    Call: `Encoder(config)(embedded, padding_mask, deterministic=True)` with embedded
+    `[batch, length, d_model]` and padding_mask bool `[batch, length]` (True at real tokens, or
+    None); returns `[batch, length, d_model]`.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, embedded, padding_mask=None, *, deterministic=True):
+        config = self.config
+        x = add_positions(config, embedded.astype(config.dtype), deterministic=deterministic)
+        for layer in range(config.num_layers):
+            x = EncoderLayer(config, pattern=layer_pattern(config, layer, causal=False),
+                             name=f"layer_{layer}")(x, padding_mask, deterministic=deterministic)
+        if config.norm_position == "pre":
+            x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
+                             param_dtype=config.param_dtype, name="final_norm")(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """Causal stack: positional encoding, `num_layers` DecoderLayers (with cross-attention when
+    `encoded` is given), and a final LayerNorm when pre-LN.
+
+    Call: `Decoder(config, num_layers)(embedded, padding_mask, encoded=None,
+    encoded_padding_mask=None, deterministic=True)` with embedded `[batch, length, d_model]`,
+    padding_mask bool `[batch, length]` or None, encoded `[batch, source_length, d_model]` or None,
+    encoded_padding_mask bool `[batch, source_length]` or None; returns
+    `[batch, length, d_model]`. Output i depends on embedded positions <= i only.
+    """
+
+    config: TransformerConfig
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, embedded, padding_mask=None, encoded=None, encoded_padding_mask=None, *,
+                 deterministic=True):
+        config = self.config
+        x = add_positions(config, embedded.astype(config.dtype), deterministic=deterministic)
+        for layer in range(self.num_layers):
+            x = DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True),
+                             name=f"layer_{layer}")(
+                                 x, padding_mask, encoded, encoded_padding_mask,
+                                 deterministic=deterministic)
+        if config.norm_position == "pre":
+            x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
+                             param_dtype=config.param_dtype, name="final_norm")(x)
+        return x
+
+
+def token_embedding(config, vocab_size, name):
+    """An embedding table initialised with stddev d_model^-1/2; `embed_tokens` scales it back up
+    by sqrt(d_model), as in the paper, so that the embeddings start at unit scale."""
+    return nn.Embed(vocab_size, config.d_model,
+                    embedding_init=nn.initializers.normal(config.d_model ** -0.5),
+                    dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+def embed_tokens(config, embedding, tokens):
+    """`[batch, length]` int -> `[batch, length, d_model]`, times sqrt(d_model)."""
+    return embedding(tokens) * jnp.asarray(config.d_model ** 0.5, config.dtype)
+
+
+class ClsPooling(nn.Module):
+    """The output at position 0, where EncoderClassifier puts its learned [CLS] vector."""
+
+    @nn.compact
+    def __call__(self, encoded, padding_mask):
+        return encoded[:, 0]
+
+
+class MeanPooling(nn.Module):
+    """The mean over real (non-padding) positions: attention with uniform weights, the baseline."""
+
+    @nn.compact
+    def __call__(self, encoded, padding_mask):
+        weights = padding_mask.astype(encoded.dtype)[:, :, None]
+        count = jnp.maximum(weights.sum(axis=1), 1.0)
+        return (encoded * weights).sum(axis=1) / count
+
+
+class AttentionPooling(nn.Module):
+    """Attention from one learned query to the encoder outputs: a weighted mean whose weights
+    the model learns. The query starts at zero, where the weights are uniform (mean pooling)."""
+
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, encoded, padding_mask):
+        batch, _, d_model = encoded.shape
+        query = self.param("query", nn.initializers.zeros, (d_model,), self.param_dtype)
+        query = jnp.broadcast_to(query.astype(encoded.dtype), (batch, 1, 1, d_model))
+        keys = encoded[:, :, None, :]  # one head: [batch, length, 1, d_model]
+        pooled = dot_product_attention(query, keys, keys,
+                                       mask=padding_mask[:, None, None, :])
+        return pooled[:, 0, 0]
+
+
+# Pooling modules by name, each built from the model's config.
+POOLINGS = {
+    "cls": lambda config: ClsPooling(),
+    "mean": lambda config: MeanPooling(),
+    "attention": lambda config: AttentionPooling(param_dtype=config.param_dtype),
+}
+
+
+class EncoderClassifier(nn.Module):
+    """Sequence classifier: embed tokens, encode, pool, project to class logits.
+
+    Call: `model.apply(variables, inputs, train=False, rngs={"dropout": key})` with inputs int
+    `[batch, length]` (0 = padding); returns float32 logits `[batch, num_classes]`. With
+    pooling "cls" a learned [CLS] vector is put before the tokens (so a learned positional
+    encoding needs max_len >= length + 1).
+    """
+
+    config: TransformerConfig
+    config_fields = ("num_layers", "num_classes", "pooling")  # read beyond the shared ones
+
+    @nn.compact
+    def __call__(self, inputs, *, train=False):
+        config = self.config
+        padding_mask = inputs != PAD_ID
+        x = embed_tokens(config, token_embedding(config, config.vocab_size, "embed"), inputs)
+        if config.pooling == "cls":
+            cls = self.param("cls_embedding", nn.initializers.normal(1.0), (config.d_model,),
+                             config.param_dtype)
+            cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, config.d_model))
+            x = jnp.concatenate([cls, x], axis=1)
+            padding_mask = jnp.concatenate(
+                [jnp.ones((inputs.shape[0], 1), bool), padding_mask], axis=1)
+        encoded = Encoder(config, name="encoder")(x, padding_mask, deterministic=not train)
+        pooled = POOLINGS[config.pooling](config)(encoded, padding_mask)
+        logits = nn.Dense(config.num_classes, dtype=config.dtype,
+                          param_dtype=config.param_dtype, name="classifier")(pooled)
+        return logits.astype(jnp.float32)
+
+
+def output_logits(config, embedding, x, vocab_size):
+    """Next-token logits, float32: through the transposed embedding when tied, else a Dense."""
+    if config.tie_output_embedding:
+        logits = embedding.attend(x)
+    else:
+        logits = nn.Dense(vocab_size, dtype=config.dtype, param_dtype=config.param_dtype,
+                          name="output_projection")(x)
+    return logits.astype(jnp.float32)
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only language model: position i's logits predict token i + 1 from tokens <= i.
+
+    Call: `model.apply(variables, inputs, train=False, rngs={"dropout": key})` with inputs int
+    `[batch, length]` (0 = padding, never attended to); returns float32 logits
+    `[batch, length, vocab_size]`. The data pipeline shifts: targets[i] = the token after
+    inputs[i].
+    """
+
+    config: TransformerConfig
+    config_fields = ("num_layers", "tie_output_embedding")  # read beyond the shared ones
+
+    @nn.compact
+    def __call__(self, inputs, *, train=False):
+        config = self.config
+        embedding = token_embedding(config, config.vocab_size, "embed")
+        x = embed_tokens(config, embedding, inputs)
+        x = Decoder(config, config.num_layers, name="decoder")(
+            x, inputs != PAD_ID, deterministic=not train)
+        return output_logits(config, embedding, x, config.vocab_size)
+
+
+def shift_right(targets):
+    """`[batch, length]`: 0 (the start token, also the pad id) then targets[:, :-1]."""
+    return jnp.pad(targets, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+
+
+class EncoderDecoder(nn.Module):
+    """The paper's Transformer: an encoder over the source, a decoder over the shifted target.
+
+    Call: `model.apply(variables, inputs, targets, train=False, rngs={"dropout": key})` with
+    inputs int `[batch, source_length]` and targets int `[batch, target_length]` (0 = padding);
+    returns float32 logits `[batch, target_length, target_vocab_size]`, where position i
+    predicts targets[:, i] from the source and targets[:, :i] (the model shifts the targets right
+    itself, putting 0 as the start token).
+
+    For generation: `encoded = model.apply(variables, inputs, method="encode")`, then
+    `model.apply(variables, encoded, inputs, decoder_inputs, method="decode")` on decoder inputs
+    that start with 0.
+    """
+
+    config: TransformerConfig
+    config_fields = ("num_layers", "num_decoder_layers", "target_vocab_size",  # read beyond
+                     "share_embeddings", "tie_output_embedding")  # the shared ones
+
+    def setup(self):
+        config = self.config
+        self.source_embedding = token_embedding(config, config.vocab_size, "source_embedding")
+        if config.share_embeddings:
+            self.target_embedding = self.source_embedding
+        else:
+            self.target_embedding = token_embedding(config, self.target_vocab_size,
+                                                    "target_embedding")
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config, config.num_decoder_layers)
+        if not config.tie_output_embedding:
+            self.output_projection = nn.Dense(self.target_vocab_size, dtype=config.dtype,
+                                              param_dtype=config.param_dtype)
+
+    @property
+    def target_vocab_size(self):
+        return self.config.target_vocab_size or self.config.vocab_size
+
+    def encode(self, inputs, *, train=False):
+        """inputs int `[batch, source_length]` -> `[batch, source_length, d_model]`."""
+        x = embed_tokens(self.config, self.source_embedding, inputs)
+        return self.encoder(x, inputs != PAD_ID, deterministic=not train)
+
+    def decode(self, encoded, inputs, decoder_inputs, *, train=False):
+        """Logits `[batch, target_length, target_vocab_size]` (float32) for decoder_inputs int
+        `[batch, target_length]` (starting with the 0 start token), attending to `encoded` at the
+        real positions of `inputs`."""
+        x = embed_tokens(self.config, self.target_embedding, decoder_inputs)
+        # Position 0 holds the start token, which is the pad id but is real.
+        real = (decoder_inputs != PAD_ID).at[:, 0].set(True)
+        x = self.decoder(x, real, encoded, inputs != PAD_ID, deterministic=not train)
+        if self.config.tie_output_embedding:
+            logits = self.target_embedding.attend(x)
+        else:
+            logits = self.output_projection(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, inputs, targets, *, train=False):
+        encoded = self.encode(inputs, train=train)
+        return self.decode(encoded, inputs, shift_right(targets), train=train)
+
+
+MODELS = {
+    "encoder_classifier": EncoderClassifier,
+    "decoder_lm": DecoderLM,
+    "encoder_decoder": EncoderDecoder,
+}
+# The TransformerConfig fields every model reads. Each model lists the others it reads in
+# `config_fields`; build_model refuses the rest, so no config field is silently ignored.
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(LayerConfig)) + (
+    "vocab_size", "d_model", "max_len", "pattern", "pattern_options")
+
+# "Attention Is All You Need", Table 3, base model: 6 + 6 layers, d_model 512, 8 heads,
+# d_ff 2048, dropout 0.1, sinusoidal positions, post-LN, one 37,000-token vocabulary shared by
+# source, target and output projection.
+TRANSFORMER_BASE = dict(
+    name="encoder_decoder", vocab_size=37_000, d_model=512, num_heads=8, d_ff=2048,
+    num_layers=6, num_decoder_layers=6, dropout_rate=0.1, positional="sinusoidal",
+    norm_position="post", share_embeddings=True, tie_output_embedding=True)
+
+CONFIGS = {"transformer_base": TRANSFORMER_BASE}
+
+
+def build_model(model_config):
+    """The model named by `model_config["name"]`, with the rest of its fields.
+
+    `model_config` is a dict, a ConfigDict or anything with `.items()`; for example
+    `build_model({"name": "decoder_lm", "vocab_size": 256, "d_model": 128, "num_heads": 4,
+    "d_ff": 512, "num_layers": 2})` or `build_model(CONFIGS["transformer_base"])`. A missing or
+    unknown name, a field the model does not read, or a bad value raises a ValueError naming it
+    and what is allowed.
+    """
+    if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict
+        model_config = model_config.to_dict()
+    fields = dict(model_config.items())
+    name = fields.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(MODELS)}.")
+    model_class = MODELS[name]
+    allowed = SHARED_FIELDS + model_class.config_fields
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ValueError(f"model {name!r} has no field(s) {unknown}; allowed: "
+                         f"{sorted(allowed)}.")
+    return model_class(TransformerConfig(**fields))

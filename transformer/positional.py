@@ -1,0 +1,141 @@
+"""Positional encodings: what self-attention, which sees a set, needs to know about order.
+
+Two families:
+- added to the token embeddings before the first layer: sinusoidal (Vaswani et al., 2017) and
+  learned (one trained vector per position, as in BERT and GPT);
+- applied inside every attention layer: rotary (RoPE, Su et al., 2021) rotates queries and keys
+  so that q.k depends only on their relative position; ALiBi (Press et al., 2022) adds
+  -slope * distance to the logits, with one slope per head.
+
+`"none"` leaves self-attention permutation-equivariant, the baseline the tests check.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+POSITIONAL_ENCODINGS = ("none", "sinusoidal", "learned", "rotary", "alibi")
+# The encodings that act inside attention rather than on the embeddings.
+ATTENTION_POSITIONAL_ENCODINGS = ("rotary", "alibi")
+
+
+def check_positional(name):
+    """Raises a ValueError naming the allowed encodings when `name` is not one of them."""
+    if name not in POSITIONAL_ENCODINGS:
+        raise ValueError(f"unknown positional encoding {name!r}; allowed: "
+                         f"{', '.join(POSITIONAL_ENCODINGS)}.")
+
+
+def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0):
+    """`[length, d_model]` float32: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
+
+    The paper's formula, with sines at even and cosines at odd feature indices. Computed in NumPy:
+    it is a constant, folded into the compiled program.
+    """
+    if d_model % 2:
+        raise ValueError(f"sinusoidal encoding needs an even d_model; got {d_model}.")
+    positions = np.arange(length, dtype=np.float64)[:, None]
+    inverse_timescales = max_timescale ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    angles = positions * inverse_timescales[None, :]  # [length, d_model / 2]
+    table = np.empty((length, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)
+    return table.astype(np.float32)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds the fixed sinusoidal table to `[batch, length, d_model]` inputs. No parameters."""
+
+    max_timescale: float = 10_000.0
+
+    def __call__(self, inputs):
+        _, length, d_model = inputs.shape
+        table = sinusoidal_encoding(length, d_model, max_timescale=self.max_timescale)
+        return inputs + jnp.asarray(table, inputs.dtype)[None]
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """Adds a trained vector per position to `[batch, length, d_model]` inputs.
+
+    Has `max_len` vectors and cannot say anything about later positions, so a longer input is an
+    error rather than a silent wrap-around or clip.
+    """
+
+    max_len: int
+    stddev: float = 0.02
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs):
+        _, length, d_model = inputs.shape
+        if length > self.max_len:
+            raise ValueError(
+                f"input length {length} exceeds the learned positional embedding's max_len "
+                f"{self.max_len}; raise max_len (the model's `max_len` field) or use a "
+                "positional encoding without a maximum (sinusoidal, rotary, alibi).")
+        table = self.param("embedding", nn.initializers.normal(self.stddev),
+                           (self.max_len, d_model), self.param_dtype)
+        return inputs + table[None, :length].astype(inputs.dtype)
+
+
+# The encodings that are added to the embeddings, by name; the others add nothing there.
+ADDED_POSITIONAL_ENCODINGS = {
+    "sinusoidal": lambda max_len, param_dtype: SinusoidalPositionalEncoding(),
+    "learned": lambda max_len, param_dtype: LearnedPositionalEmbedding(
+        max_len=max_len, param_dtype=param_dtype),
+}
+
+
+def rotary_frequencies(head_dim, base=10_000.0):
+    """`[head_dim / 2]` float32: theta_i = base^(-2i / head_dim), RoPE's rotation speeds."""
+    if head_dim % 2:
+        raise ValueError(f"rotary encoding needs an even head_dim; got {head_dim}.")
+    return (base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+
+
+def apply_rotary(x, positions=None, *, base=10_000.0):
+    """Rotates pairs of features of `x` by angle position * theta_i (RoPE).
+
+    Feature i is paired with feature i + head_dim / 2 (the "rotate half" layout of GPT-NeoX and
+    LLaMA; the paper pairs neighbours, which is the same maths on permuted features). Rotations
+    keep norms, and <rot(q, m), rot(k, n)> depends on m - n only.
+
+    Args:
+      x: `[batch, length, heads, head_dim]` queries or keys.
+      positions: `[length]` or `[batch, length]` integer positions; defaults to 0..length-1.
+      base: the longest wavelength's base, 10,000 in the paper.
+
+    Returns:
+      `[batch, length, heads, head_dim]`, in the dtype of `x`.
+    """
+    head_dim = x.shape[-1]
+    if positions is None:
+        positions = jnp.arange(x.shape[1])
+    positions = jnp.asarray(positions, jnp.float32)
+    if positions.ndim == 1:
+        positions = positions[None]
+    angles = positions[:, :, None] * rotary_frequencies(head_dim, base)  # [batch, len, hd/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    # Rotate in float32: bfloat16 angles at position 1000 are off by whole radians.
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def alibi_slopes(num_heads):
+    """`[num_heads]` float32: ALiBi's head slopes, the geometric sequence 2^(-8/n), 2^(-16/n), ...
+
+    For n heads a power of two, slope_h = 2^(-8h/n), h = 1..n. Otherwise, as in the paper's code,
+    the slopes of the nearest lower power of two p, then every other slope of 2p for the rest.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive; got {num_heads}.")
+
+    def power_of_two_slopes(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    closest = 2 ** int(np.floor(np.log2(num_heads)))
+    slopes = power_of_two_slopes(closest)
+    slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return np.asarray(slopes, dtype=np.float32)
