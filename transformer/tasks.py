@@ -1,0 +1,114 @@
+"""What differs between tasks: how a model is called on a batch, the loss and the metrics.
+
+A task sees one device's share of a batch. Its loss and metrics are returned as *sums* with their
+counts, so that the training loop can add them up across devices and batches before dividing:
+the mean over the global batch is then exactly the mean one device would compute.
+
+Batches (NumPy or jax arrays; id 0 is padding):
+  classification  {"inputs": [batch, length], "targets": [batch]}
+  language_modelling {"inputs": [batch, length], "targets": [batch, length]}
+  seq2seq         {"inputs": [batch, src_length], "targets": [batch, tgt_length]}
+Any batch may carry "weights" (`[batch]` for classification, like "targets" otherwise) to leave
+rows or positions out, e.g. the padding rows of a last evaluation batch.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.optim import smooth_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """How to call a model on a batch, and which targets count.
+
+    model_inputs(batch) -> the positional arguments of `model.apply` / `model.init` after the
+      variables; the model returns logits `[..., classes]` matching "targets".
+    weights(batch) -> float weights shaped like "targets".
+    targets_are_tokens: targets are tokens the model reads too (seq2seq), so tokens/s counts them.
+    """
+    name: str
+    model_inputs: Callable
+    weights: Callable
+    targets_are_tokens: bool = False
+
+
+def _inputs(batch):
+    return (batch["inputs"],)
+
+
+def _inputs_and_targets(batch):
+    """The decoder reads the targets (shifted right inside the model: teacher forcing)."""
+    return (batch["inputs"], batch["targets"])
+
+
+def _example_weights(batch):
+    """[batch]: 1 per example unless the batch says otherwise."""
+    if "weights" in batch:
+        return batch["weights"].astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def _token_weights(batch):
+    """[batch, length]: 1 at every target token that is not padding."""
+    weights = (batch["targets"] != 0).astype(jnp.float32)
+    if "weights" in batch:
+        weights = weights * batch["weights"].astype(jnp.float32)
+    return weights
+
+
+TASKS = {
+    "classification": Task("classification", _inputs, _example_weights),
+    "language_modelling": Task("language_modelling", _inputs, _token_weights),
+    "seq2seq": Task("seq2seq", _inputs_and_targets, _token_weights, targets_are_tokens=True),
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}.")
+    return TASKS[name]
+
+
+def loss_sum(logits, targets, weights, label_smoothing=0.0):
+    """Sum over weighted targets of the (label-smoothed) cross-entropy, and the sum of weights.
+
+    logits `[..., classes]`, targets and weights `[...]`. Computed in float32 whatever the logits.
+    """
+    logits = logits.astype(jnp.float32)
+    if label_smoothing > 0:
+        soft = smooth_labels(targets, logits.shape[-1], label_smoothing)
+        per_target = -jnp.sum(soft * jax.nn.log_softmax(logits), axis=-1)
+    else:
+        per_target = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
+                                          axis=-1)[..., 0]
+    return jnp.sum(per_target * weights), jnp.sum(weights)
+
+
+def metric_sums(logits, targets, weights):
+    """{"loss": (sum, count), "accuracy": (sum, count)}, the loss without label smoothing."""
+    loss, count = loss_sum(logits, targets, weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+    return {"loss": (loss, count), "accuracy": (correct, count)}
+
+
+def finalize(sums):
+    """{"name": (sum, count)} summed over devices and batches -> {"name": mean}, plus derived.
+
+    Adds perplexity and bits per target to every loss (bits per character for a character LM).
+    """
+    means = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in sums.items()}
+    if "loss" in means:
+        means["perplexity"] = float(np.exp(min(means["loss"], 50.0)))
+        means["bits_per_target"] = means["loss"] / np.log(2.0)
+    return means
+
+
+def num_tokens(task, batch):
+    """Tokens a model reads in a batch, without padding: what tokens/s counts."""
+    keys = ("inputs", "targets") if task.targets_are_tokens else ("inputs",)
+    return int(sum(np.count_nonzero(np.asarray(batch[k])) for k in keys))

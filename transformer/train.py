@@ -1,0 +1,422 @@
+"""One training loop for every task: `train_and_evaluate(config, workdir)`.
+
+The loop is the same for classification, language modelling and seq2seq; `transformer.tasks`
+says how a model is called on a batch and what it is scored on. The per-device step below is
+written once, pmap-style, and `transformer.parallel` runs it over all devices of all hosts.
+
+What lands in `workdir`:
+  config.json        the config the run started with (a restart must match it)
+  checkpoints/       Orbax checkpoints: train state and data-iterator position
+  metrics.jsonl      train and eval metrics, one JSON object per line
+  tensorboard/       the same as TensorBoard event files
+  summary.json       written at the end: config, final and best metrics, speed, sizes
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+
+from transformer import config_checks, parallel, tasks
+from transformer.checkpoints import Checkpointer, check_compatible_config
+from transformer.metrics_writer import MetricsWriter
+from transformer.optim import learning_rate_schedule, make_optimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Any       # int32 scalar: optimizer updates done
+    params: Any
+    opt_state: Any
+    rng: Any        # uint32[2] raw PRNG key; the dropout key of step s is fold_in(rng, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-device steps. They see one device's rows of the batch; everything they return is
+# combined over the devices with collectives, so it is the same on every device.
+
+
+def make_train_step(model, task, optimizer, *, label_smoothing):
+    """(state, per-device batch, ()) -> (new state, {metric: (sum, count)} over the global batch)."""
+
+    def train_step(state, batch, _):
+        # Each device draws different dropout masks, and every step different ones again.
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                 lax.axis_index(parallel.AXIS))
+        weights = task.weights(batch)
+        # Dividing by the global weight makes the psum of per-device gradients the gradient of
+        # the mean loss over the global batch, whatever the share of padding on each device.
+        global_weight = lax.psum(jnp.sum(weights), parallel.AXIS)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params},
+                                 *task.model_inputs(batch), train=True, rngs={"dropout": rng})
+            loss, _ = tasks.loss_sum(logits, batch["targets"], weights, label_smoothing)
+            return loss / jnp.maximum(global_weight, 1.0), logits
+
+        grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.psum(grads, parallel.AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        metrics = tasks.metric_sums(logits, batch["targets"], weights)
+        metrics = lax.psum(metrics, parallel.AXIS)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, task):
+    """(params, per-device batch, ()) -> {metric: (sum, count)} over the global batch."""
+
+    def eval_step(params, batch, _):
+        logits = model.apply({"params": params}, *task.model_inputs(batch),
+                             train=False)
+        return lax.psum(tasks.metric_sums(logits, batch["targets"], task.weights(batch)),
+                        parallel.AXIS)
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of the loop.
+
+
+def build_model(model_config):
+    from transformer.models import build_model as build  # the model zoo is imported on use
+    return build(model_config)
+
+
+def make_iterator(data_config, split, *, global_batch_size, seed):
+    """This host's iterator over `split`: batches of `global_batch_size / process_count` rows."""
+    from transformer.data import make_iterator as make
+    return make(data_config, split, global_batch_size=global_batch_size, seed=seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _peek(iterator):
+    """The next batch, leaving the iterator where it was."""
+    position = iterator.get_state()
+    batch = next(iterator)
+    iterator.set_state(position)
+    return batch
+
+
+def init_state(model, task, optimizer, batch, seed):
+    """A fresh TrainState on the host, parameters shaped by one batch."""
+    init_rng, dropout_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    sample = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
+    variables = jax.jit(lambda: model.init({"params": init_rng, "dropout": dropout_rng},
+                                           *task.model_inputs(sample), train=False))()
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=train_rng)
+
+
+def _pad_batch(batch, rows):
+    """Pads a short last batch to `rows` rows; the added rows get weight 0."""
+    have = len(batch["inputs"])
+    if have == rows:
+        return batch
+    pad = lambda x: np.concatenate([x, np.zeros((rows - have,) + x.shape[1:], x.dtype)])
+    padded = {key: pad(np.asarray(value)) for key, value in batch.items()}
+    weights = np.asarray(batch.get("weights", np.ones(np.shape(batch["targets"]), np.float32)))
+    padded["weights"] = pad(weights.astype(np.float32))
+    return padded
+
+
+def evaluate(eval_step, params, iterator, num_batches, local_rows, mesh, mode):
+    """Means of the metrics over `num_batches` batches (all of them when 0)."""
+    sums = None
+    for index, batch in enumerate(iterator):
+        if num_batches and index >= num_batches:
+            break
+        batch = parallel.global_batch(_pad_batch(batch, local_rows), mesh, mode)
+        metrics = eval_step(params, batch)
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    if sums is None:
+        raise ValueError("the evaluation data set yielded no batch.")
+    return tasks.finalize(parallel.fetch(sums))
+
+
+def eval_sets(config):
+    """{split name in metrics: data config} from `config.eval_data` (or the "validation" split)."""
+    if not config.eval_data:
+        return {"eval": (config.data, config.eval_split)}
+    sets = {}
+    for name, overrides in config.eval_data.items():
+        data_config = config.data.copy_and_resolve_references()
+        with data_config.unlocked():
+            data_config.update(overrides)
+        sets[f"eval_{name}"] = (data_config, config.eval_split)
+    return sets
+
+
+class _StopRequest:
+    """Turns SIGTERM (a preemption, `scancel`, `kill`) into "save and stop at the next step"."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del frame
+            logging.warning("signal %d: saving a checkpoint and stopping.", signum)
+            self.requested = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: no handler, training just runs.
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self):
+        """True on every host when any host was asked to stop (a collective when multi-host)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
+
+class _Progress:
+    """A tqdm bar on an interactive terminal; absl log lines otherwise."""
+
+    def __init__(self, start, total):
+        self.bar = None
+        if jax.process_index() == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.start_time = time.time()
+        self.start = start
+        self.total = total
+
+    def update(self, step, metrics):
+        tokens_per_s = metrics["tokens_per_second"]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            return
+        elapsed = time.time() - self.start_time
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        logging.info("step %d/%d  loss %.4f  accuracy %.4f  %.0f tokens/s  ETA %.0fs", step,
+                     self.total, metrics["loss"], metrics["accuracy"], tokens_per_s, eta)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config, workdir):
+    """Trains `config`'s model on its task, evaluating and checkpointing into `workdir`.
+
+    Resumes from the newest checkpoint in `workdir` if there is one. Returns the summary dict
+    (also written to `workdir/summary.json` when training completes). Raises NonFiniteLossError
+    when the loss becomes NaN or inf, keeping the checkpoints saved before. After a SIGTERM it
+    saves a checkpoint and returns early with status "stopped".
+    """
+    config_checks.validate(config)
+    task = tasks.get_task(config.task)
+    model = build_model(config.model)
+    mesh = parallel.make_mesh()
+    mode = config.parallel
+    local_rows = parallel.local_batch_size(config.global_batch_size)
+    check_compatible_config(config, workdir)
+
+    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
+    schedule = learning_rate_schedule(config.optimizer, config.num_train_steps)
+    train_iter = make_iterator(config.data, "train", global_batch_size=config.global_batch_size,
+                               seed=config.seed)
+    host_state = init_state(model, task, optimizer, _peek(train_iter), config.seed)
+    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
+    logging.info("model %s: %s parameters; %d devices on %d hosts, %s", config.model.name,
+                 f"{num_params:,}", jax.device_count(), jax.process_count(), mode)
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                keep=config.keep_checkpoints, best_metric=config.best_metric,
+                                best_mode=config.best_mode)
+    restored = checkpointer.restore_latest(jax.tree.map(np.asarray, host_state), train_iter)
+    host_state = host_state if restored is None else restored
+    state = parallel.replicate(host_state, mesh, mode)
+
+    train_step = parallel.distribute(
+        make_train_step(model, task, optimizer, label_smoothing=config.label_smoothing),
+        mode, mesh, donate_state=True)
+    eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
+    writer = MetricsWriter(workdir)
+
+    def run_evals(step):
+        results = {}
+        for split, (data_config, data_split) in eval_sets(config).items():
+            iterator = make_iterator(data_config, data_split,
+                                     global_batch_size=config.global_batch_size, seed=config.seed)
+            metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, local_rows,
+                               mesh, mode)
+            writer.write(step, split, metrics)
+            results.update({f"{split}/{name}": value for name, value in metrics.items()})
+        logging.info("eval at step %d: %s", step, _format(results))
+        return results
+
+    step = start_step = int(host_state.step)
+    best = _best_from_log(workdir, config)
+    last_eval, last_train = {}, {}
+    speed = _Speed()
+    status = "completed"
+    progress = _Progress(start_step, config.num_train_steps)
+    try:
+        with _StopRequest() as stop:
+            while step < config.num_train_steps:
+                batch = next(train_iter)
+                state, metrics = train_step(state, parallel.global_batch(batch, mesh, mode))
+                step += 1
+                # Hosts read equal shares, so this host's tokens times the host count.
+                speed.add(metrics, tasks.num_tokens(task, batch) * jax.process_count())
+                if step == start_step + 1:
+                    # The first step includes compilation: keep it out of the speed measurement.
+                    _check_finite(parallel.fetch(metrics), step, start_step)
+                    speed.reset()
+
+                is_last = step == config.num_train_steps
+                do_eval = is_last or step % config.eval_every_steps == 0
+                do_save = do_eval or step % config.checkpoint_every_steps == 0
+                do_log = do_save or step % config.log_every_steps == 0
+                # Asking every host is a collective; do it only at logging steps when multi-host.
+                stopping = stop.agreed() if (do_log or jax.process_count() == 1) else False
+                if not (do_log or stopping):
+                    continue
+                if speed.steps:
+                    sums, seconds, steps, tokens = speed.take()
+                    _check_finite(sums, step, speed.last_good_step)
+                    last_train = tasks.finalize(sums)
+                    last_train["learning_rate"] = float(schedule(step))
+                    last_train["steps_per_second"] = steps / seconds
+                    last_train["tokens_per_second"] = tokens / seconds
+                    writer.write(step, "train", last_train)
+                    progress.update(step, last_train)
+                speed.last_good_step = step
+                if do_eval:
+                    last_eval = run_evals(step)
+                    best = _update_best(best, last_eval, step, config)
+                if do_save or stopping:
+                    checkpointer.save(step, state, train_iter, metrics=last_eval if do_eval else None)
+                speed.reset()  # evaluation and saving are not training time
+                if stopping:
+                    status = "stopped"
+                    break
+            if status == "completed" and not last_eval:  # resumed from the final checkpoint
+                last_eval = run_evals(step)
+    finally:
+        progress.close()
+        checkpointer.wait()  # a pending save of a good state completes even when we raise
+        checkpointer.close()
+        writer.close()
+    summary = {
+        "status": status,
+        "step": step,
+        "final": {**{f"train/{k}": v for k, v in last_train.items()}, **last_eval},
+        "best": best,
+        "steps_per_second": speed.total_steps / max(speed.total_seconds, 1e-9),
+        "tokens_per_second": speed.total_tokens / max(speed.total_seconds, 1e-9),
+        "num_params": num_params,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "parallel": mode,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    if jax.process_index() == 0 and status == "completed":
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+class _Speed:
+    """Sums train metrics on the devices between log steps, and times the training steps."""
+
+    def __init__(self):
+        self.total_seconds = self.total_steps = self.total_tokens = 0
+        self.last_good_step = 0
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.tokens, self.start = None, 0, 0, time.time()
+
+    def add(self, metrics, tokens):
+        self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
+        self.steps += 1
+        self.tokens += tokens
+
+    def take(self):
+        """(metric sums on the host, seconds, steps, tokens) since the last reset; syncs."""
+        sums = parallel.fetch(self.sums)  # waits for the steps to finish
+        seconds = max(time.time() - self.start, 1e-9)
+        self.total_seconds += seconds
+        self.total_steps += self.steps
+        self.total_tokens += self.tokens
+        return sums, seconds, self.steps, self.tokens
+
+
+def _check_finite(sums, step, last_good_step):
+    loss = sums["loss"][0]
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the training loss became {loss} between steps {last_good_step} and {step}. "
+            f"Training stopped; the checkpoints up to step {last_good_step} are kept. Try a "
+            "lower learning rate, more warmup, gradient clipping or float32 compute.")
+
+
+def _update_best(best, results, step, config):
+    if not config.best_metric:
+        return best
+    if config.best_metric not in results:
+        raise ValueError(f"best_metric={config.best_metric!r} is not an evaluation result; "
+                         f"allowed: {', '.join(sorted(results))}.")
+    value = results[config.best_metric]
+    # On a tie the later step wins, as in the checkpoint manager's choice of what to keep.
+    if best["value"] is None or (value >= best["value"] if config.best_mode == "max"
+                                 else value <= best["value"]):
+        return {"metric": config.best_metric, "value": value, "step": step}
+    return best
+
+
+def _best_from_log(workdir, config):
+    """The best evaluation so far, read back from metrics.jsonl when resuming."""
+    from transformer.metrics_writer import read_metrics
+    best = {"metric": config.best_metric, "value": None, "step": None}
+    for record in read_metrics(workdir):
+        split, step = record.pop("split"), record.pop("step")
+        results = {f"{split}/{name}": value for name, value in record.items()}
+        if config.best_metric in results:
+            best = _update_best(best, results, step, config)
+    return best
+
+
+def _format(results):
+    return ", ".join(f"{k} {v:.4g}" for k, v in results.items()
+                     if k.endswith(("/accuracy", "/loss")))
+
+
+def _write_json(path, data):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
