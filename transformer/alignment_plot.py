@@ -1,0 +1,42 @@
+"""Alignment heatmaps: which source positions each target token attended to (Bahdanau, Fig. 3).
+
+    weights = model.apply(variables, inputs, targets, return_attention=True)[1]  # [b, tgt, src]
+    plot_alignment(weights[0], source_tokens, target_tokens, "alignment.png")
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, dpi=100):
+    """Saves a PNG of `weights` `[tgt_len, src_len]`: source along x, target down y, white = 1.
+
+    weights are cropped to `len(target_tokens)` rows and `len(source_tokens)` columns, so padded
+    positions can be passed in and are left out of the picture. Returns `path`.
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    if weights.ndim != 2:
+        raise ValueError(f"weights must be [tgt_len, src_len]; got shape {weights.shape}.")
+    rows, cols = len(target_tokens), len(source_tokens)
+    if rows > weights.shape[0] or cols > weights.shape[1]:
+        raise ValueError(f"{rows} target and {cols} source tokens do not fit weights of shape "
+                         f"{weights.shape} [tgt_len, src_len].")
+    weights = weights[:rows, :cols]
+    # About 0.35 inch per token, so labels stay readable for sentences of a few dozen tokens.
+    figure, axes = plt.subplots(figsize=(1.5 + 0.35 * cols, 1.2 + 0.35 * rows))
+    axes.imshow(weights, cmap="gray", vmin=0.0, vmax=1.0, aspect="equal")
+    axes.set_xticks(range(cols), labels=source_tokens, rotation=90)
+    axes.set_yticks(range(rows), labels=target_tokens)
+    axes.xaxis.tick_top()
+    axes.xaxis.set_label_position("top")
+    axes.set_xlabel("source")
+    axes.set_ylabel("target")
+    if title:
+        axes.set_title(title, y=-0.05, va="top")  # below: the source labels are on top
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
