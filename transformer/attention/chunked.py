@@ -273,14 +273,16 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
         v_tile = _chunk(v, k_index, ck)
 
         def query_chunk_step(q_index, inner):
-            d_q, d_k, d_v, d_slopes = inner
+            d_q, d_k_t, d_v_t, d_slopes = inner
             q_tile = _chunk(q_scaled, q_index, cq)
             d_out_tile = _chunk(d_out, q_index, cq)
             logits = _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes)
             lse_tile = jax.lax.dynamic_slice_in_dim(lse, q_index * cq, cq, axis=2)
             probs = jnp.exp(logits - lse_tile[..., None])
-            d_v = d_v + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out_tile,
-                                   preferred_element_type=jnp.float32)
+            # dk and dv are accumulated transposed, [.., dim, Ck]: XLA's CPU matmul is several
+            # times slower when asked for P^T dO as [Ck, dim] than as [dim, Ck].
+            d_v_t = d_v_t + jnp.einsum("bhqk,bhqd->bhdk", probs.astype(v.dtype), d_out_tile,
+                                       preferred_element_type=jnp.float32)
             d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_tile, v_tile,
                                  preferred_element_type=jnp.float32)
             row_dot_tile = jax.lax.dynamic_slice_in_dim(row_dot, q_index * cq, cq, axis=2)
@@ -295,16 +297,16 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             d_q_tile = d_q_tile + jnp.einsum("bhqk,bhkd->bhqd", d_logits, k_tile,
                                              preferred_element_type=jnp.float32)
             d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)
-            d_k = d_k + jnp.einsum("bhqk,bhqd->bhkd", d_logits, q_tile,
-                                   preferred_element_type=jnp.float32)
-            return d_q, d_k, d_v, d_slopes
+            d_k_t = d_k_t + jnp.einsum("bhqk,bhqd->bhdk", d_logits, q_tile,
+                                       preferred_element_type=jnp.float32)
+            return d_q, d_k_t, d_v_t, d_slopes
 
-        d_k, d_v = _varying_like(inputs, jnp.zeros((batch, heads, ck, head_dim), jnp.float32),
-                                 jnp.zeros((batch, heads, ck, value_dim), jnp.float32))
-        d_q, d_k, d_v, d_slopes = jax.lax.fori_loop(
+        d_k_t, d_v_t = _varying_like(inputs, jnp.zeros((batch, heads, head_dim, ck), jnp.float32),
+                                     jnp.zeros((batch, heads, value_dim, ck), jnp.float32))
+        d_q, d_k_t, d_v_t, d_slopes = jax.lax.fori_loop(
             _first_query_chunk(config, k_index), config.num_q_chunks, query_chunk_step,
-            (d_q, d_k, d_v, d_slopes))
-        return (d_q, d_slopes), (d_k, d_v)
+            (d_q, d_k_t, d_v_t, d_slopes))
+        return (d_q, d_slopes), (jnp.swapaxes(d_k_t, 2, 3), jnp.swapaxes(d_v_t, 2, 3))
 
     init = _varying_like(inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads,), jnp.float32))
     (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(key_chunk_step, init,

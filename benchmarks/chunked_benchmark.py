@@ -1,0 +1,207 @@
+"""Chunked attention against `jax.nn.dot_product_attention`: forward+backward time and peak memory.
+
+Batch 1, 8 heads, head dim 64, float32 by default. Times are medians of runs that alternate
+between the implementations (and a large float32 matmul that measures the machine's peak in the
+same run), so that drifting load on a shared machine hits all of them alike. Peak memory is the
+maximum resident set size of a fresh subprocess that compiles and runs one forward+backward pass.
+
+FLOPs are counted per query-key pair that the implementation must compute: 4 * d per pair for the
+forward (q.k and p.v, 2 FLOPs per multiply-add), and twice that for the backward (dP = dO V^T,
+dV = P^T dO, dQ = dS K, dK = dS^T Q), i.e. 3x the forward in all, the same count for every
+implementation. The chunked backward also recomputes q.k, which this count leaves out: its
+real FLOP rate is 3.5/3 times the one reported. Full attention has q_len * kv_len pairs, causal
+L (L + 1) / 2.
+
+  python benchmarks/chunked_benchmark.py --out_dir=/tmp/chunked_bench
+  python benchmarks/chunked_benchmark.py --lengths=8192 --memory_lengths=16384,32768,65536
+"""
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.attention.chunked import chunked_attention
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/chunked_benchmark", "Where CSV and PNG go.")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192"],
+                             "Sequence lengths to time.")
+_MEMORY_LENGTHS = flags.DEFINE_list("memory_lengths", ["4096", "8192", "16384"],
+                                    "Sequence lengths whose peak memory is measured (chunked).")
+_XLA_MAX_LENGTH = flags.DEFINE_integer(
+    "xla_max_length", 8192, "Longest length for jax.nn.dot_product_attention, whose [L, L] "
+    "arrays take 13.6 GB at 8192 tokens.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each implementation per length.")
+_HEADS = flags.DEFINE_integer("heads", 8, "Attention heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+_CHUNK_SIZE = flags.DEFINE_list("chunk_size", [], "Query and key chunk (one or two ints); "
+                                "empty for the default.")
+_MEASURE_MEMORY = flags.DEFINE_string("measure_memory", None,
+                                      "Internal: 'implementation:length', run in a subprocess.")
+
+MATMUL_SIZE = 4096
+
+
+def chunk_size():
+    sizes = [int(s) for s in _CHUNK_SIZE.value]
+    return None if not sizes else sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+IMPLEMENTATIONS = {
+    "chunked": lambda q, k, v: chunked_attention(q, k, v, chunk_size=chunk_size()),
+    "chunked_causal": lambda q, k, v: chunked_attention(q, k, v, causal=True,
+                                                        chunk_size=chunk_size()),
+    "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+    "xla_causal": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation="xla"),
+}
+
+
+def attention_flops(name, length):
+    """Forward+backward FLOPs of attention over `length` tokens, counted as the docstring says."""
+    pairs = length * (length + 1) / 2 if name.endswith("causal") else length * length
+    return 3 * 4 * _HEAD_DIM.value * _HEADS.value * pairs
+
+
+def inputs(length):
+    rng = np.random.default_rng(0)
+    shape = (1, length, _HEADS.value, _HEAD_DIM.value)
+    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
+
+
+def forward_backward(name):
+    loss = lambda q, k, v: IMPLEMENTATIONS[name](q, k, v).sum()
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def seconds(fn, *args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def time_length(length, names):
+    """Median seconds of each implementation and of the reference matmul, runs alternating."""
+    args = inputs(length)
+    fns = {name: forward_backward(name) for name in names}
+    matrix = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_SIZE, MATMUL_SIZE)),
+                         jnp.float32)
+    fns["matmul"] = jax.jit(jnp.dot)
+    matmul_args = (matrix, matrix)
+    for name, fn in fns.items():  # compile and warm up
+        seconds(fn, *(matmul_args if name == "matmul" else args))
+    times = {name: [] for name in fns}
+    for _ in range(_REPEATS.value):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, *(matmul_args if name == "matmul" else args)))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def peak_memory_bytes(name, length):
+    """Max RSS of a fresh Python process running one forward+backward pass."""
+    command = [sys.executable, os.path.abspath(__file__), f"--measure_memory={name}:{length}",
+               f"--heads={_HEADS.value}", f"--head_dim={_HEAD_DIM.value}",
+               f"--chunk_size={','.join(_CHUNK_SIZE.value)}"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory run {name} at {length} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["max_rss_bytes"]
+
+
+def measure_memory_here(spec):
+    name, length = spec.split(":")
+    args = inputs(int(length))
+    jax.block_until_ready(forward_backward(name)(*args))
+    # Linux reports ru_maxrss in KiB.
+    print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def plot(rows, memory_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in sorted({r["implementation"] for r in rows}):
+        points = [(r["length"], r["seconds"]) for r in rows if r["implementation"] == name]
+        ax_time.plot(*zip(*points), marker="o", label=name)
+    ax_time.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward+backward seconds",
+                title="Time (median, loaded shared 2-core CPU)")
+    ax_time.legend()
+    if memory_rows:
+        points = [(r["length"], r["peak_gb"]) for r in memory_rows]
+        ax_memory.plot(*zip(*points), marker="o", label="chunked")
+        ax_memory.axhline(4.0, color="grey", linestyle="--", label="4 GB target")
+        ax_memory.legend()
+    ax_memory.set(xscale="log", xlabel="tokens", ylabel="peak RSS, GB",
+                  title="Peak memory of one forward+backward")
+    for ax in (ax_time, ax_memory):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"batch 1, {_HEADS.value} heads, head dim {_HEAD_DIM.value}, float32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    if _MEASURE_MEMORY.value:
+        measure_memory_here(_MEASURE_MEMORY.value)
+        return
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; chunk_size={chunk_size()}")
+    rows = []
+    header = (f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
+              f"{'of peak':>8s} {'vs xla':>7s}")
+    print(header)
+    for length in map(int, _LENGTHS.value):
+        names = ["chunked", "chunked_causal"]
+        if length <= _XLA_MAX_LENGTH.value:
+            names += ["xla", "xla_causal"]
+        times = time_length(length, names)
+        peak = 2 * MATMUL_SIZE ** 3 / times["matmul"]
+        for name in names:
+            flops = attention_flops(name, length)
+            xla_name = "xla_causal" if name.endswith("causal") else "xla"
+            speedup = times[xla_name] / times[name] if xla_name in times else float("nan")
+            row = dict(implementation=name, length=length, seconds=times[name],
+                       gflops=flops / times[name] / 1e9, matmul_peak_gflops=peak / 1e9,
+                       fraction_of_peak=flops / times[name] / peak, speedup_vs_xla=speedup)
+            rows.append(row)
+            print(f"{name:16s} {length:7d} {row['seconds']:9.3f} {row['gflops']:8.1f} "
+                  f"{row['fraction_of_peak']:8.1%} {speedup:7.2f}", flush=True)
+        print(f"{'matmul peak':16s} {length:7d} {times['matmul']:9.3f} {peak / 1e9:8.1f}",
+              flush=True)
+
+    memory_rows = []
+    for length in map(int, _MEMORY_LENGTHS.value):
+        peak_gb = peak_memory_bytes("chunked", length) / 1e9
+        memory_rows.append(dict(implementation="chunked", length=length, peak_gb=peak_gb))
+        growth = (peak_gb / memory_rows[-2]["peak_gb"]) if len(memory_rows) > 1 else float("nan")
+        print(f"peak memory chunked {length:7d} tokens: {peak_gb:6.2f} GB "
+              f"(x{growth:.2f} from the previous length)", flush=True)
+
+    with open(os.path.join(_OUT_DIR.value, "chunked_time.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if memory_rows:
+        with open(os.path.join(_OUT_DIR.value, "chunked_memory.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(memory_rows[0]))
+            writer.writeheader()
+            writer.writerows(memory_rows)
+    plot(rows, memory_rows, os.path.join(_OUT_DIR.value, "chunked_benchmark.png"))
+    print(f"wrote {_OUT_DIR.value}/chunked_time.csv, chunked_memory.csv, chunked_benchmark.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
