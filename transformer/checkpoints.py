@@ -37,11 +37,10 @@ def check_compatible_config(config, workdir):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = [field for field in COMPATIBILITY_FIELDS
-                   if saved.get(field) != current.get(field)]
+        changed = _differences({f: saved.get(f) for f in COMPATIBILITY_FIELDS},
+                               {f: current.get(f) for f in COMPATIBILITY_FIELDS})
         if changed:
-            details = "; ".join(f"{field}: {saved.get(field)!r} -> {current.get(field)!r}"
-                                for field in changed)
+            details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
             raise IncompatibleCheckpointError(
                 f"{workdir} holds a run with a different config ({details}). Use a new --workdir, "
                 f"or restore these fields to resume it.")
@@ -51,6 +50,14 @@ def check_compatible_config(config, workdir):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(current, f, indent=2)
         os.replace(path + ".tmp", path)
+
+
+def _differences(old, new, prefix=""):
+    """[(dotted field, old value, new value)] where two nested dicts differ."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix.rstrip("."), old, new)]
+    return [difference for key in sorted(set(old) | set(new))
+            for difference in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
 
 
 class Checkpointer:
@@ -67,7 +74,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(epath.Path(directory).absolute(),
+        self._directory = epath.Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self._directory,
                                               item_names=("state", "data"), options=options)
 
     def all_steps(self):
@@ -102,11 +110,28 @@ class Checkpointer:
                 continue
             _check_shapes(abstract_state, restored["state"], step)
             logging.info("resumed from the checkpoint at step %d", step)
+            self._set_aside([s for s in steps if s > step])
             return restored["state"]
         if errors:
             raise IncompatibleCheckpointError(
                 "no checkpoint in this workdir can be restored:\n  " + "\n  ".join(errors))
         return None
+
+    def _set_aside(self, steps):
+        """Moves unreadable checkpoints to `<directory>_unreadable/`, out of the way of new saves
+        but kept for inspection."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self._directory.parent / (self._directory.name + "_unreadable")
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                logging.error("moving the unreadable checkpoint %d to %s", step, aside)
+                (self._directory / str(step)).rename(aside / str(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
 
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""

@@ -58,9 +58,10 @@ def enable_cpu_collectives():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def make_mesh():
-    """A 1-D mesh over every device of every host, axis `AXIS`."""
-    return jax.make_mesh((jax.device_count(),), (AXIS,), devices=jax.devices())
+def make_mesh(devices=None):
+    """A 1-D mesh over `devices` (default: every device of every host), axis `AXIS`."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
 def local_batch_size(global_batch_size):
@@ -94,13 +95,14 @@ def distribute(per_device_fn, mode, mesh, donate_state=False):
         mapped = jax.pmap(lambda state, batch, rest: per_device_fn(state, batch, rest),
                           axis_name=AXIS, in_axes=(None, 0, None), out_axes=None,
                           devices=mesh.devices.flatten().tolist())
-        return lambda state, batch, *rest: mapped(state, _split_for_pmap(batch), rest)
+        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        return lambda state, batch, *rest: mapped(state, _split_for_pmap(batch, local_devices),
+                                                  rest)
     raise ValueError(f"unknown parallel mode {mode!r}; allowed: {', '.join(MODES)}.")
 
 
-def _split_for_pmap(batch):
-    """[local_batch, ...] -> [local_devices, local_batch / local_devices, ...]."""
-    n = jax.local_device_count()
+def _split_for_pmap(batch, n):
+    """[local_batch, ...] -> [n local devices, local_batch / n, ...]."""
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 

@@ -8,8 +8,8 @@ Batches (NumPy or jax arrays; id 0 is padding):
   classification  {"inputs": [batch, length], "targets": [batch]}
   language_modelling {"inputs": [batch, length], "targets": [batch, length]}
   seq2seq         {"inputs": [batch, src_length], "targets": [batch, tgt_length]}
-Any batch may carry "weights" (`[batch]` for classification, like "targets" otherwise) to leave
-rows or positions out, e.g. the padding rows of a last evaluation batch.
+Any batch may carry "weights", `[batch]` or shaped like "targets", to leave rows or positions
+out, e.g. the padding rows of a last evaluation batch.
 """
 
 import dataclasses
@@ -57,7 +57,8 @@ def _token_weights(batch):
     """[batch, length]: 1 at every target token that is not padding."""
     weights = (batch["targets"] != 0).astype(jnp.float32)
     if "weights" in batch:
-        weights = weights * batch["weights"].astype(jnp.float32)
+        rows = batch["weights"].astype(jnp.float32)  # [batch] or [batch, length]
+        weights = weights * rows.reshape(rows.shape + (1,) * (weights.ndim - rows.ndim))
     return weights
 
 

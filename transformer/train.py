@@ -12,17 +12,18 @@ What lands in `workdir`:
   summary.json       written at the end: config, final and best metrics, speed, sizes
 """
 
+import functools
 import json
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from jax import lax
@@ -31,6 +32,11 @@ from transformer import config_checks, parallel, tasks
 from transformer.checkpoints import Checkpointer, check_compatible_config
 from transformer.metrics_writer import MetricsWriter
 from transformer.optim import learning_rate_schedule, make_optimizer
+
+
+class TrainResult(NamedTuple):
+    summary: dict   # what summary.json holds; "status" is "completed" or "stopped"
+    state: Any      # the final TrainState, NumPy arrays on the host
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -116,15 +122,51 @@ def _peek(iterator):
     return batch
 
 
-def init_state(model, task, optimizer, batch, seed):
-    """A fresh TrainState on the host, parameters shaped by one batch."""
-    init_rng, dropout_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-    sample = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
-    variables = jax.jit(lambda: model.init({"params": init_rng, "dropout": dropout_rng},
-                                           *task.model_inputs(sample), train=False))()
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=train_rng)
+def make_init(model, task, optimizer):
+    """(seed, batch) -> a fresh TrainState on the host, parameters shaped by the batch."""
+
+    @jax.jit
+    def init(rng, sample):
+        init_rng, dropout_rng, train_rng = jax.random.split(rng, 3)
+        params = model.init({"params": init_rng, "dropout": dropout_rng},
+                            *task.model_inputs(sample), train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=train_rng)
+
+    return lambda seed, batch: jax.device_get(
+        init(jax.random.PRNGKey(seed), jax.tree.map(lambda x: np.asarray(x[:1]), batch)))
+
+
+class Programs(NamedTuple):
+    """What a config compiles to; shared by runs that differ only in seed or data."""
+    model: Any
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoothing, mode,
+              mesh):
+    task = tasks.get_task(task_name)
+    model = build_model(ml_collections.ConfigDict(json.loads(model_json)))
+    optimizer = make_optimizer(ml_collections.ConfigDict(json.loads(optimizer_json)),
+                               num_train_steps)
+    train_step = parallel.distribute(
+        make_train_step(model, task, optimizer, label_smoothing=label_smoothing),
+        mode, mesh, donate_state=True)
+    eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
+    return Programs(model, make_init(model, task, optimizer), train_step, eval_step)
+
+
+def programs(config, mesh):
+    """The model and the jitted init, train and eval steps for `config`, built once per setup:
+    a sweep over seeds compiles them once."""
+    # Only the cosine schedule depends on the run's length; the others compile once for all.
+    schedule_steps = config.num_train_steps if config.optimizer.schedule == "cosine" else 0
+    return _programs(config.model.to_json(sort_keys=True), config.task,
+                     config.optimizer.to_json(sort_keys=True), schedule_steps,
+                     config.label_smoothing, config.parallel, mesh)
 
 
 def _pad_batch(batch, rows):
@@ -232,24 +274,23 @@ class _Progress:
 def train_and_evaluate(config, workdir):
     """Trains `config`'s model on its task, evaluating and checkpointing into `workdir`.
 
-    Resumes from the newest checkpoint in `workdir` if there is one. Returns the summary dict
-    (also written to `workdir/summary.json` when training completes). Raises NonFiniteLossError
+    Resumes from the newest checkpoint in `workdir` if there is one. Returns a TrainResult: the
+    summary (also written to `workdir/summary.json` when training completes) and the final state. Raises NonFiniteLossError
     when the loss becomes NaN or inf, keeping the checkpoints saved before. After a SIGTERM it
     saves a checkpoint and returns early with status "stopped".
     """
     config_checks.validate(config)
     task = tasks.get_task(config.task)
-    model = build_model(config.model)
     mesh = parallel.make_mesh()
     mode = config.parallel
     local_rows = parallel.local_batch_size(config.global_batch_size)
     check_compatible_config(config, workdir)
 
-    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
+    compiled = programs(config, mesh)
     schedule = learning_rate_schedule(config.optimizer, config.num_train_steps)
     train_iter = make_iterator(config.data, "train", global_batch_size=config.global_batch_size,
                                seed=config.seed)
-    host_state = init_state(model, task, optimizer, _peek(train_iter), config.seed)
+    host_state = compiled.init(config.seed, _peek(train_iter))
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
     logging.info("model %s: %s parameters; %d devices on %d hosts, %s", config.model.name,
                  f"{num_params:,}", jax.device_count(), jax.process_count(), mode)
@@ -261,10 +302,7 @@ def train_and_evaluate(config, workdir):
     host_state = host_state if restored is None else restored
     state = parallel.replicate(host_state, mesh, mode)
 
-    train_step = parallel.distribute(
-        make_train_step(model, task, optimizer, label_smoothing=config.label_smoothing),
-        mode, mesh, donate_state=True)
-    eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
+    train_step, eval_step = compiled.train_step, compiled.eval_step
     writer = MetricsWriter(workdir)
 
     def run_evals(step):
@@ -347,7 +385,7 @@ def train_and_evaluate(config, workdir):
     }
     if jax.process_index() == 0 and status == "completed":
         _write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return TrainResult(summary, parallel.fetch(state))
 
 
 class _Speed:
