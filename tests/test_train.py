@@ -30,11 +30,12 @@ class ToyModel(nn.Module):
     """
     per_position: bool = False
     num_classes: int = 2
+    dropout_rate: float = 0.1
 
     @nn.compact
     def __call__(self, inputs, *, train=False):
         x = nn.Embed(VOCAB, 16)(inputs)
-        x = nn.Dropout(0.1, deterministic=not train)(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.tanh(nn.Dense(16)(x))
         if self.per_position:
             return nn.Dense(VOCAB)(x)
