@@ -302,3 +302,15 @@ def test_data_info_gives_model_sizes():
   assert (recall.vocab_size, recall.num_classes, recall.max_length) == (4 + 1024 + 16, 16, 1026)
   assert data.data_info(dict(name="shakespeare")).vocab_size == 260
   assert data.data_info(dict(name="bible_en_es")).vocab_size == 8000
+
+
+def test_worker_processes_yield_the_same_batches(data_dir):
+  config = SMALL_CONFIGS["listops"]
+  in_process = data.make_iterator(config, "train", global_batch_size=4, seed=0,
+                                  data_dir=data_dir)
+  workers = data.make_iterator(dict(config, worker_count=1), "train", global_batch_size=4,
+                               seed=0, data_dir=data_dir)
+  for _ in range(3):
+    want, got = next(in_process), next(workers)
+    assert all((got[k] == want[k]).all() for k in want)
+  workers.close()

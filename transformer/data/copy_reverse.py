@@ -4,9 +4,10 @@
     targets: s_1 s_2 ... s_n EOS      (copy)
              s_n ... s_2 s_1 EOS      (reverse)
 
-In the copy task every output token sits n positions after the input token it repeats; in the
-reverse task the distances range from 1 to 2n - 1. The length n is drawn uniformly from
-[min_length, max_length] (set both equal for a fixed distance).
+Read as one sequence (inputs then targets, as a decoder-only model sees it), every copied token
+sits n + 1 positions after the token it repeats; a reversed token sits 1 to 2n + 1 positions
+after it, so reversal mixes short and long distances. The length n is drawn uniformly from
+[min_length, max_length] (set both equal for one fixed distance).
 
 Vocabulary: 0 pad, 1 BOS, 2 EOS, 3 CLS (unused), then num_symbols symbol ids.
 """

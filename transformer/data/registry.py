@@ -178,8 +178,12 @@ def make_builder(data_config, data_dir: str | None = None) -> tfds.core.DatasetB
   resolved = resolve(data_config)
   dataset = get_spec(resolved.name)
   kwargs = {"sword_dir": resolved.sword_dir} if "sword_dir" in resolved else {}
-  return dataset.builder(config=builder_config(resolved), data_dir=data_dir,
-                         file_format="array_record", **kwargs)
+  config = builder_config(resolved)
+  if config.name in dataset.builder.builder_configs:
+    # A named config goes by name: TFDS rejects an equal copy of it, which is what a builder
+    # pickled into a grain worker process would otherwise bring along.
+    config = config.name
+  return dataset.builder(config=config, data_dir=data_dir, file_format="array_record", **kwargs)
 
 
 def prepare(data_config, data_dir: str | None = None) -> tfds.core.DatasetBuilder:

@@ -34,8 +34,7 @@ def decode_bytes(ids) -> bytes:
   return (ids - NUM_RESERVED).astype(np.uint8).tobytes()
 
 
-def train_sentencepiece(sentences, vocab_size: int, *, seed_sentence_count: int = 1_000_000
-                        ) -> bytes:
+def train_sentencepiece(sentences, vocab_size: int) -> bytes:
   """Trains a unigram SentencePiece model; returns the serialised model.
 
   Ids 0-3 are pad, BOS, EOS and UNK, so padding is 0 as in every other vocabulary here.
@@ -51,7 +50,6 @@ def train_sentencepiece(sentences, vocab_size: int, *, seed_sentence_count: int 
       model_type="unigram",
       character_coverage=1.0,
       pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=CLS_ID,
-      input_sentence_size=seed_sentence_count,
       shuffle_input_sentence=False,
       num_threads=1,
       minloglevel=2,
