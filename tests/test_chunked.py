@@ -127,28 +127,30 @@ def test_bfloat16_inputs_keep_float32_statistics():
                                    err_msg=name)
 
 
-def test_causal_visits_exactly_the_tiles_that_hold_an_allowed_pair():
+def test_causal_visits_the_tiles_with_an_allowed_pair_and_masks_only_partial_ones():
     for q_len, kv_len, cq, ck in [(64, 64, 16, 16), (40, 64, 16, 8), (64, 24, 8, 16),
-                                  (37, 37, 5, 7)]:
+                                  (37, 37, 5, 7), (30, 50, 7, 4)]:
         num_q, num_k = -(-q_len // cq), -(-kv_len // ck)
         config = chunked._Config(scale=1.0, causal=True, offset=kv_len - q_len, query_chunk=cq,
                                  key_chunk=ck, num_q_chunks=num_q, num_k_chunks=num_k)
-        # Padded query rows (past q_len) count too: the kernel computes them and drops them.
-        allowed = (np.arange(kv_len)[None, :]
-                   <= np.arange(num_q * cq)[:, None] + kv_len - q_len)
-        allowed = np.pad(allowed, ((0, 0), (0, num_k * ck - kv_len)))
-        has_pair = allowed.reshape(num_q, cq, num_k, ck).any(axis=(1, 3))
-        visited_by_query = np.array(
-            [[j < int(chunked._key_chunks_needed(config, i)) for j in range(num_k)]
-             for i in range(num_q)])
-        visited_by_key = np.array(
-            [[i >= int(chunked._first_query_chunk(config, j)) for j in range(num_k)]
-             for i in range(num_q)])
-        np.testing.assert_array_equal(visited_by_query, has_pair)
-        np.testing.assert_array_equal(visited_by_key, has_pair)
+        # The rule on positions, padded ones included: the kernel computes them and drops them.
+        query_pos = np.arange(num_q * cq) + kv_len - q_len
+        key_pos = np.arange(num_k * ck)
+        allowed = (key_pos[None, :] <= query_pos[:, None]).reshape(num_q, cq, num_k, ck)
+        some_allowed, all_allowed = allowed.any(axis=(1, 3)), allowed.all(axis=(1, 3))
+
+        by_query = [[int(x) for x in chunked._key_chunk_ranges(config, i)] for i in range(num_q)]
+        by_key = [[int(x) for x in chunked._query_chunk_ranges(config, j)] for j in range(num_k)]
+        j, i = np.arange(num_k)[None, :], np.arange(num_q)[:, None]
+        unmasked_end, end = (np.array(r)[:, None] for r in zip(*by_query))
+        start, unmasked_start = (np.array(r)[None, :] for r in zip(*by_key))
+        np.testing.assert_array_equal(j < end, some_allowed)
+        np.testing.assert_array_equal(j < unmasked_end, all_allowed)
+        np.testing.assert_array_equal(i >= start, some_allowed)
+        np.testing.assert_array_equal(i >= unmasked_start, all_allowed)
         if q_len == kv_len and cq == ck:
             # Square tiles on a square pattern: (n + 1) / 2n of the tiles, about half.
-            assert visited_by_query.sum() == num_q * (num_q + 1) // 2
+            assert some_allowed.sum() == num_q * (num_q + 1) // 2
 
 
 def _grad_temp_bytes(attention, length, heads=2, head_dim=16):
