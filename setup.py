@@ -22,6 +22,8 @@ setup(
         "ml-collections>=1.0,<2",
         "grain>=0.2.12,<0.3",
         "matplotlib>=3.8,<4",
+        "sentencepiece>=0.2,<0.3",  # translation vocabulary, trained on the training split
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
