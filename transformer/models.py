@@ -83,9 +83,16 @@ class TransformerConfig(LayerConfig):
         elif not isinstance(self.pattern, patterns.Pattern):
             raise ValueError(f"pattern must be a name in {sorted(patterns.PATTERNS)} or a "
                              f"Pattern; got {self.pattern!r}.")
-        # A plain dict is unhashable; Flax modules holding this config must stay hashable.
-        object.__setattr__(self, "pattern_options",
-                           tuple(sorted(dict(self.pattern_options).items())))
+        # jax.jit(model.apply) hashes the module, hence its config: store options as tuples.
+        object.__setattr__(self, "pattern_options", tuple(
+            (name, _hashable(value)) for name, value in sorted(dict(self.pattern_options).items())))
+
+
+def _hashable(value):
+    """Lists (as config files and ConfigDicts give them) as tuples, recursively."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(item) for item in value)
+    return value
 
 
 def layer_pattern(config, layer, *, causal):
