@@ -105,23 +105,27 @@ def time_length(length, names):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def peak_memory_bytes(name, length):
-    """Max RSS of a fresh Python process running one forward+backward pass."""
+def peak_memory(name, length):
+    """Max RSS, XLA temp bytes and seconds of a fresh process running one forward+backward."""
     command = [sys.executable, os.path.abspath(__file__), f"--measure_memory={name}:{length}",
                f"--heads={_HEADS.value}", f"--head_dim={_HEAD_DIM.value}",
                f"--chunk_size={','.join(_CHUNK_SIZE.value)}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory run {name} at {length} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["max_rss_bytes"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def measure_memory_here(spec):
     name, length = spec.split(":")
     args = inputs(int(length))
-    jax.block_until_ready(forward_backward(name)(*args))
-    # Linux reports ru_maxrss in KiB.
-    print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    compiled = forward_backward(name).lower(*args).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    # Linux reports ru_maxrss in KiB. XLA's own temporary buffers show the algorithm's share.
+    print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+                      "seconds": time.perf_counter() - start}))
 
 
 def plot(rows, memory_rows, path):
@@ -135,13 +139,16 @@ def plot(rows, memory_rows, path):
         ax_time.plot(*zip(*points), marker="o", label=name)
     ax_time.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward+backward seconds",
                 title="Time (median, loaded shared 2-core CPU)")
-    ax_time.legend()
+    if rows:
+        ax_time.legend()
     if memory_rows:
         points = [(r["length"], r["peak_gb"]) for r in memory_rows]
-        ax_memory.plot(*zip(*points), marker="o", label="chunked")
+        ax_memory.plot(*zip(*[(r["length"], r["xla_temp_mb"] / 1e3) for r in memory_rows]),
+                       marker="s", label="chunked, XLA temp buffers")
+        ax_memory.plot(*zip(*points), marker="o", label="chunked, peak RSS")
         ax_memory.axhline(4.0, color="grey", linestyle="--", label="4 GB target")
         ax_memory.legend()
-    ax_memory.set(xscale="log", xlabel="tokens", ylabel="peak RSS, GB",
+    ax_memory.set(xscale="log", xlabel="tokens", ylabel="GB",
                   title="Peak memory of one forward+backward")
     for ax in (ax_time, ax_memory):
         ax.set_xscale("log", base=2)
@@ -162,7 +169,8 @@ def main(argv):
     rows = []
     header = (f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
               f"{'of peak':>8s} {'vs xla':>7s}")
-    print(header)
+    if _LENGTHS.value:
+        print(header)
     for length in map(int, _LENGTHS.value):
         names = ["chunked", "chunked_causal"]
         if length <= _XLA_MAX_LENGTH.value:
@@ -184,23 +192,29 @@ def main(argv):
 
     memory_rows = []
     for length in map(int, _MEMORY_LENGTHS.value):
-        peak_gb = peak_memory_bytes("chunked", length) / 1e9
-        memory_rows.append(dict(implementation="chunked", length=length, peak_gb=peak_gb))
-        growth = (peak_gb / memory_rows[-2]["peak_gb"]) if len(memory_rows) > 1 else float("nan")
-        print(f"peak memory chunked {length:7d} tokens: {peak_gb:6.2f} GB "
-              f"(x{growth:.2f} from the previous length)", flush=True)
+        measured = peak_memory("chunked", length)
+        row = dict(implementation="chunked", length=length,
+                   peak_gb=measured["max_rss_bytes"] / 1e9,
+                   xla_temp_mb=measured["xla_temp_bytes"] / 1e6, seconds=measured["seconds"])
+        memory_rows.append(row)
+        growth = (row["peak_gb"] / memory_rows[-2]["peak_gb"] if len(memory_rows) > 1
+                  else float("nan"))
+        print(f"chunked {length:7d} tokens: peak RSS {row['peak_gb']:6.2f} GB "
+              f"(x{growth:.2f} from the previous length), XLA temp buffers "
+              f"{row['xla_temp_mb']:8.1f} MB, one forward+backward {row['seconds']:.1f} s",
+              flush=True)
 
-    with open(os.path.join(_OUT_DIR.value, "chunked_time.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    if memory_rows:
-        with open(os.path.join(_OUT_DIR.value, "chunked_memory.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(memory_rows[0]))
-            writer.writeheader()
-            writer.writerows(memory_rows)
-    plot(rows, memory_rows, os.path.join(_OUT_DIR.value, "chunked_benchmark.png"))
-    print(f"wrote {_OUT_DIR.value}/chunked_time.csv, chunked_memory.csv, chunked_benchmark.png")
+    written = []
+    for name, table in (("chunked_time.csv", rows), ("chunked_memory.csv", memory_rows)):
+        if table:
+            written.append(os.path.join(_OUT_DIR.value, name))
+            with open(written[-1], "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
+    written.append(os.path.join(_OUT_DIR.value, "chunked_benchmark.png"))
+    plot(rows, memory_rows, written[-1])
+    print("wrote", ", ".join(written))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Tile sizes measured fastest for forward+backward on a 2-core AVX-512 CPU at 8K tokens
-# (benchmarks/chunked_benchmark.py). Short sequences shrink them to the padded length.
+# Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
+# AVX-512 CPU among 256..1024 (benchmarks/chunked_benchmark.py); 512x256 float32 logits for 8
+# heads is 4 MB. Short sequences shrink them to the padded length.
 DEFAULT_QUERY_CHUNK = 512
-DEFAULT_KEY_CHUNK = 512
+DEFAULT_KEY_CHUNK = 256
 
 
 def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=None,
