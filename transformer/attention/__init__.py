@@ -1,7 +1,13 @@
 """Attention as pure functions of arrays: scores, masks and `dot_product_attention`."""
 
+from transformer.attention.block_sparse import block_sparse_attention
+from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import alibi_bias, dense_attention
-from transformer.attention.dot_product import dot_product_attention
+from transformer.attention.dot_product import (
+    IMPLEMENTATIONS,
+    choose_implementation,
+    dot_product_attention,
+)
 from transformer.attention.masks import (
     attention_padding_mask,
     causal_mask,
@@ -17,3 +23,5 @@ from transformer.attention.scores import (
     mean_pool_score,
     scaled_dot_score,
 )
+from transformer.attention.splash import splash_attention
+from transformer.attention.xla import cudnn_attention, xla_attention

@@ -1,6 +1,93 @@
-"""`dot_product_attention`: one entry point, several implementations of the same maths."""
+"""`dot_product_attention`: one entry point, several implementations of the same maths.
 
+Every implementation in `IMPLEMENTATIONS` is a function
+
+    implementation(query, key, value, *, pattern, key_valid, scale, alibi_slopes) -> output
+
+with query `[batch, q_len, heads, head_dim]`, key/value `[batch, kv_len, heads, head_dim]`,
+key_valid bool `[batch, kv_len]` or None, output `[batch, q_len, heads, value_dim]`, and zeros
+for a query that has no allowed key. "dense" is the reference; "auto" picks one.
+"""
+
+import jax
+
+from transformer import patterns
+from transformer.attention.block_sparse import block_sparse_attention
+from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import dense_attention
+from transformer.attention.splash import splash_attention
+from transformer.attention.xla import cudnn_attention, xla_attention
+
+# Below this many (query, key) pairs, on CPU, the dense reference is the fastest: the score
+# matrix fits in cache and nothing else has less overhead (benchmarks/attention_benchmark.py).
+DENSE_MAX_PAIRS = 1024 * 1024
+
+
+def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+    mask = pattern_mask(pattern, query.shape[1], key.shape[1], key_valid)
+    return dense_attention(query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def _chunked(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+    if type(pattern) not in (patterns.Full, patterns.Causal):
+        raise ValueError(f"implementation 'chunked' computes full() and causal() attention only; "
+                         f"got pattern {pattern}. Use 'block_sparse' for sparse patterns.")
+    causal = isinstance(pattern, patterns.Causal)
+    if causal and query.shape[1] != key.shape[1]:
+        raise ValueError("implementation 'chunked' aligns causal() queries with the end of the "
+                         f"keys, which differs from the pattern's j <= i when q_len "
+                         f"{query.shape[1]} != kv_len {key.shape[1]}; use 'block_sparse'.")
+    return chunked_attention(query, key, value, scale=scale, causal=causal, key_valid=key_valid,
+                             alibi_slopes=alibi_slopes)
+
+
+def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+    return block_sparse_attention(query, key, value, pattern=pattern, key_valid=key_valid,
+                                  scale=scale, alibi_slopes=alibi_slopes)
+
+
+def choose_implementation(pattern, q_len, kv_len, backend=None):
+    """The implementation "auto" uses for this pattern, length and backend.
+
+    Splash on TPU. Elsewhere: dense while the score matrix is small, then chunked for full and
+    causal attention (exact, linear memory, skips the causal upper half), block-sparse for
+    everything else. Measured on CPU; GPUs follow the CPU rule (cuDNN needs half precision).
+    """
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    if q_len * kv_len <= DENSE_MAX_PAIRS:
+        return "dense"
+    if type(pattern) is patterns.Full or (type(pattern) is patterns.Causal and q_len == kv_len):
+        return "chunked"
+    return "block_sparse"
+
+
+def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+    name = choose_implementation(pattern, query.shape[1], key.shape[1])
+    if name == "splash" and alibi_slopes is not None:
+        name = "block_sparse"
+    return IMPLEMENTATIONS[name](query, key, value, pattern=pattern, key_valid=key_valid,
+                                 scale=scale, alibi_slopes=alibi_slopes)
+
+
+IMPLEMENTATIONS = {
+    "dense": _dense,
+    "chunked": _chunked,
+    "block_sparse": _block_sparse,
+    "splash": splash_attention,
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+    "auto": _auto,
+}
+
+
+def pattern_mask(pattern, q_len, kv_len, key_valid=None):
+    """Dense boolean mask `[batch or 1, 1, q_len, kv_len]` of `pattern` and key padding."""
+    mask = jax.numpy.asarray(pattern.mask(q_len, kv_len))[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    return mask
 
 
 def _check_shapes(query, key, value, mask, bias):
@@ -26,6 +113,18 @@ def _check_shapes(query, key, value, mask, bias):
         raise ValueError(f"mask must be boolean (True = may attend); got dtype {mask.dtype}.")
 
 
+def _key_valid(mask, batch, implementation):
+    """`[batch, kv_len]` from a key padding mask `[batch or 1, 1, 1, kv_len]`."""
+    if mask is None:
+        return None
+    if mask.shape[1:3] != (1, 1):
+        raise ValueError(
+            f"implementation {implementation!r} takes only key padding masks of shape "
+            f"[batch, 1, 1, kv_len]; got {tuple(mask.shape)}. Put structure into `pattern`, or use "
+            "implementation='dense' for an arbitrary mask.")
+    return jax.numpy.broadcast_to(mask[:, 0, 0, :], (batch, mask.shape[-1]))
+
+
 def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None,
                           alibi_slopes=None, pattern=None, implementation="dense",
                           dropout_rate=0.0, dropout_rng=None, return_weights=False):
@@ -37,26 +136,49 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       value: `[batch, kv_len, heads, value_dim]`.
       mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True where a query may
         attend. A query whose keys are all masked gets zeros, never NaN, in output and gradients.
-      bias: float, broadcastable to `[batch, heads, q_len, kv_len]`, added to the logits.
+        Implementations other than "dense" take only key padding, `[batch, 1, 1, kv_len]`.
+      bias: float, broadcastable to `[batch, heads, q_len, kv_len]`, added to the logits
+        ("dense" only).
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]` ALiBi slopes; adds -slope * |i - j| to the logits. Given as slopes
         rather than a bias array so that sparse implementations compute it block by block.
-      pattern: an attention pattern (see `transformer.patterns`) or None for full attention;
-        it is combined with `mask` by logical AND.
-      implementation: how to compute it; "dense" materialises the score matrix (the reference).
-      dropout_rate, dropout_rng: dropout on the attention weights.
-      return_weights: also return the weights `[batch, heads, q_len, kv_len]`.
+      pattern: a `transformer.patterns` pattern, a name in `patterns.PATTERNS`, or None for full
+        attention; combined with `mask` by logical AND.
+      implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
+        reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
+        "auto" picks one with `choose_implementation`.
+      dropout_rate, dropout_rng: dropout on the attention weights ("dense" only).
+      return_weights: also return the weights `[batch, heads, q_len, kv_len]` ("dense" only).
 
     Returns:
       `[batch, q_len, heads, value_dim]`, and the weights when `return_weights`.
     """
     _check_shapes(query, key, value, mask, bias)
-    if implementation != "dense":
-        raise ValueError(f"unknown implementation {implementation!r}; allowed: 'dense'.")
-    if pattern is not None:
-        pattern_mask = pattern.mask(query.shape[1], key.shape[1])[None, None]
-        mask = pattern_mask if mask is None else mask & pattern_mask
-    return dense_attention(query, key, value, mask=mask, bias=bias, scale=scale,
-                           alibi_slopes=alibi_slopes,
-                           dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                           return_weights=return_weights)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; allowed: "
+                         f"{sorted(IMPLEMENTATIONS)}.")
+    if pattern is None:
+        pattern = patterns.full()
+    elif isinstance(pattern, str):
+        pattern = patterns.build(pattern)
+    elif not isinstance(pattern, patterns.Pattern):
+        raise ValueError(f"pattern must be a transformer.patterns pattern, a name in "
+                         f"{sorted(patterns.PATTERNS)} or None; got {type(pattern).__name__}.")
+
+    if implementation == "dense":  # the reference: the only path with bias, dropout, weights
+        pattern_and_mask = pattern_mask(pattern, query.shape[1], key.shape[1])
+        if mask is not None:
+            pattern_and_mask = pattern_and_mask & mask
+        return dense_attention(query, key, value, mask=pattern_and_mask, bias=bias, scale=scale,
+                               alibi_slopes=alibi_slopes, dropout_rate=dropout_rate,
+                               dropout_rng=dropout_rng, return_weights=return_weights)
+
+    dense_only = {"bias": bias is not None, "return_weights": return_weights,
+                  "dropout": dropout_rate > 0.0 and dropout_rng is not None}
+    for name, used in dense_only.items():
+        if used:
+            raise ValueError(f"{name} is supported by implementation='dense' only; got "
+                             f"implementation={implementation!r}.")
+    key_valid = _key_valid(mask, query.shape[0], implementation)
+    return IMPLEMENTATIONS[implementation](query, key, value, pattern=pattern, key_valid=key_valid,
+                                          scale=scale, alibi_slopes=alibi_slopes)

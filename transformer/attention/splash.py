@@ -1,0 +1,95 @@
+"""JAX's splash attention (the TPU block-sparse Pallas kernel), built from our patterns.
+
+Splash takes a lazy mask object and asks it for one block at a time while it builds its block
+tables, so `PatternMask` evaluates the pattern on exactly the blocks it is asked for: no
+`[q_len, kv_len]` array is ever built. On CPU the kernel runs in Pallas interpret mode (slow,
+for tests only); on TPU it is compiled.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+DEFAULT_BLOCK = 128  # the TPU kernel's block sizes must be multiples of 128 on hardware
+
+
+class PatternMask(masks.Mask):
+    """A `pattern` over `[q_len, kv_len]`, padded to `shape` (padding is masked), served by block."""
+
+    def __init__(self, pattern, q_len, kv_len, shape):
+        self.pattern, self.q_len, self.kv_len, self._shape = pattern, q_len, kv_len, shape
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def __getitem__(self, index):
+        rows, cols = index
+        q_pos = np.arange(*rows.indices(self._shape[0]))[:, None]
+        k_pos = np.arange(*cols.indices(self._shape[1]))[None, :]
+        allowed = self.pattern.allows(np.minimum(q_pos, self.q_len - 1),
+                                      np.minimum(k_pos, self.kv_len - 1), self.q_len, self.kv_len)
+        return allowed & (q_pos < self.q_len) & (k_pos < self.kv_len)
+
+    def __eq__(self, other):
+        return (isinstance(other, PatternMask) and
+                (self.pattern, self.q_len, self.kv_len, self._shape) ==
+                (other.pattern, other.q_len, other.kv_len, other._shape))
+
+    def __hash__(self):
+        return hash((PatternMask, self.pattern, self.q_len, self.kv_len, self._shape))
+
+
+def splash_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None,
+                     block_size=DEFAULT_BLOCK, interpret=None):
+    """Splash attention over `pattern`.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`; key, value: `[batch, kv_len, heads, head_dim]`.
+      pattern: a `transformer.patterns` pattern.
+      key_valid: bool `[batch, kv_len]` or None; passed as splash segment ids.
+      scale: defaults to 1/sqrt(head_dim).
+      alibi_slopes: not supported by the kernel (it takes no bias): must be None.
+      block_size: the kernel's query and key block; lengths are padded up to it.
+      interpret: run the Pallas kernel in interpret mode; defaults to True off TPU.
+
+    Returns:
+      `[batch, q_len, heads, head_dim]`; zeros for queries with no allowed key.
+    """
+    if alibi_slopes is not None:
+        raise ValueError("implementation 'splash' takes no alibi_slopes (the TPU kernel has no "
+                         "bias input); use 'block_sparse' or 'chunked' for ALiBi.")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    batch, q_len, heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    if scale is None:
+        scale = head_dim ** -0.5
+    q_pad, kv_pad = -(-q_len // block_size) * block_size, -(-kv_len // block_size) * block_size
+    mask = PatternMask(pattern, q_len, kv_len, (q_pad, kv_pad))
+    blocks = kernels.BlockSizes(
+        block_q=block_size, block_kv=block_size, block_kv_compute=block_size,
+        block_q_dkv=block_size, block_kv_dkv=block_size, block_kv_dkv_compute=block_size,
+        block_q_dq=block_size, block_kv_dq=block_size)
+    kernel = kernels.make_splash_mha_single_device(
+        masks.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret)
+
+    def to_heads_first(x, length):  # [batch, length, heads, d] -> [batch, heads, padded, d]
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    q = to_heads_first(query * jnp.asarray(scale, query.dtype), q_pad)
+    k, v = to_heads_first(key, kv_pad), to_heads_first(value, kv_pad)
+    valid = jnp.ones((batch, kv_len), bool) if key_valid is None else key_valid
+    valid = jnp.pad(valid, ((0, 0), (0, kv_pad - kv_len)))
+    # Segment ids: queries are segment 0, valid keys 0, padded keys 1, so padded keys are unseen.
+    segments = kernels.SegmentIds(q=jnp.zeros((batch, q_pad), jnp.int32),
+                                  kv=jnp.where(valid, 0, 1).astype(jnp.int32))
+    # A sink logit far below any real logit but above the kernel's mask value: rows with a real
+    # key never notice it, and a row with none gets all its weight on the sink, so zeros.
+    sinks = jnp.full((heads,), kernels.DEFAULT_MASK_VALUE / 2, jnp.float32)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s, sinks=sinks))(
+        q, k, v, segments)
+    out = out.transpose(0, 2, 1, 3)[:, :q_len]
+    return out.astype(query.dtype)

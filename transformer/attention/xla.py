@@ -1,0 +1,70 @@
+"""`jax.nn.dot_product_attention` ("xla" and "cudnn") behind our pattern interface.
+
+jax.nn expresses full, causal and sliding-window attention natively (`is_causal`,
+`local_window_size`); on XLA those arguments only build a mask, so they save no work on CPU.
+Other patterns go in as a dense boolean mask ("xla" only). cuDNN's fused kernel needs a CUDA GPU
+and float16/bfloat16 inputs, and takes only the native patterns.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from transformer import patterns
+from transformer.attention.dense import alibi_bias
+
+
+def _native_arguments(pattern):
+    """jax.nn arguments (is_causal, local_window_size) for `pattern`, or None if it has none."""
+    if isinstance(pattern, patterns.Full):
+        return {}
+    if isinstance(pattern, patterns.Causal):
+        return {"is_causal": True}
+    if isinstance(pattern, patterns.SlidingWindow):
+        return {"local_window_size": (pattern.left, pattern.right)}
+    if isinstance(pattern, patterns.Intersection) and len(pattern.parts) == 2:
+        window = [p for p in pattern.parts if isinstance(p, patterns.SlidingWindow)]
+        if window and any(isinstance(p, patterns.Causal) for p in pattern.parts):
+            return {"local_window_size": (window[0].left, 0)}
+    return None
+
+
+def _jax_nn_attention(query, key, value, *, pattern, key_valid, scale, alibi_slopes,
+                      implementation):
+    q_len, kv_len = query.shape[1], key.shape[1]
+    arguments = _native_arguments(pattern)
+    if arguments is None and implementation == "cudnn":
+        raise ValueError(f"implementation 'cudnn' takes full(), causal(), sliding_window(...) and "
+                         f"sliding_window(...) & causal() only; got {pattern}. Use "
+                         "'block_sparse' or 'xla'.")
+    mask = None if arguments is not None else jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
+    if key_valid is not None:
+        key_mask = key_valid[:, None, None, :]
+        mask = key_mask if mask is None else mask & key_mask
+    bias = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, q_len, kv_len).astype(query.dtype)
+    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                       implementation=implementation, **(arguments or {}))
+    # jax.nn gives a query with no allowed key the mean of all values; we promise zeros.
+    if key_valid is None:
+        has_key = jnp.asarray(pattern.mask(q_len, kv_len).any(-1))[None, :]
+    else:
+        allowed = mask[:, 0] if arguments is None else pattern.allows(
+            jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], q_len, kv_len) & key_mask[:, 0]
+        has_key = jnp.any(allowed, axis=-1)
+    return jnp.where(has_key[:, :, None, None], out, 0.0).astype(query.dtype)
+
+
+def xla_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
+    """`jax.nn.dot_product_attention(implementation="xla")`: materialises the scores."""
+    return _jax_nn_attention(query, key, value, pattern=pattern, key_valid=key_valid,
+                             scale=scale, alibi_slopes=alibi_slopes, implementation="xla")
+
+
+def cudnn_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
+    """`jax.nn.dot_product_attention(implementation="cudnn")`: fused kernel on NVIDIA GPUs."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"implementation 'cudnn' needs a CUDA GPU; this backend is "
+                         f"{jax.default_backend()!r}. Use 'xla', 'chunked' or 'block_sparse'.")
+    return _jax_nn_attention(query, key, value, pattern=pattern, key_valid=key_valid,
+                             scale=scale, alibi_slopes=alibi_slopes, implementation="cudnn")
