@@ -252,3 +252,44 @@ def test_transformer_base_parameter_count():
     # The paper reports about 65M (Table 3); see the README for the 3% difference.
     assert abs(count - 65e6) / 65e6 < 0.05
 
+
+
+def decode_all(model, variables, inputs, tokens, max_decode_len):
+    """Logits of `decode_step` fed `tokens` `[batch, length]` one by one: `[batch, length, V]`."""
+    def run(variables, inputs, tokens):
+        state = model.apply(variables, inputs, max_decode_len, method="init_decode_state")
+
+        def step(state, token):
+            logits, state = model.apply(variables, state, token, method="decode_step")
+            return state, logits
+
+        _, logits = jax.lax.scan(step, state, tokens.T)
+        return jnp.swapaxes(logits, 0, 1)
+
+    return jax.jit(run)(variables, inputs, tokens)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(positional="alibi", pattern="sliding_window", pattern_options={"left": 2}),
+    dict(positional="rotary", norm_position="pre", tie_output_embedding=False),
+])
+def test_language_model_cached_decoding_equals_the_full_call(overrides):
+    model = build_model(dict(name="decoder_lm", **{**TINY, "num_layers": 2}, **overrides))
+    tokens = random_tokens(0, 2, 7)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    full = jax.jit(model.apply)(variables, tokens)
+    cached = decode_all(model, variables, tokens, tokens, max_decode_len=9)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_decoder_cached_decoding_equals_the_full_call():
+    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2,
+                             positional="learned", max_len=8, norm_position="pre"))
+    source = jnp.pad(random_tokens(0, 2, 5), ((0, 0), (0, 2)))  # padded source
+    targets = random_tokens(1, 2, 6)
+    variables = jax.jit(model.init)(jax.random.key(0), source, targets)
+    full = jax.jit(model.apply)(variables, source, targets)
+    cached = decode_all(model, variables, source, shift_right(targets), max_decode_len=8)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="max_decode_len 9 exceeds the learned positional"):
+        model.apply(variables, source, 9, method="init_decode_state")

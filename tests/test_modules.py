@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from transformer.feedforward import FeedForward
-from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig, residual
+from transformer.layers import NORM_POSITIONS, DecoderLayer, EncoderLayer, LayerConfig
 from transformer.models import Encoder, TransformerConfig
 from transformer.multihead_attention import MultiHeadAttention
 from transformer.positional import POSITIONAL_ENCODINGS, alibi_slopes
@@ -48,7 +48,7 @@ def attention_reference(params, x_q, x_kv, key_valid, positional="none"):
 
 @pytest.mark.parametrize("positional", ["none", "rotary", "alibi"])
 def test_self_attention_matches_float64_reference(positional):
-    module = MultiHeadAttention(num_heads=4, positional=positional)
+    module = MultiHeadAttention(num_heads=4, features=16, positional=positional)
     x = jax.random.normal(jax.random.key(0), (2, 7, 16))
     key_valid = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     variables = jax.jit(module.init)(jax.random.key(1), x)
@@ -59,7 +59,7 @@ def test_self_attention_matches_float64_reference(positional):
 
 
 def test_cross_attention_matches_reference_and_ignores_padded_keys():
-    module = MultiHeadAttention(num_heads=2, head_dim=5, out_features=6)
+    module = MultiHeadAttention(num_heads=2, features=6, head_dim=5)
     x_q = jax.random.normal(jax.random.key(0), (2, 3, 6))
     x_kv = jax.random.normal(jax.random.key(1), (2, 8, 10))
     key_valid = jnp.arange(8)[None, :] < jnp.array([[8], [5]])
@@ -74,7 +74,7 @@ def test_cross_attention_matches_reference_and_ignores_padded_keys():
 
 
 def test_attention_weights_are_sown_and_dropped_out_only_when_not_deterministic():
-    module = MultiHeadAttention(num_heads=2, dropout_rate=0.5, sow_weights=True)
+    module = MultiHeadAttention(num_heads=2, features=8, dropout_rate=0.5, sow_weights=True)
     x = jax.random.normal(jax.random.key(0), (1, 5, 8))
     key_valid = jnp.array([[True, True, True, False, False]])
     variables = module.init(jax.random.key(1), x)
@@ -90,7 +90,7 @@ def test_attention_weights_are_sown_and_dropped_out_only_when_not_deterministic(
 
 
 def test_attention_heads_must_divide_features():
-    module = MultiHeadAttention(num_heads=3)
+    module = MultiHeadAttention(num_heads=3, features=8)
     with pytest.raises(ValueError, match="features 8 is not divisible by num_heads 3"):
         module.init(jax.random.key(0), jnp.zeros((1, 2, 8)))
 
@@ -110,13 +110,14 @@ def test_feed_forward_matches_reference_under_jit():
 
 
 class ResidualDense(nn.Module):
-    """A Dense sublayer inside `residual`, to test the two layer-norm placements."""
-    config: LayerConfig
+    """A Dense sublayer in a residual connection, to test the two layer-norm placements."""
+    norm_position: str
 
     @nn.compact
     def __call__(self, x):
         dense = nn.Dense(x.shape[-1], name="dense")
-        return residual(self.config, x, dense, deterministic=True, name="norm")
+        return NORM_POSITIONS[self.norm_position](x, dense, nn.LayerNorm(epsilon=1e-6),
+                                                  lambda y: y)
 
 
 def layer_norm_reference(x, eps=1e-6):
@@ -125,7 +126,7 @@ def layer_norm_reference(x, eps=1e-6):
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
 def test_residual_with_post_and_pre_layer_norm(norm_position):
-    module = ResidualDense(LayerConfig(norm_position=norm_position))
+    module = ResidualDense(norm_position)
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 6))
     variables = jax.jit(module.init)(jax.random.key(1), x)
     p = as_f64(variables["params"])
@@ -149,7 +150,7 @@ def test_layer_config_rejects_unknown_norm_position():
 
 
 def test_encoder_and_decoder_layers_run_under_jit_like_eagerly():
-    config = LayerConfig(num_heads=2, d_ff=16, dropout_rate=0.0, positional="rotary")
+    config = LayerConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.0, positional="rotary")
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
     encoded = jax.random.normal(jax.random.key(1), (2, 3, 8))
     valid = jnp.array([[True] * 5, [True] * 3 + [False] * 2])

@@ -22,6 +22,7 @@ class LayerConfig:
     """What every encoder and decoder layer of a stack shares.
 
     Attributes:
+      d_model: width of the residual stream.
       num_heads, head_dim: attention heads (head_dim defaults to d_model / num_heads).
       d_ff, activation: the feed-forward block.
       dropout_rate: on each sublayer's output before the residual sum (and on the embeddings).
@@ -35,6 +36,7 @@ class LayerConfig:
       dtype, param_dtype: compute and parameter dtypes.
     """
 
+    d_model: int = 512
     num_heads: int = 8
     head_dim: int | None = None
     d_ff: int = 2048
@@ -59,13 +61,17 @@ class LayerConfig:
                                      ("activation", self.activation, ACTIVATIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
-        for name in ("num_heads", "d_ff"):
+        for name in ("d_model", "num_heads", "d_ff"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got "
                                  f"{getattr(self, name)!r}.")
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
+                             f"{self.num_heads}; choose num_heads dividing d_model or set "
+                             "head_dim.")
 
 
 def post_ln(x, sublayer, norm, dropout):
@@ -81,32 +87,24 @@ def pre_ln(x, sublayer, norm, dropout):
 NORM_POSITIONS = {"post": post_ln, "pre": pre_ln}
 
 
-def residual(config, x, sublayer, *, deterministic, name):
-    """Wraps `sublayer` (a function of `[batch, length, d_model]`) in a residual connection with
-    layer norm, placed as `config.norm_position` says. Call inside a compact method: the
-    LayerNorm, named `name`, becomes a submodule of the caller."""
-    norm = nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
+def layer_norm(config, name=None):
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
                         param_dtype=config.param_dtype, name=name)
 
-    def dropout(y):
-        return nn.Dropout(config.dropout_rate)(y, deterministic=deterministic)
 
-    return NORM_POSITIONS[config.norm_position](x, sublayer, norm, dropout)
-
-
-def _attention(config, pattern, positional, name):
+def attention(config, pattern, positional, name=None):
     return MultiHeadAttention(
-        num_heads=config.num_heads, head_dim=config.head_dim,
+        num_heads=config.num_heads, features=config.d_model, head_dim=config.head_dim,
         dropout_rate=config.attention_dropout_rate, positional=positional,
         rotary_base=config.rotary_base, pattern=pattern, implementation=config.implementation,
         sow_weights=config.sow_attention_weights, dtype=config.dtype,
         param_dtype=config.param_dtype, name=name)
 
 
-def _feed_forward(config):
+def feed_forward(config, name=None):
     return FeedForward(d_ff=config.d_ff, activation=config.activation,
                        dropout_rate=config.dropout_rate, dtype=config.dtype,
-                       param_dtype=config.param_dtype, name="feed_forward")
+                       param_dtype=config.param_dtype, name=name)
 
 
 class EncoderLayer(nn.Module):
@@ -125,15 +123,16 @@ class EncoderLayer(nn.Module):
     def __call__(self, x, padding_mask=None, *, deterministic=True):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`, True at real
         tokens (padding is never attended to)."""
-        attention = _attention(self.config, self.pattern, self.config.positional,
-                               "self_attention")
-        x = residual(self.config, x,
-                     lambda h: attention(h, key_padding_mask=padding_mask,
-                                         deterministic=deterministic),
-                     deterministic=deterministic, name="self_attention_norm")
-        feed_forward = _feed_forward(self.config)
-        return residual(self.config, x, lambda h: feed_forward(h, deterministic=deterministic),
-                        deterministic=deterministic, name="feed_forward_norm")
+        config = self.config
+        add = NORM_POSITIONS[config.norm_position]
+        dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
+        self_attention = attention(config, self.pattern, config.positional, "self_attention")
+        x = add(x, lambda h: self_attention(h, key_padding_mask=padding_mask,
+                                            deterministic=deterministic),
+                layer_norm(config, "self_attention_norm"), dropout)
+        ff = feed_forward(config, "feed_forward")
+        return add(x, lambda h: ff(h, deterministic=deterministic),
+                   layer_norm(config, "feed_forward_norm"), dropout)
 
 
 class DecoderLayer(nn.Module):
@@ -145,30 +144,78 @@ class DecoderLayer(nn.Module):
       pattern: the self-attention pattern of this layer; a decoder passes one that includes
         `causal()`. Cross-attention is always full (over the real encoder positions) and uses
         no positional encoding: decoder and encoder positions are not comparable.
+
+    `init_cache` and `decode_step` run the layer one position at a time with a key/value cache.
     """
 
     config: LayerConfig
     pattern: Any = None
 
-    @nn.compact
+    def setup(self):
+        config = self.config
+        self.self_attention = attention(config, self.pattern, config.positional)
+        self.self_attention_norm = layer_norm(config)
+        # Created only when called: a decoder-only layer has no cross-attention parameters.
+        self.cross_attention = attention(config, None, "none")
+        self.cross_attention_norm = layer_norm(config)
+        self.feed_forward = feed_forward(config)
+        self.feed_forward_norm = layer_norm(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def _sublayers(self, x, self_attend, cross_attend, deterministic):
+        add = NORM_POSITIONS[self.config.norm_position]
+
+        def dropout(y):
+            return self.dropout(y, deterministic=deterministic)
+
+        x = add(x, self_attend, self.self_attention_norm, dropout)
+        if cross_attend is not None:
+            x = add(x, cross_attend, self.cross_attention_norm, dropout)
+        return add(x, lambda h: self.feed_forward(h, deterministic=deterministic),
+                   self.feed_forward_norm, dropout)
+
     def __call__(self, x, padding_mask=None, encoded=None, encoded_padding_mask=None, *,
                  deterministic=True):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`;
         encoded: `[batch, source_length, d_model]` or None (a decoder-only model);
         encoded_padding_mask: bool `[batch, source_length]`, True at real source tokens."""
-        self_attention = _attention(self.config, self.pattern, self.config.positional,
-                                    "self_attention")
-        x = residual(self.config, x,
-                     lambda h: self_attention(h, key_padding_mask=padding_mask,
-                                              deterministic=deterministic),
-                     deterministic=deterministic, name="self_attention_norm")
+        def self_attend(h):
+            return self.self_attention(h, key_padding_mask=padding_mask,
+                                       deterministic=deterministic)
+
+        def cross_attend(h):
+            return self.cross_attention(h, encoded, key_padding_mask=encoded_padding_mask,
+                                        deterministic=deterministic)
+
+        return self._sublayers(x, self_attend, None if encoded is None else cross_attend,
+                               deterministic)
+
+    def init_cache(self, batch, max_len, encoded=None):
+        """An empty self-attention cache for `max_len` positions, and the cross-attention keys
+        and values of `encoded` `[batch, source_length, d_model]` (when given)."""
+        config = self.config
+        head_dim = config.head_dim or config.d_model // config.num_heads
+        empty = jnp.zeros((batch, max_len, config.num_heads, head_dim), config.dtype)
+        cache = {"self": {"key": empty, "value": empty}}
         if encoded is not None:
-            cross_attention = _attention(self.config, None, "none", "cross_attention")
-            x = residual(self.config, x,
-                         lambda h: cross_attention(h, encoded,
-                                                   key_padding_mask=encoded_padding_mask,
-                                                   deterministic=deterministic),
-                         deterministic=deterministic, name="cross_attention_norm")
-        feed_forward = _feed_forward(self.config)
-        return residual(self.config, x, lambda h: feed_forward(h, deterministic=deterministic),
-                        deterministic=deterministic, name="feed_forward_norm")
+            key, value = self.cross_attention.key_value(encoded)
+            cache["cross"] = {"key": key, "value": value}
+        return cache
+
+    def decode_step(self, x, cache, index, encoded_padding_mask=None):
+        """x: `[batch, q_len, d_model]` at positions index..index+q_len-1 (int32 scalar index);
+        cache from `init_cache` or the previous step. Returns the layer's output there and the
+        updated cache. No dropout."""
+        new_cache = dict(cache)
+
+        def self_attend(h):
+            out, new_cache["self"] = self.self_attention.decode_step(h, cache["self"], index)
+            return out
+
+        def cross_attend(h):
+            return self.cross_attention.attend_cached(h, cache["cross"]["key"],
+                                                      cache["cross"]["value"],
+                                                      key_padding_mask=encoded_padding_mask)
+
+        x = self._sublayers(x, self_attend, cross_attend if "cross" in cache else None, True)
+        return x, new_cache

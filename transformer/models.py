@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
-from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig
+from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
 from transformer.positional import ADDED_POSITIONAL_ENCODINGS
 
 PAD_ID = 0
@@ -30,10 +30,10 @@ class TransformerConfig(LayerConfig):
 
     Attributes:
       vocab_size: token vocabulary (the source vocabulary of an EncoderDecoder).
-      d_model: width of the residual stream.
       num_layers: encoder layers (EncoderClassifier, EncoderDecoder) or decoder layers
         (DecoderLM).
-      max_len: longest input of a "learned" positional encoding.
+      max_len: longest input of a "learned" positional encoding, and the number of positions
+        a decoding cache holds (`init_decode_state`).
       pattern: self-attention pattern: a name in `transformer.patterns.PATTERNS` (built per layer
         with `patterns.build(pattern, layer=i, **pattern_options)`, so random parts differ by
         layer) or a Pattern object used in every layer. Decoders intersect it with causal().
@@ -47,7 +47,6 @@ class TransformerConfig(LayerConfig):
     """
 
     vocab_size: int = 32_000
-    d_model: int = 512
     num_layers: int = 6
     max_len: int = 512
     pattern: Any = "full"
@@ -61,15 +60,11 @@ class TransformerConfig(LayerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("vocab_size", "d_model", "num_layers", "max_len", "num_classes",
+        for name in ("vocab_size", "num_layers", "max_len", "num_classes",
                      "num_decoder_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
-                             f"{self.num_heads}; choose num_heads dividing d_model or set "
-                             "head_dim.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; allowed: "
                              f"{', '.join(POOLINGS)}.")
@@ -104,12 +99,11 @@ def layer_pattern(config, layer, *, causal):
     return pattern & patterns.causal() if causal else pattern
 
 
-def add_positions(config, x, *, deterministic):
-    """Adds the positional encoding that acts on embeddings (if any), then dropout."""
-    if config.positional in ADDED_POSITIONAL_ENCODINGS:
-        x = ADDED_POSITIONAL_ENCODINGS[config.positional](
-            config.max_len, config.param_dtype)(x)
-    return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+def positional_encoding(config):
+    """The module adding positions to the embeddings, or None when they act in attention."""
+    if config.positional not in ADDED_POSITIONAL_ENCODINGS:
+        return None
+    return ADDED_POSITIONAL_ENCODINGS[config.positional](config.max_len, config.param_dtype)
 
 
 class Encoder(nn.Module):
@@ -126,13 +120,16 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, embedded, padding_mask=None, *, deterministic=True):
         config = self.config
-        x = add_positions(config, embedded.astype(config.dtype), deterministic=deterministic)
+        x = embedded.astype(config.dtype)
+        positions = positional_encoding(config)
+        if positions is not None:
+            x = positions(x)
+        x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
         for layer in range(config.num_layers):
             x = EncoderLayer(config, pattern=layer_pattern(config, layer, causal=False),
-                             name=f"layer_{layer}")(x, padding_mask, deterministic=deterministic)
+                             name=f"layers_{layer}")(x, padding_mask, deterministic=deterministic)
         if config.norm_position == "pre":
-            x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
-                             param_dtype=config.param_dtype, name="final_norm")(x)
+            x = layer_norm(config, "final_norm")(x)
         return x
 
 
@@ -145,25 +142,50 @@ class Decoder(nn.Module):
     padding_mask bool `[batch, length]` or None, encoded `[batch, source_length, d_model]` or None,
     encoded_padding_mask bool `[batch, source_length]` or None; returns
     `[batch, length, d_model]`. Output i depends on embedded positions <= i only.
+
+    `init_cache` and `decode_step` compute the same outputs position by position.
     """
 
     config: TransformerConfig
     num_layers: int
 
-    @nn.compact
+    def setup(self):
+        config = self.config
+        self.positions = positional_encoding(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.layers = [DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True))
+                       for layer in range(self.num_layers)]
+        self.final_norm = layer_norm(config)  # used (and created) only when pre-LN
+
+    def _final(self, x):
+        return self.final_norm(x) if self.config.norm_position == "pre" else x
+
     def __call__(self, embedded, padding_mask=None, encoded=None, encoded_padding_mask=None, *,
                  deterministic=True):
-        config = self.config
-        x = add_positions(config, embedded.astype(config.dtype), deterministic=deterministic)
-        for layer in range(self.num_layers):
-            x = DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True),
-                             name=f"layer_{layer}")(
-                                 x, padding_mask, encoded, encoded_padding_mask,
-                                 deterministic=deterministic)
-        if config.norm_position == "pre":
-            x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
-                             param_dtype=config.param_dtype, name="final_norm")(x)
-        return x
+        x = embedded.astype(self.config.dtype)
+        if self.positions is not None:
+            x = self.positions(x)
+        x = self.dropout(x, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, padding_mask, encoded, encoded_padding_mask, deterministic=deterministic)
+        return self._final(x)
+
+    def init_cache(self, batch, max_len, encoded=None):
+        """Per layer: an empty key/value cache of `max_len` positions, and the cross-attention
+        keys and values of `encoded` `[batch, source_length, d_model]` when given."""
+        return [layer.init_cache(batch, max_len, encoded) for layer in self.layers]
+
+    def decode_step(self, embedded, cache, index, encoded_padding_mask=None):
+        """embedded `[batch, q_len, d_model]` at positions index..index+q_len-1 (index an int32
+        scalar) -> (`[batch, q_len, d_model]`, updated cache). No dropout."""
+        x = embedded.astype(self.config.dtype)
+        if self.positions is not None:
+            x = self.positions(x, positions=index + jnp.arange(x.shape[1]))
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode_step(x, layer_cache, index, encoded_padding_mask)
+            new_cache.append(layer_cache)
+        return self._final(x), new_cache
 
 
 def token_embedding(config, vocab_size, name):
@@ -253,14 +275,26 @@ class EncoderClassifier(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def output_logits(config, embedding, x, vocab_size):
-    """Next-token logits, float32: through the transposed embedding when tied, else a Dense."""
+def output_projection(config, vocab_size):
+    """The untied output layer, or None when the output reuses the (target) embedding."""
     if config.tie_output_embedding:
-        logits = embedding.attend(x)
-    else:
-        logits = nn.Dense(vocab_size, dtype=config.dtype, param_dtype=config.param_dtype,
-                          name="output_projection")(x)
+        return None
+    return nn.Dense(vocab_size, dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+def output_logits(embedding, projection, x):
+    """Next-token logits, float32: through the transposed embedding when tied, else a Dense."""
+    logits = embedding.attend(x) if projection is None else projection(x)
     return logits.astype(jnp.float32)
+
+
+def check_cache_length(config, max_decode_len):
+    """The number of positions a decoding cache holds: `max_decode_len` or config.max_len."""
+    max_decode_len = config.max_len if max_decode_len is None else max_decode_len
+    if config.positional == "learned" and max_decode_len > config.max_len:
+        raise ValueError(f"max_decode_len {max_decode_len} exceeds the learned positional "
+                         f"embedding's max_len {config.max_len}.")
+    return max_decode_len
 
 
 class DecoderLM(nn.Module):
@@ -270,19 +304,42 @@ class DecoderLM(nn.Module):
     `[batch, length]` (0 = padding, never attended to); returns float32 logits
     `[batch, length, vocab_size]`. The data pipeline shifts: targets[i] = the token after
     inputs[i].
+
+    Decoding with a key/value cache (the `transformer.decoding` protocol):
+    `state = model.apply(variables, prompt, method="init_decode_state")`, then
+    `logits, state = model.apply(variables, state, token, method="decode_step")` feeds the
+    tokens one by one (prompt first, e.g. with `decoding.prefill`); the logits at each step equal
+    the full call's at that position (for tokens that are not 0).
     """
 
     config: TransformerConfig
     config_fields = ("num_layers", "tie_output_embedding")  # read beyond the shared ones
 
-    @nn.compact
-    def __call__(self, inputs, *, train=False):
+    def setup(self):
         config = self.config
-        embedding = token_embedding(config, config.vocab_size, "embed")
-        x = embed_tokens(config, embedding, inputs)
-        x = Decoder(config, config.num_layers, name="decoder")(
-            x, inputs != PAD_ID, deterministic=not train)
-        return output_logits(config, embedding, x, config.vocab_size)
+        self.embed = token_embedding(config, config.vocab_size, "embed")
+        self.decoder = Decoder(config, config.num_layers)
+        self.output_projection = output_projection(config, config.vocab_size)
+
+    def __call__(self, inputs, *, train=False):
+        x = embed_tokens(self.config, self.embed, inputs)
+        x = self.decoder(x, inputs != PAD_ID, deterministic=not train)
+        return output_logits(self.embed, self.output_projection, x)
+
+    def init_decode_state(self, inputs, max_decode_len=None):
+        """An empty cache for the batch of `inputs` `[batch, ...]` (only its size is read),
+        holding `max_decode_len` positions (default config.max_len)."""
+        max_decode_len = check_cache_length(self.config, max_decode_len)
+        return {"cache": self.decoder.init_cache(inputs.shape[0], max_decode_len),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def decode_step(self, state, token):
+        """token int `[batch]` at position state["index"] -> (logits `[batch, vocab_size]`
+        float32 for the next token, the new state)."""
+        x = embed_tokens(self.config, self.embed, token[:, None])
+        x, cache = self.decoder.decode_step(x, state["cache"], state["index"])
+        logits = output_logits(self.embed, self.output_projection, x)[:, 0]
+        return logits, {"cache": cache, "index": state["index"] + 1}
 
 
 def shift_right(targets):
@@ -299,14 +356,18 @@ class EncoderDecoder(nn.Module):
     predicts targets[:, i] from the source and targets[:, :i] (the model shifts the targets right
     itself, putting 0 as the start token).
 
-    For generation: `encoded = model.apply(variables, inputs, method="encode")`, then
-    `model.apply(variables, encoded, inputs, decoder_inputs, method="decode")` on decoder inputs
-    that start with 0.
+    Generation with a key/value cache follows the `transformer.decoding` protocol:
+    `init_decode_state(inputs)` encodes the source and precomputes each layer's cross-attention
+    keys and values; `decode_step(state, token)` feeds one target token (the first is `bos_id`,
+    0) and returns the next token's logits, equal to the full call's. So
+    `decoding.generate(model, variables, inputs, max_len=..., eos_id=...)` works. Without a
+    cache: `encode`, then `decode` on the whole prefix.
     """
 
     config: TransformerConfig
     config_fields = ("num_layers", "num_decoder_layers", "target_vocab_size",  # read beyond
                      "share_embeddings", "tie_output_embedding")  # the shared ones
+    bos_id = PAD_ID  # the start token that shift_right puts first
 
     def setup(self):
         config = self.config
@@ -318,9 +379,7 @@ class EncoderDecoder(nn.Module):
                                                     "target_embedding")
         self.encoder = Encoder(config)
         self.decoder = Decoder(config, config.num_decoder_layers)
-        if not config.tie_output_embedding:
-            self.output_projection = nn.Dense(self.target_vocab_size, dtype=config.dtype,
-                                              param_dtype=config.param_dtype)
+        self.output_projection = output_projection(config, self.target_vocab_size)
 
     @property
     def target_vocab_size(self):
@@ -339,15 +398,28 @@ class EncoderDecoder(nn.Module):
         # Position 0 holds the start token, which is the pad id but is real.
         real = (decoder_inputs != PAD_ID).at[:, 0].set(True)
         x = self.decoder(x, real, encoded, inputs != PAD_ID, deterministic=not train)
-        if self.config.tie_output_embedding:
-            logits = self.target_embedding.attend(x)
-        else:
-            logits = self.output_projection(x)
-        return logits.astype(jnp.float32)
+        return output_logits(self.target_embedding, self.output_projection, x)
 
     def __call__(self, inputs, targets, *, train=False):
         encoded = self.encode(inputs, train=train)
         return self.decode(encoded, inputs, shift_right(targets), train=train)
+
+    def init_decode_state(self, inputs, max_decode_len=None):
+        """Encodes `inputs` `[batch, source_length]`; the cache holds `max_decode_len` target
+        positions (default config.max_len), start token included."""
+        max_decode_len = check_cache_length(self.config, max_decode_len)
+        encoded = self.encode(inputs)
+        return {"cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
+                "index": jnp.zeros((), jnp.int32), "source_mask": inputs != PAD_ID}
+
+    def decode_step(self, state, token):
+        """token int `[batch]` at target position state["index"] -> (logits
+        `[batch, target_vocab_size]` float32 for the next token, the new state)."""
+        x = embed_tokens(self.config, self.target_embedding, token[:, None])
+        x, cache = self.decoder.decode_step(x, state["cache"], state["index"],
+                                            state["source_mask"])
+        logits = output_logits(self.target_embedding, self.output_projection, x)[:, 0]
+        return logits, {**state, "cache": cache, "index": state["index"] + 1}
 
 
 MODELS = {
@@ -358,7 +430,7 @@ MODELS = {
 # The TransformerConfig fields every model reads. Each model lists the others it reads in
 # `config_fields`; build_model refuses the rest, so no config field is silently ignored.
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(LayerConfig)) + (
-    "vocab_size", "d_model", "max_len", "pattern", "pattern_options")
+    "vocab_size", "max_len", "pattern", "pattern_options")
 
 # "Attention Is All You Need", Table 3, base model: 6 + 6 layers, d_model 512, 8 heads,
 # d_ff 2048, dropout 0.1, sinusoidal positions, post-LN, one 37,000-token vocabulary shared by

@@ -3,11 +3,17 @@
 The module owns the parameters (W^Q, W^K, W^V, W^O) and nothing else: the attention itself is the
 pure function `transformer.attention.dot_product_attention`, so patterns and implementations
 (dense, block-sparse, ...) are chosen by argument, never re-implemented here.
+
+Besides the full call, two methods serve step-by-step decoding with a key/value cache:
+`decode_step` (self-attention: append this step's keys and values, attend over the cache) and
+`attend_cached` (cross-attention to keys and values computed once by `key_value`).
 """
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from transformer.attention import dot_product_attention
@@ -19,9 +25,9 @@ class MultiHeadAttention(nn.Module):
     and values from another), with heads in their own dimension.
 
     Attributes:
-      num_heads: number of heads h; `head_dim` defaults to features / h.
+      num_heads: number of heads h.
+      features: size of the output (d_model); head_dim defaults to features / h.
       head_dim: size of each head's queries, keys and values.
-      out_features: size of the output; defaults to the last dimension of `inputs_q`.
       dropout_rate: dropout on the attention weights (needs a "dropout" rng when not
         deterministic).
       positional: "rotary" rotates queries and keys, "alibi" adds per-head distance penalties;
@@ -37,8 +43,8 @@ class MultiHeadAttention(nn.Module):
     """
 
     num_heads: int
+    features: int
     head_dim: int | None = None
-    out_features: int | None = None
     dropout_rate: float = 0.0
     positional: str = "none"
     rotary_base: float = 10_000.0
@@ -50,50 +56,48 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
 
-    @nn.compact
+    def setup(self):
+        check_positional(self.positional)
+        if self.head_dim is None and self.features % self.num_heads:
+            raise ValueError(f"features {self.features} is not divisible by num_heads "
+                             f"{self.num_heads}; set head_dim explicitly.")
+
+        def projection(features, axis=-1):
+            return nn.DenseGeneral(features, axis=axis, use_bias=self.use_bias,
+                                   kernel_init=self.kernel_init, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+
+        heads = (self.num_heads, self.head_dim or self.features // self.num_heads)
+        # [batch, length, features] -> [batch, length, heads, head_dim]
+        self.query, self.key, self.value = projection(heads), projection(heads), projection(heads)
+        # W^O mixes the heads back into one vector per position.
+        self.out = projection(self.features, axis=(-2, -1))
+
     def __call__(self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic=True):
         """Attends from `inputs_q` to `inputs_kv` (to `inputs_q` itself when omitted).
 
         Args:
-          inputs_q: `[batch, q_len, features]`.
+          inputs_q: `[batch, q_len, q_features]`.
           inputs_kv: `[batch, kv_len, kv_features]`, or None for self-attention.
           key_padding_mask: boolean `[batch, kv_len]`, True at real (non-padding) keys. Passed on
             as `[batch, 1, 1, kv_len]` so sparse implementations never see a full mask.
           deterministic: no attention dropout when True.
 
         Returns:
-          `[batch, q_len, out_features]`.
+          `[batch, q_len, features]`.
         """
-        check_positional(self.positional)
-        if inputs_kv is None:
-            inputs_kv = inputs_q
-        features = inputs_q.shape[-1]
-        head_dim = self.head_dim or features // self.num_heads
-        if self.head_dim is None and features % self.num_heads:
-            raise ValueError(f"features {features} is not divisible by num_heads "
-                             f"{self.num_heads}; set head_dim explicitly.")
-
-        def project(name, x):  # [batch, length, features] -> [batch, length, heads, head_dim]
-            return nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.use_bias,
-                                   kernel_init=self.kernel_init, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name)(x)
-
-        query = project("query", inputs_q)
-        key = project("key", inputs_kv)
-        value = project("value", inputs_kv)
-
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        query, key, value = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
         if self.positional == "rotary":
             query = apply_rotary(query, base=self.rotary_base)
             key = apply_rotary(key, base=self.rotary_base)
         slopes = alibi_slopes(self.num_heads) if self.positional == "alibi" else None
-
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask[:, None, None, :].astype(bool)
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-
         result = dot_product_attention(
             query, key, value, mask=mask, alibi_slopes=slopes, pattern=self.pattern,
             implementation=self.implementation, dropout_rate=self.dropout_rate,
@@ -101,9 +105,55 @@ class MultiHeadAttention(nn.Module):
         if self.sow_weights:
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
+        return self.out(result)
 
-        # W^O mixes the heads back into one vector per position.
-        return nn.DenseGeneral(self.out_features or features, axis=(-2, -1),
-                               use_bias=self.use_bias, kernel_init=self.kernel_init,
-                               dtype=self.dtype, param_dtype=self.param_dtype,
-                               name="out")(result)
+    def key_value(self, inputs_kv):
+        """The projected keys and values `[batch, kv_len, heads, head_dim]` of `inputs_kv`, to
+        cache once for cross-attention (no positional encoding is applied to them)."""
+        return self.key(inputs_kv), self.value(inputs_kv)
+
+    def attend_cached(self, inputs_q, key, value, *, key_padding_mask=None):
+        """Cross-attention from `inputs_q` `[batch, q_len, q_features]` to cached keys and values
+        from `key_value`; key_padding_mask bool `[batch, kv_len]`. Returns
+        `[batch, q_len, features]`. Deterministic: decoding has no dropout."""
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        return self.out(dot_product_attention(self.query(inputs_q), key, value, mask=mask))
+
+    def decode_step(self, inputs_q, cache, index):
+        """Causal self-attention for the `q_len` new positions index..index+q_len-1, given the
+        keys and values of the earlier ones.
+
+        Args:
+          inputs_q: `[batch, q_len, q_features]` (q_len is 1 when decoding token by token).
+          cache: {"key", "value"}: `[batch, max_len, heads, head_dim]`, filled before `index`.
+          index: int32 scalar, the position of the first new input.
+
+        Returns:
+          `[batch, q_len, features]`, and the cache with the new keys and values written in.
+          Equal to the full causal call on the whole prefix at those positions. Uses dense
+          attention (one query row over the cache) and the pattern's rows at those positions.
+        """
+        q_len, max_len = inputs_q.shape[1], cache["key"].shape[1]
+        positions = index + jnp.arange(q_len)
+        query, key, value = self.query(inputs_q), self.key(inputs_q), self.value(inputs_q)
+        if self.positional == "rotary":
+            query = apply_rotary(query, positions, base=self.rotary_base)
+            key = apply_rotary(key, positions, base=self.rotary_base)
+        start = (0, index, 0, 0)
+        cache = {"key": jax.lax.dynamic_update_slice(cache["key"], key.astype(
+                     cache["key"].dtype), start),
+                 "value": jax.lax.dynamic_update_slice(cache["value"], value.astype(
+                     cache["value"].dtype), start)}
+        key_positions = jnp.arange(max_len)
+        allowed = key_positions[None, :] <= positions[:, None]  # [q_len, max_len]
+        if self.pattern is not None:
+            pattern_rows = np.asarray(self.pattern.mask(max_len, max_len))
+            allowed &= jax.lax.dynamic_slice_in_dim(jnp.asarray(pattern_rows), index, q_len)
+        bias = None
+        if self.positional == "alibi":
+            # ALiBi as an explicit bias: the rows are at positions index.., not at 0.., here.
+            distance = jnp.abs(positions[:, None] - key_positions[None, :])
+            bias = -jnp.asarray(alibi_slopes(self.num_heads))[None, :, None, None] * distance
+        result = dot_product_attention(query, cache["key"], cache["value"],
+                                       mask=allowed[None, None], bias=bias)
+        return self.out(result), cache

@@ -26,39 +26,48 @@ def check_positional(name):
                          f"{', '.join(POSITIONAL_ENCODINGS)}.")
 
 
-def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0):
+def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=None):
     """`[length, d_model]` float32: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
 
-    The paper's formula, with sines at even and cosines at odd feature indices. Computed in NumPy:
-    it is a constant, folded into the compiled program.
+    The paper's formula, with sines at even and cosines at odd feature indices, at positions
+    0..length-1 or at the `[length]` integer `positions` given (a decoding step's). Computed with
+    jnp rather than NumPy so that a 64K-token table is a few ops in the compiled program, not a
+    constant of hundreds of megabytes inside it.
     """
     if d_model % 2:
         raise ValueError(f"sinusoidal encoding needs an even d_model; got {d_model}.")
-    positions = np.arange(length, dtype=np.float64)[:, None]
-    inverse_timescales = max_timescale ** (-np.arange(0, d_model, 2, dtype=np.float64) / d_model)
-    angles = positions * inverse_timescales[None, :]  # [length, d_model / 2]
-    table = np.empty((length, d_model), dtype=np.float64)
-    table[:, 0::2] = np.sin(angles)
-    table[:, 1::2] = np.cos(angles)
-    return table.astype(np.float32)
+    if positions is None:
+        positions = jnp.arange(length)
+    inverse_timescales = max_timescale ** (-np.arange(0, d_model, 2) / d_model)
+    angles = (jnp.asarray(positions, jnp.float32)[:, None]
+              * jnp.asarray(inverse_timescales, jnp.float32)[None, :])
+    # Interleave: [sin, cos] pairs along a new last axis, flattened to sin, cos, sin, cos, ...
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, d_model)
 
 
 class SinusoidalPositionalEncoding(nn.Module):
-    """Adds the fixed sinusoidal table to `[batch, length, d_model]` inputs. No parameters."""
+    """Adds the fixed sinusoidal table to `[batch, length, d_model]` inputs. No parameters.
+
+    `positions` (`[length]` int, default 0..length-1) places the inputs elsewhere, as a decoding
+    step does.
+    """
 
     max_timescale: float = 10_000.0
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, positions=None):
         _, length, d_model = inputs.shape
-        table = sinusoidal_encoding(length, d_model, max_timescale=self.max_timescale)
-        return inputs + jnp.asarray(table, inputs.dtype)[None]
+        table = sinusoidal_encoding(length, d_model, max_timescale=self.max_timescale,
+                                    positions=positions)
+        return inputs + table.astype(inputs.dtype)[None]
 
 
 class LearnedPositionalEmbedding(nn.Module):
     """Adds a trained vector per position to `[batch, length, d_model]` inputs.
 
     Has `max_len` vectors and cannot say anything about later positions, so a longer input is an
-    error rather than a silent wrap-around or clip.
+    error rather than a silent wrap-around or clip. `positions` (`[length]` int, default
+    0..length-1) picks the vectors of a decoding step; those are not checked (they are traced),
+    and a position past max_len reads NaN.
     """
 
     max_len: int
@@ -66,16 +75,19 @@ class LearnedPositionalEmbedding(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs):
+    def __call__(self, inputs, positions=None):
         _, length, d_model = inputs.shape
-        if length > self.max_len:
+        if positions is None and length > self.max_len:
             raise ValueError(
                 f"input length {length} exceeds the learned positional embedding's max_len "
                 f"{self.max_len}; raise max_len (the model's `max_len` field) or use a "
                 "positional encoding without a maximum (sinusoidal, rotary, alibi).")
         table = self.param("embedding", nn.initializers.normal(self.stddev),
                            (self.max_len, d_model), self.param_dtype)
-        return inputs + table[None, :length].astype(inputs.dtype)
+        if positions is None:
+            return inputs + table[None, :length].astype(inputs.dtype)
+        vectors = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
+        return inputs + vectors[None].astype(inputs.dtype)
 
 
 # The encodings that are added to the embeddings, by name; the others add nothing there.
