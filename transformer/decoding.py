@@ -78,12 +78,13 @@ def sample(step_fn, state, start_tokens, rng, *, max_len, eos_id=None, pad_id=0,
            temperature=1.0, top_k=None):
     """Samples from softmax(logits / temperature), optionally only among the top k tokens.
 
-    temperature: > 0; small values approach greedy, 1 samples the model's distribution.
+    temperature: > 0 (a float, or an array so that one compiled function serves many);
+      small values approach greedy, 1 samples the model's distribution.
     top_k: None for the whole vocabulary, else an int in [1, vocab].
     The same `rng` gives the same tokens: step i draws with `jax.random.fold_in(rng, i)`.
     Returns `[batch, max_len]`.
     """
-    if not temperature > 0:
+    if isinstance(temperature, (int, float)) and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (use `greedy` for argmax); got {temperature}.")
 
     def choose(logits, step):

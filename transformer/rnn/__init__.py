@@ -9,4 +9,4 @@ from transformer.rnn.decoders import (
     attend,
 )
 from transformer.rnn.encoder import CELLS, EncoderMemory, RNNEncoder
-from transformer.rnn.seq2seq import RNNSeq2Seq, shift_right
+from transformer.rnn.seq2seq import RNNSeq2Seq, build_rnn_seq2seq, shift_right

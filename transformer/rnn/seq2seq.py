@@ -8,10 +8,12 @@ attention weights `[batch, tgt_len, src_len]` with `return_attention=True`. For 
 `init_decode_state` and `decode_step` follow `transformer.decoding`'s state/step protocol.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer.rnn.decoders import DECODERS
+from transformer.rnn.decoders import DECODERS, LUONG_SCORES
 from transformer.rnn.encoder import RNNEncoder, check_cell
 
 
@@ -40,10 +42,13 @@ class RNNSeq2Seq(nn.Module):
     attention_dim: int = 128
     dropout_rate: float = 0.0
     share_embeddings: bool = True
-    bos_id: int = 1
+    bos_id: int = 1  # transformer.data.tokenizers.BOS_ID
+
+    def __post_init__(self):
+        self._check_config()  # at construction, so a bad config fails at start-up
+        super().__post_init__()
 
     def setup(self):
-        self._check_config()
         self.source_embed = nn.Embed(self.vocab_size, self.embed_dim)
         self.target_embed = (self.source_embed if self.share_embeddings
                              else nn.Embed(self.vocab_size, self.embed_dim))
@@ -65,6 +70,11 @@ class RNNSeq2Seq(nn.Module):
         if self.attention not in DECODERS:
             raise ValueError(f"unknown attention {self.attention!r}; allowed: {sorted(DECODERS)}.")
         check_cell(self.cell)
+        if self.bidirectional and self.hidden_dim % 2:
+            raise ValueError(f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
+                             "between two directions; it must be even.")
+        if self.attention == "luong" and self.score not in (None, *LUONG_SCORES):
+            raise ValueError(f"unknown Luong score {self.score!r}; allowed: {sorted(LUONG_SCORES)}.")
         if self.attention != "luong" and (self.score, self.input_feeding) != (None, None):
             raise ValueError("score and input_feeding apply to attention='luong' only; got "
                              f"attention={self.attention!r}, score={self.score!r}, "
@@ -122,3 +132,17 @@ class RNNSeq2Seq(nn.Module):
         decoder_state, (features, _) = self.decoder(
             state["decoder"], self.target_embed(token), state["memory"], train=train)
         return self.logits(features, train=train), {**state, "decoder": decoder_state}
+
+
+def build_rnn_seq2seq(model_config):
+    """An `RNNSeq2Seq` from a dict or ConfigDict of its fields; unknown fields are an error."""
+    if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict
+        model_config = model_config.to_dict()
+    fields = dict(model_config)
+    allowed = [f.name for f in dataclasses.fields(RNNSeq2Seq) if f.name not in ("parent", "name")]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ValueError(f"RNNSeq2Seq has no field(s) {unknown}; allowed: {sorted(allowed)}.")
+    if "vocab_size" not in fields:
+        raise ValueError("RNNSeq2Seq needs vocab_size.")
+    return RNNSeq2Seq(**fields)
