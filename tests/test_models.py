@@ -133,11 +133,6 @@ def test_encoder_decoder_is_causal_in_targets_and_ignores_source_padding():
     padded_source = jnp.pad(source, ((0, 0), (0, 3)))
     np.testing.assert_allclose(apply(variables, padded_source, targets), logits,
                                rtol=1e-5, atol=1e-5)
-    # encode + decode, the generation path, is the same computation.
-    encode = jax.jit(lambda v, s: model.apply(v, s, method="encode"))
-    decode = jax.jit(lambda v, e, s, d: model.apply(v, e, s, d, method="decode"))
-    decoded = decode(variables, encode(variables, source), source, shift_right(targets))
-    np.testing.assert_allclose(decoded, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_decoder_with_separate_vocabularies():
@@ -188,6 +183,7 @@ def test_a_pattern_object_is_used_as_given_in_every_layer():
     assert layer_pattern(config, 0, causal=False) == layer_pattern(config, 5, causal=False)
     assert layer_pattern(config, 3, causal=False) == pattern
     assert layer_pattern(config, 3, causal=True) == pattern & patterns.causal()
+    assert layer_pattern(tiny_config(), 0, causal=True) == patterns.causal()
 
 
 def test_encoder_attends_only_where_its_pattern_allows():
@@ -293,3 +289,19 @@ def test_encoder_decoder_cached_decoding_equals_the_full_call():
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="max_decode_len 9 exceeds the learned positional"):
         model.apply(variables, source, 9, method="init_decode_state")
+
+
+@pytest.mark.parametrize("name, implementation, fields", [
+    ("encoder_classifier", "block_sparse",
+     dict(positional="alibi", pattern="bigbird",
+          pattern_options=dict(block_size=4, num_random_blocks=1, num_anchor_blocks=1))),
+    ("decoder_lm", "chunked", dict(positional="rotary")),  # full & causal() is plain causal()
+])
+def test_models_with_other_attention_implementations_match_dense(name, implementation, fields):
+    tokens = jnp.pad(random_tokens(0, 2, 70), ((0, 0), (0, 5)))
+    models = {impl: build_model(dict(name=name, **TINY, implementation=impl, **fields))
+              for impl in ("dense", implementation)}
+    variables = jax.jit(models["dense"].init)(jax.random.key(0), tokens)
+    dense, other = (jax.jit(models[impl].apply)(variables, tokens)
+                    for impl in ("dense", implementation))
+    np.testing.assert_allclose(other, dense, rtol=1e-4, atol=1e-4)

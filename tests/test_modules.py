@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from transformer import patterns
 from transformer.feedforward import FeedForward
 from transformer.layers import NORM_POSITIONS, DecoderLayer, EncoderLayer, LayerConfig
 from transformer.models import Encoder, TransformerConfig
@@ -149,32 +150,38 @@ def test_layer_config_rejects_unknown_norm_position():
         LayerConfig(norm_position="sandwich")
 
 
-def test_encoder_and_decoder_layers_run_under_jit_like_eagerly():
+def test_decoder_layer_without_encoder_is_an_encoder_layer_with_a_causal_pattern_under_jit():
     config = LayerConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.0, positional="rotary")
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    encoded = jax.random.normal(jax.random.key(1), (2, 3, 8))
     valid = jnp.array([[True] * 5, [True] * 3 + [False] * 2])
-    cases = [(EncoderLayer(config), (x, valid)), (DecoderLayer(config), (x, valid, encoded))]
-    for layer, args in cases:
-        variables = layer.init(jax.random.key(2), *args)
-        eager = layer.apply(variables, *args)
-        np.testing.assert_allclose(jax.jit(layer.apply)(variables, *args), eager,
-                                   rtol=1e-5, atol=1e-5)
-        assert eager.shape == x.shape and np.all(np.isfinite(eager))
-    decoder_params = DecoderLayer(config).init(jax.random.key(2), x)["params"]
-    assert "cross_attention" not in decoder_params  # a decoder-only layer has none
+    decoder_layer = DecoderLayer(config, pattern=patterns.causal())
+    variables = jax.jit(decoder_layer.init)(jax.random.key(1), x, valid)
+    assert "cross_attention" not in variables["params"]  # a decoder-only layer has none
+    encoder_layer = EncoderLayer(config, pattern=patterns.causal())
+    np.testing.assert_allclose(jax.jit(decoder_layer.apply)(variables, x, valid),
+                               jax.jit(encoder_layer.apply)(variables, x, valid),
+                               rtol=1e-6, atol=1e-6)
+    encoded = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    with_cross = jax.jit(decoder_layer.init)(jax.random.key(1), x, valid, encoded)
+    out = jax.jit(decoder_layer.apply)(with_cross, x, valid, encoded)
+    assert out.shape == x.shape and np.all(np.isfinite(out))
 
 
 def test_encoder_is_permutation_equivariant_only_without_positional_encoding():
     x = jax.random.normal(jax.random.key(0), (1, 6, 16))
     permutation = np.array([3, 0, 5, 1, 4, 2])
+
+    def encoder(positional):
+        return Encoder(TransformerConfig(d_model=16, num_heads=2, d_ff=32, num_layers=1,
+                                         positional=positional, max_len=6))
+
+    # Only "learned" has parameters of its own; the others share the layers' parameters.
+    variables = {positional: jax.jit(encoder(positional).init)(jax.random.key(1), x)
+                 for positional in ("none", "learned")}
     for positional in POSITIONAL_ENCODINGS:
-        config = TransformerConfig(d_model=16, num_heads=2, d_ff=32, num_layers=1,
-                                   positional=positional, max_len=6)
-        encoder = Encoder(config)
-        variables = jax.jit(encoder.init)(jax.random.key(1), x)
-        apply = jax.jit(encoder.apply)
-        permuted_outputs = apply(variables, x)[:, permutation]
-        outputs_of_permuted = apply(variables, x[:, permutation])
+        apply = jax.jit(encoder(positional).apply)
+        params = variables["learned" if positional == "learned" else "none"]
+        permuted_outputs = apply(params, x)[:, permutation]
+        outputs_of_permuted = apply(params, x[:, permutation])
         equivariant = np.allclose(outputs_of_permuted, permuted_outputs, rtol=1e-5, atol=1e-5)
         assert equivariant == (positional == "none"), positional

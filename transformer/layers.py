@@ -31,7 +31,8 @@ class LayerConfig:
       layer_norm_epsilon: LayerNorm's epsilon.
       positional: the model's positional encoding; "rotary" and "alibi" act in self-attention.
       rotary_base: RoPE's base.
-      implementation: the `dot_product_attention` implementation.
+      implementation: the `dot_product_attention` implementation ("auto" picks by backend,
+        pattern and length). Attention dropout and sown weights need "dense".
       sow_attention_weights: store attention weights in "intermediates" (dense only).
       dtype, param_dtype: compute and parameter dtypes.
     """
@@ -47,7 +48,7 @@ class LayerConfig:
     layer_norm_epsilon: float = 1e-6
     positional: str = "sinusoidal"
     rotary_base: float = 10_000.0
-    implementation: str = "dense"
+    implementation: str = "auto"
     sow_attention_weights: bool = False
     dtype: Any = "float32"
     param_dtype: Any = "float32"

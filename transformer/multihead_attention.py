@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from transformer import patterns
 from transformer.attention import dot_product_attention
+from transformer.attention.dot_product import choose_implementation
 from transformer.positional import alibi_slopes, apply_rotary, check_positional
 
 
@@ -35,7 +37,8 @@ class MultiHeadAttention(nn.Module):
       rotary_base: RoPE's base, 10,000 in the paper.
       pattern: a `transformer.patterns` pattern (which keys each query may see, for example
         `causal()`), or None for full attention.
-      implementation: passed to `dot_product_attention` ("dense" is the reference).
+      implementation: passed to `dot_product_attention`: "auto" picks by backend, pattern and
+        length; "dense" is the reference and the only one with attention dropout and weights.
       use_bias: biases in the four projections (the paper has them).
       sow_weights: store the attention weights `[batch, heads, q_len, kv_len]` in the
         "intermediates" collection under "attention_weights", for plots (dense only).
@@ -49,7 +52,7 @@ class MultiHeadAttention(nn.Module):
     positional: str = "none"
     rotary_base: float = 10_000.0
     pattern: Any = None
-    implementation: str = "dense"
+    implementation: str = "auto"
     use_bias: bool = True
     sow_weights: bool = False
     dtype: Any = jnp.float32
@@ -98,9 +101,15 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
+        implementation = self.implementation
+        if implementation == "auto" and (dropout_rng is not None or self.sow_weights):
+            # Only "dense" has attention dropout and weights: take it where "auto" would, and
+            # let dot_product_attention refuse clearly where it would not.
+            implementation = choose_implementation(self.pattern or patterns.full(),
+                                                   query.shape[1], key.shape[1])
         result = dot_product_attention(
             query, key, value, mask=mask, alibi_slopes=slopes, pattern=self.pattern,
-            implementation=self.implementation, dropout_rate=self.dropout_rate,
+            implementation=implementation, dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng, return_weights=self.sow_weights)
         if self.sow_weights:
             result, weights = result
