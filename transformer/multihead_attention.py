@@ -140,7 +140,9 @@ class MultiHeadAttention(nn.Module):
         Returns:
           `[batch, q_len, features]`, and the cache with the new keys and values written in.
           Equal to the full causal call on the whole prefix at those positions. Uses dense
-          attention (one query row over the cache) and the pattern's rows at those positions.
+          attention (one query row over the cache) and the rows of the pattern's
+          `[max_len, max_len]` mask; a random pattern draws its blocks for that key length, so
+          it matches a full call of length max_len.
         """
         q_len, max_len = inputs_q.shape[1], cache["key"].shape[1]
         positions = index + jnp.arange(q_len)
