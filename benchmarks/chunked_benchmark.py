@@ -39,6 +39,9 @@ _MEMORY_LENGTHS = flags.DEFINE_list("memory_lengths", ["4096", "8192", "16384"],
 _XLA_MAX_LENGTH = flags.DEFINE_integer(
     "xla_max_length", 8192, "Longest length for jax.nn.dot_product_attention, whose [L, L] "
     "arrays take 13.6 GB at 8192 tokens.")
+_IMPLEMENTATIONS = flags.DEFINE_list(
+    "implementations", ["chunked", "chunked_causal", "xla", "xla_causal"],
+    "Which to time; 'xla' ones only up to --xla_max_length.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each implementation per length.")
 _HEADS = flags.DEFINE_integer("heads", 8, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
@@ -160,6 +163,10 @@ def plot(rows, memory_rows, path):
 
 def main(argv):
     del argv
+    unknown = set(_IMPLEMENTATIONS.value) - set(IMPLEMENTATIONS)
+    if unknown:
+        raise app.UsageError(f"unknown --implementations {sorted(unknown)}; allowed: "
+                             f"{sorted(IMPLEMENTATIONS)}.")
     if _MEASURE_MEMORY.value:
         measure_memory_here(_MEASURE_MEMORY.value)
         return
@@ -172,9 +179,8 @@ def main(argv):
     if _LENGTHS.value:
         print(header)
     for length in map(int, _LENGTHS.value):
-        names = ["chunked", "chunked_causal"]
-        if length <= _XLA_MAX_LENGTH.value:
-            names += ["xla", "xla_causal"]
+        names = [name for name in _IMPLEMENTATIONS.value
+                 if not name.startswith("xla") or length <= _XLA_MAX_LENGTH.value]
         times = time_length(length, names)
         peak = 2 * MATMUL_SIZE ** 3 / times["matmul"]
         for name in names:

@@ -196,8 +196,7 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     if causal_mask:
         logits = jnp.where(key_pos <= query_pos, logits, -jnp.inf)
     if key_valid is not None:
-        valid = jax.lax.dynamic_slice_in_dim(key_valid, k_index * config.key_chunk,
-                                             config.key_chunk, axis=1)
+        valid = _chunk(key_valid, k_index, config.key_chunk, axis=1)
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
     return logits
 
@@ -216,8 +215,9 @@ def _varying_like(arrays, *inits):
     return tuple(marked)
 
 
-def _chunk(x, index, size):
-    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=2)
+def _chunk(x, index, size, axis=2):
+    """Chunk `index` of `size` positions along the length axis of x."""
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
 # --- Forward --------------------------------------------------------------------------------
@@ -308,27 +308,22 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             d_out_tile = _chunk(d_out, q_index, cq)
             logits = _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes,
                                   causal_mask)
-            lse_tile = jax.lax.dynamic_slice_in_dim(lse, q_index * cq, cq, axis=2)
-            probs = jnp.exp(logits - lse_tile[..., None])
-            d_v_t = d_v_t + jnp.einsum("bhdq,bhqk->bhdk",
-                                       jax.lax.dynamic_slice_in_dim(d_out_t, q_index * cq, cq, 3),
+            probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
+            d_v_t = d_v_t + jnp.einsum("bhdq,bhqk->bhdk", _chunk(d_out_t, q_index, cq, axis=3),
                                        probs.astype(v.dtype), preferred_element_type=jnp.float32)
             d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_tile, v_tile,
                                  preferred_element_type=jnp.float32)
-            row_dot_tile = jax.lax.dynamic_slice_in_dim(row_dot, q_index * cq, cq, axis=2)
-            d_logits = probs * (d_probs - row_dot_tile[..., None])
+            d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
             if slopes is not None:
                 query_pos = q_index * cq + config.offset + jnp.arange(cq)
                 key_pos = k_index * ck + jnp.arange(ck)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
             d_logits = d_logits.astype(q.dtype)
-            d_q_tile = jax.lax.dynamic_slice_in_dim(d_q, q_index * cq, cq, axis=2)
-            d_q_tile = d_q_tile + jnp.einsum("bhqk,bhkd->bhqd", d_logits, k_tile,
-                                             preferred_element_type=jnp.float32)
+            d_q_tile = _chunk(d_q, q_index, cq) + jnp.einsum(
+                "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32)
             d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)
-            d_k_t = d_k_t + jnp.einsum("bhdq,bhqk->bhdk",
-                                       jax.lax.dynamic_slice_in_dim(q_scaled_t, q_index * cq, cq, 3),
+            d_k_t = d_k_t + jnp.einsum("bhdq,bhqk->bhdk", _chunk(q_scaled_t, q_index, cq, axis=3),
                                        d_logits, preferred_element_type=jnp.float32)
             return d_q, d_k_t, d_v_t, d_slopes
 
@@ -344,7 +339,8 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             functools.partial(query_chunk_step, causal_mask=False), carry)
         return (d_q, d_slopes), (jnp.swapaxes(d_k_t, 2, 3), jnp.swapaxes(d_v_t, 2, 3))
 
-    init = _varying_like(inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads,), jnp.float32))
+    init = _varying_like(inputs, jnp.zeros(q.shape, jnp.float32),
+                         jnp.zeros((heads,), jnp.float32))
     (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(key_chunk_step, init,
                                                jnp.arange(config.num_k_chunks))
     d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
