@@ -39,7 +39,7 @@ def initial_state(batch):
 def random_table(seed, batch, max_len, vocab, scale=2.0):
     table = scale * np.random.default_rng(seed).normal(
         size=(batch, max_len, vocab ** max_len, vocab))
-    table[..., 0] = -20.0  # token 0 is padding: a model should not emit it
+    table[..., 0] = 5.0  # token 0 is padding: decoding never emits it, however likely
     return jnp.asarray(table, jnp.float32)
 
 
@@ -49,7 +49,8 @@ def score(table, row, tokens, alpha):
     vocab = table.shape[-1]
     logp, prefix = 0.0, 0
     for position, token in enumerate(tokens):
-        logits = table[position, prefix]
+        logits = table[position, prefix].copy()
+        logits[0] = -np.inf  # decoding never emits padding
         logp += logits[token] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
         prefix = prefix * vocab + token
     return logp / ((5.0 + len(tokens)) / 6.0) ** alpha
@@ -57,7 +58,7 @@ def score(table, row, tokens, alpha):
 
 def hypotheses(vocab, max_len):
     """Every sequence that ends at its first EOS, or reaches max_len without one."""
-    others = [t for t in range(vocab) if t != EOS]
+    others = [t for t in range(1, vocab) if t != EOS]  # 0, padding, is never emitted
     ended = [body + (EOS,) for length in range(max_len)
              for body in itertools.product(others, repeat=length)]
     return ended + list(itertools.product(others, repeat=max_len))
@@ -79,11 +80,12 @@ def test_greedy_equals_argmax_unrolled_by_hand():
     expected, finished = [], np.zeros(batch, bool)
     for _ in range(max_len):
         logits, state = step(state, token)
-        token = jnp.argmax(logits, -1)
+        token = jnp.argmax(logits.at[:, 0].set(-jnp.inf), -1)  # never padding
         expected.append(np.where(finished, 0, token))
         finished |= np.asarray(token) == EOS
     np.testing.assert_array_equal(tokens, np.stack(expected, 1))
     assert (np.asarray(tokens) == EOS).any(), "pick a table where some row stops early"
+    assert (np.asarray(table[:, 0, 0]).argmax(-1) == 0).any(), "padding must be tempting"
 
 
 def test_greedy_pads_after_eos_and_without_eos_runs_to_max_len():
@@ -157,12 +159,12 @@ def fixed_logits_step(logits):
 
 def test_top_k_never_samples_outside_the_top_k_and_follows_the_renormalised_distribution():
     max_len, batch, vocab, k = 3, 4000, 10, 3
-    logits = jax.random.normal(jax.random.key(3), (max_len, 1, vocab))
+    logits = jax.random.normal(jax.random.key(3), (max_len, 1, vocab)).at[..., 0].set(9.0)
     logits = jnp.broadcast_to(logits, (max_len, batch, vocab))
     tokens = decoding.sample(fixed_logits_step(logits), jnp.array(0), jnp.zeros(batch, jnp.int32),
                              jax.random.key(4), max_len=max_len, top_k=k)
     for step in range(max_len):
-        top = np.argsort(-np.asarray(logits[step, 0]))[:k]
+        top = 1 + np.argsort(-np.asarray(logits[step, 0, 1:]))[:k]  # padding is never drawn
         assert set(np.unique(tokens[:, step])) == set(top)  # every top-k token, nothing else
         probs = np.asarray(jax.nn.softmax(logits[step, 0, top]))
         freqs = np.array([(tokens[:, step] == t).mean() for t in top])
@@ -208,7 +210,7 @@ def test_decoder_only_prefill_then_decode_matches_stepping_through_the_prompt():
     expected = []
     for _ in range(max_len - 2):
         logits, state = step(state, token)
-        token = jnp.argmax(logits, -1)
+        token = jnp.argmax(logits.at[:, 0].set(-jnp.inf), -1)  # never padding
         expected.append(token)
     expected = np.stack(expected, 1)
     # Padding after EOS is the only difference from plain argmax.

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from transformer import decoding
-from transformer.alignment_plot import plot_alignment
+from transformer.alignment_plot import plot_alignment, translate_and_plot
 from transformer.rnn import RNNSeq2Seq, build_rnn_seq2seq
 
 VOCAB = 13
@@ -187,7 +187,7 @@ def test_generate_greedy_and_beam_of_one_agree_with_decode_step():
         token, tokens = jnp.full((3,), model.bos_id), []
         for _ in range(6):
             logits, state = model.apply(variables, state, token, method=model.decode_step)
-            token = jnp.argmax(logits, -1)
+            token = jnp.argmax(logits.at[:, 0].set(-jnp.inf), -1)  # padding is never emitted
             tokens.append(token)
         return jnp.stack(tokens, 1)
 
@@ -218,7 +218,7 @@ def test_return_attention_without_attention_is_an_error():
         model.apply(variables, SOURCE, TARGET, return_attention=True)
 
 
-def test_overfits_a_toy_reversal_task():
+def test_overfits_a_toy_reversal_task_and_plots_its_anti_diagonal_alignment(tmp_path):
     """A few hundred Adam steps on 'reverse the sequence' learn it, and the alignment is the
     anti-diagonal: target i looks at source n - 1 - i."""
     model = RNNSeq2Seq(vocab_size=VOCAB, embed_dim=16, hidden_dim=32, attention_dim=16,
@@ -243,13 +243,19 @@ def test_overfits_a_toy_reversal_task():
             updates, opt_state = optimizer.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), loss
         (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, 300)
-        _, weights = model.apply({"params": params}, inputs, targets, return_attention=True)
-        return losses, weights
+        return losses, params
 
-    losses, weights = train(jax.random.key(0))
+    losses, params = train(jax.random.key(0))
     assert losses[0] > 2.0 and losses[-1] < 0.05, (losses[0], losses[-1])
-    attended = np.asarray(weights)[:, :5, :5].argmax(-1)  # [example, target position]
-    assert (attended == np.arange(4, -1, -1)).mean() > 0.9
+    # A new sentence, translated by greedy decoding and pictured.
+    names = lambda ids: [f"<{i}>" if i < 3 else "abcdefghij"[i - 3] for i in ids]
+    translation, weights = translate_and_plot(
+        model, {"params": params}, [3, 9, 4, 12, 7, EOS, 0], tmp_path / "reverse.png",
+        max_len=8, eos_id=EOS, names=names)
+    np.testing.assert_array_equal(translation, [7, 12, 4, 9, 3, EOS])
+    assert weights.shape == (6, 7)
+    np.testing.assert_array_equal(weights[:5, :5].argmax(-1), [4, 3, 2, 1, 0])  # anti-diagonal
+    assert (tmp_path / "reverse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_alignment_plot_writes_a_png_of_the_expected_size(tmp_path):

@@ -2,13 +2,18 @@
 
     weights = model.apply(variables, inputs, targets, return_attention=True)[1]  # [b, tgt, src]
     plot_alignment(weights[0], source_tokens, target_tokens, "alignment.png")
+
+or, for a sentence the model translates itself, `translate_and_plot`.
 """
 
+import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from transformer import decoding  # noqa: E402
 
 
 def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, dpi=100):
@@ -40,3 +45,26 @@ def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, d
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
+
+
+def translate_and_plot(model, variables, source, path, *, max_len, eos_id, names,
+                       strategy="greedy", title=None, **options):
+    """Translates one sentence and saves the alignment of the translation to it as a PNG.
+
+    source: int `[src_len]`, padding allowed at the end. The model decodes it with
+    `decoding.generate` (strategy and options as there); the attention weights come from a
+    teacher-forced pass over the decoded tokens, which equals the step-by-step decoding.
+    names: maps a list of token ids to a list of strings (labels of the picture).
+    Returns the decoded ids (up to and including EOS) and their weights `[tgt_len, src_len]`.
+    """
+    source = jnp.asarray(source, jnp.int32)[None]
+    output = np.asarray(decoding.generate(model, variables, source, max_len=max_len,
+                                          eos_id=eos_id, strategy=strategy, **options)[0])
+    ends = np.flatnonzero(output == eos_id)
+    target = output[:ends[0] + 1] if ends.size else output
+    _, weights = model.apply(variables, source, jnp.asarray(target)[None], return_attention=True)
+    weights = np.asarray(weights[0])
+    real_source = [int(t) for t in np.asarray(source[0]) if t != 0]
+    plot_alignment(weights, names(real_source), names([int(t) for t in target]), path,
+                   title=title)
+    return target, weights

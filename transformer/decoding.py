@@ -12,7 +12,8 @@ key/value cache. Every function here is pure and built from `lax` loops, so the 
 with the model's parameters as traced arguments (see `generate`, and the README).
 
 Outputs are `[batch, max_len]` generated tokens, without the start token; a sequence that emits
-`eos_id` keeps it and is padded with `pad_id` after it. `eos_id=None` never stops early.
+`eos_id` keeps it and is padded with `pad_id` after it. `eos_id=None` never stops early. The
+padding id is never generated (its logit is masked), so padding in an output is unambiguous.
 """
 
 import functools
@@ -47,6 +48,7 @@ def _decode_loop(step_fn, state, start_tokens, choose, *, max_len, eos_id, pad_i
     def body(carry):
         step, state, token, out, finished = carry
         logits, state = step_fn(state, token)
+        logits = logits.astype(jnp.float32).at[:, pad_id].set(-jnp.inf)
         next_token = jnp.where(finished, pad_id, choose(logits, step)).astype(jnp.int32)
         out = out.at[:, step].set(next_token)
         if eos_id is not None:
@@ -88,7 +90,7 @@ def sample(step_fn, state, start_tokens, rng, *, max_len, eos_id=None, pad_id=0,
         raise ValueError(f"temperature must be > 0 (use `greedy` for argmax); got {temperature}.")
 
     def choose(logits, step):
-        logits = logits.astype(jnp.float32) / temperature
+        logits = logits / temperature
         if top_k is not None:
             logits = top_k_logits(logits, top_k)
         return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
@@ -164,7 +166,8 @@ def beam_search(step_fn, state, start_tokens, *, beam_size, max_len, eos_id, alp
         step, state, token, alive_seq, alive_logp, finished_seq, finished_score = carry
         logits, state = step_fn(state, token.reshape(batch * beam_size))
         vocab = logits.shape[-1]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beam_size, vocab)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32).at[:, pad_id].set(-jnp.inf))
+        logp = jnp.maximum(logp, NEG_INF).reshape(batch, beam_size, vocab)  # no -inf: no NaN
         candidates = (alive_logp[:, :, None] + logp).reshape(batch, beam_size * vocab)
         cand_logp, flat_index = jax.lax.top_k(candidates, beam_size)
         parent, cand_token = flat_index // vocab, flat_index % vocab
