@@ -441,7 +441,7 @@ EXAMPLES = {
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Draw each attention pattern as a PNG.")
     parser.add_argument("--out", default="docs/patterns", help="folder for the PNG files")
-    parser.add_argument("--length", type=int, default=64, help="query and key length")
+    parser.add_argument("--length", type=int, default=128, help="query and key length")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for name, pattern in EXAMPLES.items():

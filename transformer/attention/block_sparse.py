@@ -253,22 +253,26 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
     delta = (d_out * out).sum(-1)  # [batch, heads, num_q_blocks, block_q]
     init = _varying_like((q, k, v, key_bias, slopes, d_out),
                          (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+    # dK^T = Q^T dS and dV^T = dO^T P are plain matmuls when Q and dO are stored transposed,
+    # [.., dim, block]; XLA's CPU backend runs P^T dO (contracting the rows) far slower.
+    q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
 
     def step(carry, schedule):
         dq, dk, dv = carry
         q_block, kv_block, mask_id = schedule
         logits = _item_logits(plan, q, k, key_bias, slopes, q_block, kv_block, mask_id)
         probs = jnp.exp(logits - _take(lse, q_block)[..., None])
-        d_out_items = _take(d_out, q_block)
-        dv_items = jnp.einsum("bhiqk,bhiqd->bhikd", probs, d_out_items)
-        d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", d_out_items, _take_kv(v, kv_block))
+        dv_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
+        d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
         d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
         dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
-        dk_items = jnp.einsum("bhiqk,bhiqd->bhikd", d_logits, _take(q, q_block))
-        to_slots = lambda x: x.reshape(*x.shape[:3], *kv_block.shape[1:], plan.block_kv, -1)
+        dk_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
+        # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, block, dim]
+        to_slots = lambda x: jnp.swapaxes(x, -1, -2).reshape(
+            *x.shape[:3], *kv_block.shape[1:], plan.block_kv, x.shape[3])
         carry = (_put(dq, q_block, dq_items, add=True),
-                 _put(dk, kv_block, to_slots(dk_items), add=True),
-                 _put(dv, kv_block, to_slots(dv_items), add=True))
+                 _put(dk, kv_block, to_slots(dk_t), add=True),
+                 _put(dv, kv_block, to_slots(dv_t), add=True))
         return carry, None
 
     schedule = (jnp.asarray(plan.q_block), jnp.asarray(plan.kv_block), jnp.asarray(plan.mask_id))

@@ -1,0 +1,291 @@
+"""Forward+backward time and peak memory of every attention implementation against length.
+
+Batch 1, 8 heads, head dim 64, float32. For each length one fresh process compiles every
+(pattern, implementation) that applies and times them alternately (the median of `--repeats`
+runs), so they are compared under the same machine load; each (implementation, pattern, length) then
+gets its own fresh process for peak memory (max RSS), so runs do not pollute each other. The
+matmul peak is measured in the same run, and achieved FLOP/s are reported as a fraction of it.
+
+    python benchmarks/attention_benchmark.py --lengths 1024,2048,4096,8192,16384 \
+        --patterns full,causal,bigbird --out benchmarks/results
+
+Writes `<out>/attention_benchmark.csv`, `<out>/time.png` and `<out>/memory.png`, and prints a
+table. Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
+`flax.linen.MultiHeadDotProductAttention` with a dense mask (its projections included).
+"""
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HEADS, HEAD_DIM, BLOCK = 8, 64, 64
+IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "auto")
+DENSE_IMPLEMENTATIONS = ("dense", "jax.nn", "flax")  # materialise [heads, q_len, kv_len]
+
+
+def make_pattern(name):
+    from transformer import patterns
+    # BigBird as the issue's target: block 64, a window of 3 blocks, 2 anchor and 3 random blocks.
+    named = {"sliding_window": lambda: patterns.sliding_window(256),
+             "causal_window": lambda: patterns.sliding_window(256) & patterns.causal(),
+             "bigbird": lambda: patterns.bigbird(block_size=BLOCK, window_blocks=3,
+                                                 num_anchor_blocks=2, num_random_blocks=3),
+             "causal_bigbird": lambda: patterns.bigbird(block_size=BLOCK) & patterns.causal()}
+    return named[name]() if name in named else patterns.build(name)
+
+
+def applies(implementation, pattern_name, length, dense_max_length):
+    if implementation in DENSE_IMPLEMENTATIONS and length > dense_max_length:
+        return False
+    if implementation == "chunked":
+        return pattern_name in ("full", "causal")
+    return True
+
+
+def work(pattern, length):
+    """(allowed query-key pairs, fraction of 64x64 blocks that block-sparse computes)."""
+    import numpy as np
+    from transformer.attention import block_sparse
+    plan = block_sparse.make_plan(pattern, length, length, BLOCK, BLOCK)
+    pairs = int(plan.block_masks[plan.mask_id].sum(dtype=np.int64))
+    return pairs, plan.computed_blocks / (plan.num_q_blocks * plan.num_kv_blocks)
+
+
+def attention_function(implementation, pattern, length):
+    """fn(q, k, v) -> scalar loss whose gradient is the backward pass."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from transformer.attention import dot_product_attention
+
+    if implementation == "jax.nn":
+        mask = jnp.asarray(pattern.mask(length, length))[None, None]
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask).sum()
+    if implementation == "flax":
+        mask = jnp.asarray(pattern.mask(length, length))[None, None]
+        module = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=HEADS * HEAD_DIM)
+        x = jnp.zeros((1, length, HEADS * HEAD_DIM))
+        params = module.init(jax.random.key(0), x, x, mask=mask)
+        # Queries, keys and values enter as [batch, length, features] (before the projections).
+        flat = lambda t: t.reshape(1, length, HEADS * HEAD_DIM)
+        return lambda q, k, v: module.apply(params, flat(q), flat(k), mask=mask).sum()
+    return lambda q, k, v: dot_product_attention(q, k, v, pattern=pattern,
+                                                 implementation=implementation).sum()
+
+
+def compiled_step(implementation, pattern, length):
+    import jax
+    loss = attention_function(implementation, pattern, length)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def inputs(length):
+    import jax
+    keys = jax.random.split(jax.random.key(0), 3)
+    return [jax.random.normal(k, (1, length, HEADS, HEAD_DIM)) for k in keys]
+
+
+def worker_time(args):
+    """Times every (pattern, implementation) at one length, alternating; prints JSON."""
+    import jax
+    q, k, v = inputs(args.length)
+    steps = {}
+    for combination in args.implementations.split(","):
+        pattern_name, name = combination.split(":")
+        steps[combination] = compiled_step(name, make_pattern(pattern_name), args.length)
+        jax.block_until_ready(steps[combination](q, k, v))  # compile and warm up
+    times = {combination: [] for combination in steps}
+    for _ in range(args.repeats):
+        for combination, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(q, k, v))
+            times[combination].append(time.perf_counter() - start)
+    print(json.dumps({combination: statistics.median(t) for combination, t in times.items()}))
+
+
+def worker_memory(args):
+    """One forward+backward of one implementation; prints peak RSS in bytes (JSON)."""
+    import jax
+    q, k, v = inputs(args.length)
+    if args.implementations != "baseline":
+        step = compiled_step(args.implementations, make_pattern(args.pattern), args.length)
+        jax.block_until_ready(step(q, k, v))
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def worker_matmul(args):
+    """Best float32 matmul FLOP/s over a few 4096^2 products; prints JSON."""
+    import jax
+    n = 4096
+    a = jax.random.normal(jax.random.key(1), (n, n))
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(a))
+    best = min(_timed(lambda: jax.block_until_ready(matmul(a))) for _ in range(args.repeats + 2))
+    print(json.dumps({"flops": 2 * n ** 3 / best}))
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_worker(kind, timeout, **options):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout}s"
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["failed"])[-1][:200]
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
+
+
+def plot(rows, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for column, label, filename in (("seconds", "forward+backward time (s)", "time.png"),
+                                    ("peak_gb", "peak memory (GB, max RSS)", "memory.png")):
+        figure, axes = plt.subplots(figsize=(7, 5))
+        series = {}
+        for row in rows:
+            if row.get(column) not in (None, ""):
+                series.setdefault(f"{row['implementation']} / {row['pattern']}", []).append(
+                    (row["length"], row[column]))
+        for name, points in sorted(series.items()):
+            points.sort()
+            axes.plot(*zip(*points), marker="o", label=name)
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("sequence length (tokens)")
+        axes.set_ylabel(label)
+        axes.set_title(f"batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32")
+        axes.legend(fontsize=7)
+        axes.grid(True, which="both", alpha=0.3)
+        figure.savefig(os.path.join(out, filename), dpi=120, bbox_inches="tight")
+        plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--patterns", default="full,causal,bigbird")
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--dense-max-length", type=int, default=4096,
+                        help="longest length for the implementations that build the full "
+                             "score matrix (8192 needs about 14 GB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
+    parser.add_argument("--out", default="benchmarks/results")
+    # Internal: the subprocesses.
+    parser.add_argument("--worker", choices=("time", "memory", "matmul"), help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return {"time": worker_time, "memory": worker_memory, "matmul": worker_matmul}[
+            args.worker](args)
+
+    unknown = set(args.implementations.split(",")) - set(IMPLEMENTATIONS)
+    if unknown:
+        parser.error(f"unknown implementations {sorted(unknown)}; allowed: {list(IMPLEMENTATIONS)}")
+    os.makedirs(args.out, exist_ok=True)
+    matmul, error = run_worker("matmul", args.timeout, repeats=args.repeats)
+    if error:
+        sys.exit(f"matmul peak measurement failed: {error}")
+    peak = matmul["flops"]
+    print(f"float32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s")
+    baseline = None
+    if not args.no_memory:
+        result, _ = run_worker("memory", args.timeout, implementations="baseline", length=1024)
+        baseline = result and result["peak_rss"]
+        print(f"max RSS of a process that only imports JAX and makes inputs: "
+              f"{baseline / 1e9:.2f} GB")
+
+    rows = []
+    for length in map(int, args.lengths.split(",")):
+        combinations = [(p, n) for p in args.patterns.split(",")
+                        for n in args.implementations.split(",")
+                        if applies(n, p, length, args.dense_max_length)]
+        if not combinations:
+            continue
+        # One process per length times everything alternately: ratios under the same load.
+        times, error = run_worker("time", args.timeout, length=length, repeats=args.repeats,
+                                  implementations=",".join(f"{p}:{n}" for p, n in combinations))
+        for pattern_name, name in combinations:
+            pairs, block_fraction = work(make_pattern(pattern_name), length)
+            row = {"pattern": pattern_name, "length": length, "implementation": name,
+                   "block_fraction": round(block_fraction, 4), "seconds": None,
+                   "fraction_of_matmul_peak": None, "peak_gb": None, "error": error or ""}
+            if times:
+                row["seconds"] = times[f"{pattern_name}:{name}"]
+                # Forward: 2 matmuls over the allowed pairs; backward: 4 more.
+                flops = 6 * 2 * pairs * HEADS * HEAD_DIM
+                row["fraction_of_matmul_peak"] = round(flops / row["seconds"] / peak, 3)
+            if not args.no_memory:
+                memory, memory_error = run_worker("memory", args.timeout, pattern=pattern_name,
+                                                  length=length, implementations=name)
+                row["peak_gb"] = memory and round(memory["peak_rss"] / 1e9, 3)
+                row["error"] = row["error"] or memory_error or ""
+            rows.append(row)
+            print(_format(row), flush=True)
+
+    _add_speedups(rows)
+    path = os.path.join(args.out, "attention_benchmark.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.out)
+    print()
+    print(_table(rows))
+    print(f"\nwrote {path}, {args.out}/time.png, {args.out}/memory.png")
+
+
+def _add_speedups(rows):
+    """Speedup over chunked full attention at the same length, and its fraction of the ideal."""
+    chunked_full = {r["length"]: r["seconds"] for r in rows
+                    if r["implementation"] == "chunked" and r["pattern"] == "full" and r["seconds"]}
+    for row in rows:
+        row["speedup_vs_chunked_full"] = row["fraction_of_ideal_speedup"] = None
+        if row["seconds"] and row["length"] in chunked_full:
+            speedup = chunked_full[row["length"]] / row["seconds"]
+            row["speedup_vs_chunked_full"] = round(speedup, 2)
+            row["fraction_of_ideal_speedup"] = round(speedup * row["block_fraction"], 2)
+
+
+def _format(row):
+    seconds = "-" if row["seconds"] is None else f"{row['seconds']:.3f}s"
+    peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}GB"
+    return (f"{row['pattern']:>14} {row['length']:>6} {row['implementation']:>12} {seconds:>9} "
+            f"{peak:>8} {row['error']}")
+
+
+def _table(rows):
+    header = ("| pattern | length | implementation | fwd+bwd s | peak GB | % matmul peak | "
+              "blocks computed | speedup vs chunked full | of ideal |")
+    lines = [header, "|" + "---|" * 9]
+    show = lambda x, f="{}": "-" if x in (None, "") else f.format(x)
+    for r in rows:
+        lines.append(
+            f"| {r['pattern']} | {r['length']} | {r['implementation']} | "
+            f"{show(r['seconds'], '{:.3f}')} | {show(r['peak_gb'], '{:.2f}')} | "
+            f"{show(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '{:.0f}')} | "
+            f"{show(r['block_fraction'], '{:.3f}')} | {show(r['speedup_vs_chunked_full'])} | "
+            f"{show(r['fraction_of_ideal_speedup'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
