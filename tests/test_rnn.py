@@ -157,6 +157,11 @@ def test_bidirectional_encoder_reads_forward_and_backward():
         np.testing.assert_allclose(final_h[row, :half], memory.states[row, length - 1, :half])
         np.testing.assert_allclose(final_h[row, half:], memory.states[row, 0, half:])
     np.testing.assert_array_equal(np.asarray(memory.states)[np.asarray(SOURCE == 0)], 0.0)
+    # A source of padding only: zero states, and the zero carry to start the decoder from.
+    empty = encode(SOURCE.at[2].set(0))
+    np.testing.assert_array_equal(empty.states[2], 0.0)
+    for leaf in jax.tree.leaves(empty.final):
+        np.testing.assert_array_equal(leaf[2], 0.0)
 
 
 def test_dropout_follows_the_rng_and_is_off_at_evaluation():

@@ -79,7 +79,8 @@ class RNNEncoder(nn.Module):
             else:
                 rnn = nn.RNN(CELLS[self.cell](self.hidden_dim, name=f"forward_{layer}"))
                 final, x = rnn(x, seq_lengths=lengths, return_carry=True)
-            # The RNN also stepped over the padding; those outputs mean nothing.
+            # The RNN also stepped over the padding; those outputs mean nothing. A source with
+            # no real token has no final state either: give it the zero initial carry.
             x = jnp.where(mask[..., None], x, 0.0)
-            finals.append(final)
+            finals.append(jax.tree.map(lambda f: jnp.where(lengths[:, None] > 0, f, 0.0), final))
         return EncoderMemory(states=x, mask=mask, final=tuple(finals))
