@@ -2,8 +2,11 @@
 
 Batch 1, 8 heads, head dim 64, float32 by default. Times are medians of runs that alternate
 between the implementations (and a large float32 matmul that measures the machine's peak in the
-same run), so that drifting load on a shared machine hits all of them alike. Peak memory is the
-maximum resident set size of a fresh subprocess that compiles and runs one forward+backward pass.
+same run), so that drifting load on a shared machine hits all of them alike. On a loaded
+machine wall time mostly measures the other processes; the CPU seconds of this process (all its
+threads) and GFLOP per CPU-second, against the matmul's, are the steadier measure of
+efficiency. Peak memory is the maximum resident set size of a fresh subprocess that compiles
+and runs one forward+backward pass.
 
 FLOPs are counted per query-key pair that the implementation must compute: 4 * d per pair for the
 forward (q.k and p.v, 2 FLOPs per multiply-add), and twice that for the backward (dP = dO V^T,
@@ -86,13 +89,14 @@ def forward_backward(name):
 
 
 def seconds(fn, *args):
-    start = time.perf_counter()
+    """(wall, CPU) seconds of one call; CPU time counts every thread of this process."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def time_length(length, names):
-    """Median seconds of each implementation and of the reference matmul, runs alternating."""
+    """Median (wall, CPU) seconds of each implementation and of the matmul, runs alternating."""
     args = inputs(length)
     fns = {name: forward_backward(name) for name in names}
     matrix = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_SIZE, MATMUL_SIZE)),
@@ -105,7 +109,7 @@ def time_length(length, names):
     for _ in range(_REPEATS.value):
         for name, fn in fns.items():
             times[name].append(seconds(fn, *(matmul_args if name == "matmul" else args)))
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
 
 
 def peak_memory(name, length):
@@ -175,26 +179,33 @@ def main(argv):
           f"load average {os.getloadavg()[0]:.1f}; chunk_size={chunk_size()}")
     rows = []
     header = (f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
-              f"{'of peak':>8s} {'vs xla':>7s}")
+              f"{'of peak':>8s} {'vs xla':>7s} {'CPU s':>8s} {'GFLOP/CPU-s':>12s} "
+              f"{'of matmul':>10s}")
     if _LENGTHS.value:
         print(header)
     for length in map(int, _LENGTHS.value):
         names = [name for name in _IMPLEMENTATIONS.value
                  if not name.startswith("xla") or length <= _XLA_MAX_LENGTH.value]
         times = time_length(length, names)
-        peak = 2 * MATMUL_SIZE ** 3 / times["matmul"]
+        matmul_flops = 2 * MATMUL_SIZE ** 3
+        peak, peak_per_cpu = (matmul_flops / t for t in times["matmul"])
         for name in names:
             flops = attention_flops(name, length)
+            wall, cpu = times[name]
             xla_name = "xla_causal" if name.endswith("causal") else "xla"
-            speedup = times[xla_name] / times[name] if xla_name in times else float("nan")
-            row = dict(implementation=name, length=length, seconds=times[name],
-                       gflops=flops / times[name] / 1e9, matmul_peak_gflops=peak / 1e9,
-                       fraction_of_peak=flops / times[name] / peak, speedup_vs_xla=speedup)
+            speedup = times[xla_name][0] / wall if xla_name in times else float("nan")
+            row = dict(implementation=name, length=length, seconds=wall,
+                       gflops=flops / wall / 1e9, matmul_peak_gflops=peak / 1e9,
+                       fraction_of_peak=flops / wall / peak, speedup_vs_xla=speedup,
+                       cpu_seconds=cpu, gflops_per_cpu_second=flops / cpu / 1e9,
+                       fraction_of_matmul_per_cpu_second=flops / cpu / peak_per_cpu)
             rows.append(row)
-            print(f"{name:16s} {length:7d} {row['seconds']:9.3f} {row['gflops']:8.1f} "
-                  f"{row['fraction_of_peak']:8.1%} {speedup:7.2f}", flush=True)
-        print(f"{'matmul peak':16s} {length:7d} {times['matmul']:9.3f} {peak / 1e9:8.1f}",
-              flush=True)
+            print(f"{name:16s} {length:7d} {wall:9.3f} {row['gflops']:8.1f} "
+                  f"{row['fraction_of_peak']:8.1%} {speedup:7.2f} {cpu:8.2f} "
+                  f"{row['gflops_per_cpu_second']:12.1f} "
+                  f"{row['fraction_of_matmul_per_cpu_second']:10.1%}", flush=True)
+        print(f"{'matmul peak':16s} {length:7d} {times['matmul'][0]:9.3f} {peak / 1e9:8.1f} "
+              f"{'':8s} {'':7s} {times['matmul'][1]:8.2f} {peak_per_cpu / 1e9:12.1f}", flush=True)
 
     memory_rows = []
     for length in map(int, _MEMORY_LENGTHS.value):
