@@ -53,7 +53,8 @@ def toy_examples(task, index):
     return {"inputs": inputs, "targets": np.append(inputs[1:], 0).astype(np.int32)}
 
 
-def toy_iterator(data_config, split, *, global_batch_size, seed, process_index, process_count):
+def toy_iterator(data_config, split, *, global_batch_size, seed, process_index, process_count,
+                 **unused):
     """The toy data set as the real pipeline yields it: this host's rows, checkpointable."""
     offset = {"train": 0, "validation": 1_000_000}[split]
     dataset = grain.MapDataset.range(offset, offset + data_config.size)
@@ -81,6 +82,7 @@ def toy_model(model_config):
 def use_toy_setup(monkeypatch):
     """Makes `train_and_evaluate` build the toy model and read the toy data."""
     monkeypatch.setattr(train, "build_model", toy_model)
+    monkeypatch.setattr(train, "with_data_fields", lambda config: config.model)
     monkeypatch.setattr(train, "make_iterator", lambda data_config, split, **kw: toy_iterator(
         data_config, split, process_index=jax.process_index(),
         process_count=jax.process_count(), **kw))

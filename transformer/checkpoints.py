@@ -22,8 +22,8 @@ import grain
 
 # Fields of the config that a checkpoint depends on. Anything else (number of steps, how often to
 # evaluate or log, parallel mode, ...) may change between a run and its restart.
-COMPATIBILITY_FIELDS = ("task", "model", "data", "seed", "global_batch_size", "optimizer",
-                        "label_smoothing")
+COMPATIBILITY_FIELDS = ("task", "model", "data", "train_mixture", "seed", "global_batch_size",
+                        "optimizer", "label_smoothing")
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -22,6 +22,10 @@ def base_config():
     # "eval_<name>". Empty: evaluate `data` on `eval_split`, logged as "eval".
     config.eval_data = ml_collections.ConfigDict()
     config.eval_split = "validation"
+    # Training on a mixture: {name: fields replacing those of `data`}, in equal shares (every
+    # batch from one member). Empty: train on `data`.
+    config.train_mixture = ml_collections.ConfigDict()
+    config.data_dir = ""                  # where TFDS data is prepared; "" = TFDS's default
     config.seed = 0
     config.global_batch_size = 32         # over all devices of all hosts
     config.num_train_steps = 1000
@@ -95,7 +99,7 @@ def _check_known_fields(config, defaults, prefix):
         if key not in defaults:
             raise ValueError(f"unknown config field '{prefix}{key}'; allowed: "
                              f"{sorted(defaults.keys())}.")
-        if key in ("model", "data", "eval_data", "sweep") and not prefix:
+        if key in ("model", "data", "eval_data", "train_mixture", "sweep") and not prefix:
             continue
         if isinstance(defaults[key], ml_collections.ConfigDict):
             _check_known_fields(config[key], defaults[key], f"{prefix}{key}.")

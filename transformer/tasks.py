@@ -5,7 +5,7 @@ counts, so that the training loop can add them up across devices and batches bef
 the mean over the global batch is then exactly the mean one device would compute.
 
 Batches (NumPy or jax arrays; id 0 is padding):
-  classification  {"inputs": [batch, length], "targets": [batch]}
+  classification  {"inputs": [batch, length], "targets": [batch]}; target -1 marks padding rows
   language_modelling {"inputs": [batch, length], "targets": [batch, length]}
   seq2seq         {"inputs": [batch, src_length], "targets": [batch, tgt_length]}
 Any batch may carry "weights", `[batch]` or shaped like "targets", to leave rows or positions
@@ -47,10 +47,11 @@ def _inputs_and_targets(batch):
 
 
 def _example_weights(batch):
-    """[batch]: 1 per example unless the batch says otherwise."""
+    """[batch]: 1 per example; 0 for padding rows (target -1) or where "weights" says so."""
+    weights = (batch["targets"] >= 0).astype(jnp.float32)
     if "weights" in batch:
-        return batch["weights"].astype(jnp.float32)
-    return jnp.ones(batch["targets"].shape, jnp.float32)
+        weights = weights * batch["weights"].astype(jnp.float32)
+    return weights
 
 
 def _token_weights(batch):
@@ -81,6 +82,7 @@ def loss_sum(logits, targets, weights, label_smoothing=0.0):
     logits `[..., classes]`, targets and weights `[...]`. Computed in float32 whatever the logits.
     """
     logits = logits.astype(jnp.float32)
+    targets = jnp.maximum(targets, 0)  # padding rows (-1) have weight 0 but need a valid index
     if label_smoothing > 0:
         soft = smooth_labels(targets, logits.shape[-1], label_smoothing)
         per_target = -jnp.sum(soft * jax.nn.log_softmax(logits), axis=-1)

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -107,11 +108,71 @@ def build_model(model_config):
     return build(model_config)
 
 
-def make_iterator(data_config, split, *, global_batch_size, seed):
-    """This host's iterator over `split`: batches of `global_batch_size / process_count` rows."""
-    from transformer.data import make_iterator as make
+def make_dataset(data_config, split, *, global_batch_size, seed, num_epochs, data_dir):
+    """This host's grain dataset of `split`: batches of `global_batch_size / process_count` rows.
+
+    num_epochs None repeats forever (training); 1 reads the split once, its last batch filled
+    with padding rows that carry no weight (evaluation).
+    """
+    from transformer.data import make_dataset as make
     return make(data_config, split, global_batch_size=global_batch_size, seed=seed,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                num_epochs=num_epochs, data_dir=data_dir or None)
+
+
+def make_iterator(data_config, split, **kwargs):
+    """A checkpointable iterator over `make_dataset(data_config, split, **kwargs)`."""
+    return iter(make_dataset(data_config, split, **kwargs))
+
+
+def with_overrides(data_config, overrides):
+    """A copy of `data_config` with the (nested) fields of `overrides` replaced."""
+    flat = {}
+
+    def flatten(prefix, value):
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            for key, inner in value.items():
+                flatten(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = value
+    flatten("", overrides)
+    merged = data_config.copy_and_resolve_references()
+    merged.update_from_flattened_dict(flat)
+    return merged
+
+
+def training_data(config):
+    """The training iterator: `config.data`, or the mixture `config.train_mixture` of variants of
+    it in equal shares (each batch comes from one member)."""
+    kwargs = dict(global_batch_size=config.global_batch_size, seed=config.seed, num_epochs=None,
+                  data_dir=config.data_dir)
+    if not config.train_mixture:
+        return make_iterator(config.data, "train", **kwargs)
+    members = {name: make_dataset(with_overrides(config.data, overrides), "train", **kwargs)
+               for name, overrides in config.train_mixture.items()}
+    return iter(grain.IterDataset.mix(members))
+
+
+def with_data_fields(config):
+    """`config.model` plus what the data decides, where the experiment left it out:
+    vocab_size, num_classes (classifiers) and max_len (from the data's input length).
+
+    Also checks that the data set's task is `config.task`.
+    """
+    from transformer.data import data_info
+    info = data_info(config.data)
+    if info.task != config.task:
+        raise ValueError(f"config.task={config.task!r} but data set {config.data.name!r} is a "
+                         f"{info.task!r} data set; set config.task={info.task!r}.")
+    model_config = config.model.copy_and_resolve_references()
+    derived = {"vocab_size": info.vocab_size, "max_len": info.max_length}
+    if info.num_classes is not None:
+        derived["num_classes"] = info.num_classes
+    with model_config.unlocked():
+        for field, value in derived.items():
+            if field not in model_config:
+                model_config[field] = value
+    return model_config
 
 
 def _peek(iterator):
@@ -159,35 +220,23 @@ def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoo
     return Programs(model, make_init(model, task, optimizer), train_step, eval_step)
 
 
-def programs(config, mesh):
+def programs(config, model_config, mesh):
     """The model and the jitted init, train and eval steps for `config`, built once per setup:
     a sweep over seeds compiles them once."""
     # Only the cosine schedule depends on the run's length; the others compile once for all.
     schedule_steps = config.num_train_steps if config.optimizer.schedule == "cosine" else 0
-    return _programs(config.model.to_json(sort_keys=True), config.task,
+    return _programs(model_config.to_json(sort_keys=True), config.task,
                      config.optimizer.to_json(sort_keys=True), schedule_steps,
                      config.label_smoothing, config.parallel, mesh)
 
 
-def _pad_batch(batch, rows):
-    """Pads a short last batch to `rows` rows; the added rows get weight 0."""
-    have = len(batch["inputs"])
-    if have == rows:
-        return batch
-    pad = lambda x: np.concatenate([x, np.zeros((rows - have,) + x.shape[1:], x.dtype)])
-    padded = {key: pad(np.asarray(value)) for key, value in batch.items()}
-    weights = np.asarray(batch.get("weights", np.ones(np.shape(batch["targets"]), np.float32)))
-    padded["weights"] = pad(weights.astype(np.float32))
-    return padded
-
-
-def evaluate(eval_step, params, iterator, num_batches, local_rows, mesh, mode):
-    """Means of the metrics over `num_batches` batches (all of them when 0)."""
+def evaluate(eval_step, params, iterator, num_batches, mesh, mode):
+    """Means of the metrics over `num_batches` batches (the whole split when 0)."""
     sums = None
     for index, batch in enumerate(iterator):
         if num_batches and index >= num_batches:
             break
-        batch = parallel.global_batch(_pad_batch(batch, local_rows), mesh, mode)
+        batch = parallel.global_batch(batch, mesh, mode)
         metrics = eval_step(params, batch)
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     if sums is None:
@@ -201,10 +250,7 @@ def eval_sets(config):
         return {"eval": (config.data, config.eval_split)}
     sets = {}
     for name, overrides in config.eval_data.items():
-        data_config = config.data.copy_and_resolve_references()
-        with data_config.unlocked():
-            data_config.update(overrides)
-        sets[f"eval_{name}"] = (data_config, config.eval_split)
+        sets[f"eval_{name}"] = (with_overrides(config.data, overrides), config.eval_split)
     return sets
 
 
@@ -283,13 +329,13 @@ def train_and_evaluate(config, workdir):
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh()
     mode = config.parallel
-    local_rows = parallel.local_batch_size(config.global_batch_size)
+    parallel.local_batch_size(config.global_batch_size)  # fails early if it does not divide
     check_compatible_config(config, workdir)
 
-    compiled = programs(config, mesh)
+    model_config = with_data_fields(config)
+    compiled = programs(config, model_config, mesh)
     schedule = learning_rate_schedule(config.optimizer, config.num_train_steps)
-    train_iter = make_iterator(config.data, "train", global_batch_size=config.global_batch_size,
-                               seed=config.seed)
+    train_iter = training_data(config)
     host_state = compiled.init(config.seed, _peek(train_iter))
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
     logging.info("model %s: %s parameters; %d devices on %d hosts, %s", config.model.name,
@@ -309,9 +355,9 @@ def train_and_evaluate(config, workdir):
         results = {}
         for split, (data_config, data_split) in eval_sets(config).items():
             iterator = make_iterator(data_config, data_split,
-                                     global_batch_size=config.global_batch_size, seed=config.seed)
-            metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, local_rows,
-                               mesh, mode)
+                                     global_batch_size=config.global_batch_size, seed=config.seed,
+                                     num_epochs=1, data_dir=config.data_dir)
+            metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
             writer.write(step, split, metrics)
             results.update({f"{split}/{name}": value for name, value in metrics.items()})
         logging.info("eval at step %d: %s", step, _format(results))
@@ -358,7 +404,10 @@ def train_and_evaluate(config, workdir):
                     last_eval = run_evals(step)
                     best = _update_best(best, last_eval, step, config)
                 if do_save or stopping:
-                    checkpointer.save(step, state, train_iter, metrics=last_eval if do_eval else None)
+                    # A host copy: orbax then writes plain NumPy (process 0, as the state is
+                    # replicated) instead of compiling device-to-host transfers for each array.
+                    checkpointer.save(step, parallel.fetch(state), train_iter,
+                                      metrics=last_eval if do_eval else None)
                 speed.reset()  # evaluation and saving are not training time
                 if stopping:
                     status = "stopped"

@@ -1,0 +1,126 @@
+"""launch.py and sweeps, on the experiments' `smoke` presets with their real data and models."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from transformer import config_checks, sweep, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
+                     if f.endswith(".py") and not f.startswith("_"))
+
+
+def load_experiment(file_name):
+    path = os.path.join(ROOT, "experiments", file_name)
+    spec = importlib.util.spec_from_file_location(file_name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.mark.parametrize("file_name", EXPERIMENTS)
+def test_every_experiment_has_valid_smoke_and_sweep_configs(file_name):
+    get_config = load_experiment(file_name).get_config
+    smoke = get_config("smoke")
+    config_checks.validate(smoke)
+    assert smoke.num_train_steps <= 50, "smoke must train a handful of steps"
+    for variant in smoke.sweep.variants:
+        config_checks.validate(get_config(f"smoke,{variant}"))
+
+
+def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"),
+         "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
+         f"--workdir={workdir}", "--config.num_train_steps=6", f"--config.data_dir={data_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["device_count"] == 2
+    assert summary["config"]["model"]["pattern"] == "sliding_window"
+    assert "eval_d2/accuracy=" in completed.stdout
+    assert "step 6/6" in completed.stderr  # the plain log line when not on a terminal
+
+
+def _parse_flags(argv):
+    """Parses launch.py's --config flag from `argv` in a private flag registry."""
+    argv = ["launch.py"] + argv
+    registry = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=registry, lock_config=True,
+                                    sys_argv=argv)
+    registry(argv)
+    return registry.config
+
+
+def test_an_unknown_override_names_the_field():
+    with pytest.raises(Exception, match=r"num_trian_steps.*(does not exist|not found|Did you)"):
+        _parse_flags(["--config=experiments/pattern_reach.py:smoke",
+                      "--config.num_trian_steps=3"])
+
+
+def test_an_invalid_override_names_the_field_and_the_allowed_values():
+    config = _parse_flags(["--config=experiments/pattern_reach.py:smoke",
+                           "--config.optimizer.schedule=linear"])
+    with pytest.raises(ValueError, match=r"config.optimizer.schedule='linear' is invalid; "
+                                         r"allowed: one of \['constant', 'cosine', "
+                                         r"'inverse_sqrt'\]"):
+        config_checks.validate(config)
+
+
+def test_an_unknown_variant_names_the_allowed_ones():
+    get_config = load_experiment("pattern_reach.py").get_config
+    with pytest.raises(ValueError, match=r"unknown pattern_reach variant 'window-2layers'.*"
+                                         r"'sliding_window'"):
+        get_config("smoke,window-2layers")
+    with pytest.raises(ValueError, match=r"unknown preset 'gpu'; allowed: \['cpu', 'full', "
+                                         r"'smoke'\]"):
+        get_config("gpu")
+
+
+def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
+        tmp_path, data_dir, monkeypatch):
+    experiment = load_experiment("pattern_reach.py").get_config
+
+    def get_config(arg):  # one variant, two seeds: enough to check the bookkeeping
+        config = experiment(arg)
+        config.sweep.variants = ("sliding_window-2layers",)
+        config.sweep.seeds = (0, 1)
+        return config
+
+    plan = get_config("smoke").sweep
+    metric = plan.metrics[0]
+    overrides = {"data_dir": data_dir}
+    records = sweep.run_sweep(get_config, "smoke", str(tmp_path), overrides)
+    assert [(r["variant"], r["seed"]) for r in records] == [("sliding_window-2layers", 0),
+                                                             ("sliding_window-2layers", 1)]
+    values = [r["results"][metric] for r in records]
+    table = (tmp_path / "results.md").read_text()
+    mean, std = sweep.aggregate(records, [metric])[0][metric]
+    assert mean == pytest.approx(sum(values) / 2)
+    assert f"| sliding_window-2layers | 2 | {mean:.3f} ± {std:.3f} |" in table
+    with open(tmp_path / "runs.csv") as f:
+        assert [float(r[metric]) for r in csv.DictReader(f)] == pytest.approx(values, rel=1e-5)
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert (tmp_path / "results.csv").exists()
+
+    # A second sweep only reads the summaries; a lost results file is written again.
+    os.remove(tmp_path / "results.md")
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    again = sweep.run_sweep(get_config, "smoke", str(tmp_path), overrides)
+    assert [r["results"] for r in again] == [r["results"] for r in records]
+    assert (tmp_path / "results.md").read_text() == table

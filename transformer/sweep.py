@@ -1,0 +1,188 @@
+"""Runs every variant of an experiment over several seeds, and writes the results.
+
+    python launch.py --config=experiments/pattern_reach.py:cpu --sweep --workdir=DIR
+
+`config.sweep` of the experiment says what to run and what to report:
+  variants   names that `get_config("<preset>,<variant>")` accepts
+  seeds      each variant is trained once per seed
+  metrics    result keys ("eval/accuracy", ...) for the table: mean and spread over seeds
+  plot       (optional) points ((x, result key), ...), series and panel (config fields of the
+             runs, e.g. "model.pattern", "model.num_layers"), x_label, y_label: see `plot`.
+
+Each run trains in `DIR/runs/<variant>/seed_<seed>/`. A run whose summary.json exists is not
+redone, and results.md, results.csv, runs.csv and plot.png are rewritten after every run, so a
+crash loses at most the run in progress (which itself resumes from its last checkpoint).
+"""
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from transformer import train
+
+
+def run_sweep(get_config, preset, workdir, overrides=None):
+    """Trains every (variant, seed) of `get_config(preset).sweep` into `workdir`.
+
+    Args:
+      get_config: the experiment's `get_config(arg)`; arg is "<preset>,<variant>".
+      preset: the preset (e.g. "cpu", "smoke") the variants build on.
+      workdir: where the runs and the results go.
+      overrides: {dotted field: value} applied to every run's config (command-line overrides).
+
+    Returns the list of per-run records (variant, seed, config, results); stops early, returning
+    None, when a run was stopped by SIGTERM (run the same command again to resume).
+    """
+    plan = get_config(preset).sweep
+    records = []
+    for variant in plan.variants:
+        for seed in plan.seeds:
+            config = get_config(f"{preset},{variant}")
+            config.update_from_flattened_dict(dict(overrides or {}))
+            config.seed = seed
+            run_dir = os.path.join(workdir, "runs", variant, f"seed_{seed}")
+            summary = _finished_summary(run_dir)
+            if summary is None:
+                logging.info("sweep: training %s, seed %d", variant, seed)
+                summary = train.train_and_evaluate(config, run_dir).summary
+                if summary["status"] != "completed":
+                    logging.warning("sweep stopped during %s seed %d; run again to resume.",
+                                    variant, seed)
+                    return None
+            else:
+                logging.info("sweep: %s seed %d is done already", variant, seed)
+            records.append({"variant": variant, "seed": seed, "config": summary["config"],
+                            "results": summary["final"],
+                            "tokens_per_second": summary["tokens_per_second"]})
+            write_results(records, plan, workdir)
+    return records
+
+
+def _finished_summary(run_dir):
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    return summary if summary.get("status") == "completed" else None
+
+
+def field(config, dotted):
+    """The value at a dotted path of a nested dict, e.g. "model.num_layers"."""
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def aggregate(records, metrics):
+    """[{variant, n, <metric>: (mean, std)}] in the order variants first appear."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    rows = []
+    for variant in variants:
+        runs = [r for r in records if r["variant"] == variant]
+        row = {"variant": variant, "n": len(runs)}
+        for metric in metrics:
+            values = np.array([r["results"][metric] for r in runs], np.float64)
+            # Sample standard deviation over seeds (0 with a single seed).
+            row[metric] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def write_results(records, plan, workdir):
+    """results.md (mean ± std over seeds), results.csv (the same), runs.csv (every run), plot.png.
+
+    Written by process 0 only; every file is replaced atomically.
+    """
+    if jax.process_index() != 0:
+        return
+    metrics = list(plan.metrics)
+    rows = aggregate(records, metrics)
+    _replace(os.path.join(workdir, "results.md"), markdown_table(rows, metrics, plan, records))
+    with _replacing(os.path.join(workdir, "results.csv")) as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "seeds"] + [f"{m} {s}" for m in metrics
+                                                 for s in ("mean", "std")])
+        for row in rows:
+            writer.writerow([row["variant"], row["n"]] + [f"{v:.6g}" for m in metrics
+                                                          for v in row[m]])
+    with _replacing(os.path.join(workdir, "runs.csv")) as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "seed", "tokens_per_second"] + metrics)
+        for r in records:
+            writer.writerow([r["variant"], r["seed"], f"{r['tokens_per_second']:.1f}"]
+                            + [f"{r['results'][m]:.6g}" for m in metrics])
+    if "plot" in plan and plan.plot:
+        plot(records, plan.plot, os.path.join(workdir, "plot.png"))
+
+
+def markdown_table(rows, metrics, plan, records):
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"Mean ± sample standard deviation over seeds {seeds}; every run's config is in "
+             "runs/<variant>/seed_<seed>/config.json.", "",
+             "| variant | runs | " + " | ".join(metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for row in rows:
+        cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in metrics]
+        lines.append(f"| {row['variant']} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, spec, path):
+    """Result against x, one line per `spec.series` value, a panel per `spec.panel` value.
+
+    spec.points: ((x, result key), ...), e.g. ((2, "eval_d2/accuracy"), (8, "eval_d8/accuracy"));
+    spec.series, spec.panel: dotted config fields of the runs ("" for no panels); spec.x_label,
+    spec.y_label: axis labels. Points are means over seeds, error bars their standard deviation.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({field(r["config"], spec.panel) for r in records}) if spec.panel else [None]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False,
+                                sharey=True)
+    xs = [x for x, _ in spec.points]
+    for ax, panel in zip(axes[0], panels):
+        runs = [r for r in records if panel is None or field(r["config"], spec.panel) == panel]
+        for series in dict.fromkeys(field(r["config"], spec.series) for r in runs):
+            values = np.array([[r["results"][key] for _, key in spec.points] for r in runs
+                               if field(r["config"], spec.series) == series])  # [seeds, points]
+            stds = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
+            ax.errorbar(xs, values.mean(axis=0), yerr=stds, marker="o", capsize=3,
+                        label=str(series))
+        ax.set_xlabel(spec.x_label)
+        ax.set_title(f"{spec.panel.split('.')[-1]} = {panel}" if spec.panel else "")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(spec.y_label)
+    axes[0][-1].legend(title=spec.series.split(".")[-1], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=120)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+
+
+class _replacing:
+    """Opens `path + ".tmp"` for writing and renames it over `path` on success: a crash never
+    leaves a half-written results file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path + ".tmp", "w", encoding="utf-8", newline="")
+        return self.file
+
+    def __exit__(self, exc_type, *exc):
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.path + ".tmp", self.path)
+
+
+def _replace(path, text):
+    with _replacing(path) as f:
+        f.write(text)
