@@ -1,7 +1,7 @@
 """The one entry point: train and evaluate an experiment, or sweep all its variants.
 
     python launch.py --config=experiments/pattern_reach.py:cpu --workdir=/tmp/run
-    python launch.py --config=experiments/pattern_reach.py:smoke --config.num_train_steps=20 \
+    python launch.py --config=experiments/pattern_reach.py:smoke --config.num_train_steps=20 \\
         --workdir=/tmp/run
     python launch.py --config=experiments/pattern_reach.py:cpu --sweep --workdir=/tmp/sweep
 
@@ -9,9 +9,10 @@
 "full") optionally followed by ",<variant>". `--config.<field>=<value>` overrides any field.
 Running the same command again resumes from the newest checkpoint in the workdir.
 
-Multi-host: on a Cloud TPU slice or under SLURM (srun, one task per host), `jax.distributed`
-finds the other processes itself; elsewhere pass --coordinator_address=host:port,
---num_processes and --process_id to every process.
+Multi-host: pass --distributed on a Cloud TPU slice (every host runs the same command) and JAX
+finds the other processes itself; a SLURM job of several tasks is recognised without it;
+elsewhere pass --coordinator_address=host:port, --num_processes and --process_id to every
+process (add --cpu_collectives for several CPU processes).
 """
 
 import importlib.util
@@ -29,6 +30,9 @@ flags.DEFINE_bool("sweep", False, "Run every variant of the experiment over its 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() and let JAX detect the cluster (Cloud TPU, "
+                  "SLURM, Open MPI, Kubernetes); SLURM jobs of several tasks are detected anyway.")
 flags.DEFINE_bool("cpu_collectives", False,
                   "Use gloo collectives between CPU processes (several processes on CPU).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -62,7 +66,7 @@ def main(argv):
     if FLAGS.cpu_collectives:
         parallel.enable_cpu_collectives()
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+                                    FLAGS.process_id, auto=FLAGS.distributed)
     if FLAGS.sweep:
         get_config, arg = _experiment()
         preset = arg.split(",")[0]

@@ -1,4 +1,4 @@
-"""Pattern reach: can a model with this attention pattern recall a value stored this far away?
+r"""Pattern reach: can a model with this attention pattern recall a value stored this far away?
 
 Associative recall (transformer/data/associative_recall.py): `k_1 v_1 ... k_n v_n q`, answer the
 value stored with key q. Each data set puts the queried key at one `distance` from the query; a
@@ -93,7 +93,8 @@ def get_config(arg="cpu"):
         name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
         d_ff=2 * preset["d_model"], num_layers=layers, pooling="attention",
         positional="rotary", norm_position="pre", dropout_rate=0.0,
-        pattern=name, pattern_options=options))
+        pattern=name, pattern_options=options,
+        dtype="float32"))  # "bfloat16": compute in bfloat16, parameters stay float32
     config.global_batch_size = preset["batch"]
     config.num_train_steps = preset["steps"]
     config.eval_every_steps = preset["steps"]

@@ -23,20 +23,22 @@ AXIS = "data"
 MODES = ("shard_map", "pmap")
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           auto=False):
     """Starts `jax.distributed` when this is a multi-process job; returns the process count.
 
-    With `coordinator_address` given, `num_processes` and `process_id` must be too (the case of
-    processes started by hand, e.g. several on one machine). Without it, a Cloud TPU VM slice of
-    several hosts or a SLURM job of several tasks is detected and JAX reads the cluster's own
-    description; a single process does nothing.
+    With `coordinator_address` given, `num_processes` and `process_id` must be too (processes
+    started by hand, e.g. several on one machine). Otherwise JAX's own cluster detection (Cloud
+    TPU, SLURM, Open MPI, Kubernetes) runs when `auto` is True or when a SLURM job of several
+    tasks or a multi-host TPU slice is recognised from the environment; else this is a single
+    process and nothing happens.
     """
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
         jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
-    elif _detected_cluster():
+    elif auto or _detected_cluster():
         jax.distributed.initialize()
     logging.info("process %d of %d; %d local devices of %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -44,8 +46,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
 
 def _detected_cluster():
-    """Name of the multi-host environment we run in, or None for a single process."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    """Name of the multi-host environment we run in, or None (then pass auto=True to be sure)."""
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in tpu_hosts.split(",") if h]) > 1:
