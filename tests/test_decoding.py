@@ -116,7 +116,7 @@ def test_wide_beam_finds_the_best_of_all_sequences(alpha):
     batch, max_len, vocab = 12, 4, 4
     table = random_table(2, batch, max_len, vocab)
     step, start = table_step(table), jnp.full((batch,), 2)
-    # As many beams as the last step has candidates: the search is exhaustive.
+    # At least as many beams as any step has candidates: the search is exhaustive.
     beam_size = (vocab - 1) ** (max_len - 1) * vocab
     beams, scores = jax.jit(functools.partial(
         decoding.beam_search, step, beam_size=beam_size, max_len=max_len, eos_id=EOS,
@@ -130,7 +130,8 @@ def test_wide_beam_finds_the_best_of_all_sequences(alpha):
         assert strip(beams[row, 0]) == best
         np.testing.assert_allclose(scores[row, 0], max(all_scores), rtol=1e-5, atol=1e-5)
         # The ranking below the best is exhaustive too.
-        np.testing.assert_allclose(scores[row, :5], sorted(all_scores, reverse=True)[:5], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scores[row, :5], sorted(all_scores, reverse=True)[:5],
+                                   rtol=1e-5, atol=1e-5)
         greedy_was_worse += score(table, row, strip(greedy[row]), alpha) < max(all_scores) - 1e-6
     assert greedy_was_worse > 0, "the table should have rows where greedy misses the best"
 

@@ -160,7 +160,8 @@ class LuongDecoder(nn.Module):
     @nn.compact
     def __call__(self, state, embedded, memory, *, train=False):
         if self.score not in LUONG_SCORES:
-            raise ValueError(f"unknown Luong score {self.score!r}; allowed: {sorted(LUONG_SCORES)}.")
+            raise ValueError(f"unknown Luong score {self.score!r}; "
+                             f"allowed: {sorted(LUONG_SCORES)}.")
         carries, previous_attentional = state
         x = embedded
         if self.input_feeding:

@@ -74,7 +74,8 @@ class RNNSeq2Seq(nn.Module):
             raise ValueError(f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
                              "between two directions; it must be even.")
         if self.attention == "luong" and self.score not in (None, *LUONG_SCORES):
-            raise ValueError(f"unknown Luong score {self.score!r}; allowed: {sorted(LUONG_SCORES)}.")
+            raise ValueError(f"unknown Luong score {self.score!r}; "
+                             f"allowed: {sorted(LUONG_SCORES)}.")
         if self.attention != "luong" and (self.score, self.input_feeding) != (None, None):
             raise ValueError("score and input_feeding apply to attention='luong' only; got "
                              f"attention={self.attention!r}, score={self.score!r}, "
