@@ -20,6 +20,8 @@ from etils import epath
 
 import grain
 
+from transformer.config_checks import differences
+
 # Fields of the config that a checkpoint depends on. Anything else (number of steps, how often to
 # evaluate or log, parallel mode, ...) may change between a run and its restart.
 COMPATIBILITY_FIELDS = ("task", "model", "data", "train_mixture", "seed", "global_batch_size",
@@ -37,7 +39,7 @@ def check_compatible_config(config, workdir):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = _differences({f: saved.get(f) for f in COMPATIBILITY_FIELDS},
+        changed = differences({f: saved.get(f) for f in COMPATIBILITY_FIELDS},
                                {f: current.get(f) for f in COMPATIBILITY_FIELDS})
         if changed:
             details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
@@ -50,14 +52,6 @@ def check_compatible_config(config, workdir):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(current, f, indent=2)
         os.replace(path + ".tmp", path)
-
-
-def _differences(old, new, prefix=""):
-    """[(dotted field, old value, new value)] where two nested dicts differ."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [(prefix.rstrip("."), old, new)]
-    return [difference for key in sorted(set(old) | set(new))
-            for difference in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
 
 
 class Checkpointer:

@@ -103,3 +103,12 @@ def _check_known_fields(config, defaults, prefix):
             continue
         if isinstance(defaults[key], ml_collections.ConfigDict):
             _check_known_fields(config[key], defaults[key], f"{prefix}{key}.")
+
+
+def differences(old, new, prefix=""):
+    """[(dotted field, old value, new value)] where two nested dicts (e.g. configs as JSON)
+    differ."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix.rstrip("."), old, new)]
+    return [difference for key in sorted(set(old) | set(new))
+            for difference in differences(old.get(key), new.get(key), f"{prefix}{key}.")]

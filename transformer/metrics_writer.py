@@ -48,5 +48,11 @@ def read_metrics(workdir, split=None):
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:  # a line cut short by a crash; the run redoes that step
+            pass
     return [r for r in records if split is None or r["split"] == split]

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from transformer import train
+from transformer.config_checks import differences
 
 
 def run_sweep(get_config, preset, workdir, overrides=None):
@@ -37,7 +38,9 @@ def run_sweep(get_config, preset, workdir, overrides=None):
     Returns the list of per-run records (variant, seed, config, results); stops early, returning
     None, when a run was stopped by SIGTERM (run the same command again to resume).
     """
-    plan = get_config(preset).sweep
+    preset_config = get_config(preset)
+    plan = preset_config.sweep
+    preset_json = json.loads(preset_config.to_json_best_effort())
     records = []
     for variant in plan.variants:
         for seed in plan.seeds:
@@ -55,11 +58,18 @@ def run_sweep(get_config, preset, workdir, overrides=None):
                     return None
             else:
                 logging.info("sweep: %s seed %d is done already", variant, seed)
+            changes = [(f, new) for f, _, new in differences(preset_json, summary["config"])
+                       if f != "seed" and f.split(".")[0] not in overrides_roots(overrides)]
             records.append({"variant": variant, "seed": seed, "config": summary["config"],
-                            "results": summary["final"],
+                            "changes": changes, "results": summary["final"],
                             "tokens_per_second": summary["tokens_per_second"]})
             write_results(records, plan, workdir)
     return records
+
+
+def overrides_roots(overrides):
+    """Top-level fields set on the command line: the same in every run, not a variant's own."""
+    return {key.split(".")[0] for key in (overrides or {})}
 
 
 def _finished_summary(run_dir):
@@ -129,6 +139,11 @@ def markdown_table(rows, metrics, plan, records):
     for row in rows:
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in metrics]
         lines.append(f"| {row['variant']} | {row['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "What each variant changes in the preset's config:", ""]
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        changes = next(r["changes"] for r in records if r["variant"] == variant)
+        text = ", ".join(f"{f}={v!r}" for f, v in changes) or "nothing"
+        lines.append(f"- {variant}: {text}")
     return "\n".join(lines) + "\n"
 
 
