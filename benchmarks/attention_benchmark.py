@@ -4,7 +4,8 @@ Batch 1, 8 heads, head dim 64, float32. For each length one fresh process compil
 (pattern, implementation) that applies and times them alternately (the median of `--repeats`
 runs), so they are compared under the same machine load; each (implementation, pattern, length) then
 gets its own fresh process for peak memory (max RSS), so runs do not pollute each other. The
-matmul peak is measured in the same run, and achieved FLOP/s are reported as a fraction of it.
+matmul peak (a 2048^2 float32 product) is timed in the same alternation, and achieved FLOP/s
+(over the pattern's allowed pairs) are reported as a fraction of it.
 
     python benchmarks/attention_benchmark.py --lengths 1024,2048,4096,8192,16384 \
         --patterns full,causal,bigbird --out benchmarks/results
@@ -100,13 +101,21 @@ def worker_time(args):
         pattern_name, name = combination.split(":")
         steps[combination] = compiled_step(name, make_pattern(pattern_name), args.length)
         jax.block_until_ready(steps[combination](q, k, v))  # compile and warm up
+    # The matmul peak is timed in the same alternation, so both see the same machine load.
+    n = 2048
+    a = jax.random.normal(jax.random.key(1), (n, n))
+    matmul = jax.jit(lambda a: a @ a)
+    steps["matmul"] = lambda q, k, v: matmul(a)
+    jax.block_until_ready(matmul(a))
     times = {combination: [] for combination in steps}
     for _ in range(args.repeats):
         for combination, step in steps.items():
             start = time.perf_counter()
             jax.block_until_ready(step(q, k, v))
             times[combination].append(time.perf_counter() - start)
-    print(json.dumps({combination: statistics.median(t) for combination, t in times.items()}))
+    result = {combination: statistics.median(t) for combination, t in times.items()}
+    result["matmul"] = 2 * n ** 3 / min(times["matmul"])  # FLOP/s
+    print(json.dumps(result))
 
 
 def worker_memory(args):
@@ -117,23 +126,6 @@ def worker_memory(args):
         step = compiled_step(args.implementations, make_pattern(args.pattern), args.length)
         jax.block_until_ready(step(q, k, v))
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-
-
-def worker_matmul(args):
-    """Best float32 matmul FLOP/s over a few 4096^2 products; prints JSON."""
-    import jax
-    n = 4096
-    a = jax.random.normal(jax.random.key(1), (n, n))
-    matmul = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(matmul(a))
-    best = min(_timed(lambda: jax.block_until_ready(matmul(a))) for _ in range(args.repeats + 2))
-    print(json.dumps({"flops": 2 * n ** 3 / best}))
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def run_worker(kind, timeout, **options):
@@ -169,7 +161,8 @@ def plot(rows, out):
         axes.set_xlabel("sequence length (tokens)")
         axes.set_ylabel(label)
         axes.set_title(f"batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32")
-        axes.legend(fontsize=7)
+        if series:
+            axes.legend(fontsize=7)
         axes.grid(True, which="both", alpha=0.3)
         figure.savefig(os.path.join(out, filename), dpi=120, bbox_inches="tight")
         plt.close(figure)
@@ -188,24 +181,18 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     parser.add_argument("--out", default="benchmarks/results")
     # Internal: the subprocesses.
-    parser.add_argument("--worker", choices=("time", "memory", "matmul"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--pattern", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return {"time": worker_time, "memory": worker_memory, "matmul": worker_matmul}[
-            args.worker](args)
+        return {"time": worker_time, "memory": worker_memory}[args.worker](args)
 
     unknown = set(args.implementations.split(",")) - set(IMPLEMENTATIONS)
     if unknown:
         parser.error(f"unknown implementations {sorted(unknown)}; allowed: {list(IMPLEMENTATIONS)}")
     os.makedirs(args.out, exist_ok=True)
-    matmul, error = run_worker("matmul", args.timeout, repeats=args.repeats)
-    if error:
-        sys.exit(f"matmul peak measurement failed: {error}")
-    peak = matmul["flops"]
-    print(f"float32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s")
     baseline = None
     if not args.no_memory:
         result, _ = run_worker("memory", args.timeout, implementations="baseline", length=1024)
@@ -227,12 +214,14 @@ def main(argv=None):
             pairs, block_fraction = work(make_pattern(pattern_name), length)
             row = {"pattern": pattern_name, "length": length, "implementation": name,
                    "block_fraction": round(block_fraction, 4), "seconds": None,
-                   "fraction_of_matmul_peak": None, "peak_gb": None, "error": error or ""}
+                   "matmul_peak_gflops": None, "fraction_of_matmul_peak": None, "peak_gb": None,
+                   "error": error or ""}
             if times:
                 row["seconds"] = times[f"{pattern_name}:{name}"]
+                row["matmul_peak_gflops"] = round(times["matmul"] / 1e9, 1)
                 # Forward: 2 matmuls over the allowed pairs; backward: 4 more.
                 flops = 6 * 2 * pairs * HEADS * HEAD_DIM
-                row["fraction_of_matmul_peak"] = round(flops / row["seconds"] / peak, 3)
+                row["fraction_of_matmul_peak"] = round(flops / row["seconds"] / times["matmul"], 3)
             if not args.no_memory:
                 memory, memory_error = run_worker("memory", args.timeout, pattern=pattern_name,
                                                   length=length, implementations=name)
@@ -273,14 +262,15 @@ def _format(row):
 
 
 def _table(rows):
-    header = ("| pattern | length | implementation | fwd+bwd s | peak GB | % matmul peak | "
-              "blocks computed | speedup vs chunked full | of ideal |")
-    lines = [header, "|" + "---|" * 9]
+    header = ("| pattern | length | implementation | fwd+bwd s | peak GB | matmul GFLOP/s | "
+              "% of matmul | blocks computed | speedup vs chunked full | of ideal |")
+    lines = [header, "|" + "---|" * 10]
     show = lambda x, f="{}": "-" if x in (None, "") else f.format(x)
     for r in rows:
         lines.append(
             f"| {r['pattern']} | {r['length']} | {r['implementation']} | "
             f"{show(r['seconds'], '{:.3f}')} | {show(r['peak_gb'], '{:.2f}')} | "
+            f"{show(r['matmul_peak_gflops'])} | "
             f"{show(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '{:.0f}')} | "
             f"{show(r['block_fraction'], '{:.3f}')} | {show(r['speedup_vs_chunked_full'])} | "
             f"{show(r['fraction_of_ideal_speedup'])} |")

@@ -18,9 +18,12 @@ from transformer.attention.dense import dense_attention
 from transformer.attention.splash import splash_attention
 from transformer.attention.xla import cudnn_attention, xla_attention
 
-# Below this many (query, key) pairs, on CPU, the dense reference is the fastest: the score
-# matrix fits in cache and nothing else has less overhead (benchmarks/attention_benchmark.py).
-DENSE_MAX_PAIRS = 1024 * 1024
+# On CPU (benchmarks/attention_benchmark.py): below this many (query, key) pairs the dense
+# reference has the least overhead; above it chunked and block-sparse attention win, the latter
+# only while it skips enough blocks (at 64x64 blocks) to pay for its gathers.
+DENSE_MAX_PAIRS = 256 * 256
+BLOCK_SPARSE_MAX_FRACTION = 0.6
+BLOCK_SPARSE_BLOCK = 64
 
 
 def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
@@ -49,9 +52,10 @@ def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes)
 def choose_implementation(pattern, q_len, kv_len, backend=None):
     """The implementation "auto" uses for this pattern, length and backend.
 
-    Splash on TPU. Elsewhere: dense while the score matrix is small, then chunked for full and
-    causal attention (exact, linear memory, skips the causal upper half), block-sparse for
-    everything else. Measured on CPU; GPUs follow the CPU rule (cuDNN needs half precision).
+    Splash on TPU. Elsewhere: dense while the score matrix is small; chunked for full and causal
+    attention (exact, linear memory, skips the causal upper half); block-sparse for other
+    patterns once they leave enough 64x64 blocks empty, dense before that. Measured on CPU; GPUs
+    follow the CPU rule (cuDNN needs half precision and a GPU to measure it on).
     """
     backend = backend or jax.default_backend()
     if backend == "tpu":
@@ -60,6 +64,9 @@ def choose_implementation(pattern, q_len, kv_len, backend=None):
         return "dense"
     if type(pattern) is patterns.Full or (type(pattern) is patterns.Causal and q_len == kv_len):
         return "chunked"
+    layout = pattern.block_layout(q_len, kv_len, BLOCK_SPARSE_BLOCK)
+    if (layout != patterns.EMPTY).mean() > BLOCK_SPARSE_MAX_FRACTION:
+        return "dense" if q_len * kv_len <= 4 * 1024 * 1024 else "block_sparse"
     return "block_sparse"
 
 
