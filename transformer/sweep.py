@@ -49,6 +49,8 @@ def run_sweep(get_config, preset, workdir, overrides=None):
             config.seed = seed
             run_dir = os.path.join(workdir, "runs", variant, f"seed_{seed}")
             summary = _finished_summary(run_dir)
+            if summary is not None:
+                _check_same_config(summary["config"], config, run_dir)
             if summary is None:
                 logging.info("sweep: training %s, seed %d", variant, seed)
                 summary = train.train_and_evaluate(config, run_dir).summary
@@ -70,6 +72,16 @@ def run_sweep(get_config, preset, workdir, overrides=None):
 def overrides_roots(overrides):
     """Top-level fields set on the command line: the same in every run, not a variant's own."""
     return {key.split(".")[0] for key in (overrides or {})}
+
+
+def _check_same_config(finished, config, run_dir):
+    """A finished run is reused only if the experiment still asks for exactly its config."""
+    changed = differences(finished, json.loads(config.to_json_best_effort()))
+    if changed:
+        details = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in changed[:5])
+        raise ValueError(f"the finished run in {run_dir} used another config than the experiment "
+                         f"now gives ({details}); sweep into a new --workdir, or delete that run "
+                         "to redo it.")
 
 
 def _finished_summary(run_dir):
