@@ -124,3 +124,12 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
     again = sweep.run_sweep(get_config, "smoke", str(tmp_path), overrides)
     assert [r["results"] for r in again] == [r["results"] for r in records]
     assert (tmp_path / "results.md").read_text() == table
+
+    # A finished run of another config is never passed off as this one.
+    def changed(arg):
+        config = get_config(arg)
+        config.optimizer.learning_rate = 0.5
+        return config
+    with pytest.raises(ValueError, match=r"used another config than the experiment now gives "
+                                         r"\(optimizer.learning_rate: 0.003 -> 0.5\)"):
+        sweep.run_sweep(changed, "smoke", str(tmp_path), overrides)
