@@ -31,7 +31,7 @@ from jax import lax
 
 from transformer import config_checks, parallel, tasks
 from transformer.checkpoints import Checkpointer, check_compatible_config
-from transformer.metrics_writer import MetricsWriter
+from transformer.metrics_writer import MetricsWriter, read_metrics
 from transformer.optim import learning_rate_schedule, make_optimizer
 
 
@@ -200,7 +200,6 @@ def make_init(model, task, optimizer):
 
 class Programs(NamedTuple):
     """What a config compiles to; shared by runs that differ only in seed or data."""
-    model: Any
     init: Callable
     train_step: Callable
     eval_step: Callable
@@ -217,12 +216,12 @@ def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoo
         make_train_step(model, task, optimizer, label_smoothing=label_smoothing),
         mode, mesh, donate_state=True)
     eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
-    return Programs(model, make_init(model, task, optimizer), train_step, eval_step)
+    return Programs(make_init(model, task, optimizer), train_step, eval_step)
 
 
 def programs(config, model_config, mesh):
-    """The model and the jitted init, train and eval steps for `config`, built once per setup:
-    a sweep over seeds compiles them once."""
+    """The jitted init, train and eval steps for `config`, built once per setup: a sweep over
+    seeds compiles them once."""
     # Only the cosine schedule depends on the run's length; the others compile once for all.
     schedule_steps = config.num_train_steps if config.optimizer.schedule == "cosine" else 0
     return _programs(model_config.to_json(sort_keys=True), config.task,
@@ -321,9 +320,9 @@ def train_and_evaluate(config, workdir):
     """Trains `config`'s model on its task, evaluating and checkpointing into `workdir`.
 
     Resumes from the newest checkpoint in `workdir` if there is one. Returns a TrainResult: the
-    summary (also written to `workdir/summary.json` when training completes) and the final state. Raises NonFiniteLossError
-    when the loss becomes NaN or inf, keeping the checkpoints saved before. After a SIGTERM it
-    saves a checkpoint and returns early with status "stopped".
+    summary (also written to `workdir/summary.json` when training completes) and the final
+    state. Raises NonFiniteLossError when the loss becomes NaN or inf, keeping the checkpoints
+    saved before. After a SIGTERM it saves a checkpoint and returns early, status "stopped".
     """
     config_checks.validate(config)
     task = tasks.get_task(config.task)
@@ -366,7 +365,7 @@ def train_and_evaluate(config, workdir):
     step = start_step = int(host_state.step)
     best = _best_from_log(workdir, config)
     last_eval, last_train = {}, {}
-    speed = _Speed()
+    speed = _Speed(start_step)
     status = "completed"
     progress = _Progress(start_step, config.num_train_steps)
     try:
@@ -440,9 +439,9 @@ def train_and_evaluate(config, workdir):
 class _Speed:
     """Sums train metrics on the devices between log steps, and times the training steps."""
 
-    def __init__(self):
+    def __init__(self, start_step):
         self.total_seconds = self.total_steps = self.total_tokens = 0
-        self.last_good_step = 0
+        self.last_good_step = start_step  # the loss was finite up to here
         self.reset()
 
     def reset(self):
@@ -488,7 +487,6 @@ def _update_best(best, results, step, config):
 
 def _best_from_log(workdir, config):
     """The best evaluation so far, read back from metrics.jsonl when resuming."""
-    from transformer.metrics_writer import read_metrics
     best = {"metric": config.best_metric, "value": None, "step": None}
     for record in read_metrics(workdir):
         split, step = record.pop("split"), record.pop("step")
