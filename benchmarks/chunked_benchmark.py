@@ -22,7 +22,6 @@ L (L + 1) / 2.
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -113,7 +112,10 @@ def time_length(length, names):
 
 
 def peak_memory(name, length):
-    """Max RSS, XLA temp bytes and seconds of a fresh process running one forward+backward."""
+    """Peak RSS, XLA temp bytes and seconds of a fresh process running one forward+backward.
+
+    XLA's temporary buffers show the algorithm's own share of the peak.
+    """
     command = [sys.executable, os.path.abspath(__file__), f"--measure_memory={name}:{length}",
                f"--heads={_HEADS.value}", f"--head_dim={_HEAD_DIM.value}",
                f"--chunk_size={','.join(_CHUNK_SIZE.value)}"]
@@ -123,14 +125,26 @@ def peak_memory(name, length):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_bytes():
+    """This process's peak resident set size (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux keeps that across exec, so a child of a large parent
+    would report the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only.")
+
+
 def measure_memory_here(spec):
     name, length = spec.split(":")
     args = inputs(int(length))
     compiled = forward_backward(name).lower(*args).compile()
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
-    # Linux reports ru_maxrss in KiB. XLA's own temporary buffers show the algorithm's share.
-    print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"max_rss_bytes": peak_rss_bytes(),
                       "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
                       "seconds": time.perf_counter() - start}))
 
