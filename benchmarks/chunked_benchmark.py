@@ -149,7 +149,7 @@ def measure_memory_here(spec):
                       "seconds": time.perf_counter() - start}))
 
 
-def plot(rows, memory_rows, path):
+def plot(rows, memory_rows, load_average, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,22 +158,25 @@ def plot(rows, memory_rows, path):
     for name in sorted({r["implementation"] for r in rows}):
         points = [(r["length"], r["seconds"]) for r in rows if r["implementation"] == name]
         ax_time.plot(*zip(*points), marker="o", label=name)
-    ax_time.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward+backward seconds",
-                title="Time (median, loaded shared 2-core CPU)")
-    if rows:
-        ax_time.legend()
+    for r in memory_rows:
+        r["xla_temp_gb"] = r["xla_temp_mb"] / 1e3
+    for key, label in (("peak_gb", "chunked, peak RSS"), ("xla_temp_gb", "chunked, XLA temps")):
+        if memory_rows:
+            ax_memory.plot(*zip(*[(r["length"], r[key]) for r in memory_rows]), marker="o",
+                           label=label)
     if memory_rows:
-        points = [(r["length"], r["peak_gb"]) for r in memory_rows]
-        ax_memory.plot(*zip(*[(r["length"], r["xla_temp_mb"] / 1e3) for r in memory_rows]),
-                       marker="s", label="chunked, XLA temp buffers")
-        ax_memory.plot(*zip(*points), marker="o", label="chunked, peak RSS")
         ax_memory.axhline(4.0, color="grey", linestyle="--", label="4 GB target")
-        ax_memory.legend()
-    ax_memory.set(xscale="log", xlabel="tokens", ylabel="GB",
-                  title="Peak memory of one forward+backward")
-    for ax in (ax_time, ax_memory):
+    ax_time.set(yscale="log", ylabel="forward+backward seconds",
+                title=f"Time (median; load average {load_average:.1f} on 2 cores)")
+    ax_memory.set(ylabel="GB", title="Peak memory of one forward+backward")
+    for ax, table in ((ax_time, rows), (ax_memory, memory_rows)):
+        if not table:
+            ax.set_axis_off()
+            continue
         ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.suptitle(f"batch 1, {_HEADS.value} heads, head dim {_HEAD_DIM.value}, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -189,8 +192,9 @@ def main(argv):
         measure_memory_here(_MEASURE_MEMORY.value)
         return
     os.makedirs(_OUT_DIR.value, exist_ok=True)
+    load_average = os.getloadavg()[0]
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; chunk_size={chunk_size()}")
+          f"load average {load_average:.1f}; chunk_size={chunk_size()}")
     rows = []
     header = (f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
               f"{'of peak':>8s} {'vs xla':>7s} {'CPU s':>8s} {'GFLOP/CPU-s':>12s} "
@@ -244,7 +248,7 @@ def main(argv):
                 writer.writeheader()
                 writer.writerows(table)
     written.append(os.path.join(_OUT_DIR.value, "chunked_benchmark.png"))
-    plot(rows, memory_rows, written[-1])
+    plot(rows, memory_rows, load_average, written[-1])
     print("wrote", ", ".join(written))
 
 
