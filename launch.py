@@ -72,8 +72,10 @@ def main(argv):
         preset = arg.split(",")[0]
         overrides = config_flags.get_override_values(FLAGS["config"])
         records = sweep.run_sweep(get_config, preset, FLAGS.workdir, overrides)
-        if records is not None:
-            print(open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8").read())
+        if records is None:
+            sys.exit(143)  # stopped by SIGTERM: the same command resumes
+        with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
+            print(f.read())
         return
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if result.summary["status"] != "completed":
