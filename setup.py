@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["transformer", "transformer.*"]),
     install_requires=[
         "numpy>=1.26,<3",
-        "jax>=0.8.0,<0.11",
+        "jax>=0.10.0,<0.11",  # chunked attention uses the 0.10 varying-axis API
         "flax>=0.12.0,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11.20,<0.13",
@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
-        "tpu": ["jax[tpu]>=0.8.0,<0.11"],
-        "cuda": ["jax[cuda12]>=0.8.0,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
     },
 )
