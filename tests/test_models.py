@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from transformer import patterns
-from transformer.models import (CONFIGS, Decoder, Encoder, TransformerConfig,
+from transformer import patterns, token_ids
+from transformer.models import (CONFIGS, Decoder, Encoder, EncoderDecoder, TransformerConfig,
                                 build_model, layer_pattern, shift_right)
 
 # One layer where depth does not matter to the test: compile time is most of the test time.
@@ -113,7 +113,15 @@ def test_classifier_logits_ignore_appended_padding(pooling):
 
 
 def test_shift_right_puts_the_start_token_first():
-    np.testing.assert_array_equal(shift_right(jnp.array([[5, 6, 7, 0]])), [[0, 5, 6, 7]])
+    np.testing.assert_array_equal(shift_right(jnp.array([[5, 6, 7, 0]])), [[1, 5, 6, 7]])
+
+
+def test_models_and_data_agree_on_the_reserved_ids():
+    from transformer.data import tokenizers
+    from transformer.rnn import RNNSeq2Seq
+    assert (token_ids.PAD_ID, token_ids.BOS_ID, token_ids.EOS_ID, token_ids.CLS_ID) == (
+        tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID, tokenizers.CLS_ID)
+    assert EncoderDecoder.bos_id == RNNSeq2Seq.bos_id == tokenizers.BOS_ID
 
 
 def test_encoder_decoder_is_causal_in_targets_and_ignores_source_padding():
@@ -278,17 +286,23 @@ def test_language_model_cached_decoding_equals_the_full_call(overrides):
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
-def test_encoder_decoder_cached_decoding_equals_the_full_call():
-    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2,
-                             positional="learned", max_len=8, norm_position="pre"))
+@pytest.mark.parametrize("overrides", [
+    dict(positional="learned", max_len=8, norm_position="pre"),
+    # The decoder's self-attention is sliding_window & causal: 2 keys back, then the query.
+    dict(positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
+])
+def test_encoder_decoder_cached_decoding_equals_the_full_call(overrides):
+    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2, **overrides))
     source = jnp.pad(random_tokens(0, 2, 5), ((0, 0), (0, 2)))  # padded source
     targets = random_tokens(1, 2, 6)
     variables = jax.jit(model.init)(jax.random.key(0), source, targets)
     full = jax.jit(model.apply)(variables, source, targets)
+    # Step i feeds decoder input i (BOS first) and returns the full call's logits at i.
     cached = decode_all(model, variables, source, shift_right(targets), max_decode_len=8)
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="max_decode_len 9 exceeds the learned positional"):
-        model.apply(variables, source, 9, method="init_decode_state")
+    if overrides["positional"] == "learned":
+        with pytest.raises(ValueError, match="max_decode_len 9 exceeds the learned positional"):
+            model.apply(variables, source, 9, method="init_decode_state")
 
 
 @pytest.mark.parametrize("name, implementation, fields", [
@@ -305,3 +319,19 @@ def test_models_with_other_attention_implementations_match_dense(name, implement
     dense, other = (jax.jit(models[impl].apply)(variables, tokens)
                     for impl in ("dense", implementation))
     np.testing.assert_allclose(other, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_the_cache_picks_the_full_calls_argmax_at_every_step():
+    """The start token of decoding (bos_id) is the one the full call shifts in, and generate
+    sizes the cache to the tokens it produces (default config.max_len)."""
+    from transformer import decoding
+    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2,
+                             positional="learned", max_len=7))
+    source = jnp.pad(random_tokens(0, 2, 5), ((0, 0), (0, 2)))
+    variables = jax.jit(model.init)(jax.random.key(0), source, source)
+    generated = decoding.generate(model, variables, source, eos_id=None)
+    assert generated.shape == (2, 7)
+    full = model.apply(variables, source, generated)  # position i predicts generated[:, i]
+    np.testing.assert_array_equal(jnp.argmax(full.at[..., 0].set(-jnp.inf), axis=-1), generated)
+    with pytest.raises(ValueError, match="max_decode_len 8 exceeds the learned positional"):
+        decoding.generate(model, variables, source, eos_id=None, max_len=8)

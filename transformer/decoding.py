@@ -211,22 +211,26 @@ STRATEGIES = {"greedy": _greedy_strategy, "sample": _sample_strategy, "beam": _b
 
 @functools.partial(jax.jit, static_argnames=("model", "strategy", "max_len", "eos_id", "options"))
 def _generate(model, variables, inputs, rng, *, strategy, max_len, eos_id, options):
-    state = model.apply(variables, inputs, method=model.init_decode_state)
+    state = model.apply(variables, inputs, max_len, method=model.init_decode_state)
     step_fn = functools.partial(model.apply, variables, method=model.decode_step)
     start = jnp.full((inputs.shape[0],), model.bos_id, jnp.int32)
     return STRATEGIES[strategy](step_fn, state, start, rng, max_len=max_len, eos_id=eos_id,
                                 **dict(options))
 
 
-def generate(model, variables, inputs, *, max_len, eos_id, strategy="greedy", rng=None,
+def generate(model, variables, inputs, *, eos_id, max_len=None, strategy="greedy", rng=None,
              **options):
     """Jitted decoding of a sequence-to-sequence Flax model from source `inputs` `[batch, len]`.
 
-    The model provides `init_decode_state(inputs) -> state`, `decode_step(state, token) ->
-    (logits, state)` and a `bos_id` field. strategy: one of STRATEGIES ('greedy', 'sample',
+    The model provides `init_decode_state(inputs, max_decode_len) -> state`,
+    `decode_step(state, token) -> (logits, state)`, a `bos_id` field and a `max_decode_len`
+    property, the default of max_len (a transformer's config.max_len). strategy: one of STRATEGIES ('greedy', 'sample',
     'beam'); options go to that function (temperature, top_k; beam_size, alpha). Beam search
     returns its best hypothesis. Returns `[batch, max_len]` tokens.
     """
+    max_len = model.max_decode_len if max_len is None else max_len
+    if max_len is None:
+        raise ValueError(f"{type(model).__name__} has no default max_len: pass max_len.")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; allowed: {sorted(STRATEGIES)}.")
     return _generate(model, variables, inputs, rng, strategy=strategy, max_len=max_len,

@@ -6,8 +6,10 @@
   DecoderLM          tokens -> next-token logits (decoder-only language model)
   EncoderDecoder     source tokens, target tokens -> target logits (the paper's Transformer)
 
-Build a model from a config with a `name`: `build_model({"name": "decoder_lm", ...})`. Token id 0
-is padding in every model: it is never attended to and never pooled.
+Build a model from a config with a `name`: `build_model({"name": "decoder_lm", ...})`; the
+registry MODELS also builds the recurrent `rnn_seq2seq` (transformer/rnn/). Token id 0 is padding
+in every model: it is never attended to and never pooled. Decoders start from BOS_ID (1), as the
+RNN does (transformer/token_ids.py).
 """
 
 import dataclasses
@@ -20,8 +22,8 @@ from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
 from transformer.positional import ADDED_POSITIONAL_ENCODINGS
-
-PAD_ID = 0
+from transformer.rnn import build_rnn_seq2seq
+from transformer.token_ids import BOS_ID, PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +351,8 @@ class DecoderLM(nn.Module):
 
 
 def shift_right(targets):
-    """`[batch, length]`: 0 (the start token, also the pad id) then targets[:, :-1]."""
-    return jnp.pad(targets, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+    """`[batch, length]`: BOS_ID (the start token) then targets[:, :-1]."""
+    return jnp.pad(targets, ((0, 0), (1, 0)), constant_values=BOS_ID)[:, :-1]
 
 
 class EncoderDecoder(nn.Module):
@@ -360,12 +362,12 @@ class EncoderDecoder(nn.Module):
     inputs int `[batch, source_length]` and targets int `[batch, target_length]` (0 = padding);
     returns float32 logits `[batch, target_length, target_vocab_size]`, where position i
     predicts targets[:, i] from the source and targets[:, :i] (the model shifts the targets right
-    itself, putting 0 as the start token).
+    itself, putting BOS_ID (1) as the start token).
 
     Generation with a key/value cache follows the `transformer.decoding` protocol:
     `init_decode_state(inputs)` encodes the source and precomputes each layer's cross-attention
     keys and values; `decode_step(state, token)` feeds one target token (the first is `bos_id`,
-    0) and returns the next token's logits, equal to the full call's. So
+    1) and returns the next token's logits, equal to the full call's. So
     `decoding.generate(model, variables, inputs, max_len=..., eos_id=...)` works. Without a
     cache: `encode`, then `decode` on the whole prefix.
     """
@@ -373,7 +375,7 @@ class EncoderDecoder(nn.Module):
     config: TransformerConfig
     config_fields = ("num_layers", "num_decoder_layers", "target_vocab_size",  # read beyond
                      "share_embeddings", "tie_output_embedding")  # the shared ones
-    bos_id = PAD_ID  # the start token that shift_right puts first
+    bos_id = BOS_ID  # the start token that shift_right puts first
 
     def setup(self):
         config = self.config
@@ -391,6 +393,11 @@ class EncoderDecoder(nn.Module):
     def target_vocab_size(self):
         return self.config.target_vocab_size or self.config.vocab_size
 
+    @property
+    def max_decode_len(self):
+        """The number of tokens `decoding.generate` produces by default: the cache's length."""
+        return self.config.max_len
+
     def encode(self, inputs, *, train=False):
         """inputs int `[batch, source_length]` -> `[batch, source_length, d_model]`."""
         x = embed_tokens(self.config, self.source_embedding, inputs)
@@ -398,12 +405,11 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded, inputs, decoder_inputs, *, train=False):
         """Logits `[batch, target_length, target_vocab_size]` (float32) for decoder_inputs int
-        `[batch, target_length]` (starting with the 0 start token), attending to `encoded` at the
-        real positions of `inputs`."""
+        `[batch, target_length]` (starting with the BOS_ID start token), attending to `encoded`
+        at the real positions of `inputs`."""
         x = embed_tokens(self.config, self.target_embedding, decoder_inputs)
-        # Position 0 holds the start token, which is the pad id but is real.
-        real = (decoder_inputs != PAD_ID).at[:, 0].set(True)
-        x = self.decoder(x, real, encoded, inputs != PAD_ID, deterministic=not train)
+        x = self.decoder(x, decoder_inputs != PAD_ID, encoded, inputs != PAD_ID,
+                         deterministic=not train)
         return output_logits(self.target_embedding, self.output_projection, x)
 
     def __call__(self, inputs, targets, *, train=False):
@@ -428,15 +434,32 @@ class EncoderDecoder(nn.Module):
         return logits, {**state, "cache": cache, "index": state["index"] + 1}
 
 
-MODELS = {
-    "encoder_classifier": EncoderClassifier,
-    "decoder_lm": DecoderLM,
-    "encoder_decoder": EncoderDecoder,
-}
-# The TransformerConfig fields every model reads. Each model lists the others it reads in
-# `config_fields`; build_model refuses the rest, so no config field is silently ignored.
+# The TransformerConfig fields every transformer reads. Each model lists the others it reads in
+# `config_fields`; the rest are refused, so no config field is silently ignored.
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(LayerConfig)) + (
     "vocab_size", "max_len", "pattern", "pattern_options")
+
+
+def transformer_builder(model_class):
+    """build(fields, name): `model_class(TransformerConfig(**fields))`, refusing any field the
+    model does not read."""
+    def build(fields, name):
+        allowed = SHARED_FIELDS + model_class.config_fields
+        unknown = sorted(set(fields) - set(allowed))
+        if unknown:
+            raise ValueError(f"model {name!r} has no field(s) {unknown}; allowed: "
+                             f"{sorted(allowed)}.")
+        return model_class(TransformerConfig(**fields))
+    return build
+
+
+# Model name -> build(fields, name): the model from the config's other fields.
+MODELS = {
+    "encoder_classifier": transformer_builder(EncoderClassifier),
+    "decoder_lm": transformer_builder(DecoderLM),
+    "encoder_decoder": transformer_builder(EncoderDecoder),
+    "rnn_seq2seq": lambda fields, name: build_rnn_seq2seq(fields),
+}
 
 # "Attention Is All You Need", Table 3, base model: 6 + 6 layers, d_model 512, 8 heads,
 # d_ff 2048, dropout 0.1, sinusoidal positions, post-LN, one 37,000-token vocabulary shared by
@@ -454,9 +477,10 @@ def build_model(model_config):
 
     `model_config` is a dict, a ConfigDict or anything with `.items()`; for example
     `build_model({"name": "decoder_lm", "vocab_size": 256, "d_model": 128, "num_heads": 4,
-    "d_ff": 512, "num_layers": 2})` or `build_model(CONFIGS["transformer_base"])`. A missing or
-    unknown name, a field the model does not read, or a bad value raises a ValueError naming it
-    and what is allowed.
+    "d_ff": 512, "num_layers": 2})`, `build_model(CONFIGS["transformer_base"])`, or the recurrent
+    `build_model({"name": "rnn_seq2seq", "vocab_size": 64, "attention": "bahdanau"})` (fields:
+    those of RNNSeq2Seq). A missing or unknown name, a field the model does not read, or a bad
+    value raises a ValueError naming it and what is allowed.
     """
     if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict
         model_config = model_config.to_dict()
@@ -464,10 +488,4 @@ def build_model(model_config):
     name = fields.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(MODELS)}.")
-    model_class = MODELS[name]
-    allowed = SHARED_FIELDS + model_class.config_fields
-    unknown = sorted(set(fields) - set(allowed))
-    if unknown:
-        raise ValueError(f"model {name!r} has no field(s) {unknown}; allowed: "
-                         f"{sorted(allowed)}.")
-    return model_class(TransformerConfig(**fields))
+    return MODELS[name](fields, name)

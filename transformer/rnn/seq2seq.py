@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from transformer.rnn.decoders import DECODERS, LUONG_SCORES
 from transformer.rnn.encoder import RNNEncoder, check_cell
+from transformer.token_ids import BOS_ID
 
 
 def shift_right(targets, bos_id):
@@ -27,6 +28,8 @@ class RNNSeq2Seq(nn.Module):
 
     score, input_feeding: Luong only ('dot', 'general' or 'concat'; defaults 'general', True).
     attention_dim: the width of the additive (Bahdanau, Luong 'concat') score.
+    max_len: how many tokens `decoding.generate` produces when not told (None: it must be told);
+      the training loop sets it from the data, as it does a transformer's max_len.
     A bidirectional encoder gives each direction hidden_dim // 2 units, so encoder states and
     the decoder are hidden_dim wide and the encoder's final carries start the decoder directly.
     """
@@ -42,7 +45,8 @@ class RNNSeq2Seq(nn.Module):
     attention_dim: int = 128
     dropout_rate: float = 0.0
     share_embeddings: bool = True
-    bos_id: int = 1  # transformer.data.tokenizers.BOS_ID
+    max_len: int | None = None
+    bos_id: int = BOS_ID
 
     def __post_init__(self):
         self._check_config()  # at construction, so a bad config fails at start-up
@@ -80,6 +84,9 @@ class RNNSeq2Seq(nn.Module):
             raise ValueError("score and input_feeding apply to attention='luong' only; got "
                              f"attention={self.attention!r}, score={self.score!r}, "
                              f"input_feeding={self.input_feeding!r}.")
+        if self.max_len is not None and not (isinstance(self.max_len, int)
+                                             and self.max_len >= 1):
+            raise ValueError(f"max_len must be a positive integer or None; got {self.max_len!r}.")
         if not 0 < self.bos_id < self.vocab_size:
             raise ValueError(f"bos_id must be in [1, vocab_size={self.vocab_size}) (0 is padding); "
                              f"got {self.bos_id}.")
@@ -123,8 +130,16 @@ class RNNSeq2Seq(nn.Module):
         logits, weights = self.decode(memory, shift_right(targets, self.bos_id), train=train)
         return (logits, weights) if return_attention else logits
 
-    def init_decode_state(self, inputs):
-        """The decoding state before the first step: the encoder memory and the decoder state."""
+    @property
+    def max_decode_len(self):
+        """The number of tokens `decoding.generate` produces by default."""
+        return self.max_len
+
+    def init_decode_state(self, inputs, max_decode_len=None):
+        """The decoding state before the first step: the encoder memory and the decoder state.
+
+        max_decode_len is part of the decoding protocol (a transformer sizes its cache with it);
+        a recurrent state does not grow with the length, so any length can be decoded."""
         memory = self.encode(inputs)
         return {"memory": memory, "decoder": self.decoder.initial_state(memory)}
 
