@@ -24,29 +24,55 @@ from transformer.patterns import EMPTY, FULL
 # Scores of one scan step stay under this many elements (per batch element and head): enough work
 # per step to amortise the loop, little enough to stay in cache-friendly sizes.
 _SCORES_PER_STEP = 256 * 1024
+# The same for steps of whole rows, which keep no accumulators between steps.
+_ROW_SCORES_PER_STEP = 1024 * 1024
+# Whole-row schedules are used when padding rows to their group's longest adds at most this
+# fraction of work.
+_MAX_ROW_PADDING = 1.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which blocks each scan step computes: `[steps, items]` query blocks, `[steps, items,
+    slots]` key blocks and mask ids. A query block index of `num_q_blocks` marks a padding item,
+    whose writes are dropped; mask id 0 means all-allowed (a full block), 1 nothing allowed (a
+    padding slot)."""
+    q_block: np.ndarray
+    kv_block: np.ndarray
+    mask_id: np.ndarray
+
+    @property
+    def needs_mask(self):
+        return bool((self.mask_id != 0).any())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached
 class Plan:
-    """Which blocks each scan step computes; NumPy, built once per (pattern, shapes).
+    """How to walk a pattern's non-empty blocks; NumPy, built once per (pattern, shapes).
 
-    Shapes: `[steps, items]` for query blocks, `[steps, items, slots]` for key blocks and mask ids.
-    A query block index of `num_q_blocks` marks a padding item, whose writes are dropped; mask id
-    0 means all-allowed (a full block), 1 nothing allowed (a padding slot).
+    With `whole_rows`, every item is one query block with all its non-empty key blocks, so each
+    step finishes its rows' softmax; rows are grouped by how many key blocks they need (one
+    schedule per group). Otherwise one schedule of items that cut rows into pieces, combined by
+    online softmax.
     """
     block_q: int
     block_kv: int
     num_q_blocks: int
     num_kv_blocks: int
-    q_block: np.ndarray
-    kv_block: np.ndarray
-    mask_id: np.ndarray
+    whole_rows: bool
+    schedules: tuple
     block_masks: np.ndarray  # [num_masks, block_q, block_kv] bool
     computed_blocks: int  # non-empty (query block, key block) pairs
 
     @property
-    def needs_mask(self):
-        return bool((self.mask_id != 0).any())
+    def kv_block(self):
+        """Every scheduled key block (padding slots included), flat."""
+        return np.concatenate([s.kv_block.reshape(-1) for s in self.schedules])
+
+    @property
+    def mask_id(self):
+        """The mask id of every scheduled key block, flat like `kv_block`."""
+        return np.concatenate([s.mask_id.reshape(-1) for s in self.schedules])
 
 
 def _partial_block_masks(pattern, q_len, kv_len, block_q, block_kv, q_blocks, kv_blocks):
@@ -59,19 +85,9 @@ def _partial_block_masks(pattern, q_len, kv_len, block_q, block_kv, q_blocks, kv
     return allowed & in_range
 
 
-def _choose_slots(counts):
-    """Key blocks per item: few padding slots, but not so few that accumulator traffic dominates."""
-    def cost(slots):
-        items = -(-counts // slots)
-        return (items * slots).sum() + 0.5 * items.sum()
-    return min((1, 2, 4, 8, 16), key=cost)
-
-
-@functools.lru_cache(maxsize=32)
-def make_plan(pattern, q_len, kv_len, block_q, block_kv):
-    """The scan schedule for `pattern` at these lengths and block sizes (cached)."""
+def _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv):
+    """Row-major (query block, key block, mask id) of the non-empty blocks, and the masks."""
     layout = pattern.block_layout(q_len, kv_len, block_q, block_kv)
-    num_q_blocks, num_kv_blocks = layout.shape
     # Classify partial blocks exactly: the layout may call a block partial when it is full or empty.
     q_idx, kv_idx = np.nonzero(layout != EMPTY)
     mask_id = np.zeros(len(q_idx), np.int64)
@@ -90,15 +106,65 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv):
         masks += list(unique)
     keep = mask_id != 1
     q_idx, kv_idx, mask_id = q_idx[keep], kv_idx[keep], mask_id[keep]
-    used = np.unique(mask_id)
     masks = np.stack(masks)
     # Renumber mask ids densely, keeping 0 and 1 in place.
-    used = np.union1d([0, 1], used)
+    used = np.union1d([0, 1], np.unique(mask_id))
     renumber = np.zeros(len(masks), np.int64)
     renumber[used] = np.arange(len(used))
-    mask_id, masks = renumber[mask_id], masks[used]
+    return q_idx, kv_idx, renumber[mask_id], masks[used]
 
-    counts = np.bincount(q_idx, minlength=num_q_blocks)
+
+def _choose_slots(counts):
+    """Key blocks per item: few padding slots, but not so few that accumulator traffic dominates."""
+    def cost(slots):
+        items = -(-counts // slots)
+        return (items * slots).sum() + 0.5 * items.sum()
+    return min((1, 2, 4, 8, 16), key=cost)
+
+
+def _row_groups(counts):
+    """Split the non-empty rows into (at most) two groups by count, or None if that pads too much.
+
+    Each group is padded to its longest row; BigBird-like layouts (a few dense anchor rows, the
+    rest with about the same number of blocks) pad little, causal-like ones (every count from 1
+    to n) too much, and go to the item schedule instead.
+    """
+    rows = np.nonzero(counts)[0]
+    if not len(rows):
+        return None
+    rows = rows[np.argsort(counts[rows], kind="stable")]
+    ordered = counts[rows]
+    # Split s: rows[:s] padded to ordered[s - 1], rows[s:] to ordered[-1].
+    split = np.arange(len(rows))
+    cost = split * ordered[np.maximum(split - 1, 0)] + (len(rows) - split) * ordered[-1]
+    best = int(np.argmin(cost))
+    if cost[best] > _MAX_ROW_PADDING * ordered.sum():
+        return None
+    return [group for group in (rows[:best], rows[best:]) if len(group)]
+
+
+def _whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks, block_q,
+                        block_kv):
+    """Items of whole rows (ascending query block), padded with mask id 1 to the longest row."""
+    group = np.sort(group)
+    width = int(counts[group].max())
+    entry = row_start[group][:, None] + np.arange(width)
+    valid = np.arange(width) < counts[group][:, None]
+    entry = np.where(valid, entry, 0)
+    kv = np.where(valid, kv_idx[entry], 0)
+    ids = np.where(valid, mask_id[entry], 1)
+    rows_per_step = max(1, _ROW_SCORES_PER_STEP // (width * block_q * block_kv))
+    steps = -(-len(group) // rows_per_step)
+    per_step = -(-len(group) // steps)
+    pad = steps * per_step - len(group)
+    q = np.concatenate([group, np.full(pad, num_q_blocks)]).reshape(steps, per_step)
+    kv = np.concatenate([kv, np.zeros((pad, width), int)]).reshape(steps, per_step, width)
+    ids = np.concatenate([ids, np.ones((pad, width), int)]).reshape(steps, per_step, width)
+    return Schedule(q.astype(np.int32), kv.astype(np.int32), ids.astype(np.int32))
+
+
+def _item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q, block_kv):
+    """Rows cut into items of `slots` key blocks, dealt round-robin onto scan steps."""
     slots = _choose_slots(counts[counts > 0]) if len(q_idx) else 1
     # Items: each row's key blocks (in order) cut into groups of `slots`, padded with slot id 1.
     row_start = np.concatenate([[0], np.cumsum(counts)])
@@ -127,10 +193,27 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv):
     item_kv = np.concatenate([item_kv, np.zeros((pad, slots), int)])
     item_mask = np.concatenate([item_mask, np.ones((pad, slots), int)])
     # Item t goes to step t % steps, position t // steps.
-    order = lambda a: a.reshape(per_step, steps, *a.shape[1:]).swapaxes(0, 1)
-    return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks,
-                order(item_q).astype(np.int32), order(item_kv).astype(np.int32),
-                order(item_mask).astype(np.int32), masks, int(len(q_idx)))
+    order = lambda a: a.reshape(per_step, steps, *a.shape[1:]).swapaxes(0, 1).astype(np.int32)
+    return Schedule(order(item_q), order(item_kv), order(item_mask))
+
+
+@functools.lru_cache(maxsize=32)
+def make_plan(pattern, q_len, kv_len, block_q, block_kv):
+    """The scan schedules for `pattern` at these lengths and block sizes (cached)."""
+    num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
+    q_idx, kv_idx, mask_id, masks = _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv)
+    counts = np.bincount(q_idx, minlength=num_q_blocks)
+    groups = _row_groups(counts)
+    if groups is None:
+        schedules = (_item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q,
+                                    block_kv),)
+    else:
+        row_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        schedules = tuple(_whole_row_schedule(group, counts, row_start, kv_idx, mask_id,
+                                              num_q_blocks, block_q, block_kv)
+                          for group in groups)
+    return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, groups is not None, schedules,
+                masks, int(len(q_idx)))
 
 
 def _to_blocks(x, num_blocks, block):
@@ -146,7 +229,7 @@ def _from_blocks(x, length):
     return x.transpose(0, 2, 3, 1, 4).reshape(batch, num_blocks * block, heads, dim)[:, :length]
 
 
-def _item_logits(plan, q, k, key_bias, slopes, q_block, kv_block, mask_id):
+def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id):
     """Masked logits of one step's items: `[batch, heads, items, block_q, slots * block_kv]`.
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, already scaled; k: like it for keys;
@@ -154,7 +237,7 @@ def _item_logits(plan, q, k, key_bias, slopes, q_block, kv_block, mask_id):
     """
     items, slots = kv_block.shape
     logits = jnp.einsum("bhiqd,bhikd->bhiqk", _take(q, q_block), _take_kv(k, kv_block))
-    if plan.needs_mask:
+    if needs_mask:
         # Gathered straight into [items, block_q, slots, block_kv] order: no transpose.
         rows = jnp.arange(plan.block_q)[None, :, None]
         allowed = jnp.asarray(plan.block_masks)[mask_id[:, None, :], rows]
@@ -215,18 +298,66 @@ def _varying_like(arrays, inits):
     return tuple(marked)
 
 
+def _schedule_arrays(schedule):
+    return (jnp.asarray(schedule.q_block), jnp.asarray(schedule.kv_block),
+            jnp.asarray(schedule.mask_id))
+
+
+def _steps_to_blocks(x):
+    """Scan outputs `[steps, batch, heads, items, ...]` -> `[batch, heads, steps * items, ...]`."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:])
+
+
 def _forward(plan, q, k, v, key_bias, slopes):
     """Returns output blocks `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp."""
+    return (_forward_rows if plan.whole_rows else _forward_items)(plan, q, k, v, key_bias, slopes)
+
+
+def _forward_rows(plan, q, k, v, key_bias, slopes):
+    """Whole rows per item: one plain softmax per row, written once."""
+    batch, heads = q.shape[:2]
+    rows = (batch, heads, plan.num_q_blocks, plan.block_q)
+    out = jnp.zeros(rows + (v.shape[-1],), q.dtype)
+    # +inf log-sum-exp makes every probability of a keyless row exactly 0 in the backward pass.
+    lse = jnp.full(rows, jnp.inf, q.dtype)
+    for schedule in plan.schedules:
+        def step(_, items, needs_mask=schedule.needs_mask):
+            q_block, kv_block, mask_id = items
+            logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
+                                  mask_id)
+            row_max = logits.max(-1)
+            # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
+            shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+            probs = jnp.exp(logits - shift[..., None])
+            row_sum = probs.sum(-1)
+            has_key = row_sum > 0
+            safe_sum = jnp.where(has_key, row_sum, 1.0)
+            items_out = jnp.einsum("bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block))
+            items_lse = jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
+            return None, (items_out / safe_sum[..., None], items_lse)
+
+        _, (items_out, items_lse) = jax.lax.scan(step, None, _schedule_arrays(schedule))
+        q_block = schedule.q_block.reshape(-1)
+        out = _put(out, q_block, _steps_to_blocks(items_out))
+        lse = _put(lse, q_block, _steps_to_blocks(items_lse))
+    return out, lse
+
+
+def _forward_items(plan, q, k, v, key_bias, slopes):
+    """Pieces of rows per item, combined by online softmax (as in FlashAttention)."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
     init = _varying_like((q, k, v, key_bias, slopes), (
         jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype),
         jnp.zeros(rows + (v.shape[-1],), q.dtype)))
+    (schedule,) = plan.schedules
 
-    def step(carry, schedule):
+    def step(carry, items):
         row_max, row_sum, acc = carry
-        q_block, kv_block, mask_id = schedule
-        logits = _item_logits(plan, q, k, key_bias, slopes, q_block, kv_block, mask_id)
+        q_block, kv_block, mask_id = items
+        logits = _item_logits(plan, schedule.needs_mask, q, k, key_bias, slopes, q_block,
+                              kv_block, mask_id)
         old_max = _take(row_max, q_block)
         new_max = jnp.maximum(old_max, logits.max(-1))
         # A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0, not NaN.
@@ -240,8 +371,7 @@ def _forward(plan, q, k, v, key_bias, slopes):
                  _put(acc, q_block, new_acc))
         return carry, None
 
-    schedule = (jnp.asarray(plan.q_block), jnp.asarray(plan.kv_block), jnp.asarray(plan.mask_id))
-    (row_max, row_sum, acc), _ = jax.lax.scan(step, init, schedule)
+    (row_max, row_sum, acc), _ = jax.lax.scan(step, init, _schedule_arrays(schedule))
     has_key = row_sum > 0
     out = jnp.where(has_key[..., None], acc / jnp.where(has_key, row_sum, 1.0)[..., None], 0.0)
     # +inf log-sum-exp makes every probability of a keyless row exactly 0 in the backward pass.
@@ -251,32 +381,49 @@ def _forward(plan, q, k, v, key_bias, slopes):
 
 def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
     delta = (d_out * out).sum(-1)  # [batch, heads, num_q_blocks, block_q]
-    init = _varying_like((q, k, v, key_bias, slopes, d_out),
-                         (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+    dq, dk, dv = _varying_like((q, k, v, key_bias, slopes, d_out),
+                               (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
     # dK^T = Q^T dS and dV^T = dO^T P are plain matmuls when Q and dO are stored transposed,
     # [.., dim, block]; XLA's CPU backend runs P^T dO (contracting the rows) far slower.
     q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
 
-    def step(carry, schedule):
-        dq, dk, dv = carry
-        q_block, kv_block, mask_id = schedule
-        logits = _item_logits(plan, q, k, key_bias, slopes, q_block, kv_block, mask_id)
-        probs = jnp.exp(logits - _take(lse, q_block)[..., None])
-        dv_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
-        d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
-        d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
-        dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
-        dk_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
-        # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, block, dim]
-        to_slots = lambda x: jnp.swapaxes(x, -1, -2).reshape(
-            *x.shape[:3], *kv_block.shape[1:], plan.block_kv, x.shape[3])
-        carry = (_put(dq, q_block, dq_items, add=True),
-                 _put(dk, kv_block, to_slots(dk_t), add=True),
-                 _put(dv, kv_block, to_slots(dv_t), add=True))
-        return carry, None
+    for schedule in plan.schedules:
+        def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
+            """dQ of the items' query blocks; dK, dV of their key blocks, `[.., slots, block, d]`."""
+            logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
+                                  mask_id)
+            probs = jnp.exp(logits - _take(lse, q_block)[..., None])
+            dv_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
+            d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
+            d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
+            dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
+            dk_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
+            # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, block, dim]
+            to_slots = lambda x: jnp.swapaxes(x, -1, -2).reshape(
+                *x.shape[:3], *kv_block.shape[1:], plan.block_kv, x.shape[3])
+            return dq_items, to_slots(dk_t), to_slots(dv_t)
 
-    schedule = (jnp.asarray(plan.q_block), jnp.asarray(plan.kv_block), jnp.asarray(plan.mask_id))
-    (dq, dk, dv), _ = jax.lax.scan(step, init, schedule)
+        if plan.whole_rows:
+            # Each row's dQ is complete in its step: an output, written once.
+            def step(carry, items):
+                dk, dv = carry
+                dq_items, dk_items, dv_items = item_grads(*items)
+                kv_block = items[1]
+                return (_put(dk, kv_block, dk_items, add=True),
+                        _put(dv, kv_block, dv_items, add=True)), dq_items
+
+            (dk, dv), dq_items = jax.lax.scan(step, (dk, dv), _schedule_arrays(schedule))
+            dq = _put(dq, schedule.q_block.reshape(-1), _steps_to_blocks(dq_items))
+        else:
+            def step(carry, items):
+                dq, dk, dv = carry
+                q_block, kv_block, _ = items
+                dq_items, dk_items, dv_items = item_grads(*items)
+                return (_put(dq, q_block, dq_items, add=True),
+                        _put(dk, kv_block, dk_items, add=True),
+                        _put(dv, kv_block, dv_items, add=True)), None
+
+            (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), _schedule_arrays(schedule))
     return dq, dk, dv
 
 
