@@ -299,13 +299,13 @@ def test_trains_through_the_shared_loop_on_a_seq2seq_data_set(tmp_path):
     config.data = ml_collections.ConfigDict(dict(name="copy_reverse", config="tiny"))
     config.data_dir = str(tmp_path / "tfds")
     config.global_batch_size = 16
-    config.num_train_steps = 40
-    config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 40
+    config.num_train_steps = 80
+    config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 80
     config.eval_steps = 2
     config.optimizer.learning_rate = 1e-2
     config.optimizer.warmup_steps = 0
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert result.summary["status"] == "completed" and result.summary["step"] == 40
-    # The tiny data set has 12 token ids (8 symbols, EOS and 3 unused): uniform guessing is
-    # ln 12 = 2.5 nats.
-    assert result.summary["final"]["eval/loss"] < 2.0, result.summary["final"]
+    assert result.summary["status"] == "completed" and result.summary["step"] == 80
+    # Targets are 3 to 12 of 8 symbols, then EOS: knowing only token frequencies costs about
+    # 2.2 nats per target, so less needs the source (this run: 1.42).
+    assert result.summary["final"]["eval/loss"] < 1.9, result.summary["final"]
