@@ -1,6 +1,8 @@
 r"""Greedy decoding with a key/value cache against full recomputation: tokens per second.
 
-    python benchmarks/decoding_benchmark.py --lengths 128,512,2048 --out benchmarks/results/decoding
+    python benchmarks/decoding_benchmark.py --lengths 128,512 --uncached_steps 512
+    python benchmarks/decoding_benchmark.py --lengths 2048 --uncached_steps 64 \
+        --out benchmarks/results/decoding_2048
 
 A decoder-only LM and an encoder-decoder (4 layers each side, d_model 256, 4 heads, d_ff 1024,
 vocabulary 1024, random weights, float32), batch 1, generating N tokens greedily from the start
