@@ -236,3 +236,32 @@ def test_block_sparse_under_shard_map_and_pmap():
     for got, want in zip(mapped, expected):
         np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-5,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding, alibi", [(False, False), (True, True)])
+def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi):
+    """BigBird's anchor rows are too wide for one step: they go to the online-softmax schedule
+    while the other rows are computed whole; both kinds must add up to the reference."""
+    monkeypatch.setattr(block_sparse, "_ROW_SCORES_PER_STEP", 8 * 8 * 8)
+    block_sparse.make_plan.cache_clear()
+    block_sparse._attention_fn.cache_clear()
+    pattern = patterns.bigbird(block_size=8, seed=4)
+    plan = block_sparse.make_plan(pattern, 177, 177, 8, 8)
+    assert sorted(s.whole_rows for s in plan.schedules) == [False, True]
+    inputs = random_inputs(7, 2, 177, 177, 2, padding=padding, alibi=alibi)
+    q, k, v, d_out, key_valid, slopes = inputs
+
+    def attend(q, k, v):
+        return block_sparse.block_sparse_attention(
+            q, k, v, pattern=pattern, key_valid=None if key_valid is None else jnp.asarray(
+                key_valid), alibi_slopes=slopes, block_q=8)
+
+    out, vjp = jax.vjp(jax.jit(attend), q, k, v)
+    allowed = np.broadcast_to(pattern.mask(177, 177), (2, 177, 177))
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    expected, expected_grads = reference(q, k, v, d_out, allowed, 8 ** -0.5, slopes)
+    for got, want in zip((out,) + tuple(vjp(jnp.asarray(d_out))), (expected,) + expected_grads):
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-4)
+    block_sparse.make_plan.cache_clear()
+    block_sparse._attention_fn.cache_clear()

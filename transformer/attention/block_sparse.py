@@ -25,7 +25,8 @@ from transformer.patterns import EMPTY, FULL
 # per step to amortise the loop, little enough to stay in cache-friendly sizes.
 _SCORES_PER_STEP = 256 * 1024
 # The same for steps of whole rows, which keep no accumulators between steps.
-_ROW_SCORES_PER_STEP = 1024 * 1024
+_ROW_SCORES_PER_STEP = 128 * 1024
+_ROWS_PER_CHAIN = 1
 # Whole-row schedules are used when padding rows to their group's longest adds at most this
 # fraction of work.
 _MAX_ROW_PADDING = 1.1
@@ -40,6 +41,7 @@ class Schedule:
     q_block: np.ndarray
     kv_block: np.ndarray
     mask_id: np.ndarray
+    whole_rows: bool  # each item is one query block with all its key blocks
 
     @property
     def needs_mask(self):
@@ -50,16 +52,16 @@ class Schedule:
 class Plan:
     """How to walk a pattern's non-empty blocks; NumPy, built once per (pattern, shapes).
 
-    With `whole_rows`, every item is one query block with all its non-empty key blocks, so each
-    step finishes its rows' softmax; rows are grouped by how many key blocks they need (one
-    schedule per group). Otherwise one schedule of items that cut rows into pieces, combined by
-    online softmax.
+    Each query block (row) belongs to one schedule. When rows need about the same number of key
+    blocks, they are grouped by that number and each item of a group's schedule is a whole row,
+    so each step finishes its rows' softmax. Rows too wide for one step (BigBird's anchor rows)
+    and layouts whose rows differ too much (causal) go to a schedule whose items are pieces of
+    rows, combined by online softmax.
     """
     block_q: int
     block_kv: int
     num_q_blocks: int
     num_kv_blocks: int
-    whole_rows: bool
     schedules: tuple
     block_masks: np.ndarray  # [num_masks, block_q, block_kv] bool
     computed_blocks: int  # non-empty (query block, key block) pairs
@@ -160,7 +162,7 @@ def _whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks,
     q = np.concatenate([group, np.full(pad, num_q_blocks)]).reshape(steps, per_step)
     kv = np.concatenate([kv, np.zeros((pad, width), int)]).reshape(steps, per_step, width)
     ids = np.concatenate([ids, np.ones((pad, width), int)]).reshape(steps, per_step, width)
-    return Schedule(q.astype(np.int32), kv.astype(np.int32), ids.astype(np.int32))
+    return Schedule(q.astype(np.int32), kv.astype(np.int32), ids.astype(np.int32), True)
 
 
 def _item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q, block_kv):
@@ -194,7 +196,7 @@ def _item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q, block_
     item_mask = np.concatenate([item_mask, np.ones((pad, slots), int)])
     # Item t goes to step t % steps, position t // steps.
     order = lambda a: a.reshape(per_step, steps, *a.shape[1:]).swapaxes(0, 1).astype(np.int32)
-    return Schedule(order(item_q), order(item_kv), order(item_mask))
+    return Schedule(order(item_q), order(item_kv), order(item_mask), False)
 
 
 @functools.lru_cache(maxsize=32)
@@ -203,17 +205,19 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv):
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
     q_idx, kv_idx, mask_id, masks = _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv)
     counts = np.bincount(q_idx, minlength=num_q_blocks)
-    groups = _row_groups(counts)
-    if groups is None:
-        schedules = (_item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q,
-                                    block_kv),)
-    else:
-        row_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        schedules = tuple(_whole_row_schedule(group, counts, row_start, kv_idx, mask_id,
-                                              num_q_blocks, block_q, block_kv)
-                          for group in groups)
-    return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, groups is not None, schedules,
-                masks, int(len(q_idx)))
+    groups = _row_groups(counts) or []
+    wide = [g for g in groups if counts[g].max() * block_q * block_kv > _ROW_SCORES_PER_STEP]
+    narrow = [g for g in groups if counts[g].max() * block_q * block_kv <= _ROW_SCORES_PER_STEP]
+    row_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    schedules = [_whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks,
+                                     block_q, block_kv) for group in narrow]
+    if not groups or wide:
+        rest = np.isin(q_idx, np.concatenate(wide)) if wide else np.ones(len(q_idx), bool)
+        schedules.append(_item_schedule(
+            q_idx[rest], kv_idx[rest], mask_id[rest],
+            np.bincount(q_idx[rest], minlength=num_q_blocks), num_q_blocks, block_q, block_kv))
+    return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, tuple(schedules), masks,
+                int(len(q_idx)))
 
 
 def _to_blocks(x, num_blocks, block):
@@ -309,49 +313,70 @@ def _steps_to_blocks(x):
     return x.reshape(*x.shape[:2], -1, *x.shape[4:])
 
 
+def _in_chains(fn, items):
+    """`fn(*items)` computed as independent halves of the items, joined along the item axis.
+
+    XLA's CPU runtime runs independent operations concurrently: two chains of cache-sized
+    products keep both cores busy, where one chain of small products runs on one.
+    """
+    count = items[0].shape[0]
+    if count < 2 * _ROWS_PER_CHAIN:
+        return fn(*items)
+    half = count // 2
+    first, second = fn(*(x[:half] for x in items)), fn(*(x[half:] for x in items))
+    return tuple(jnp.concatenate(pair, axis=2) for pair in zip(first, second))
+
+
 def _forward(plan, q, k, v, key_bias, slopes):
     """Returns output blocks `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp."""
-    return (_forward_rows if plan.whole_rows else _forward_items)(plan, q, k, v, key_bias, slopes)
-
-
-def _forward_rows(plan, q, k, v, key_bias, slopes):
-    """Whole rows per item: one plain softmax per row, written once."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
     out = jnp.zeros(rows + (v.shape[-1],), q.dtype)
     # +inf log-sum-exp makes every probability of a keyless row exactly 0 in the backward pass.
     lse = jnp.full(rows, jnp.inf, q.dtype)
     for schedule in plan.schedules:
-        def step(_, items, needs_mask=schedule.needs_mask):
-            q_block, kv_block, mask_id = items
-            logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
-                                  mask_id)
-            row_max = logits.max(-1)
-            # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
-            shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
-            probs = jnp.exp(logits - shift[..., None])
-            row_sum = probs.sum(-1)
-            has_key = row_sum > 0
-            safe_sum = jnp.where(has_key, row_sum, 1.0)
-            items_out = jnp.einsum("bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block))
-            items_lse = jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
-            return None, (items_out / safe_sum[..., None], items_lse)
-
-        _, (items_out, items_lse) = jax.lax.scan(step, None, _schedule_arrays(schedule))
-        q_block = schedule.q_block.reshape(-1)
-        out = _put(out, q_block, _steps_to_blocks(items_out))
-        lse = _put(lse, q_block, _steps_to_blocks(items_lse))
+        if schedule.whole_rows:
+            out, lse = _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse)
+        else:
+            # Its rows are none of the others': zero output and +inf log-sum-exp elsewhere.
+            items_out, items_lse = _forward_items(plan, schedule, q, k, v, key_bias, slopes)
+            out, lse = out + items_out, jnp.minimum(lse, items_lse)
     return out, lse
 
 
-def _forward_items(plan, q, k, v, key_bias, slopes):
+def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
+    """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
+    def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
+        logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
+                              mask_id)
+        row_max = logits.max(-1)
+        # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
+        shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+        probs = jnp.exp(logits - shift[..., None])
+        row_sum = probs.sum(-1)
+        has_key = row_sum > 0
+        safe_sum = jnp.where(has_key, row_sum, 1.0)
+        items_out = jnp.einsum("bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block))
+        items_lse = jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
+        return items_out / safe_sum[..., None], items_lse
+
+    def step(_, items):
+        return None, _in_chains(rows, items)
+
+    _, (items_out, items_lse) = jax.lax.scan(step, None, _schedule_arrays(schedule))
+    q_block = schedule.q_block.reshape(-1)
+    out = _put(out, q_block, _steps_to_blocks(items_out))
+    lse = _put(lse, q_block, _steps_to_blocks(items_lse))
+    return out, lse
+
+
+def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     """Pieces of rows per item, combined by online softmax (as in FlashAttention)."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
     init = _varying_like((q, k, v, key_bias, slopes), (
         jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype),
         jnp.zeros(rows + (v.shape[-1],), q.dtype)))
-    (schedule,) = plan.schedules
 
     def step(carry, items):
         row_max, row_sum, acc = carry
@@ -403,11 +428,11 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
                 *x.shape[:3], *kv_block.shape[1:], plan.block_kv, x.shape[3])
             return dq_items, to_slots(dk_t), to_slots(dv_t)
 
-        if plan.whole_rows:
+        if schedule.whole_rows:
             # Each row's dQ is complete in its step: an output, written once.
-            def step(carry, items):
+            def step(carry, items, item_grads=item_grads):
                 dk, dv = carry
-                dq_items, dk_items, dv_items = item_grads(*items)
+                dq_items, dk_items, dv_items = _in_chains(item_grads, items)
                 kv_block = items[1]
                 return (_put(dk, kv_block, dk_items, add=True),
                         _put(dv, kv_block, dv_items, add=True)), dq_items
