@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention.shapes import check_query_key_value
+
 # Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
 # AVX-512 CPU among 256..1024 (benchmarks/chunked_benchmark.py); 512x256 float32 logits for 8
 # heads is 4 MB. Short sequences shrink them to the padded length.
@@ -81,17 +83,7 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
 
 
 def _check_inputs(query, key, value, key_valid, alibi_slopes):
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise ValueError(
-            "query, key and value must be [batch, length, heads, head_dim]; got shapes "
-            f"{query.shape}, {key.shape}, {value.shape}.")
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key {key.shape} and value {value.shape} must agree on "
-                         "[batch, kv_len, heads].")
-    if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
-        raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(f"query head_dim {query.shape[3]} != key head_dim {key.shape[3]}.")
+    check_query_key_value(query, key, value)
     if key_valid is not None:
         if key_valid.shape != key.shape[:2] or key_valid.dtype != bool:
             raise ValueError(f"key_valid must be boolean [batch, kv_len] = {list(key.shape[:2])}; "

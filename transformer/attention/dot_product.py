@@ -15,6 +15,7 @@ from transformer import patterns
 from transformer.attention.block_sparse import block_sparse_attention
 from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import dense_attention
+from transformer.attention.shapes import check_query_key_value
 from transformer.attention.splash import splash_attention
 from transformer.attention.xla import cudnn_attention, xla_attention
 
@@ -98,17 +99,7 @@ def pattern_mask(pattern, q_len, kv_len, key_valid=None):
 
 
 def _check_shapes(query, key, value, mask, bias):
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise ValueError(
-            "query, key and value must be [batch, length, heads, head_dim]; got shapes "
-            f"{query.shape}, {key.shape}, {value.shape}.")
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key {key.shape} and value {value.shape} must agree on "
-                         "[batch, kv_len, heads].")
-    if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
-        raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(f"query head_dim {query.shape[3]} != key head_dim {key.shape[3]}.")
+    check_query_key_value(query, key, value)
     full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     for name, array in (("mask", mask), ("bias", bias)):
         if array is None:
