@@ -195,3 +195,14 @@ def test_draw_writes_a_png(tmp_path):
     path = tmp_path / "bigbird.png"
     patterns.bigbird(block_size=4).draw(32, path=str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_is_the_identity_of_and_and_absorbs_or():
+    window = patterns.sliding_window(3)
+    assert patterns.full() & patterns.causal() == patterns.causal()
+    assert patterns.causal() & patterns.full() == patterns.causal()
+    assert patterns.full() | window == patterns.full()
+    assert window & window == window and window | window == window
+    composed = (patterns.full() & window) | patterns.anchor(2)
+    np.testing.assert_array_equal(composed.mask(37, 37),
+                                  window.mask(37, 37) | patterns.anchor(2).mask(37, 37))

@@ -98,13 +98,7 @@ def layer_pattern(config, layer, *, causal):
         pattern = patterns.build(config.pattern, layer=layer, **dict(config.pattern_options))
     else:
         pattern = config.pattern
-    if not causal:
-        return pattern
-    if isinstance(pattern, (patterns.Full, patterns.Causal)):
-        # Plain causal(), not full() & causal(): implementations special-case it (chunked
-        # attention skips the upper triangle's tiles).
-        return patterns.causal()
-    return pattern & patterns.causal()
+    return pattern & patterns.causal() if causal else pattern
 
 
 def positional_encoding(config):

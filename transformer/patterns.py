@@ -131,11 +131,23 @@ class Pattern:
                 plt.close(figure)
         return ax
 
+    # full() is the identity of `&` and absorbs `|`: simplifying here keeps `full() & causal()`
+    # the plain causal() that implementations recognise (chunked attention skips its upper half).
     def __or__(self, other):
-        return Union(_flatten(Union, self) + _flatten(Union, _check_pattern(other)))
+        other = _check_pattern(other)
+        if isinstance(self, Full) or isinstance(other, Full):
+            return Full()
+        if self == other:
+            return self
+        return Union(_flatten(Union, self) + _flatten(Union, other))
 
     def __and__(self, other):
-        return Intersection(_flatten(Intersection, self) + _flatten(Intersection, _check_pattern(other)))
+        other = _check_pattern(other)
+        if isinstance(self, Full):
+            return other
+        if isinstance(other, Full) or self == other:
+            return self
+        return Intersection(_flatten(Intersection, self) + _flatten(Intersection, other))
 
 
 def _check_pattern(value):
