@@ -6,7 +6,7 @@
     CLS_ID = 3   classification token (UNK in SentencePiece vocabularies)
 
 A module of its own so that the models import them without importing the data pipeline (TFDS,
-grain); transformer/data/tokenizers.py defines the same ids (tests/test_models.py checks).
+grain); transformer/data/tokenizers.py imports them from here.
 """
 
 PAD_ID = 0

@@ -155,7 +155,7 @@ def training_data(config):
 
 def with_data_fields(config):
     """`config.model` plus what the data decides, where the experiment left it out:
-    vocab_size, num_classes (classifiers) and max_len (from the data's input length).
+    vocab_size, num_classes (classifiers) and max_len (the longer of input and target length).
 
     Also checks that the data set's task is `config.task`.
     """
@@ -165,7 +165,9 @@ def with_data_fields(config):
         raise ValueError(f"config.task={config.task!r} but data set {config.data.name!r} is a "
                          f"{info.task!r} data set; set config.task={info.task!r}.")
     model_config = config.model.copy_and_resolve_references()
-    derived = {"vocab_size": info.vocab_size, "max_len": info.max_length}
+    # A decoder's positions run over the targets, which may be longer than the inputs.
+    max_len = max(info.max_length, info.max_target_length or 0)
+    derived = {"vocab_size": info.vocab_size, "max_len": max_len}
     if info.num_classes is not None:
         derived["num_classes"] = info.num_classes
     with model_config.unlocked():

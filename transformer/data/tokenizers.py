@@ -1,23 +1,16 @@
 """Token ids shared by every data set: reserved ids, bytes, and SentencePiece.
 
-Every vocabulary starts with the same four reserved ids, so padding is 0 everywhere:
-
-    PAD_ID = 0   padding (never a real token; losses and attention masks key on it)
-    BOS_ID = 1   beginning of sequence
-    EOS_ID = 2   end of sequence / end of document
-    CLS_ID = 3   classification token prepended to classifier inputs (or UNK for SentencePiece)
-
-Byte-level data sets map byte b to id b + 4, so their vocabulary has 260 ids.
+Every vocabulary starts with the four reserved ids of `transformer.token_ids` (PAD 0, BOS 1,
+EOS 2, CLS 3), so padding is 0 everywhere. Byte-level data sets map byte b to id b + 4, so their
+vocabulary has 260 ids.
 """
 
 import io
 
 import numpy as np
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-CLS_ID = 3
+from transformer.token_ids import BOS_ID, CLS_ID, EOS_ID, PAD_ID  # noqa: F401 (re-exported)
+
 NUM_RESERVED = 4
 BYTE_VOCAB_SIZE = NUM_RESERVED + 256
 
