@@ -10,6 +10,8 @@ matmul peak (a 2048^2 float32 product) is timed in the same alternation, and ach
     python benchmarks/attention_benchmark.py --lengths 1024,2048,4096,8192,16384 \
         --patterns full,causal,bigbird --out benchmarks/results
 
+`--pairs full:chunked,bigbird:block_sparse` runs only those pairs (the block-sparse speed target).
+
 Writes `<out>/attention_benchmark.csv`, `<out>/time.png` and `<out>/memory.png`, and prints a
 table. Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
 `flax.linen.MultiHeadDotProductAttention` with a dense mask (its projections included).
@@ -173,6 +175,9 @@ def main(argv=None):
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--patterns", default="full,causal,bigbird")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--pairs", default="",
+                        help="pattern:implementation pairs to run instead of every pattern with "
+                             "every implementation, e.g. full:chunked,bigbird:block_sparse")
     parser.add_argument("--dense-max-length", type=int, default=4096,
                         help="longest length for the implementations that build the full "
                              "score matrix (8192 needs about 14 GB)")
@@ -189,7 +194,11 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return {"time": worker_time, "memory": worker_memory}[args.worker](args)
 
-    unknown = set(args.implementations.split(",")) - set(IMPLEMENTATIONS)
+    selected = [tuple(pair.split(":")) for pair in args.pairs.split(",") if pair]
+    if any(len(pair) != 2 for pair in selected):
+        parser.error(f"--pairs takes pattern:implementation pairs; got {args.pairs!r}")
+    implementations = [n for _, n in selected] or args.implementations.split(",")
+    unknown = set(implementations) - set(IMPLEMENTATIONS)
     if unknown:
         parser.error(f"unknown implementations {sorted(unknown)}; allowed: {list(IMPLEMENTATIONS)}")
     os.makedirs(args.out, exist_ok=True)
@@ -202,8 +211,9 @@ def main(argv=None):
 
     rows = []
     for length in map(int, args.lengths.split(",")):
-        combinations = [(p, n) for p in args.patterns.split(",")
-                        for n in args.implementations.split(",")
+        combinations = [(p, n) for p, n in selected or [
+                            (p, n) for p in args.patterns.split(",")
+                            for n in args.implementations.split(",")]
                         if applies(n, p, length, args.dense_max_length)]
         if not combinations:
             continue
