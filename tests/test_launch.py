@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -133,3 +135,24 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
     with pytest.raises(ValueError, match=r"used another config than the experiment now gives "
                                          r"\(optimizer.learning_rate: 0.003 -> 0.5\)"):
         sweep.run_sweep(changed, "smoke", str(tmp_path), overrides)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(tmp_path, data_dir):
+    get_config = load_experiment("pattern_reach.py").get_config
+    finals = {}
+    for dtype in ("float32", "bfloat16"):
+        config = get_config("smoke,full-2layers")
+        config.data_dir = data_dir
+        config.model.dtype = dtype
+        result = train.train_and_evaluate(config, str(tmp_path / dtype))
+        params = jax.tree.leaves(result.state.params)
+        assert {leaf.dtype for leaf in params} == {np.dtype("float32")}
+        finals[dtype] = result.summary["final"]["train/loss"]
+    assert np.isfinite(finals["bfloat16"])
+    assert finals["bfloat16"] == pytest.approx(finals["float32"], rel=0.05)
+    assert finals["bfloat16"] != finals["float32"]  # the compute dtype did take effect
+
+    # Running a finished workdir again resumes at its end: nothing is timed, and the summary
+    # says so rather than claim 0 tokens/s.
+    again = train.train_and_evaluate(config, str(tmp_path / "bfloat16"))
+    assert again.summary["tokens_per_second"] is None

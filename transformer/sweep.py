@@ -136,7 +136,8 @@ def write_results(records, plan, workdir):
         writer = csv.writer(f)
         writer.writerow(["variant", "seed", "tokens_per_second"] + metrics)
         for r in records:
-            writer.writerow([r["variant"], r["seed"], f"{r['tokens_per_second']:.1f}"]
+            speed = r["tokens_per_second"]  # None when the run was not timed (resumed at its end)
+            writer.writerow([r["variant"], r["seed"], "" if speed is None else f"{speed:.1f}"]
                             + [f"{r['results'][m]:.6g}" for m in metrics])
     if "plot" in plan and plan.plot:
         plot(records, plan.plot, os.path.join(workdir, "plot.png"))

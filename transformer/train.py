@@ -425,8 +425,9 @@ def train_and_evaluate(config, workdir):
         "step": step,
         "final": {**{f"train/{k}": v for k, v in last_train.items()}, **last_eval},
         "best": best,
-        "steps_per_second": speed.total_steps / max(speed.total_seconds, 1e-9),
-        "tokens_per_second": speed.total_tokens / max(speed.total_seconds, 1e-9),
+        # None, not 0, when this process timed no step (it resumed from the final checkpoint).
+        "steps_per_second": speed.total_steps / speed.total_seconds if speed.total_steps else None,
+        "tokens_per_second": speed.total_tokens / speed.total_seconds if speed.total_steps else None,
         "num_params": num_params,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
