@@ -1,0 +1,103 @@
+r"""Positional encodings: trained at one length, evaluated at 1x to 4x that length.
+
+The task is associative recall (transformer/data/associative_recall.py): `k_1 v_1 ... k_n v_n q`,
+answer the value stored right after the key q. It needs order and nothing but local order: the
+pairing of a key with its value is carried only by adjacency, so a model without positions sees
+a bag of tokens and can do no better than guessing a value present in the sequence (chance is
+1 / num_values for a uniform guess), while the rule itself ("the token after the matching key")
+is the same at every length. That makes it a clean test of whether an encoding lets the rule
+carry over to positions and distances never seen in training, which a classification over
+whole sequences (e.g. ListOps) would mix with harder reasoning, and copy/reverse with decoding.
+
+Training: n pairs (2n + 1 tokens), the queried key at every even distance 2..2n from the query
+(a mixture, each batch from one distance), so the model must find the key by content.
+Evaluation: k * n pairs for k = 1, 2, 3, 4, the queried key at distance `eval_distance` (inside
+the trained range, so only the length and the absolute positions are new). Keys are drawn from
+one vocabulary large enough for the longest sequences, the same in training and evaluation.
+
+The learned encoding has a table of max_len vectors; it is sized here to the longest evaluation
+sequence (2 * 4n + 1 tokens, padded to 2 * 4n + 2) for every variant. Positions past the training length 2n + 1 are never
+trained: they keep their random initial vectors, which is exactly what "learned positions do not
+extrapolate" means. The others have no table (sinusoidal is computed, rotary and ALiBi act in
+attention) and ignore max_len.
+
+    python launch.py --config=experiments/positional.py:cpu --sweep --workdir=/tmp/positional
+    python launch.py --config=experiments/positional.py:cpu,alibi --workdir=/tmp/alibi
+
+Presets: "smoke" (tests, seconds), "cpu" (2 cores: n = 8 pairs, evaluated up to 32 pairs),
+"full" (GPU/TPU: n = 32, evaluated up to 128 pairs; not run here). Variants: the encodings.
+Plot: accuracy against evaluation length / training length, one line per encoding.
+"""
+
+import ml_collections
+
+from transformer.config_checks import base_config
+from transformer.positional import POSITIONAL_ENCODINGS
+
+LENGTH_FACTORS = (1, 2, 3, 4)
+
+PRESETS = {
+    "smoke": dict(num_pairs=2, eval_distance=2, num_values=4, encodings=("none", "learned"),
+                  seeds=(0,), steps=10, batch=16, num_layers=1, d_model=16, num_heads=2,
+                  num_train=64, num_eval=32, learning_rate=3e-3),
+    "cpu": dict(num_pairs=8, eval_distance=8, num_values=8, encodings=POSITIONAL_ENCODINGS,
+                seeds=(0, 1), steps=800, batch=64, num_layers=2, d_model=64, num_heads=4,
+                num_train=4096, num_eval=512, learning_rate=3e-3),
+    # Sized for a GPU/TPU; not run on this machine.
+    "full": dict(num_pairs=32, eval_distance=32, num_values=16, encodings=POSITIONAL_ENCODINGS,
+                 seeds=(0, 1, 2), steps=20_000, batch=256, num_layers=4, d_model=128,
+                 num_heads=4, num_train=20_000, num_eval=1000, learning_rate=1e-3),
+}
+
+
+def get_config(arg="cpu"):
+    """arg: "<preset>" or "<preset>,<encoding>"; preset in PRESETS (default cpu)."""
+    preset_name, _, variant = arg.partition(",")
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
+    if variant and variant not in POSITIONAL_ENCODINGS:
+        raise ValueError(f"unknown positional variant {variant!r}; allowed: "
+                         f"{list(POSITIONAL_ENCODINGS)}.")
+    preset = PRESETS[preset_name]
+    n = preset["num_pairs"]
+    longest_pairs = max(LENGTH_FACTORS) * n
+
+    config = base_config()
+    config.task = "classification"
+    config.data = ml_collections.ConfigDict(dict(
+        name="associative_recall", config="pairs64", add_cls=False,
+        builder_overrides=dict(num_pairs=n, num_keys=2 * longest_pairs,
+                               num_values=preset["num_values"], distance=2,
+                               num_train=preset["num_train"],
+                               num_validation=preset["num_eval"], num_test=preset["num_eval"])))
+    config.train_mixture = {f"d{d}": {"builder_overrides": {"distance": d}}
+                            for d in range(2, 2 * n + 1, 2)}
+    config.eval_data = {
+        f"x{k}": {"builder_overrides": {"num_pairs": k * n, "distance": preset["eval_distance"]}}
+        for k in LENGTH_FACTORS}
+    config.model = ml_collections.ConfigDict(dict(
+        name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
+        d_ff=2 * preset["d_model"], num_layers=preset["num_layers"], pooling="attention",
+        positional=variant or "sinusoidal", norm_position="pre", dropout_rate=0.0,
+        # The longest evaluation batch: 2 * 4n + 1 tokens, padded to 2 * 4n + 2 (the data
+        # leaves room for a [CLS]).
+        max_len=2 * longest_pairs + 2,
+        pattern="full", implementation="auto", dtype="float32"))
+    config.global_batch_size = preset["batch"]
+    config.num_train_steps = preset["steps"]
+    config.eval_every_steps = preset["steps"]
+    config.checkpoint_every_steps = preset["steps"]
+    config.log_every_steps = max(preset["steps"] // 4, 1)
+    config.eval_steps = 0  # the whole validation split of each length
+    config.optimizer.learning_rate = preset["learning_rate"]
+    config.optimizer.warmup_steps = max(preset["steps"] // 10, 1)
+    config.optimizer.weight_decay = 0.0
+    config.sweep.seeds = preset["seeds"]
+    config.sweep.variants = tuple(preset["encodings"])
+    points = tuple((k, f"eval_x{k}/accuracy") for k in LENGTH_FACTORS)
+    config.sweep.metrics = tuple(key for _, key in points)
+    config.sweep.plot = ml_collections.ConfigDict(dict(
+        points=points, series="model.positional", panel="",
+        x_label=f"evaluation length / training length ({2 * n + 1} tokens)",
+        y_label="accuracy"))
+    return config
