@@ -10,8 +10,8 @@ anchors or random blocks relay the information.
 
 Presets:
   "smoke"  tests, seconds: the `tiny` data (10-60 tokens), a 1-layer model, 10 steps.
-  "cpu"    2 cores: 50-250-token expressions (the `small` config, shortened), a 2-layer
-           d_model-64 model, 2 seeds.
+  "cpu"    2 cores: 30-150-token expressions (the `small` config, shortened), a 2-layer
+           d_model-64 model, 500 steps, 2 seeds; windows and blocks of 16 tokens.
   "full"   GPU/TPU, the Long Range Arena's settings (Tay et al., 2020): the `lra` data
            (500-2,000 tokens), 4 layers, d_model 512, 8 heads, MLP 1024, batch 32, 5,000 steps,
            [CLS] pooling, BigBird's block 64 with 3 window, 2 global and 3 random blocks. LRA's
@@ -55,9 +55,9 @@ PRESETS = {
                   seeds=(0,), steps=10, warmup=1, schedule="cosine", batch=16, num_layers=1,
                   d_model=16, num_heads=2, d_ff=32, dropout=0.0, learning_rate=3e-3,
                   weight_decay=0.0, block=4, random_blocks=1, anchor_blocks=1, eval_steps=0),
-    # ~8,000 training examples of 50-250 tokens: generated once (tens of seconds), then cached.
+    # 8,000 training examples of 30-150 tokens: generated once (~10 s), then read from disk.
     "cpu": dict(data_config="small",
-                data_overrides=dict(min_length=50, max_length=250, num_train=8000,
+                data_overrides=dict(min_length=30, max_length=150, num_train=8000,
                                     num_validation=500, num_test=500),
                 patterns=PATTERNS, seeds=(0, 1), steps=500, warmup=50, schedule="cosine",
                 batch=32, num_layers=2, d_model=64, num_heads=4, d_ff=128, dropout=0.0,

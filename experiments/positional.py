@@ -1,13 +1,12 @@
 r"""Positional encodings: trained at one length, evaluated at 1x to 4x that length.
 
 The task is associative recall (transformer/data/associative_recall.py): `k_1 v_1 ... k_n v_n q`,
-answer the value stored right after the key q. It needs order and nothing but local order: the
-pairing of a key with its value is carried only by adjacency, so a model without positions sees
-a bag of tokens and can do no better than guessing a value present in the sequence (chance is
-1 / num_values for a uniform guess), while the rule itself ("the token after the matching key")
-is the same at every length. That makes it a clean test of whether an encoding lets the rule
-carry over to positions and distances never seen in training, which a classification over
-whole sequences (e.g. ListOps) would mix with harder reasoning, and copy/reverse with decoding.
+answer the value stored right after the key q. It needs order, and only local order: a key is
+paired with its value by adjacency alone, so a model without positions sees a bag of tokens and
+can do no better than guess among the values present, while the rule itself ("the token after
+the matching key") is the same at every length. That makes it a clean test of whether an
+encoding lets a learned rule carry over to longer inputs and positions never seen in training;
+ListOps would mix that with harder reasoning, and copy/reverse with autoregressive decoding.
 
 Training: n pairs (2n + 1 tokens), the queried key at every even distance 2..2n from the query
 (a mixture, each batch from one distance), so the model must find the key by content.
@@ -16,10 +15,10 @@ the trained range, so only the length and the absolute positions are new). Keys 
 one vocabulary large enough for the longest sequences, the same in training and evaluation.
 
 The learned encoding has a table of max_len vectors; it is sized here to the longest evaluation
-sequence (2 * 4n + 1 tokens, padded to 2 * 4n + 2) for every variant. Positions past the training length 2n + 1 are never
-trained: they keep their random initial vectors, which is exactly what "learned positions do not
-extrapolate" means. The others have no table (sinusoidal is computed, rotary and ALiBi act in
-attention) and ignore max_len.
+sequence (2 * 4n + 1 tokens, padded to 2 * 4n + 2) in every variant. Positions past the training
+length 2n + 1 are then never trained: they keep their random initial vectors, which is what "a
+learned table does not extrapolate" means in this table. The other encodings have no table
+(sinusoidal is computed, rotary and ALiBi act in attention) and ignore max_len.
 
     python launch.py --config=experiments/positional.py:cpu --sweep --workdir=/tmp/positional
     python launch.py --config=experiments/positional.py:cpu,alibi --workdir=/tmp/alibi
