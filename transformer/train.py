@@ -240,6 +240,10 @@ def evaluate(eval_step, params, iterator, num_batches, mesh, mode):
         batch = parallel.global_batch(batch, mesh, mode)
         metrics = eval_step(params, batch)
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        # Wait for each step: eval steps do not depend on each other, so without this several
+        # are in flight at once, and XLA's CPU collectives deadlock (then abort) when the threads
+        # of one step's all-reduce wait for partners queued behind another step's.
+        jax.block_until_ready(sums)
     if sums is None:
         raise ValueError("the evaluation data set yielded no batch.")
     return tasks.finalize(parallel.fetch(sums))
