@@ -31,6 +31,7 @@ full and causal patterns and block-sparse attention for the sparse ones at long 
 import ml_collections
 
 from transformer.config_checks import base_config
+from transformer.data.listops import Listops
 
 
 def pattern_options(pattern, preset):
@@ -54,7 +55,8 @@ PRESETS = {
     "smoke": dict(data_config="tiny", data_overrides={}, patterns=("full", "bigbird"),
                   seeds=(0,), steps=10, warmup=1, schedule="cosine", batch=16, num_layers=1,
                   d_model=16, num_heads=2, d_ff=32, dropout=0.0, learning_rate=3e-3,
-                  weight_decay=0.0, block=4, random_blocks=1, anchor_blocks=1, eval_steps=0),
+                  weight_decay=0.0, block=4, random_blocks=1, anchor_blocks=1,
+                  length_buckets=((10, 34), (35, 60))),
     # 8,000 training examples of 30-150 tokens: generated once (~10 s), then read from disk.
     "cpu": dict(data_config="small",
                 data_overrides=dict(min_length=30, max_length=150, num_train=8000,
@@ -62,12 +64,13 @@ PRESETS = {
                 patterns=PATTERNS, seeds=(0, 1), steps=500, warmup=50, schedule="cosine",
                 batch=32, num_layers=2, d_model=64, num_heads=4, d_ff=128, dropout=0.0,
                 learning_rate=1e-3, weight_decay=0.01, block=16, random_blocks=2,
-                anchor_blocks=1, eval_steps=0),
+                anchor_blocks=1, length_buckets=((30, 69), (70, 109), (110, 150))),
     # Sized for a GPU/TPU; not run on this machine.
     "full": dict(data_config="lra", data_overrides={}, patterns=PATTERNS, seeds=(0, 1, 2),
                  steps=5000, warmup=1000, schedule="inverse_sqrt", batch=32, num_layers=4,
                  d_model=512, num_heads=8, d_ff=1024, dropout=0.1, learning_rate=1e-3,
-                 weight_decay=0.1, block=64, random_blocks=3, anchor_blocks=2, eval_steps=0),
+                 weight_decay=0.1, block=64, random_blocks=3, anchor_blocks=2,
+                 length_buckets=((500, 999), (1000, 1499), (1500, 2000))),
 }
 
 
@@ -84,10 +87,20 @@ def get_config(arg="cpu"):
 
     config = base_config()
     config.task = "classification"
-    data = dict(name="listops", config=preset["data_config"], add_cls=True)
-    if preset["data_overrides"]:
-        data["builder_overrides"] = dict(preset["data_overrides"])
-    config.data = ml_collections.ConfigDict(data)
+    # The fields the length buckets below replace must be there to be replaced: spelled out with
+    # the named config's own values (which names the prepared copy after them, same data).
+    named = Listops.builder_configs[preset["data_config"]]
+    overrides = {field: getattr(named, field)
+                 for field in ("min_length", "max_length", "num_train", "seed")}
+    config.data = ml_collections.ConfigDict(dict(
+        name="listops", config=preset["data_config"], add_cls=True,
+        builder_overrides={**overrides, **preset["data_overrides"]}))
+    # "all": the validation split of the training data; "len<a>_<b>": validation expressions of
+    # a to b tokens only (a data set of its own: seed 1, and no training split to speak of).
+    config.eval_data = {"all": {}}
+    for low, high in preset["length_buckets"]:
+        config.eval_data[f"len{low}_{high}"] = {"builder_overrides": dict(
+            min_length=low, max_length=high, num_train=1, seed=1)}
     config.model = ml_collections.ConfigDict(dict(
         name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
         d_ff=preset["d_ff"], num_layers=preset["num_layers"],
@@ -100,12 +113,19 @@ def get_config(arg="cpu"):
     config.eval_every_steps = preset["steps"]
     config.checkpoint_every_steps = preset["steps"]
     config.log_every_steps = max(preset["steps"] // 10, 1)
-    config.eval_steps = preset["eval_steps"]  # 0: the whole validation split
+    config.eval_steps = 0  # the whole validation split of each evaluation set
     config.optimizer.schedule = preset["schedule"]
     config.optimizer.learning_rate = preset["learning_rate"]
     config.optimizer.warmup_steps = preset["warmup"]
     config.optimizer.weight_decay = preset["weight_decay"]
     config.sweep.seeds = preset["seeds"]
     config.sweep.variants = tuple(preset["patterns"])
-    config.sweep.metrics = ("eval/accuracy", "eval/loss", "train/tokens_per_second")
+    points = tuple(((low + high) // 2, f"eval_len{low}_{high}/accuracy")
+                   for low, high in preset["length_buckets"])
+    config.sweep.metrics = ("eval_all/accuracy", "eval_all/loss") + tuple(
+        key for _, key in points) + ("train/tokens_per_second",)
+    config.sweep.plot = ml_collections.ConfigDict(dict(
+        points=points, series="model.pattern", panel="",
+        x_label="expression length (tokens, middle of each length bucket)",
+        y_label="validation accuracy"))
     return config
