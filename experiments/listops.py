@@ -52,7 +52,7 @@ def pattern_options(pattern, preset):
 PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
 
 PRESETS = {
-    "smoke": dict(data_config="tiny", data_overrides={}, patterns=("full", "bigbird"),
+    "smoke": dict(data_config="tiny", data_overrides={}, patterns=("full", "sliding_window"),
                   seeds=(0,), steps=10, warmup=1, schedule="cosine", batch=16, num_layers=1,
                   d_model=16, num_heads=2, d_ff=32, dropout=0.0, learning_rate=3e-3,
                   weight_decay=0.0, block=4, random_blocks=1, anchor_blocks=1,
