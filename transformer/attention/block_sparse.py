@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention.shapes import varying_like
 from transformer.patterns import EMPTY, FULL
 
 # Scores of one scan step stay under this many elements (per batch element and head): enough work
@@ -296,20 +297,6 @@ def _put(x, blocks, values, *, add=False):
     return flat.reshape(x.shape)
 
 
-def _varying_like(arrays, inits):
-    """Marks scan carries as varying over the mesh axes the inputs vary over (inside shard_map).
-
-    Fresh zeros are replicated across the mesh while the carries they become are per-device;
-    outside `jax.shard_map` this is a no-op.
-    """
-    axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays if a is not None))
-    marked = []
-    for x in inits:
-        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
-        marked.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-    return tuple(marked)
-
-
 def _schedule_arrays(schedule):
     return (jnp.asarray(schedule.q_block), jnp.asarray(schedule.kv_block),
             jnp.asarray(schedule.mask_id))
@@ -382,9 +369,9 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     """Pieces of rows per item, combined by online softmax (as in FlashAttention)."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
-    init = _varying_like((q, k, v, key_bias, slopes), (
-        jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype),
-        jnp.zeros(rows + (v.shape[-1],), q.dtype)))
+    init = varying_like(
+        (q, k, v, key_bias, slopes), jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype),
+        jnp.zeros(rows + (v.shape[-1],), q.dtype))
 
     def step(carry, items):
         row_max, row_sum, acc = carry
@@ -414,8 +401,8 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
 
 def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
     delta = (d_out * out).sum(-1)  # [batch, heads, num_q_blocks, block_q]
-    dq, dk, dv = _varying_like((q, k, v, key_bias, slopes, d_out),
-                               (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+    dq, dk, dv = varying_like((q, k, v, key_bias, slopes, d_out),
+                              jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
     # dK^T = Q^T dS and dV^T = dO^T P are plain matmuls when Q and dO are stored transposed,
     # [.., dim, block]; XLA's CPU backend runs P^T dO (contracting the rows) far slower.
     q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)

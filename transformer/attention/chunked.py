@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.attention.shapes import check_query_key_value
+from transformer.attention.shapes import check_query_key_value, varying_like
 
 # Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
 # AVX-512 CPU among 256..1024 (benchmarks/chunked_benchmark.py); 512x256 float32 logits for 8
@@ -193,20 +193,6 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     return logits
 
 
-def _varying_like(arrays, *inits):
-    """Marks loop initial values as varying over the mesh axes that `arrays` vary over.
-
-    Inside `jax.shard_map` a loop's carry must keep its type; zeros made from scratch are
-    replicated, while the carry they become depends on per-device inputs. Outside it, a no-op.
-    """
-    axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays if a is not None))
-    marked = []
-    for x in inits:
-        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
-        marked.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-    return tuple(marked)
-
-
 def _chunk(x, index, size, axis=2):
     """Chunk `index` of `size` positions along the length axis of x."""
     return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
@@ -244,10 +230,10 @@ def _forward(config, q, k, v, key_valid, slopes):
                 preferred_element_type=jnp.float32)
             return new_max, row_sum, acc
 
-        init = _varying_like((q, k, v, key_valid, slopes),
-                             jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
-                             jnp.zeros((batch, heads, cq), jnp.float32),
-                             jnp.zeros((batch, heads, cq, value_dim), jnp.float32))
+        init = varying_like((q, k, v, key_valid, slopes),
+                            jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
+                            jnp.zeros((batch, heads, cq), jnp.float32),
+                            jnp.zeros((batch, heads, cq, value_dim), jnp.float32))
         unmasked_end, end = _key_chunk_ranges(config, q_index)
         carry = jax.lax.fori_loop(0, unmasked_end,
                                   functools.partial(key_chunk_step, causal_mask=False), init)
@@ -319,8 +305,8 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                                        d_logits, preferred_element_type=jnp.float32)
             return d_q, d_k_t, d_v_t, d_slopes
 
-        d_k_t, d_v_t = _varying_like(inputs, jnp.zeros((batch, heads, head_dim, ck), jnp.float32),
-                                     jnp.zeros((batch, heads, value_dim, ck), jnp.float32))
+        d_k_t, d_v_t = varying_like(inputs, jnp.zeros((batch, heads, head_dim, ck), jnp.float32),
+                                    jnp.zeros((batch, heads, value_dim, ck), jnp.float32))
         start, unmasked_start = _query_chunk_ranges(config, k_index)
         carry = (d_q, d_k_t, d_v_t, d_slopes)
         if config.causal:
@@ -331,8 +317,8 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             functools.partial(query_chunk_step, causal_mask=False), carry)
         return (d_q, d_slopes), (jnp.swapaxes(d_k_t, 2, 3), jnp.swapaxes(d_v_t, 2, 3))
 
-    init = _varying_like(inputs, jnp.zeros(q.shape, jnp.float32),
-                         jnp.zeros((heads,), jnp.float32))
+    init = varying_like(inputs, jnp.zeros(q.shape, jnp.float32),
+                        jnp.zeros((heads,), jnp.float32))
     (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(key_chunk_step, init,
                                                jnp.arange(config.num_k_chunks))
     d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
