@@ -156,3 +156,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(t
     # says so rather than claim 0 tokens/s.
     again = train.train_and_evaluate(config, str(tmp_path / "bfloat16"))
     assert again.summary["tokens_per_second"] is None
+
+
+def test_a_metric_missing_from_a_run_aggregates_as_nan_not_a_crash():
+    records = [{"variant": "a", "seed": 0, "results": {"eval/accuracy": 0.5}},
+               {"variant": "a", "seed": 1, "results": {"eval/accuracy": 0.7,
+                                                       "train/tokens_per_second": 10.0}}]
+    row, = sweep.aggregate(records, ["eval/accuracy", "train/tokens_per_second"])
+    assert row["eval/accuracy"][0] == pytest.approx(0.6)
+    assert np.isnan(row["train/tokens_per_second"][0])

@@ -108,7 +108,9 @@ def aggregate(records, metrics):
         runs = [r for r in records if r["variant"] == variant]
         row = {"variant": variant, "n": len(runs)}
         for metric in metrics:
-            values = np.array([r["results"][metric] for r in runs], np.float64)
+            # NaN for a metric a run did not produce (a run resumed at its end trains no step,
+            # so it has no train/* metrics): shown as nan rather than a crash or a made-up value.
+            values = np.array([r["results"].get(metric, np.nan) for r in runs], np.float64)
             # Sample standard deviation over seeds (0 with a single seed).
             row[metric] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
         rows.append(row)
@@ -138,7 +140,7 @@ def write_results(records, plan, workdir):
         for r in records:
             speed = r["tokens_per_second"]  # None when the run was not timed (resumed at its end)
             writer.writerow([r["variant"], r["seed"], "" if speed is None else f"{speed:.1f}"]
-                            + [f"{r['results'][m]:.6g}" for m in metrics])
+                            + [f"{r['results'].get(m, np.nan):.6g}" for m in metrics])
     if "plot" in plan and plan.plot:
         plot(records, plan.plot, os.path.join(workdir, "plot.png"))
 
@@ -178,7 +180,7 @@ def plot(records, spec, path):
     for ax, panel in zip(axes[0], panels):
         runs = [r for r in records if panel is None or field(r["config"], spec.panel) == panel]
         for series in dict.fromkeys(field(r["config"], spec.series) for r in runs):
-            values = np.array([[r["results"][key] for _, key in spec.points] for r in runs
+            values = np.array([[r["results"].get(key, np.nan) for _, key in spec.points] for r in runs
                                if field(r["config"], spec.series) == series])  # [seeds, points]
             stds = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
             ax.errorbar(xs, values.mean(axis=0), yerr=stds, marker="o", capsize=3,
