@@ -6,26 +6,15 @@ model itself (build_model, which also builds the attention pattern).
 """
 
 import csv
-import importlib.util
 import math
 import os
 
 import pytest
 
+from experiment_files import EXPERIMENTS, load_experiment
 from transformer import config_checks, sweep, train
 from transformer.data import data_info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
-                     if f.endswith(".py") and not f.startswith("_"))
-
-
-def load_experiment(file_name):
-    path = os.path.join(ROOT, "experiments", file_name)
-    spec = importlib.util.spec_from_file_location(file_name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def every_preset_and_variant():

@@ -1,7 +1,6 @@
 """launch.py and sweeps, on the experiments' `smoke` presets with their real data and models."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,19 +12,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from experiment_files import EXPERIMENTS, ROOT, load_experiment
 from transformer import config_checks, sweep, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
-                     if f.endswith(".py") and not f.startswith("_"))
-
-
-def load_experiment(file_name):
-    path = os.path.join(ROOT, "experiments", file_name)
-    spec = importlib.util.spec_from_file_location(file_name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
