@@ -25,6 +25,7 @@ setup(
         "sentencepiece>=0.2,<0.3",  # translation vocabulary, trained on the training split
         "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
         "tqdm>=4.60",  # the progress bar on a terminal
+        "sacrebleu>=2.4,<3",  # BLEU of the translation experiment
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
