@@ -1,0 +1,295 @@
+r"""Training speed and memory: tokens/s and peak memory of a training step against length.
+
+One 4-layer post-LN encoder classifier (d_model 256, 4 heads, FFN 1024, batch 8, AdamW,
+float32) trains a few steps at each sequence length with each attention pattern; full attention
+is the baseline. What is measured is the training step, not what the model learns: the data
+(associative recall, transformer/data/associative_recall.py) only supplies sequences of exactly
+the length asked for, 2 * num_pairs + 1 tokens plus [CLS].
+
+    python launch.py --config=experiments/train_speed.py:cpu --sweep --workdir=/tmp/speed
+    python experiments/train_speed.py /tmp/speed      # speed.md, speed.csv, speed.png
+    python launch.py --config=experiments/train_speed.py:cpu,bigbird-4096 --workdir=/tmp/one
+
+Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores), "full" (GPU/TPU,
+1,024 to 65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096".
+
+Speed: the loop leaves the first step (compilation) out of tokens/s and, with log_every_steps 1,
+logs every later step on its own, so the report gives mean ± sample standard deviation over the
+timed steps. Memory: XLA's buffer assignment of the compiled train step (arguments + outputs -
+donated buffers + temporaries): what the step needs at its peak, exactly, whatever else runs on the
+machine; the Python process, the input pipeline and compilation itself are not in it.
+
+The loop always evaluates at its end; here that is one batch of the preset's shortest length, so
+that it costs little. Its accuracy after a few steps means nothing and is not reported.
+"""
+
+import json
+import math
+import os
+
+import ml_collections
+
+from transformer.config_checks import base_config
+
+PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
+
+
+def pattern_options(pattern, block):
+    """(pattern name, options) for transformer.patterns.build. The sparse patterns are BigBird's
+    parts (Zaheer et al., 2020: 3 window, 2 global and 3 random blocks) measured alone and in
+    their union, so the same keys per query at every length."""
+    return {
+        "full": ("full", {}),
+        "causal": ("causal", {}),
+        "sliding_window": ("sliding_window", {"left": block}),
+        "anchor": ("anchor", {"num_anchors": 2 * block}),
+        "random": ("random", {"num_blocks": 3, "block_size": block}),
+        "bigbird": ("bigbird", {"block_size": block, "window_blocks": 3, "num_anchor_blocks": 2,
+                                "num_random_blocks": 3}),
+    }[pattern]
+
+
+# The target model (issue 7): 4 layers, d_model 256, 4 heads, FFN 1024, batch 8, post-LN.
+TARGET_MODEL = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, batch=8)
+
+PRESETS = {
+    "smoke": dict(lengths=(64, 128), patterns=("full", "bigbird"), num_layers=2, d_model=16,
+                  num_heads=2, d_ff=32, batch=8, block=16, timed_tokens=2048,
+                  min_timed_steps=2, seeds=(0,)),
+    # Each length trains 1 + max(2, 65,536 / (8 x length)) steps: 8 timed steps at 1,024, 2 from
+    # 8,192 up.
+    "cpu": dict(lengths=(1024, 2048, 4096, 8192, 16384), patterns=PATTERNS, **TARGET_MODEL,
+                block=64, timed_tokens=65_536, min_timed_steps=2, seeds=(0,)),
+    # Sized for a GPU/TPU; not run on this machine.
+    "full": dict(lengths=(1024, 2048, 4096, 8192, 16384, 32768, 65536), patterns=PATTERNS,
+                 **TARGET_MODEL, block=64, timed_tokens=1_048_576, min_timed_steps=5,
+                 seeds=(0,)),
+}
+
+
+def variant_name(pattern, length):
+    return f"{pattern}-{length}"
+
+
+def parse_variant(name, preset):
+    pattern, _, length = name.rpartition("-")
+    if pattern not in preset["patterns"] or not length.isdigit() or \
+            int(length) not in preset["lengths"]:
+        raise ValueError(f"unknown train_speed variant {name!r}; expected '<pattern>-<length>' "
+                         f"with pattern in {list(preset['patterns'])} and length in "
+                         f"{list(preset['lengths'])}, e.g. "
+                         f"{variant_name(preset['patterns'][0], preset['lengths'][0])!r}.")
+    return pattern, int(length)
+
+
+def recall_data(length, longest):
+    """Associative recall of exactly `length` tokens ([CLS] + 2 * num_pairs + 1), with the key
+    vocabulary of the preset's `longest` length at every length: one embedding size for all."""
+    if length % 2 or length < 4:
+        raise ValueError(f"train_speed lengths must be even and >= 4, got {length}.")
+    return dict(num_pairs=length // 2 - 1, distance=2, num_keys=longest // 2 - 1, num_values=16)
+
+
+def get_config(arg="cpu"):
+    """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
+    preset_name, _, variant = arg.partition(",")
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
+    preset = PRESETS[preset_name]
+    pattern, length = (parse_variant(variant, preset) if variant
+                       else (preset["patterns"][0], preset["lengths"][0]))
+    name, options = pattern_options(pattern, preset["block"])
+    batch = preset["batch"]
+    timed_steps = max(preset["min_timed_steps"], math.ceil(preset["timed_tokens"] /
+                                                           (batch * length)))
+    steps = 1 + timed_steps  # the first step compiles and is not timed
+
+    config = base_config()
+    config.task = "classification"
+    longest, shortest = max(preset["lengths"]), min(preset["lengths"])
+    config.data = ml_collections.ConfigDict(dict(
+        name="associative_recall", config="pairs64", add_cls=True,
+        builder_overrides=dict(**recall_data(length, longest), num_train=batch * steps,
+                               num_validation=batch, num_test=batch)))
+    # One evaluation set for every variant (num_train fixed: it names the prepared files).
+    config.eval_data = {f"len{shortest}": {"builder_overrides": dict(
+        **recall_data(shortest, longest), num_train=batch)}}
+    config.eval_steps = 1
+    config.model = ml_collections.ConfigDict(dict(
+        name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
+        d_ff=preset["d_ff"], num_layers=preset["num_layers"],
+        # Mean pooling adds no token (a [CLS] vector would make the length 1 + a power of two)
+        # and treats every pattern alike (a causal [CLS] would see only itself).
+        pooling="mean", positional="sinusoidal", norm_position="post", dropout_rate=0.0,
+        pattern=name, pattern_options=options, implementation="auto", dtype="float32"))
+    config.global_batch_size = batch
+    config.num_train_steps = steps
+    config.log_every_steps = 1  # every timed step is its own interval: a spread over steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.keep_checkpoints = 1
+    config.optimizer.schedule = "constant"
+    config.optimizer.warmup_steps = 0
+    config.sweep.seeds = preset["seeds"]
+    config.sweep.variants = tuple(variant_name(p, n) for p in preset["patterns"]
+                                  for n in preset["lengths"])
+    config.sweep.metrics = ("train/tokens_per_second",)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The report of a finished sweep: speed.md, speed.csv and speed.png beside the sweep's results.
+
+
+def peak_bytes(memory_analysis):
+    """Bytes a compiled XLA program holds at its peak: its arguments and outputs (less the
+    outputs written into donated arguments) and its temporaries."""
+    m = memory_analysis
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+
+
+def train_step_memory_gb(config):
+    """Peak memory (GB, 1e9 bytes) of the training step `config` compiles to, from XLA's memory
+    analysis: the step the training loop runs (train.programs), compiled but not run."""
+    import numpy as np
+    from transformer import parallel, train
+    from transformer.data import data_info
+
+    config = config.copy_and_resolve_references()
+    config.parallel = "shard_map"  # a jitted step to lower; pmap's step computes the same
+    mesh = parallel.make_mesh()
+    programs = train.programs(config, train.with_data_fields(config), mesh)
+    rows, length = config.global_batch_size, data_info(config.data).max_length
+    batch = {"inputs": np.ones((rows, length), np.int32), "targets": np.zeros(rows, np.int32)}
+    state = parallel.replicate(programs.init(config.seed, batch), mesh, config.parallel)
+    compiled = programs.train_step.lower(
+        state, parallel.global_batch(batch, mesh, config.parallel)).compile()
+    return peak_bytes(compiled.memory_analysis()) / 1e9
+
+
+def finished_runs(workdir):
+    """[{pattern, length, seed, speeds (tokens/s of each timed step), memory_gb}] of the sweep's
+    finished runs. Memory comes from summary.json's "train/peak_memory_gb" when the loop recorded
+    it, else from compiling the run's config again."""
+    import ml_collections as mlc
+    from transformer.data import data_info
+    from transformer.metrics_writer import read_metrics
+
+    runs = []
+    root = os.path.join(workdir, "runs")
+    for variant in sorted(os.listdir(root)):
+        for seed_dir in sorted(os.listdir(os.path.join(root, variant))):
+            run_dir = os.path.join(root, variant, seed_dir)
+            path = os.path.join(run_dir, "summary.json")
+            if not os.path.exists(path):
+                continue
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            config = mlc.ConfigDict(summary["config"])
+            memory = summary["final"].get("train/peak_memory_gb")
+            runs.append({
+                "pattern": config.model.pattern, "seed": config.seed,
+                "length": data_info(config.data).max_length,
+                "speeds": [r["tokens_per_second"] for r in read_metrics(run_dir, "train")],
+                "memory_gb": train_step_memory_gb(config) if memory is None else memory})
+    return runs
+
+
+def summarize(runs):
+    """{(pattern, length): (mean tokens/s, sample std, timed steps, seeds, peak GB)}, pooling
+    the timed steps of every seed."""
+    import numpy as np
+
+    table = {}
+    order = lambda key: (PATTERNS.index(key[0]), key[1])  # full first, lengths ascending
+    for key in sorted({(r["pattern"], r["length"]) for r in runs}, key=order):
+        same = [r for r in runs if (r["pattern"], r["length"]) == key]
+        speeds = np.array([s for r in same for s in r["speeds"]], np.float64)
+        std = speeds.std(ddof=1) if len(speeds) > 1 else math.nan
+        table[key] = (speeds.mean() if len(speeds) else math.nan, std, len(speeds), len(same),
+                      max(r["memory_gb"] for r in same))
+    return table
+
+
+def markdown(table):
+    patterns = list(dict.fromkeys(p for p, _ in table))
+    lengths = sorted({n for _, n in table})
+    header = ["| pattern | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+
+    def rows(cell):
+        return [f"| {p} | " + " | ".join(cell(p, n) if (p, n) in table else "not run"
+                                         for n in lengths) + " |" for p in patterns]
+
+    speed = lambda p, n: f"{table[p, n][0]:,.0f} ± {table[p, n][1]:,.0f}"
+    memory = lambda p, n: f"{table[p, n][4]:.2f}"
+
+    def relative(p, n):
+        if ("full", n) not in table:
+            return "no baseline"
+        return f"{table[p, n][0] / table['full', n][0]:.2f}x"
+
+    steps = sorted({table[k][2] for k in table})
+    seeds = sorted({table[k][3] for k in table})
+    return "\n".join(
+        [f"Training tokens/s: mean ± sample standard deviation over the timed steps ({steps[0]} "
+         f"to {steps[-1]} per cell, from {seeds[-1]} seed(s)); the first step of each run "
+         "(compilation) is not timed.", ""] + header + rows(speed) +
+        ["", "Peak memory of the compiled training step, GB (10^9 bytes), by XLA's buffer "
+         "assignment: arguments + outputs - donated + temporaries.", ""] + header + rows(memory) +
+        ["", "Tokens/s relative to full attention at the same length.", ""] + header +
+        rows(relative)) + "\n"
+
+
+def plot(table, path):
+    """Tokens/s (error bars: std over steps) and peak memory against length, a line per pattern."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for pattern in dict.fromkeys(p for p, _ in table):
+        keys = sorted(k for k in table if k[0] == pattern)
+        lengths = [n for _, n in keys]
+        style = dict(marker="o", label=pattern, color="black" if pattern == "full" else None,
+                     linestyle="--" if pattern == "full" else "-")
+        ax_speed.errorbar(lengths, [table[k][0] for k in keys], yerr=[table[k][1] for k in keys],
+                          capsize=3, **style)
+        ax_memory.plot(lengths, [table[k][4] for k in keys], **style)
+    ax_speed.set(xscale="log", ylabel="training tokens/s", title="Speed of a training step")
+    ax_memory.set(xscale="log", yscale="log", ylabel="peak memory (GB)",
+                  title="Memory of a training step (XLA)")
+    for ax in (ax_speed, ax_memory):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.grid(alpha=0.3)
+    ax_speed.legend(title="pattern", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report(workdir):
+    """Writes speed.md, speed.csv and speed.png into `workdir` from its finished runs."""
+    table = summarize(finished_runs(workdir))
+    if not table:
+        raise ValueError(f"no finished run under {workdir}/runs; run the sweep first.")
+    with open(os.path.join(workdir, "speed.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(table))
+    with open(os.path.join(workdir, "speed.csv"), "w", encoding="utf-8") as f:
+        f.write("pattern,length,tokens_per_second_mean,tokens_per_second_std,timed_steps,seeds,"
+                "peak_memory_gb\n")
+        for (pattern, length), (mean, std, steps, seeds, memory) in table.items():
+            f.write(f"{pattern},{length},{mean:.1f},{std:.1f},{steps},{seeds},{memory:.4f}\n")
+    plot(table, os.path.join(workdir, "speed.png"))
+    return table
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {sys.argv[0]} SWEEP_WORKDIR  (after launch.py --sweep)")
+    report(sys.argv[1])
+    with open(os.path.join(sys.argv[1], "speed.md"), encoding="utf-8") as f:
+        print(f.read())
