@@ -239,15 +239,25 @@ def test_block_sparse_under_shard_map_and_pmap():
 
 
 @pytest.mark.parametrize("padding, alibi", [(False, False), (True, True)])
-def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi):
-    """BigBird's anchor rows are too wide for one step: they go to the online-softmax schedule
-    while the other rows are computed whole; both kinds must add up to the reference."""
+@pytest.mark.parametrize("dense_rows_apart", [True, False])
+def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi, dense_rows_apart):
+    """BigBird's anchor rows see every key: they go to chunked attention, or (with ALiBi, or when
+    told to keep them) to the online-softmax schedule, as they are too wide for one step, while
+    the other rows are computed whole; all kinds must add up to the reference."""
     monkeypatch.setattr(block_sparse, "_ROW_SCORES_PER_STEP", 8 * 8 * 8)
+    if not dense_rows_apart:
+        monkeypatch.setattr(block_sparse, "_dense_rows", lambda *args: np.zeros(0, np.int64))
     block_sparse.make_plan.cache_clear()
     block_sparse._attention_fn.cache_clear()
     pattern = patterns.bigbird(block_size=8, seed=4)
-    plan = block_sparse.make_plan(pattern, 177, 177, 8, 8)
-    assert sorted(s.whole_rows for s in plan.schedules) == [False, True]
+    plan = block_sparse.make_plan(pattern, 177, 177, 8, 8, dense_rows_apart=not alibi)
+    anchor_rows = [0, 1]  # two anchor blocks of 8
+    if dense_rows_apart and not alibi:
+        assert plan.dense_q_blocks.tolist() == anchor_rows
+        assert all(s.whole_rows for s in plan.schedules)
+    else:
+        assert not len(plan.dense_q_blocks)
+        assert sorted(s.whole_rows for s in plan.schedules) == [False, True]
     inputs = random_inputs(7, 2, 177, 177, 2, padding=padding, alibi=alibi)
     q, k, v, d_out, key_valid, slopes = inputs
 

@@ -16,6 +16,9 @@ Two kinds of schedule, both derived from the layout alone:
 
 The backward pass (a custom VJP) walks the same steps, recomputing each item's probabilities from
 the saved log-sum-exp, so it stores nothing quadratic either.
+
+Dense rows, whose queries see every key (BigBird's anchor rows), are not scheduled at all: they go
+to chunked attention, whose large tiles run at several times the FLOP rate of block-sized pieces.
 """
 
 import dataclasses
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention.chunked import chunked_attention
 from transformer.attention.shapes import varying_like
 from transformer.patterns import EMPTY, FULL
 
@@ -34,7 +38,7 @@ _SCORES_PER_STEP = 256 * 1024
 # The same for steps of whole rows, which keep no accumulators between steps: small enough that a
 # step's scores stay in cache (on CPU, 1M-element steps ran at half the FLOP rate of these).
 _ROW_SCORES_PER_STEP = 64 * 1024
-# A step of at least twice this many rows is computed as two independent halves (`_in_chains`).
+# A step of at least twice this many rows is computed as two independent halves (`_halves`).
 _ROWS_PER_CHAIN = 1
 # Whole-row schedules are used when padding rows to their group's longest adds at most this
 # fraction of work.
@@ -73,7 +77,8 @@ class Plan:
     num_kv_blocks: int
     schedules: tuple
     block_masks: np.ndarray  # [num_masks, block_q, block_kv] bool
-    computed_blocks: int  # non-empty (query block, key block) pairs
+    computed_blocks: int  # non-empty (query block, key block) pairs, dense rows included
+    dense_q_blocks: np.ndarray  # query blocks left to chunked attention (they see every key)
 
     @property
     def kv_block(self):
@@ -123,6 +128,24 @@ def _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv):
     renumber = np.zeros(len(masks), np.int64)
     renumber[used] = np.arange(len(used))
     return q_idx, kv_idx, renumber[mask_id], masks[used]
+
+
+def _dense_rows(q_len, kv_len, block_q, block_kv, q_idx, kv_idx, mask_id, masks):
+    """Query blocks whose every query may attend to every key (positions past the lengths aside)."""
+    num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
+    candidate = np.bincount(q_idx, minlength=num_q_blocks) == num_kv_blocks
+    chosen = candidate[q_idx]
+    q_blocks, kv_blocks, ids = q_idx[chosen], kv_idx[chosen], mask_id[chosen]
+    # Inside the lengths a block must be all-allowed (mask 0); a block on the edge must allow
+    # exactly its positions inside the lengths.
+    edge = ((q_blocks + 1) * block_q > q_len) | ((kv_blocks + 1) * block_kv > kv_len)
+    allowed_all = ids == 0
+    if edge.any():
+        q_pos = q_blocks[edge, None, None] * block_q + np.arange(block_q)[None, :, None]
+        k_pos = kv_blocks[edge, None, None] * block_kv + np.arange(block_kv)[None, None, :]
+        in_range = (q_pos < q_len) & (k_pos < kv_len)
+        allowed_all[edge] = (masks[ids[edge]] == in_range).all((1, 2))
+    return np.setdiff1d(np.nonzero(candidate)[0], q_blocks[~allowed_all])
 
 
 def _choose_slots(counts):
@@ -209,10 +232,24 @@ def _item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q, block_
 
 
 @functools.lru_cache(maxsize=32)
-def make_plan(pattern, q_len, kv_len, block_q, block_kv):
-    """The scan schedules for `pattern` at these lengths and block sizes (cached)."""
+def make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=True):
+    """The scan schedules for `pattern` at these lengths and block sizes (cached).
+
+    With `dense_rows_apart`, query blocks that see every key are left out of the schedules, for
+    chunked attention (`Plan.dense_q_blocks`).
+    """
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
     q_idx, kv_idx, mask_id, masks = _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv)
+    computed_blocks = len(q_idx)
+    dense_q_blocks = np.zeros(0, np.int64)
+    if dense_rows_apart:
+        dense_q_blocks = _dense_rows(q_len, kv_len, block_q, block_kv, q_idx, kv_idx, mask_id,
+                                     masks)
+        scheduled = ~np.isin(q_idx, dense_q_blocks)
+        q_idx, kv_idx, mask_id = q_idx[scheduled], kv_idx[scheduled], mask_id[scheduled]
+    if not len(q_idx):
+        return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, (), masks, computed_blocks,
+                    dense_q_blocks)
     counts = np.bincount(q_idx, minlength=num_q_blocks)
     groups = _row_groups(counts) or []
     wide = [g for g in groups if counts[g].max() * block_q * block_kv > _ROW_SCORES_PER_STEP]
@@ -226,7 +263,7 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv):
             q_idx[rest], kv_idx[rest], mask_id[rest],
             np.bincount(q_idx[rest], minlength=num_q_blocks), num_q_blocks, block_q, block_kv))
     return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, tuple(schedules), masks,
-                int(len(q_idx)))
+                computed_blocks, dense_q_blocks)
 
 
 def _to_blocks(x, num_blocks, block):
@@ -308,18 +345,27 @@ def _steps_to_blocks(x):
     return x.reshape(*x.shape[:2], -1, *x.shape[4:])
 
 
-def _in_chains(fn, items):
-    """`fn(*items)` computed as independent halves of the items, joined along the item axis.
+def _halves(items):
+    """The step's items as two independent halves, or one piece if there are too few.
 
     XLA's CPU runtime runs independent operations concurrently: two chains of cache-sized
-    products keep both cores busy, where one chain of small products runs on one.
+    products keep both cores busy, where one chain of small products runs on one. The halves are
+    written out separately, never joined: joining them would copy every gradient block once more.
     """
     count = items[0].shape[0]
     if count < 2 * _ROWS_PER_CHAIN:
-        return fn(*items)
+        return [items]
     half = count // 2
-    first, second = fn(*(x[:half] for x in items)), fn(*(x[half:] for x in items))
-    return tuple(jnp.concatenate(pair, axis=2) for pair in zip(first, second))
+    return [tuple(x[:half] for x in items), tuple(x[half:] for x in items)]
+
+
+def _put_halves(x, schedule, halves_out):
+    """Writes a whole-row scan's per-half outputs `[steps, batch, heads, items, ...]` into `x`."""
+    starts = [0] + [h.shape[3] for h in halves_out][:-1]
+    for start, values in zip(np.cumsum(starts), halves_out):
+        q_block = schedule.q_block[:, start:start + values.shape[3]].reshape(-1)
+        x = _put(x, q_block, _steps_to_blocks(values))
+    return x
 
 
 def _forward(plan, q, k, v, key_bias, slopes):
@@ -356,12 +402,11 @@ def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
         return items_out / safe_sum[..., None], items_lse
 
     def step(_, items):
-        return None, _in_chains(rows, items)
+        return None, tuple(rows(*half) for half in _halves(items))
 
-    _, (items_out, items_lse) = jax.lax.scan(step, None, _schedule_arrays(schedule))
-    q_block = schedule.q_block.reshape(-1)
-    out = _put(out, q_block, _steps_to_blocks(items_out))
-    lse = _put(lse, q_block, _steps_to_blocks(items_lse))
+    _, halves = jax.lax.scan(step, None, _schedule_arrays(schedule))
+    out = _put_halves(out, schedule, [items_out for items_out, _ in halves])
+    lse = _put_halves(lse, schedule, [items_lse for _, items_lse in halves])
     return out, lse
 
 
@@ -400,51 +445,58 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
 
 
 def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
-    delta = (d_out * out).sum(-1)  # [batch, heads, num_q_blocks, block_q]
-    dq, dk, dv = varying_like((q, k, v, key_bias, slopes, d_out),
-                              jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+    # An einsum, not (d_out * out).sum(-1): XLA's CPU backend ran that fused reduction 50x slower.
+    delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)  # [batch, heads, num_q_blocks, block_q]
     # dK^T = Q^T dS and dV^T = dO^T P are plain matmuls when Q and dO are stored transposed,
-    # [.., dim, block]; XLA's CPU backend runs P^T dO (contracting the rows) far slower.
+    # [.., dim, block]; XLA's CPU backend runs P^T dO (contracting the rows) far slower. dK and dV
+    # are accumulated transposed too, `[batch, heads, num_kv_blocks, dim, block_kv]`, so that
+    # writing an item's blocks moves whole rows of floats, and are transposed once at the end.
     q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
+    dq, dk_t, dv_t = varying_like((q, k, v, key_bias, slopes, d_out), jnp.zeros_like(q),
+                                  jnp.zeros_like(jnp.swapaxes(k, -1, -2)),
+                                  jnp.zeros_like(jnp.swapaxes(v, -1, -2)))
 
     for schedule in plan.schedules:
         def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
-            """dQ of the items' query blocks; dK, dV of their key blocks, `[.., slots, block, d]`."""
+            """dQ of the items' query blocks; dK^T, dV^T of their key blocks `[.., slots, d, block]`."""
             logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
                                   mask_id)
             probs = jnp.exp(logits - _take(lse, q_block)[..., None])
-            dv_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
+            dv_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
             d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
             d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
             dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
-            dk_t = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
-            # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, block, dim]
-            to_slots = lambda x: jnp.swapaxes(x, -1, -2).reshape(
-                *x.shape[:3], *kv_block.shape[1:], plan.block_kv, x.shape[3])
-            return dq_items, to_slots(dk_t), to_slots(dv_t)
+            dk_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
+            # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, dim, block]
+            to_slots = lambda x: jnp.swapaxes(
+                x.reshape(*x.shape[:4], kv_block.shape[1], plan.block_kv), 3, 4)
+            return dq_items, to_slots(dk_items), to_slots(dv_items)
 
         if schedule.whole_rows:
             # Each row's dQ is complete in its step: an output, written once.
             def step(carry, items, item_grads=item_grads):
-                dk, dv = carry
-                dq_items, dk_items, dv_items = _in_chains(item_grads, items)
-                kv_block = items[1]
-                return (_put(dk, kv_block, dk_items, add=True),
-                        _put(dv, kv_block, dv_items, add=True)), dq_items
+                dk_t, dv_t = carry
+                dq_halves = []
+                for half in _halves(items):
+                    dq_items, dk_items, dv_items = item_grads(*half)
+                    dk_t = _put(dk_t, half[1], dk_items, add=True)
+                    dv_t = _put(dv_t, half[1], dv_items, add=True)
+                    dq_halves.append(dq_items)
+                return (dk_t, dv_t), tuple(dq_halves)
 
-            (dk, dv), dq_items = jax.lax.scan(step, (dk, dv), _schedule_arrays(schedule))
-            dq = _put(dq, schedule.q_block.reshape(-1), _steps_to_blocks(dq_items))
+            (dk_t, dv_t), dq_halves = jax.lax.scan(step, (dk_t, dv_t), _schedule_arrays(schedule))
+            dq = _put_halves(dq, schedule, dq_halves)
         else:
-            def step(carry, items):
-                dq, dk, dv = carry
+            def step(carry, items, item_grads=item_grads):
+                dq, dk_t, dv_t = carry
                 q_block, kv_block, _ = items
                 dq_items, dk_items, dv_items = item_grads(*items)
                 return (_put(dq, q_block, dq_items, add=True),
-                        _put(dk, kv_block, dk_items, add=True),
-                        _put(dv, kv_block, dv_items, add=True)), None
+                        _put(dk_t, kv_block, dk_items, add=True),
+                        _put(dv_t, kv_block, dv_items, add=True)), None
 
-            (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), _schedule_arrays(schedule))
-    return dq, dk, dv
+            (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, dk_t, dv_t), _schedule_arrays(schedule))
+    return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
 
 
 @functools.lru_cache(maxsize=32)
@@ -489,9 +541,35 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
     """
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
-    plan = make_plan(pattern, q_len, kv_len, block_q, block_kv)
+    # Chunked attention aligns ALiBi distances for a suffix of queries only, not for any rows.
+    plan = make_plan(pattern, q_len, kv_len, block_q, block_kv,
+                     dense_rows_apart=alibi_slopes is None)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
+    if plan.schedules:
+        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes)
+    if len(plan.dense_q_blocks):
+        rows = _row_positions(plan.dense_q_blocks, block_q, q_len)
+        dense_out = chunked_attention(query[:, rows], key, value, scale=scale,
+                                      key_valid=key_valid)
+        out = out.at[:, rows].set(dense_out)
+    return out
+
+
+def _row_positions(q_blocks, block_q, q_len):
+    """The query positions of `q_blocks`: a slice when they are consecutive, else an index array."""
+    positions = (q_blocks[:, None] * block_q + np.arange(block_q)).reshape(-1)
+    positions = positions[positions < q_len]
+    if (np.diff(positions) == 1).all():
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes):
+    """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
+    block_q, block_kv = plan.block_q, plan.block_kv
+    q_len, kv_len = query.shape[1], key.shape[1]
     dtype = jnp.promote_types(query.dtype, jnp.float32)
     q = _to_blocks(query.astype(dtype) * scale, plan.num_q_blocks, block_q)
     k = _to_blocks(key.astype(dtype), plan.num_kv_blocks, block_kv)
