@@ -235,7 +235,7 @@ def markdown(table):
                                          for n in lengths) + " |" for p in patterns]
 
     speed = lambda p, n: f"{table[p, n][0]:,.0f} ± {table[p, n][1]:,.0f}"
-    memory = lambda p, n: f"{table[p, n][4]:.2f}"
+    memory = lambda p, n: f"{table[p, n][4]:.3g}"
 
     def relative(p, n):
         if ("full", n) not in table:
@@ -269,9 +269,8 @@ def plot(table, path):
         ax_speed.errorbar(lengths, [table[k][0] for k in keys], yerr=[table[k][1] for k in keys],
                           capsize=3, **style)
         ax_memory.plot(lengths, [table[k][4] for k in keys], **style)
-    ax_speed.set(xscale="log", ylabel="training tokens/s", title="Speed of a training step")
-    ax_memory.set(xscale="log", yscale="log", ylabel="peak memory (GB)",
-                  title="Memory of a training step (XLA)")
+    ax_speed.set(ylabel="training tokens/s", title="Speed of a training step")
+    ax_memory.set(yscale="log", ylabel="peak memory (GB)", title="Memory of a training step (XLA)")
     for ax in (ax_speed, ax_memory):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")
