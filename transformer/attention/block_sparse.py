@@ -580,5 +580,14 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
         key_bias = jnp.where(padded, 0.0, -jnp.inf).astype(dtype).reshape(
             key_valid.shape[0], plan.num_kv_blocks, block_kv)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
-    out = _attention_fn(plan)(q, k, v, key_bias, slopes)
+    attention = _attention_fn(plan)
+    if q.shape[0] == 1:
+        out = attention(q, k, v, key_bias, slopes)
+    else:
+        # One batch element at a time: each step's blocks stay cache-sized whatever the batch
+        # (at batch 8 x 4 heads, all at once ran 30% slower per element).
+        def one(args):
+            q, k, v, key_bias = (None if x is None else x[None] for x in args)
+            return attention(q, k, v, key_bias, slopes)[0]
+        out = jax.lax.map(one, (q, k, v, key_bias))
     return _from_blocks(out, q_len).astype(query.dtype)
