@@ -37,6 +37,9 @@ def base_config():
     config.best_metric = ""               # e.g. "eval/accuracy"; "" keeps no best checkpoint
     config.best_mode = "max"
     config.label_smoothing = 0.0
+    # Decode the evaluation sets and score BLEU (seq2seq): transformer/translation_eval.py's
+    # fields. Empty: no decoding.
+    config.translation_eval = ml_collections.ConfigDict()
     config.parallel = "shard_map"
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.01,
@@ -93,13 +96,15 @@ def validate(config):
 
 
 def _check_known_fields(config, defaults, prefix):
-    """Every field of `config` must exist in `defaults`; `model`, `data` and `eval_data` are
-    free-form here (build_model and make_iterator check their own fields)."""
+    """Every field of `config` must exist in `defaults`; `model`, `data`, `eval_data` and
+    `translation_eval` are free-form here (build_model, make_iterator and translation_eval check
+    their own fields)."""
     for key in config.keys():
         if key not in defaults:
             raise ValueError(f"unknown config field '{prefix}{key}'; allowed: "
                              f"{sorted(defaults.keys())}.")
-        if key in ("model", "data", "eval_data", "train_mixture", "sweep") and not prefix:
+        if key in ("model", "data", "eval_data", "train_mixture", "sweep",
+                   "translation_eval") and not prefix:
             continue
         if isinstance(defaults[key], ml_collections.ConfigDict):
             _check_known_fields(config[key], defaults[key], f"{prefix}{key}.")
