@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from transformer import config_checks, parallel, tasks
+from transformer import config_checks, parallel, tasks, translation_eval
 from transformer.checkpoints import Checkpointer, check_compatible_config
 from transformer.metrics_writer import MetricsWriter, read_metrics
 from transformer.optim import learning_rate_schedule, make_optimizer
@@ -331,6 +331,7 @@ def train_and_evaluate(config, workdir):
     saved before. After a SIGTERM it saves a checkpoint and returns early, status "stopped".
     """
     config_checks.validate(config)
+    translation_eval.check(config)  # a bad field fails now, not at the first evaluation
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh()
     mode = config.parallel
@@ -355,6 +356,8 @@ def train_and_evaluate(config, workdir):
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
     writer = MetricsWriter(workdir)
+    # Seq2seq evaluation may also translate the set and score BLEU (transformer/translation_eval).
+    translator = build_model(model_config) if config.translation_eval else None
 
     def run_evals(step):
         results = {}
@@ -363,6 +366,11 @@ def train_and_evaluate(config, workdir):
                                      global_batch_size=config.global_batch_size, seed=config.seed,
                                      num_epochs=1, data_dir=config.data_dir)
             metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
+            if translator is not None:
+                metrics.update(translation_eval.evaluate_translation(
+                    translator, state.params, data_config, data_split, config.translation_eval,
+                    batch_size=config.global_batch_size, data_dir=config.data_dir,
+                    plot_dir=os.path.join(workdir, "alignments", f"{split}_step_{step}")))
             writer.write(step, split, metrics)
             results.update({f"{split}/{name}": value for name, value in metrics.items()})
         logging.info("eval at step %d: %s", step, _format(results))
@@ -505,7 +513,7 @@ def _best_from_log(workdir, config):
 
 def _format(results):
     return ", ".join(f"{k} {v:.4g}" for k, v in results.items()
-                     if k.endswith(("/accuracy", "/loss")))
+                     if k.endswith(("/accuracy", "/loss", "/bleu")))
 
 
 def _write_json(path, data):

@@ -1,0 +1,107 @@
+"""BLEU by source length (transformer/translation_eval.py) and the bottleneck experiment's sweep."""
+
+import math
+import os
+
+import ml_collections
+import pytest
+
+from experiment_files import load_experiment
+from transformer import sweep, translation_eval
+from transformer.token_ids import EOS_ID, PAD_ID
+
+SENTENCES = [  # (source length in words, reference)
+    (5, "in the beginning god created the heaven and the earth"),
+    (8, "and the earth was without form and void"),
+    (14, "and god said let there be light and there was light"),
+    (25, "and god saw the light that it was good and god divided the light from the darkness"),
+]
+DISJOINT = "xx yy zz ww vv uu tt ss rr qq"
+
+
+def score(hypotheses, edges=(10, 20)):
+    lengths = [length for length, _ in SENTENCES]
+    references = [reference for _, reference in SENTENCES]
+    return translation_eval.bleu_by_length(hypotheses, references, lengths, edges)
+
+
+def test_identical_translations_score_100_in_every_bucket():
+    scores = score([reference for _, reference in SENTENCES])
+    assert scores == pytest.approx({"bleu": 100.0, "bleu_len_0_10": 100.0,
+                                    "bleu_len_10_20": 100.0, "bleu_len_20_up": 100.0})
+
+
+def test_disjoint_translations_score_0():
+    assert all(value == 0.0 for value in score([DISJOINT] * len(SENTENCES)).values())
+
+
+def test_buckets_partition_the_sentences_by_source_length():
+    # Right in the short bucket (lengths 5 and 8), wrong elsewhere: each bucket scores only its
+    # own sentences, and the whole set lies in between.
+    hypotheses = [SENTENCES[0][1], SENTENCES[1][1], DISJOINT, DISJOINT]
+    scores = score(hypotheses)
+    assert scores["bleu_len_0_10"] == pytest.approx(100.0)
+    assert scores["bleu_len_10_20"] == scores["bleu_len_20_up"] == 0.0
+    assert 0.0 < scores["bleu"] < 100.0
+    # An edge belongs to the bucket above it; empty buckets are left out, not scored 0.
+    scores = score(hypotheses, edges=(8, 30))
+    assert set(scores) == {"bleu", "bleu_len_0_8", "bleu_len_8_30"}
+    assert scores["bleu_len_0_8"] == pytest.approx(100.0)
+
+
+def test_bucket_names_close_with_an_open_bucket():
+    assert translation_eval.bucket_names((10, 20)) == ["bleu_len_0_10", "bleu_len_10_20",
+                                                       "bleu_len_20_up"]
+
+
+def test_until_eos_keeps_the_eos_and_drops_padding():
+    assert translation_eval.until_eos([5, 6, EOS_ID, 7, PAD_ID]) == [5, 6, EOS_ID]
+    assert translation_eval.until_eos([5, 6, PAD_ID]) == [5, 6]
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"beam": 4}, r"unknown translation_eval field\(s\) \['beam'\]; allowed: .*'beam_size'"),
+    ({"strategy": "sample"}, r"strategy='sample'; allowed: \['greedy', 'beam'\]"),
+    ({"bucket_edges": (20, 10)}, r"bucket_edges must be ascending"),
+    ({"beam_size": 0}, r"beam_size must be >= 1"),
+])
+def test_a_wrong_translation_eval_field_is_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        translation_eval.resolve(fields)
+
+
+def test_translation_eval_needs_a_seq2seq_task():
+    config = ml_collections.ConfigDict(dict(task="classification",
+                                            translation_eval={"strategy": "greedy"}))
+    with pytest.raises(ValueError, match="needs config.task='seq2seq'"):
+        translation_eval.check(config)
+
+
+def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
+    experiment = load_experiment("bottleneck.py").get_config
+    variants = ("bahdanau", "transformer")  # attention weights to plot, and a key/value cache
+
+    def get_config(arg):
+        config = experiment(arg)
+        config.sweep.variants = variants
+        return config
+
+    plan = get_config("smoke").sweep
+    records = sweep.run_sweep(get_config, "smoke", str(tmp_path),
+                              {"data_dir": str(tmp_path / "tfds")})
+
+    assert [r["variant"] for r in records] == list(variants)
+    for record in records:
+        results = record["results"]
+        assert 0.0 <= results["eval/bleu"] <= 100.0
+        buckets = [key for _, key in plan.plot.points if key in results]
+        assert buckets, "no source-length bucket was scored"
+        assert all(0.0 <= results[key] <= 100.0 for key in buckets)
+        assert math.isfinite(results["eval/loss"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| variant | runs | eval/bleu | eval/bleu_len_0_10 |" in table
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    # Alignment heatmaps for the recurrent model with attention; the transformer has none.
+    alignments = tmp_path / "runs" / "bahdanau" / "seed_0" / "alignments"
+    assert [p for p in alignments.rglob("*.png")]
+    assert not os.path.exists(tmp_path / "runs" / "transformer" / "seed_0" / "alignments")
