@@ -83,12 +83,12 @@ class Plan:
     @property
     def kv_block(self):
         """Every scheduled key block (padding slots included), flat."""
-        return np.concatenate([s.kv_block.reshape(-1) for s in self.schedules])
+        return np.concatenate([s.kv_block.reshape(-1) for s in self.schedules] + [np.zeros(0, int)])
 
     @property
     def mask_id(self):
         """The mask id of every scheduled key block, flat like `kv_block`."""
-        return np.concatenate([s.mask_id.reshape(-1) for s in self.schedules])
+        return np.concatenate([s.mask_id.reshape(-1) for s in self.schedules] + [np.zeros(0, int)])
 
 
 def _partial_block_masks(pattern, q_len, kv_len, block_q, block_kv, q_blocks, kv_blocks):
