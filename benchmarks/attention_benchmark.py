@@ -62,7 +62,12 @@ def work(pattern, length):
 
 
 def attention_function(implementation, pattern, length):
-    """fn(q, k, v) -> scalar loss whose gradient is the backward pass."""
+    """fn(q, k, v) -> scalar loss whose gradient is the backward pass.
+
+    The loss is sum(out * q), not sum(out): a constant cotangent (all ones) lets XLA simplify the
+    backward pass of some implementations (dO V^T becomes a row sum), so they would not be timed
+    doing the work a real model's backward pass does.
+    """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -70,7 +75,7 @@ def attention_function(implementation, pattern, length):
 
     if implementation == "jax.nn":
         mask = jnp.asarray(pattern.mask(length, length))[None, None]
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask).sum()
+        return lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, mask=mask) * q).sum()
     if implementation == "flax":
         mask = jnp.asarray(pattern.mask(length, length))[None, None]
         module = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=HEADS * HEAD_DIM)
@@ -78,9 +83,9 @@ def attention_function(implementation, pattern, length):
         params = module.init(jax.random.key(0), x, x, mask=mask)
         # Queries, keys and values enter as [batch, length, features] (before the projections).
         flat = lambda t: t.reshape(1, length, HEADS * HEAD_DIM)
-        return lambda q, k, v: module.apply(params, flat(q), flat(k), mask=mask).sum()
-    return lambda q, k, v: dot_product_attention(q, k, v, pattern=pattern,
-                                                 implementation=implementation).sum()
+        return lambda q, k, v: (module.apply(params, flat(q), flat(k), mask=mask) * flat(q)).sum()
+    return lambda q, k, v: (dot_product_attention(q, k, v, pattern=pattern,
+                                                  implementation=implementation) * q).sum()
 
 
 def compiled_step(implementation, pattern, length):
