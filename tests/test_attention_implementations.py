@@ -184,12 +184,14 @@ def test_registry_and_errors():
 
 
 def test_auto_choice():
-    bigbird = patterns.bigbird()  # 64x64 blocks: nearly every block is used below 1K tokens
-    assert choose_implementation(bigbird, 200, 200, "cpu") == "dense"
-    assert choose_implementation(bigbird, 512, 512, "cpu") == "dense"
+    bigbird = patterns.bigbird()
+    assert choose_implementation(bigbird, 1, 512, "cpu") == "dense"  # one decoding step
+    assert choose_implementation(bigbird, 200, 200, "cpu") == "block_sparse"
+    assert choose_implementation(patterns.full(), 200, 200, "cpu") == "chunked"
+    assert choose_implementation(patterns.causal(), 512, 512, "cpu") == "block_sparse"
     assert choose_implementation(patterns.causal(), 1024, 1024, "cpu") == "chunked"
     assert choose_implementation(patterns.full(), 4096, 4096, "gpu") == "chunked"
-    assert choose_implementation(patterns.causal(), 1024, 512, "cpu") == "dense"  # offset causal
+    assert choose_implementation(patterns.causal(), 2048, 512, "cpu") == "block_sparse"  # offset
     assert choose_implementation(bigbird, 8192, 8192, "cpu") == "block_sparse"
     assert choose_implementation(bigbird, 8192, 8192, "tpu") == "splash"
 
