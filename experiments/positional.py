@@ -38,7 +38,9 @@ after 800 and 3,000 steps, at learning rates 3e-3 and 1e-3 and with batch 128: t
 recall rule in a CPU budget. With 4 pairs, 16 keys, 4 values and batch 128, a rotary model solves
 the training length by about step 1,100; a sinusoidal one is still at the floor at step 1,500 (and
 at step 1,125 with 3 layers) and leaves it between steps 1,500 and 2,250 (training accuracy 0.73 and
-validation accuracy 0.61 at step 3,000). Single runs, seed 0.
+validation accuracy 0.61 at step 3,000). Single runs, seed 0. In the cpu sweep, sinusoidal seed 1
+and both learned seeds were still at the floor at step 3,000: this budget is enough for rotary, not
+reliably for the absolute encodings, which need more steps.
 
 ALiBi without a causal mask is symmetric here (-slope * |i - j|, transformer/attention/dense.py): a
 value's two neighbours are both keys, its own before it and the next pair's after it, and ALiBi
