@@ -40,7 +40,7 @@ the training length by about step 1,100; a sinusoidal one is still at the floor 
 at step 1,125 with 3 layers) and leaves it between steps 1,500 and 2,250 (training accuracy 0.73 and
 validation accuracy 0.61 at step 3,000). Single runs, seed 0. In the cpu sweep, sinusoidal seed 1
 and both learned seeds were still at the floor at step 3,000: this budget is enough for rotary, not
-reliably for the absolute encodings, which need more steps.
+reliably for the absolute encodings (more steps may be; not tried).
 
 ALiBi without a causal mask is symmetric here (-slope * |i - j|, transformer/attention/dense.py): a
 value's two neighbours are both keys, its own before it and the next pair's after it, and ALiBi
