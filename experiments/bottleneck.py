@@ -44,7 +44,7 @@ PRESETS = {
                   strategy="greedy", beam_size=1, max_decode_len=16, num_examples=16,
                   bucket_edges=(10, 20, 30), alignment_plots=1),
     "cpu": dict(data_config="verses", vocab_size=2000, max_length=96, length_buckets=None,
-                seeds=(0, 1), steps=800, batch=32, embed_dim=64, hidden_dim=128,
+                seeds=(0, 1), steps=400, batch=32, embed_dim=64, hidden_dim=128,
                 attention_dim=64, rnn_dropout=0.0, d_model=64, num_heads=4, d_ff=256,
                 num_layers=2, transformer_dropout=0.0, norm_position="pre",
                 learning_rate=3e-3, strategy="greedy", beam_size=1, max_decode_len=96,
