@@ -116,6 +116,13 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
     assert [r["results"] for r in again] == [r["results"] for r in records]
     assert (tmp_path / "results.md").read_text() == table
 
+    # The sweep plan is not part of a run: a plan with fewer seeds reuses the finished run.
+    def fewer_seeds(arg):
+        config = get_config(arg)
+        config.sweep.seeds = (0,)
+        return config
+    assert len(sweep.run_sweep(fewer_seeds, "smoke", str(tmp_path), overrides)) == 1
+
     # A finished run of another config is never passed off as this one.
     def changed(arg):
         config = get_config(arg)

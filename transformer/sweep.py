@@ -75,8 +75,13 @@ def overrides_roots(overrides):
 
 
 def _check_same_config(finished, config, run_dir):
-    """A finished run is reused only if the experiment still asks for exactly its config."""
-    changed = differences(finished, json.loads(config.to_json_best_effort()))
+    """A finished run is reused only if the experiment still asks for exactly its config.
+
+    The sweep plan (`sweep`: which variants, seeds and metrics) is not part of what a run
+    trains, so adding or dropping variants keeps the runs already finished."""
+    wanted = json.loads(config.to_json_best_effort())
+    changed = differences({k: v for k, v in finished.items() if k != "sweep"},
+                          {k: v for k, v in wanted.items() if k != "sweep"})
     if changed:
         details = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in changed[:5])
         raise ValueError(f"the finished run in {run_dir} used another config than the experiment "

@@ -377,6 +377,7 @@ def train_and_evaluate(config, workdir):
         return results
 
     step = start_step = int(host_state.step)
+    peak_memory_gb = None  # of the compiled train step; None until a step has run
     best = _best_from_log(workdir, config)
     last_eval, last_train = {}, {}
     speed = _Speed(start_step)
@@ -386,13 +387,15 @@ def train_and_evaluate(config, workdir):
         with _StopRequest() as stop:
             while step < config.num_train_steps:
                 batch = next(train_iter)
-                state, metrics = train_step(state, parallel.global_batch(batch, mesh, mode))
+                device_batch = parallel.global_batch(batch, mesh, mode)
+                state, metrics = train_step(state, device_batch)
                 step += 1
                 # Hosts read equal shares, so this host's tokens times the host count.
                 speed.add(metrics, tasks.num_tokens(task, batch) * jax.process_count())
                 if step == start_step + 1:
                     # The first step includes compilation: keep it out of the speed measurement.
                     _check_finite(parallel.fetch(metrics), step, start_step)
+                    peak_memory_gb = train_step_memory_gb(train_step, state, device_batch)
                     speed.reset()
 
                 is_last = step == config.num_train_steps
@@ -435,7 +438,8 @@ def train_and_evaluate(config, workdir):
     summary = {
         "status": status,
         "step": step,
-        "final": {**{f"train/{k}": v for k, v in last_train.items()}, **last_eval},
+        "final": {**{f"train/{k}": v for k, v in last_train.items()}, **last_eval,
+                  **({} if peak_memory_gb is None else {"train/peak_memory_gb": peak_memory_gb})},
         "best": best,
         # None, not 0, when this process timed no step (it resumed from the final checkpoint).
         "steps_per_second": speed.total_steps / speed.total_seconds if speed.total_steps else None,
@@ -449,6 +453,20 @@ def train_and_evaluate(config, workdir):
     if jax.process_index() == 0 and status == "completed":
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return TrainResult(summary, parallel.fetch(state))
+
+
+def train_step_memory_gb(train_step, state, batch):
+    """Peak memory of the compiled train step, GB (1e9 bytes), by XLA's buffer assignment:
+    arguments + outputs - donated + temporaries, per device. None under pmap (no `lower`).
+
+    Call it after the first step: `lower(...).compile()` then finds that step's executable in
+    JAX's cache and compiles nothing.
+    """
+    if not hasattr(train_step, "lower"):
+        return None
+    m = train_step.lower(state, batch).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes) / 1e9
 
 
 class _Speed:
