@@ -156,17 +156,10 @@ def get_config(arg="cpu"):
 # The report of a finished sweep: speed.md, speed.csv and speed.png beside the sweep's results.
 
 
-def peak_bytes(memory_analysis):
-    """Bytes a compiled XLA program holds at its peak: its arguments and outputs (less the
-    outputs written into donated arguments) and its temporaries."""
-    m = memory_analysis
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)
-
-
 def train_step_memory_gb(config):
     """Peak memory (GB, 1e9 bytes) of the training step `config` compiles to, from XLA's memory
-    analysis: the step the training loop runs (train.programs), compiled but not run."""
+    analysis: the step the training loop runs (train.programs), compiled but not run. For runs
+    whose summary.json predates the loop recording it."""
     import numpy as np
     from transformer import parallel, train
     from transformer.data import data_info
@@ -178,9 +171,8 @@ def train_step_memory_gb(config):
     rows, length = config.global_batch_size, data_info(config.data).max_length
     batch = {"inputs": np.ones((rows, length), np.int32), "targets": np.zeros(rows, np.int32)}
     state = parallel.replicate(programs.init(config.seed, batch), mesh, config.parallel)
-    compiled = programs.train_step.lower(
-        state, parallel.global_batch(batch, mesh, config.parallel)).compile()
-    return peak_bytes(compiled.memory_analysis()) / 1e9
+    return train.train_step_memory_gb(programs.train_step, state,
+                                      parallel.global_batch(batch, mesh, config.parallel))
 
 
 def finished_runs(workdir):
