@@ -361,10 +361,11 @@ def _halves(items):
 
 def _put_halves(x, schedule, halves_out):
     """Writes a whole-row scan's per-half outputs `[steps, batch, heads, items, ...]` into `x`."""
-    starts = [0] + [h.shape[3] for h in halves_out][:-1]
-    for start, values in zip(np.cumsum(starts), halves_out):
-        q_block = schedule.q_block[:, start:start + values.shape[3]].reshape(-1)
-        x = _put(x, q_block, _steps_to_blocks(values))
+    start = 0
+    for values in halves_out:
+        count = values.shape[3]
+        x = _put(x, schedule.q_block[:, start:start + count].reshape(-1), _steps_to_blocks(values))
+        start += count
     return x
 
 
@@ -546,9 +547,10 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
                      dense_rows_apart=alibi_slopes is None)
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if plan.schedules:
         out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes)
+    else:  # no scheduled blocks: every row is dense or sees no key
+        out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if len(plan.dense_q_blocks):
         rows = _row_positions(plan.dense_q_blocks, block_q, q_len)
         dense_out = chunked_attention(query[:, rows], key, value, scale=scale,
@@ -585,7 +587,7 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
         out = attention(q, k, v, key_bias, slopes)
     else:
         # One batch element at a time: each step's blocks stay cache-sized whatever the batch
-        # (at batch 8 x 4 heads, all at once ran 30% slower per element).
+        # (at batch 8 x 4 heads x 4,096 tokens, all at once ran 1.2x slower).
         def one(args):
             q, k, v, key_bias = (None if x is None else x[None] for x in args)
             return attention(q, k, v, key_bias, slopes)[0]
