@@ -314,3 +314,17 @@ def test_worker_processes_yield_the_same_batches(data_dir):
     want, got = next(in_process), next(workers)
     assert all((got[k] == want[k]).all() for k in want)
   workers.close()
+
+
+def test_reading_threads_yield_the_same_batches(data_dir):
+  config = SMALL_CONFIGS["listops"]
+  on_demand = data.make_iterator(config, "train", global_batch_size=4, seed=0,
+                                 data_dir=data_dir)
+  threads = data.make_iterator(dict(config, read_threads=2), "train", global_batch_size=4,
+                               seed=0, data_dir=data_dir)
+  for _ in range(5):
+    want, got = next(on_demand), next(threads)
+    assert all((got[k] == want[k]).all() for k in want)
+  with pytest.raises(ValueError, match="read_threads must be >= 0"):
+    data.make_iterator(dict(config, read_threads=-1), "train", global_batch_size=4, seed=0,
+                       data_dir=data_dir)

@@ -186,7 +186,8 @@ def make_dataset(data_config, split: str, *, global_batch_size: int, seed: int,
   # Batches are cut from windows of sort_window batches, sorted by length within the window.
   ds = ds.batch(batch_size * config.sort_window, batch_fn=list)
   iter_ds = FlatMapIterDataset(
-      ds.to_iter_dataset(),
+      ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                           prefetch_buffer_size=2 * config.read_threads)),
       _SortedBatches(_PadBatch(dataset_spec.task, batch_size, config), config.sort_window,
                      drop_remainder))
   if config.worker_count:
