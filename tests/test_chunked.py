@@ -99,6 +99,25 @@ def test_matches_float64_reference(case):
         assert d_slopes is None
 
 
+@pytest.mark.parametrize("per_tile", [1, 2, 6])
+def test_batch_elements_in_groups_match_reference(monkeypatch, per_tile):
+    # Long sequences take a few batch elements per tile (a lax.map over groups of them); make
+    # these short ones do the same: 1, 2 or all 6 elements per tile.
+    monkeypatch.setattr(chunked, "_TILE_ELEMENTS", per_tile * 2 * 8 * 8)
+    assert chunked._batch_group(6, 2 * 8 * 8) == per_tile
+    q, k, v, d_out = random_inputs(11, 6, 21, 21, 2, 8, 8)
+    rng = np.random.default_rng(12)
+    key_valid = jnp.asarray(rng.random((6, 21)) > 0.3)
+    slopes = jnp.asarray(rng.uniform(0.05, 1.0, 2), jnp.float32)
+    out, grads = chunked_and_grads(q, k, v, d_out, slopes, causal=True, key_valid=key_valid,
+                                   chunk_size=8)
+    expected = reference_attention(q, k, v, d_out, scale=8 ** -0.5, causal=True,
+                                   key_valid=key_valid, slopes=slopes)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads[:3]), expected):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(grads[3], expected[4], atol=1e-3, rtol=1e-4)
+
+
 def test_rows_with_no_valid_key_get_zeros_not_nan():
     q, k, v, d_out = random_inputs(0, 2, 21, 13, 2, 8, 8)
     key_valid = jnp.asarray(np.arange(13)[None, :] < np.array([[0], [5]]))  # row 0: no key
