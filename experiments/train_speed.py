@@ -176,9 +176,10 @@ def train_step_memory_gb(config):
 
 
 def finished_runs(workdir):
-    """[{pattern, length, seed, speeds (tokens/s of each timed step), memory_gb}] of the sweep's
-    finished runs. Memory comes from summary.json's "train/peak_memory_gb" when the loop recorded
-    it, else from compiling the run's config again."""
+    """[{pattern, length, seed, speeds (tokens/s of each timed step), devices, memory_gb}] of the
+    sweep's finished runs. Memory, of one device, comes from summary.json's
+    "train/peak_memory_gb" when the loop recorded it, else from compiling the run's config
+    again (on this process's devices)."""
     from transformer.data import data_info
     from transformer.metrics_writer import read_metrics
 
@@ -198,13 +199,14 @@ def finished_runs(workdir):
                 "pattern": config.model.pattern, "seed": config.seed,
                 "length": data_info(config.data).max_length,
                 "speeds": [r["tokens_per_second"] for r in read_metrics(run_dir, "train")],
+                "devices": summary["device_count"],
                 "memory_gb": train_step_memory_gb(config) if memory is None else memory})
     return runs
 
 
 def summarize(runs):
-    """{(pattern, length): (mean tokens/s, sample std, timed steps, seeds, peak GB)}, pooling
-    the timed steps of every seed."""
+    """{(pattern, length): (mean tokens/s, sample std, timed steps, seeds, peak GB per device,
+    devices)}, pooling the timed steps of every seed."""
     import numpy as np
 
     table = {}
@@ -213,8 +215,12 @@ def summarize(runs):
         same = [r for r in runs if (r["pattern"], r["length"]) == key]
         speeds = np.array([s for r in same for s in r["speeds"]], np.float64)
         std = speeds.std(ddof=1) if len(speeds) > 1 else math.nan
+        devices = sorted({r["devices"] for r in same})
+        if len(devices) > 1:
+            raise ValueError(f"the runs of {key} used different device counts {devices}; "
+                             "report sweeps with one device count.")
         table[key] = (speeds.mean() if len(speeds) else math.nan, std, len(speeds), len(same),
-                      max(r["memory_gb"] for r in same))
+                      max(r["memory_gb"] for r in same), devices[0])
     return table
 
 
@@ -238,12 +244,15 @@ def markdown(table):
 
     steps = sorted({table[k][2] for k in table})
     seeds = sorted({table[k][3] for k in table})
+    devices = sorted({table[k][5] for k in table})
     return "\n".join(
         [f"Training tokens/s: mean ± sample standard deviation over the timed steps ({steps[0]} "
          f"to {steps[-1]} per cell, from {seeds[-1]} seed(s)); the first step of each run "
-         "(compilation) is not timed.", ""] + header + rows(speed) +
-        ["", "Peak memory of the compiled training step, GB (10^9 bytes), by XLA's buffer "
-         "assignment: arguments + outputs - donated + temporaries.", ""] + header + rows(memory) +
+         f"(compilation) is not timed. Data parallel over {'/'.join(map(str, devices))} "
+         "device(s).", ""] + header + rows(speed) +
+        ["", "Peak memory of the compiled training step on one device, GB (10^9 bytes), by XLA's "
+         "buffer assignment: arguments + outputs - donated + temporaries.", ""] + header +
+        rows(memory) +
         ["", "Tokens/s relative to full attention at the same length.", ""] + header +
         rows(relative)) + "\n"
 
@@ -264,7 +273,8 @@ def plot(table, path):
                           capsize=3, **style)
         ax_memory.plot(lengths, [table[k][4] for k in keys], **style)
     ax_speed.set(ylabel="training tokens/s", title="Speed of a training step")
-    ax_memory.set(yscale="log", ylabel="peak memory (GB)", title="Memory of a training step (XLA)")
+    ax_memory.set(yscale="log", ylabel="peak memory per device (GB)",
+                  title="Memory of a training step (XLA)")
     for ax in (ax_speed, ax_memory):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")
@@ -284,9 +294,10 @@ def report(workdir):
         f.write(markdown(table))
     with open(os.path.join(workdir, "speed.csv"), "w", encoding="utf-8") as f:
         f.write("pattern,length,tokens_per_second_mean,tokens_per_second_std,timed_steps,seeds,"
-                "peak_memory_gb\n")
-        for (pattern, length), (mean, std, steps, seeds, memory) in table.items():
-            f.write(f"{pattern},{length},{mean:.1f},{std:.1f},{steps},{seeds},{memory:.4f}\n")
+                "peak_memory_gb_per_device,devices\n")
+        for (pattern, length), (mean, std, steps, seeds, memory, devices) in table.items():
+            f.write(f"{pattern},{length},{mean:.1f},{std:.1f},{steps},{seeds},{memory:.4f},"
+                    f"{devices}\n")
     plot(table, os.path.join(workdir, "speed.png"))
     return table
 

@@ -109,10 +109,11 @@ def test_smoke_sweep_times_every_variant(swept):
 def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
     workdir, records, table = swept
     assert set(table) == {("full", 64), ("bigbird", 128)}
-    for (pattern, length), (mean, std, steps, seeds, memory) in table.items():
+    for (pattern, length), (mean, std, steps, seeds, memory, devices) in table.items():
         config = speed.get_config(f"smoke,{pattern}-{length}")
         assert steps == config.num_train_steps - 1  # every step but the compiling first
         assert seeds == 1 and mean > 0 and math.isfinite(std) and memory > 0
+        assert devices == jax.device_count()
     with open(workdir / "speed.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["pattern"], r["length"]) for r in rows] == [("full", "64"), ("bigbird", "128")]
@@ -120,6 +121,7 @@ def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
                                                                       rel=1e-3)
     text = (workdir / "speed.md").read_text()
     assert "| pattern | 64 | 128 |" in text
+    assert f"Data parallel over {jax.device_count()} device(s)." in text
     # A cell that was not run says so; a length without full attention has no ratio.
     assert "| bigbird | not run | " in text and "| full | " in text
     assert "no baseline" in text
@@ -136,3 +138,18 @@ def test_report_reads_memory_from_the_summary_when_the_loop_recorded_it(swept, t
     summary["final"]["train/peak_memory_gb"] = 123.0
     path.write_text(json.dumps(summary))
     assert speed.summarize(speed.finished_runs(str(tmp_path)))["full", 64][4] == 123.0
+
+
+def test_report_refuses_runs_of_one_cell_on_different_device_counts(swept, tmp_path):
+    import json
+    import shutil
+    workdir, _, _ = swept
+    shutil.copytree(workdir / "runs", tmp_path / "runs")
+    path = tmp_path / "runs" / "full-64" / "seed_0" / "summary.json"
+    shutil.copytree(path.parent, path.parent.parent / "seed_1")
+    other = path.parent.parent / "seed_1" / "summary.json"
+    summary = json.loads(other.read_text())
+    summary["device_count"] = 1 if jax.device_count() > 1 else 2
+    other.write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="different device counts"):
+        speed.summarize(speed.finished_runs(str(tmp_path)))
