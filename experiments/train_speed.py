@@ -6,12 +6,19 @@ is the baseline. What is measured is the training step, not what the model learn
 (associative recall, transformer/data/associative_recall.py) only supplies sequences of exactly
 the length asked for, 2 * num_pairs + 1 tokens plus [CLS].
 
-    python launch.py --config=experiments/train_speed.py:cpu --sweep --workdir=/tmp/speed
+    JAX_NUM_CPU_DEVICES=2 python launch.py --config=experiments/train_speed.py:cpu --sweep \
+        --workdir=/tmp/speed
     python experiments/train_speed.py /tmp/speed      # speed.md, speed.csv, speed.png
     python launch.py --config=experiments/train_speed.py:cpu,bigbird-4096 --workdir=/tmp/one
 
-Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores, about 16 minutes:
-every pattern at 1,024 and 4,096, full attention to 8,192, BigBird and the window to 16,384), "full" (GPU/TPU, 1,024 to 65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096". The attention
+On a CPU, JAX_NUM_CPU_DEVICES=2 makes each core an XLA device and the loop data-parallel over
+them (batch 8 = 2 x 4): XLA alone keeps only about 1.25 of 2 cores busy, so that ran 1.08x
+(full, 1,024 tokens) to 1.15x (BigBird, 4,096) faster here. The report names the device count.
+
+Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores, about 11 minutes
+with 2 devices: every pattern at 1,024 and 4,096, full attention to 8,192, BigBird and the
+window to 16,384), "full" (GPU/TPU, 1,024 to 65,536 tokens). Variants: "<pattern>-<length>",
+e.g. "bigbird-4096". The attention
 implementation is "auto" (transformer/attention/dot_product.py picks one per pattern and
 length); `--config.model.implementation=<name>` measures another.
 
@@ -61,9 +68,10 @@ PRESETS = {
     # Each length trains 1 + max(2, 65,536 / (8 x length)) steps: 8 timed steps at 1,024, 2 from
     # 4,096 up. Every pattern runs at 1,024 and 4,096 tokens; full attention also at 8,192, and
     # BigBird and the sliding window (its cheapest part) up to 16,384, which shows that training
-    # there fits in memory. All lengths for every pattern took 26 minutes on 2 cores; this subset
-    # 16 (per-run times of that same sweep). A step of full attention at 16,384 tokens takes about
-    # 140 s here; the full preset below has every length for every pattern.
+    # there fits in memory. All lengths for every pattern took 26 minutes on 2 cores, before
+    # chunked attention grouped the batch (transformer/attention/chunked.py); this subset 11.5
+    # minutes after it, with 2 devices. A step of full attention at 16,384 tokens took about 140 s;
+    # the full preset below has every length for every pattern.
     "cpu": dict(lengths=(1024, 4096, 8192, 16384), patterns=PATTERNS,
                 longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
                 **TARGET_MODEL, block=64, timed_tokens=65_536, min_timed_steps=2, seeds=(0,)),
