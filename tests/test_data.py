@@ -304,27 +304,21 @@ def test_data_info_gives_model_sizes():
   assert data.data_info(dict(name="bible_en_es")).vocab_size == 8000
 
 
-def test_worker_processes_yield_the_same_batches(data_dir):
-  config = SMALL_CONFIGS["listops"]
-  in_process = data.make_iterator(config, "train", global_batch_size=4, seed=0,
-                                  data_dir=data_dir)
-  workers = data.make_iterator(dict(config, worker_count=1), "train", global_batch_size=4,
-                               seed=0, data_dir=data_dir)
-  for _ in range(3):
-    want, got = next(in_process), next(workers)
-    assert all((got[k] == want[k]).all() for k in want)
-  workers.close()
-
-
-def test_reading_threads_yield_the_same_batches(data_dir):
+@pytest.mark.parametrize("readers", [dict(worker_count=1), dict(read_threads=2)])
+def test_reading_ahead_yields_the_same_batches(data_dir, readers):
   config = SMALL_CONFIGS["listops"]
   on_demand = data.make_iterator(config, "train", global_batch_size=4, seed=0,
                                  data_dir=data_dir)
-  threads = data.make_iterator(dict(config, read_threads=2), "train", global_batch_size=4,
-                               seed=0, data_dir=data_dir)
+  ahead = data.make_iterator(dict(config, **readers), "train", global_batch_size=4, seed=0,
+                             data_dir=data_dir)
   for _ in range(5):
-    want, got = next(on_demand), next(threads)
+    want, got = next(on_demand), next(ahead)
     assert all((got[k] == want[k]).all() for k in want)
-  with pytest.raises(ValueError, match="read_threads must be >= 0"):
-    data.make_iterator(dict(config, read_threads=-1), "train", global_batch_size=4, seed=0,
-                       data_dir=data_dir)
+  ahead.close()
+
+
+@pytest.mark.parametrize("field", ["worker_count", "read_threads"])
+def test_negative_reader_counts_are_refused(data_dir, field):
+  with pytest.raises(ValueError, match=f"{field} must be >= 0"):
+    data.make_iterator(dict(SMALL_CONFIGS["listops"], **{field: -1}), "train",
+                       global_batch_size=4, seed=0, data_dir=data_dir)
