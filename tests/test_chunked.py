@@ -214,6 +214,20 @@ def test_runs_inside_shard_map_and_pmap():
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_alibi_slopes_get_gradients_inside_shard_map():
+    # Replicated slopes, per-device q/k/v: the slopes' gradient is the sum over the devices.
+    q, k, v, _ = random_inputs(6, 4, 29, 29, 2, 8, 8)
+    slopes = jnp.asarray([0.5, 0.125], jnp.float32)
+    loss = lambda q, k, v, s: (chunked_attention(q, k, v, alibi_slopes=s, chunk_size=8) * q).sum()
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    spec = PartitionSpec("data")
+    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 3 + (PartitionSpec(),),
+                                    out_specs=(spec,) * 3 + (PartitionSpec(),)))
+    for got, want in zip(sharded(q, k, v, slopes), jax.jit(grads)(q, k, v, slopes)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(key_valid=jnp.ones((2, 7), jnp.int32)), "key_valid must be boolean"),
     (dict(key_valid=jnp.ones((2, 6), bool)), r"key_valid must be boolean \[batch, kv_len\]"),

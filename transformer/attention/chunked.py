@@ -77,7 +77,10 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
     if key_valid is not None:
         key_valid = jnp.pad(key_valid, ((0, 0), (0, num_k_chunks * key_chunk - kv_len)))
     if alibi_slopes is not None:
-        alibi_slopes = jnp.asarray(alibi_slopes, jnp.float32)
+        # Inside shard_map the slopes' gradient varies over the devices like q, k and v, and a
+        # custom VJP must return the type it was given: so they enter the VJP varying too.
+        alibi_slopes, = varying_like((q, k, v, key_valid),
+                                     jnp.asarray(alibi_slopes, jnp.float32))
 
     config = _Config(scale=float(scale), causal=bool(causal), offset=kv_len - q_len,
                      query_chunk=query_chunk, key_chunk=key_chunk,
