@@ -12,10 +12,10 @@ the length asked for, 2 * num_pairs + 1 tokens plus [CLS].
     python launch.py --config=experiments/train_speed.py:cpu,bigbird-4096 --workdir=/tmp/one
 
 On a CPU, JAX_NUM_CPU_DEVICES=2 makes each core an XLA device and the loop data-parallel over
-them (batch 8 = 2 x 4): XLA alone keeps only about 1.25 of 2 cores busy, so that ran 1.08x
-(full, 1,024 tokens) to 1.15x (BigBird, 4,096) faster here. The report names the device count.
+them (batch 8 = 2 x 4): that ran 1.08x (full, 1,024 tokens) to 1.15x (BigBird, 4,096) faster
+here than one device for both cores. The report names the device count.
 
-Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores, about 11 minutes
+Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores, 11.5 minutes
 with 2 devices: every pattern at 1,024 and 4,096, full attention to 8,192, BigBird and the
 window to 16,384), "full" (GPU/TPU, 1,024 to 65,536 tokens). Variants: "<pattern>-<length>",
 e.g. "bigbird-4096". The attention
@@ -188,6 +188,7 @@ def finished_runs(workdir):
     sweep's finished runs. Memory, of one device, comes from summary.json's
     "train/peak_memory_gb" when the loop recorded it, else from compiling the run's config
     again (on this process's devices)."""
+    import jax
     from transformer.data import data_info
     from transformer.metrics_writer import read_metrics
 
@@ -203,6 +204,11 @@ def finished_runs(workdir):
                 summary = json.load(f)
             config = ml_collections.ConfigDict(summary["config"])
             memory = summary["final"].get("train/peak_memory_gb")
+            if memory is None and summary["device_count"] != jax.device_count():
+                raise ValueError(f"{path} has no peak memory and ran on "
+                                 f"{summary['device_count']} device(s); report it with as many "
+                                 f"(JAX_NUM_CPU_DEVICES={summary['device_count']}), not "
+                                 f"{jax.device_count()}, so that it compiles the same step.")
             runs.append({
                 "pattern": config.model.pattern, "seed": config.seed,
                 "length": data_info(config.data).max_length,
@@ -217,18 +223,18 @@ def summarize(runs):
     devices)}, pooling the timed steps of every seed."""
     import numpy as np
 
+    devices = sorted({r["devices"] for r in runs})
+    if len(devices) > 1:
+        raise ValueError(f"the runs used different device counts {devices}; report sweeps with "
+                         "one device count, so that the table's ratios compare like with like.")
     table = {}
     order = lambda key: (PATTERNS.index(key[0]), key[1])  # full first, lengths ascending
     for key in sorted({(r["pattern"], r["length"]) for r in runs}, key=order):
         same = [r for r in runs if (r["pattern"], r["length"]) == key]
         speeds = np.array([s for r in same for s in r["speeds"]], np.float64)
         std = speeds.std(ddof=1) if len(speeds) > 1 else math.nan
-        devices = sorted({r["devices"] for r in same})
-        if len(devices) > 1:
-            raise ValueError(f"the runs of {key} used different device counts {devices}; "
-                             "report sweeps with one device count.")
         table[key] = (speeds.mean() if len(speeds) else math.nan, std, len(speeds), len(same),
-                      max(r["memory_gb"] for r in same), devices[0])
+                      max(r["memory_gb"] for r in same), same[0]["devices"])
     return table
 
 

@@ -28,9 +28,9 @@ from transformer.attention.shapes import check_query_key_value, varying_like
 # heads is 4 MB. Short sequences shrink them to the padded length.
 DEFAULT_QUERY_CHUNK = 512
 DEFAULT_KEY_CHUNK = 256
-# Logits per tile, over the batch elements and heads it holds: 512 x 256 for 4 heads, the tile
-# of one element of experiments/train_speed.py's model. Shorter sequences put several batch
-# elements in a tile (64 x 128 tokens ran 8% slower one element at a time).
+# Logits per tile on CPU, over the batch elements and heads it holds: 512 x 256 for 4 heads,
+# the tile of one element of experiments/train_speed.py's model. Shorter sequences put several
+# batch elements in a tile, as one element per tile ran slower at batch 64 x 128 tokens.
 _TILE_ELEMENTS = 4 * 512 * 256
 
 
@@ -85,13 +85,15 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
     config = _Config(scale=float(scale), causal=bool(causal), offset=kv_len - q_len,
                      query_chunk=query_chunk, key_chunk=key_chunk,
                      num_q_chunks=num_q_chunks, num_k_chunks=num_k_chunks)
-    group = _batch_group(batch, heads * query_chunk * key_chunk)
+    # Tiles sized for a CPU's caches; accelerators take the whole batch in each tile.
+    group = (_batch_group(batch, heads * query_chunk * key_chunk)
+             if jax.default_backend() == "cpu" else batch)
     if group == batch:
         out = _attention(config, q, k, v, key_valid, alibi_slopes)
     else:
         # A few batch elements at a time, so each tile stays cache-sized whatever the batch: in
-        # experiments/train_speed.py's model (batch 8 x 4 heads) training steps ran 1.25x faster
-        # at 4,096 tokens and 1.1x at 1,024 than with the whole batch in every tile.
+        # experiments/train_speed.py's model (batch 8 x 4 heads) training ran 1.44x faster at
+        # 4,096 tokens and 1.20x at 1,024 than with the whole batch in every tile (README).
         def grouped(x):
             return None if x is None else x.reshape(batch // group, group, *x.shape[1:])
         out = jax.lax.map(lambda args: _attention(config, *args, alibi_slopes),
@@ -130,7 +132,7 @@ def _batch_group(batch, tile_elements):
     """How many batch elements each tile holds: the most that keep a tile's logits (heads x
     query_chunk x key_chunk each) within _TILE_ELEMENTS, and that divide the batch."""
     most = max(1, _TILE_ELEMENTS // tile_elements)
-    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+    return max((d for d in range(1, min(batch, most) + 1) if batch % d == 0), default=1)
 
 
 def _round_up(n, multiple):
