@@ -258,12 +258,11 @@ def markdown(table):
 
     steps = sorted({table[k][2] for k in table})
     seeds = sorted({table[k][3] for k in table})
-    devices = sorted({table[k][5] for k in table})
+    devices = next(iter(table.values()))[5]  # one count for the whole table (summarize)
     return "\n".join(
         [f"Training tokens/s: mean ± sample standard deviation over the timed steps ({steps[0]} "
          f"to {steps[-1]} per cell, from {seeds[-1]} seed(s)); the first step of each run "
-         f"(compilation) is not timed. Data parallel over {'/'.join(map(str, devices))} "
-         "device(s).", ""] + header + rows(speed) +
+         f"(compilation) is not timed. Data parallel over {devices} device(s).", ""] + header + rows(speed) +
         ["", "Peak memory of the compiled training step on one device, GB (10^9 bytes), by XLA's "
          "buffer assignment: arguments + outputs - donated + temporaries.", ""] + header +
         rows(memory) +
