@@ -87,4 +87,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from transformer.huge_pages import restart_with_huge_pages
+    restart_with_huge_pages()  # XLA:CPU's buffers in 2 MB pages: 1.2-1.3x faster training on CPU
     app.run(main)
