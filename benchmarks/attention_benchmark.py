@@ -15,6 +15,8 @@ matmul peak (a 2048^2 float32 product) is timed in the same alternation, and ach
 Writes `<out>/attention_benchmark.csv`, `<out>/time.png` and `<out>/memory.png`, and prints a
 table. Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
 `flax.linen.MultiHeadDotProductAttention` with a dense mask (its projections included).
+"block_products" is not an implementation but a floor: block_sparse's products on inputs laid
+out contiguously in advance (`block_products.py`), for whole-row patterns.
 """
 
 import argparse
@@ -27,7 +29,8 @@ import sys
 import time
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
-IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "auto")
+IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "block_products",
+                   "auto")
 DENSE_IMPLEMENTATIONS = ("dense", "jax.nn", "flax")  # materialise [heads, q_len, kv_len]
 
 
@@ -50,6 +53,8 @@ def applies(implementation, pattern_name, length, dense_max_length):
         return False
     if implementation == "chunked":
         return pattern_name in ("full", "causal")
+    if implementation == "block_products":  # whole-row layouts only (block_products.py)
+        return pattern_name in ("sliding_window", "random", "bigbird")
     return True
 
 
@@ -91,7 +96,13 @@ def attention_function(implementation, pattern, length):
 
 
 def compiled_step(implementation, pattern, length):
+    """fn(q, k, v) -> gradients: one forward+backward pass."""
     import jax
+    if implementation == "block_products":
+        import block_products  # this directory's
+        q, k, v = inputs(length)
+        step, (layouts, masks) = block_products.make_step(pattern, q, k, v, BLOCK)
+        return lambda q, k, v: step(layouts, masks, q, k, v)
     loss = attention_function(implementation, pattern, length)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
@@ -296,6 +307,6 @@ def _table(rows):
 
 
 if __name__ == "__main__":
-    from transformer.huge_pages import restart_with_huge_pages
-    restart_with_huge_pages()  # as launch.py does, so times match training's
+    from transformer.host_allocator import restart_with_tcmalloc
+    restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()

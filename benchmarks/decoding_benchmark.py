@@ -167,6 +167,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from transformer.huge_pages import restart_with_huge_pages
-    restart_with_huge_pages()  # as launch.py does, so times match training's
+    from transformer.host_allocator import restart_with_tcmalloc
+    restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()
