@@ -11,8 +11,9 @@ English to Spanish Bible verses (transformer/data/bible_en_es.py: King James / R
   transformer   an encoder-decoder transformer (Vaswani et al. 2017)
 Reported: BLEU (sacrebleu, detokenized) of the greedy (cpu) or beam (full) translations of the
 validation verses, overall and by source length in words, as Figure 2 of Bahdanau et al. plots
-it (transformer/translation_eval.py); the recurrent models with attention also write alignment
-heatmaps of a few validation verses to runs/<variant>/seed_<seed>/alignments/.
+it (transformer/translation_eval.py); the models with attention over the source (the transformer:
+its last cross-attention layer, averaged over heads) also write alignment heatmaps of a few
+validation verses to runs/<variant>/seed_<seed>/alignments/.
 
     python launch.py --config=experiments/bottleneck.py:cpu --sweep --workdir=/tmp/bottleneck
     python launch.py --config=experiments/bottleneck.py:cpu,bahdanau --workdir=/tmp/bahdanau

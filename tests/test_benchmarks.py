@@ -62,6 +62,7 @@ def test_attention_benchmark_writes_its_table(tmp_path):
     assert [(r["pattern"], r["implementation"]) for r in rows] == [
         tuple(pair.split(":")) for pair in pairs.split(",")]
     assert all(float(r["seconds"]) > 0 and not r["error"] for r in rows)
+    assert all(r["peak_gb"] == "" and r["xla_gb"] == "" for r in rows)  # --no-memory
     assert float(rows[1]["block_fraction"]) < 1.0
     assert (tmp_path / "time.png").exists()
 

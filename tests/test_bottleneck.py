@@ -1,5 +1,6 @@
 """BLEU by source length (transformer/translation_eval.py) and the bottleneck experiment's sweep."""
 
+import dataclasses
 import math
 import os
 
@@ -77,6 +78,32 @@ def test_translation_eval_needs_a_seq2seq_task():
         translation_eval.check(config)
 
 
+def test_transformer_alignment_is_its_last_cross_attention_over_real_source_tokens():
+    import jax
+    import numpy as np
+    from transformer.models import EncoderDecoder, TransformerConfig
+    config = TransformerConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1,
+                               num_decoder_layers=2, max_len=16, dropout_rate=0.0)
+    model = EncoderDecoder(config)
+    source = np.array([[5, 6, 7, EOS_ID, PAD_ID, PAD_ID]])
+    target = np.array([[8, 9, EOS_ID]])
+    params = model.init(jax.random.key(0), source, target)["params"]
+    from transformer.alignment_plot import alignment_weights
+    weights = alignment_weights(model, params, source, target)
+    assert weights.shape == (3, 6)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    assert (weights[:, 4:] == 0).all() and (weights[:, :4] > 0).all()
+    # The last decoder layer's, not the first's.
+    _, state = model.clone(config=dataclasses.replace(config, sow_attention_weights=True,
+                                                 implementation="dense")).apply(
+        {"params": params}, source, target, mutable=["intermediates"])
+    layers = state["intermediates"]["decoder"]
+    first = layers["layers_0"]["cross_attention"]["attention_weights"][0][0].mean(0)
+    last = layers["layers_1"]["cross_attention"]["attention_weights"][0][0].mean(0)
+    np.testing.assert_allclose(weights, last, rtol=1e-6)
+    assert not np.allclose(first, last)
+
+
 def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
     experiment = load_experiment("bottleneck.py").get_config
     variants = ("bahdanau", "transformer")  # attention weights to plot, and a key/value cache
@@ -101,7 +128,8 @@ def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| variant | runs | eval/bleu | eval/bleu_len_0_10 |" in table
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    # Alignment heatmaps for the recurrent model with attention; the transformer has none.
-    alignments = tmp_path / "runs" / "bahdanau" / "seed_0" / "alignments"
-    assert [p for p in alignments.rglob("*.png")]
-    assert not os.path.exists(tmp_path / "runs" / "transformer" / "seed_0" / "alignments")
+    # Alignment heatmaps for the models with attention over the source, and only for them.
+    for variant in ("bahdanau", "transformer"):
+        alignments = tmp_path / "runs" / variant / "seed_0" / "alignments"
+        assert [p for p in alignments.rglob("*.png")], variant
+    assert not os.path.exists(tmp_path / "runs" / "no_attention" / "seed_0" / "alignments")

@@ -1,10 +1,12 @@
 """Alignment heatmaps: which source positions each target token attended to (Bahdanau, Fig. 3).
 
-    weights = model.apply(variables, inputs, targets, return_attention=True)[1]  # [b, tgt, src]
-    plot_alignment(weights[0], source_tokens, target_tokens, "alignment.png")
+    weights = alignment_weights(model, params, inputs, targets)  # [tgt, src], first sentence
+    plot_alignment(weights, source_tokens, target_tokens, "alignment.png")
 
 or, for a sentence the model translates itself, `translate_and_plot`.
 """
+
+import dataclasses
 
 import jax.numpy as jnp
 import matplotlib
@@ -14,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transformer import decoding  # noqa: E402
+from transformer.models import EncoderDecoder  # noqa: E402
 
 
 def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, dpi=100):
@@ -47,6 +50,25 @@ def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, d
     return path
 
 
+def alignment_weights(model, params, source, target):
+    """`[tgt_len, src_len]`: how much each target token attends to each source token.
+
+    source, target: int `[1, length]`. Recurrent models return their attention weights
+    (`return_attention=True`). The transformer is run once more with dense attention, the only
+    implementation that returns weights, and sows them; its last decoder layer's
+    cross-attention, averaged over heads, is the alignment (row i predicts target[i]).
+    """
+    if not isinstance(model, EncoderDecoder):
+        return np.asarray(model.apply({"params": params}, source, target,
+                                      return_attention=True)[1][0])
+    config = dataclasses.replace(model.config, sow_attention_weights=True, implementation="dense")
+    _, state = model.clone(config=config).apply({"params": params}, source, target,
+                                                mutable=["intermediates"])
+    last_layer = state["intermediates"]["decoder"][f"layers_{config.num_decoder_layers - 1}"]
+    weights = last_layer["cross_attention"]["attention_weights"][0]  # [1, heads, tgt, src]
+    return np.asarray(weights[0].mean(0))
+
+
 def translate_and_plot(model, variables, source, path, *, max_len, eos_id, names,
                        strategy="greedy", title=None, **options):
     """Translates one sentence and saves the alignment of the translation to it as a PNG.
@@ -62,8 +84,7 @@ def translate_and_plot(model, variables, source, path, *, max_len, eos_id, names
                                           eos_id=eos_id, strategy=strategy, **options)[0])
     ends = np.flatnonzero(output == eos_id)
     target = output[:ends[0] + 1] if ends.size else output
-    _, weights = model.apply(variables, source, jnp.asarray(target)[None], return_attention=True)
-    weights = np.asarray(weights[0])
+    weights = alignment_weights(model, variables["params"], source, jnp.asarray(target)[None])
     real_source = [int(t) for t in np.asarray(source[0]) if t != 0]
     plot_alignment(weights, names(real_source), names([int(t) for t in target]), path,
                    title=title)

@@ -14,9 +14,10 @@ config.translation_eval fields (an empty ConfigDict: no decoding):
   bucket_edges    ascending source lengths in words (whitespace-separated, after detokenizing);
                   default (10, 20, 30, 40, 50): buckets 0-10, 10-20, ..., 50 and up
   num_examples    sentences to translate, from the start of the split; 0 (default): all
-  num_alignment_plots  for models that return attention weights (the recurrent ones with
-                  attention): heatmaps of the first n sentences of at most 30 source tokens,
-                  written to the run's workdir; default 0
+  num_alignment_plots  for models with attention over the source (the recurrent ones with
+                  attention, and the transformer: its last decoder layer's cross-attention,
+                  averaged over heads): heatmaps of the first n sentences of at most 30 source
+                  tokens, written to the run's workdir; default 0
 
 Decoding runs on the host, not data-parallel: the replicated parameters are fetched and every
 process translates the whole set on its first local device, so every process computes the same
@@ -32,6 +33,7 @@ import numpy as np
 import sacrebleu
 
 from transformer import decoding, parallel
+from transformer.models import EncoderDecoder
 from transformer.token_ids import EOS_ID, PAD_ID
 
 DEFAULTS = dict(strategy="greedy", beam_size=4, alpha=0.6, max_decode_len=0,
@@ -139,20 +141,21 @@ def translate(model, params, batches, settings):
 
 def plot_alignments(model, params, tokenizer, sources, hypotheses, count, directory):
     """Heatmaps of the first `count` sentences of at most ALIGNMENT_MAX_SOURCE_TOKENS tokens."""
-    from transformer.alignment_plot import plot_alignment  # matplotlib only when plotting
+    # matplotlib only when plotting
+    from transformer.alignment_plot import alignment_weights, plot_alignment
     os.makedirs(directory, exist_ok=True)
     names = lambda ids: [tokenizer.processor.id_to_piece(i) for i in ids]
     short = [i for i, s in enumerate(sources) if len(s) <= ALIGNMENT_MAX_SOURCE_TOKENS]
     for index in short[:count]:
         source, target = np.asarray([sources[index]]), np.asarray([hypotheses[index]])
-        _, weights = model.apply({"params": params}, source, target, return_attention=True)
-        plot_alignment(np.asarray(weights[0]), names(sources[index]), names(hypotheses[index]),
+        plot_alignment(alignment_weights(model, params, source, target),
+                       names(sources[index]), names(hypotheses[index]),
                        os.path.join(directory, f"sentence_{index}.png"))
 
 
 def has_attention_weights(model):
-    """Only the recurrent models with attention return weights (`return_attention=True`)."""
-    return getattr(model, "attention", "none") != "none"
+    """The recurrent models with attention and the encoder-decoder transformer."""
+    return isinstance(model, EncoderDecoder) or getattr(model, "attention", "none") != "none"
 
 
 def evaluate_translation(model, params, data_config, split, fields, *, batch_size, data_dir,
