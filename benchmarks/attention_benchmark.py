@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -144,8 +143,7 @@ def worker_memory(args):
     bytes XLA's buffer assignment gives the compiled step (arguments + outputs + temporaries).
 
     Max RSS is what the process really held, allocator and runtime included; XLA's figure is
-    what the program needs, the same on every run. At 64K tokens some runs' RSS peaked at about
-    twice XLA's figure, with either allocator, and others did not.
+    what the program needs, the same on every run.
     """
     import jax
     q, k, v = inputs(args.length)
@@ -153,12 +151,15 @@ def worker_memory(args):
     if args.implementations != "baseline":
         step = compiled_step(args.implementations, make_pattern(args.pattern), args.length)
         if hasattr(step, "lower"):  # a jitted function (block_products is a closure)
-            analysis = step.lower(q, k, v).compile().memory_analysis()
+            step = step.lower(q, k, v).compile()
+            analysis = step.memory_analysis()
             result["xla_bytes"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                                    + analysis.temp_size_in_bytes)
         jax.block_until_ready(step(q, k, v))
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from peak_memory import peak_rss_bytes  # this directory's
+    result["peak_rss"] = peak_rss_bytes()
     print(json.dumps(result))
+
 
 
 def run_worker(kind, timeout, **options):

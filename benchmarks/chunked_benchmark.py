@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peak_memory import peak_rss_bytes  # this directory's
 from transformer.attention.chunked import chunked_attention
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/chunked_benchmark", "Where CSV and PNG go.")
@@ -124,19 +125,6 @@ def peak_memory(name, length):
     if result.returncode != 0:
         raise RuntimeError(f"memory run {name} at {length} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_bytes():
-    """This process's peak resident set size (VmHWM).
-
-    Not getrusage's ru_maxrss: Linux keeps that across exec, so a child of a large parent
-    would report the parent's peak.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only.")
 
 
 def measure_memory_here(spec):

@@ -188,6 +188,7 @@ def test_auto_choice():
     assert choose_implementation(bigbird, 1, 512, "cpu") == "dense"  # one decoding step
     assert choose_implementation(bigbird, 200, 200, "cpu") == "block_sparse"
     assert choose_implementation(patterns.full(), 200, 200, "cpu") == "chunked"
+    assert choose_implementation(patterns.causal(), 200, 200, "cpu") == "chunked"
     assert choose_implementation(patterns.causal(), 512, 512, "cpu") == "block_sparse"
     assert choose_implementation(patterns.causal(), 1024, 1024, "cpu") == "chunked"
     assert choose_implementation(patterns.full(), 4096, 4096, "gpu") == "chunked"

@@ -24,10 +24,11 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # pattern, by 1.2x at 64 tokens and 1.5-2x at 128-512; only single-query steps (decoding with a
 # cache) and the like stay dense.
 DENSE_MAX_PAIRS = 32 * 32
-# Chunked causal attention skips the tiles above the diagonal only once the length spans several
-# of its 512-query tiles; shorter causal attention is faster block-sparse (at 512 tokens:
-# 15 ms against 24 ms).
-CHUNKED_CAUSAL_MIN_LENGTH = 1024
+# Causal lengths [low, high) where block-sparse beats chunked attention. Chunked attention skips
+# the tiles above the diagonal only once the length spans several of its 512-query tiles (at 512
+# tokens: 8.8 ms against 10.6 ms, fwd+bwd); below 512 its one small tile beats block-sparse's
+# schedule (at 64-256 tokens: 0.33-2.4 ms against 0.53-3.0 ms). benchmarks/results/short.
+BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 1024)
 
 
 def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
@@ -57,7 +58,7 @@ def choose_implementation(pattern, q_len, kv_len, backend=None):
     """The implementation "auto" uses for this pattern, length and backend.
 
     Splash on TPU. Elsewhere: dense for tiny score matrices; chunked for full attention and for
-    causal attention from CHUNKED_CAUSAL_MIN_LENGTH tokens (exact, linear memory, skips the causal
+    causal attention outside BLOCK_SPARSE_CAUSAL_LENGTHS (exact, linear memory, skips the causal
     upper half); block-sparse for everything else, since it computes only the non-empty 64x64
     blocks and sends rows that see every key to chunked attention. Measured on CPU; GPUs follow
     the CPU rule (cuDNN needs half precision and a GPU to measure it on).
@@ -69,8 +70,8 @@ def choose_implementation(pattern, q_len, kv_len, backend=None):
         return "dense"
     if type(pattern) is patterns.Full:
         return "chunked"
-    if (type(pattern) is patterns.Causal and q_len == kv_len
-            and q_len >= CHUNKED_CAUSAL_MIN_LENGTH):
+    low, high = BLOCK_SPARSE_CAUSAL_LENGTHS
+    if type(pattern) is patterns.Causal and q_len == kv_len and not low <= q_len < high:
         return "chunked"
     return "block_sparse"
 
