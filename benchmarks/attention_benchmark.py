@@ -161,7 +161,6 @@ def worker_memory(args):
     print(json.dumps(result))
 
 
-
 def run_worker(kind, timeout, **options):
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind]
     for key, value in options.items():
@@ -265,7 +264,8 @@ def main(argv=None):
                 # Forward: 2 matmuls over the allowed pairs; backward: 4 more.
                 flops = 6 * 2 * pairs * HEADS * HEAD_DIM
                 row["fraction_of_matmul_peak"] = round(flops / row["seconds"] / times["matmul"], 3)
-            if not args.no_memory:
+            # block_products' RSS would include its host-side layouts: time only.
+            if not args.no_memory and name != "block_products":
                 memory, memory_error = run_worker("memory", args.timeout, pattern=pattern_name,
                                                   length=length, implementations=name)
                 row["peak_gb"] = memory and round(memory["peak_rss"] / 1e9, 3)

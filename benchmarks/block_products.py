@@ -52,7 +52,7 @@ def _rows_backward(q, k, v, allowed, out, lse, d_out):
 def _split(x, axis=1):
     """The step's items in two halves, as `block_sparse._halves` splits them."""
     half = x.shape[axis] // 2
-    if half == 0:
+    if x.shape[axis] < 2 * block_sparse._ROWS_PER_CHAIN:
         return [x]
     return [jax.lax.slice_in_dim(x, 0, half, axis=axis),
             jax.lax.slice_in_dim(x, half, x.shape[axis], axis=axis)]

@@ -128,8 +128,15 @@ def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| variant | runs | eval/bleu | eval/bleu_len_0_10 |" in table
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    # Alignment heatmaps for the models with attention over the source, and only for them.
+    # Alignment heatmaps for the models with attention over the source.
     for variant in ("bahdanau", "transformer"):
         alignments = tmp_path / "runs" / variant / "seed_0" / "alignments"
         assert [p for p in alignments.rglob("*.png")], variant
-    assert not os.path.exists(tmp_path / "runs" / "no_attention" / "seed_0" / "alignments")
+
+
+def test_only_models_with_attention_over_the_source_draw_alignments():
+    from transformer.models import EncoderDecoder, TransformerConfig
+    from transformer.rnn.seq2seq import RNNSeq2Seq
+    assert translation_eval.has_attention_weights(EncoderDecoder(TransformerConfig()))
+    assert translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="bahdanau"))
+    assert not translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="none"))

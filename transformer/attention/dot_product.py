@@ -25,9 +25,11 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # cache) and the like stay dense.
 DENSE_MAX_PAIRS = 32 * 32
 # Causal lengths [low, high) where block-sparse beats chunked attention. Chunked attention skips
-# the tiles above the diagonal only once the length spans several of its 512-query tiles (at 512
-# tokens: 8.8 ms against 10.6 ms, fwd+bwd); below 512 its one small tile beats block-sparse's
-# schedule (at 64-256 tokens: 0.33-2.4 ms against 0.53-3.0 ms). benchmarks/results/short.
+# the tiles above the diagonal only once the length spans several of its 512-query tiles: at 512
+# tokens block-sparse won in three runs of benchmarks/results/short (12.3 against 13.5 ms,
+# 8.8 against 10.6, 11.3 against 15.3; fwd+bwd); lengths between 513 and 1023 were not measured.
+# Below 512, chunked attention's one small tile beats block-sparse's schedule (64-256 tokens:
+# 0.30-2.46 ms against 0.40-3.02 ms).
 BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 1024)
 
 
