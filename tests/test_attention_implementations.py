@@ -190,6 +190,8 @@ def test_auto_choice():
     assert choose_implementation(patterns.full(), 200, 200, "cpu") == "chunked"
     assert choose_implementation(patterns.causal(), 200, 200, "cpu") == "chunked"
     assert choose_implementation(patterns.causal(), 512, 512, "cpu") == "block_sparse"
+    assert choose_implementation(patterns.causal(), 640, 640, "cpu") == "block_sparse"
+    assert choose_implementation(patterns.causal(), 768, 768, "cpu") == "chunked"
     assert choose_implementation(patterns.causal(), 1024, 1024, "cpu") == "chunked"
     assert choose_implementation(patterns.full(), 4096, 4096, "gpu") == "chunked"
     assert choose_implementation(patterns.causal(), 2048, 512, "cpu") == "block_sparse"  # offset

@@ -24,13 +24,13 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # pattern, by 1.2x at 64 tokens and 1.5-2x at 128-512; only single-query steps (decoding with a
 # cache) and the like stay dense.
 DENSE_MAX_PAIRS = 32 * 32
-# Causal lengths [low, high) where block-sparse beats chunked attention. Chunked attention skips
-# the tiles above the diagonal only once the length spans several of its 512-query tiles: at 512
-# tokens block-sparse won in three runs of benchmarks/results/short (12.3 against 13.5 ms,
-# 8.8 against 10.6, 11.3 against 15.3; fwd+bwd); lengths between 513 and 1023 were not measured.
-# Below 512, chunked attention's one small tile beats block-sparse's schedule (64-256 tokens:
-# 0.30-2.46 ms against 0.40-3.02 ms).
-BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 1024)
+# Causal lengths [low, high) where block-sparse beats chunked attention, whose 512-query tiles
+# compute much of the masked half at these lengths: at 512 tokens block-sparse won in three runs
+# of benchmarks/results/short (12.3 against 13.5 ms, 8.8 against 10.6, 11.3 against 15.3;
+# fwd+bwd), and at 640 in benchmarks/results/causal_mid (13 against 17 ms); from 768 on chunked
+# wins (18 against 19 ms at 768, 22 against 26 at 896). Below 512, chunked attention's one small
+# tile beats block-sparse's schedule (64-256 tokens: 0.30-2.46 ms against 0.40-3.02 ms).
+BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 768)
 
 
 def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
