@@ -28,15 +28,8 @@ def _logits(q, k, allowed):
 
 def _rows_forward(q, k, v, allowed):
     """q `[heads, items, block, d]`; k, v `[heads, items, keys, d]`; allowed `[items, block,
-    keys]` -> out, log-sum-exp (+inf where a row sees no key, as in block_sparse)."""
-    logits = _logits(q, k, allowed)
-    row_max = logits.max(-1, keepdims=True)
-    probs = jnp.exp(logits - jnp.where(jnp.isneginf(row_max), 0.0, row_max))
-    row_sum = probs.sum(-1, keepdims=True)
-    has_key = row_sum > 0
-    safe_sum = jnp.where(has_key, row_sum, 1.0)
-    out = jnp.einsum("hiqk,hikd->hiqd", probs, v) / safe_sum
-    return out, jnp.where(has_key, row_max + jnp.log(safe_sum), jnp.inf)[..., 0]
+    keys]` -> out, log-sum-exp, by block_sparse's own softmax."""
+    return block_sparse.softmax_rows(_logits(q, k, allowed), v)
 
 
 def _rows_backward(q, k, v, allowed, out, lse, d_out):

@@ -29,9 +29,9 @@ def environment_with_tcmalloc(environ, library):
     Pure, for tests: `environ` is a mapping like `os.environ`; `library` is tcmalloc's file name
     as `ctypes.util.find_library` gives it, or None when it is not installed.
     """
-    preloaded = environ.get("LD_PRELOAD", "")
-    if library is None or "tcmalloc" in preloaded or environ.get(OPT_OUT) == "system":
+    if library is None or not install_hint_needed(environ):
         return None
+    preloaded = environ.get("LD_PRELOAD", "")
     return dict(environ, LD_PRELOAD=" ".join(filter(None, [preloaded, library])),
                 # tcmalloc reports every allocation above 1 GB on stderr by default.
                 TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=environ.get(
@@ -49,10 +49,8 @@ def restart_with_tcmalloc():
     Call it first thing in a program's entry point (it replaces the process, keeping its pid).
     `sys.orig_argv` keeps the interpreter's own options (`-u`, `-X ...`) across the restart.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    if not install_hint_needed():  # already preloaded or opted out: skip the library search
-        return
+    if not sys.platform.startswith("linux") or not install_hint_needed():
+        return  # not Linux, already preloaded, or opted out: no library search
     environ = environment_with_tcmalloc(os.environ, ctypes.util.find_library(LIBRARY))
     if environ is None:
         return

@@ -386,21 +386,27 @@ def _forward(plan, q, k, v, key_bias, slopes):
     return out, lse
 
 
+def softmax_rows(logits, values):
+    """Attention over whole rows: logits `[..., q, keys]` (-inf where not allowed), values
+    `[..., keys, dv]` -> output `[..., q, dv]` and log-sum-exp `[..., q]`, which is +inf where a
+    row sees no key (its output is 0)."""
+    row_max = logits.max(-1)
+    # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
+    shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+    probs = jnp.exp(logits - shift[..., None])
+    row_sum = probs.sum(-1)
+    has_key = row_sum > 0
+    safe_sum = jnp.where(has_key, row_sum, 1.0)
+    out = jnp.einsum("...qk,...kd->...qd", probs, values)
+    return out / safe_sum[..., None], jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
+
+
 def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
     """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
     def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
         logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
                               mask_id)
-        row_max = logits.max(-1)
-        # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
-        shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
-        probs = jnp.exp(logits - shift[..., None])
-        row_sum = probs.sum(-1)
-        has_key = row_sum > 0
-        safe_sum = jnp.where(has_key, row_sum, 1.0)
-        items_out = jnp.einsum("bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block))
-        items_lse = jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
-        return items_out / safe_sum[..., None], items_lse
+        return softmax_rows(logits, _take_kv(v, kv_block))
 
     def step(_, items):
         return None, tuple(rows(*half) for half in _halves(items))
