@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention import block_sparse_cpu
 from transformer.attention.chunked import chunked_attention
 from transformer.attention.shapes import varying_like
 from transformer.patterns import EMPTY, FULL
@@ -79,6 +80,9 @@ class Plan:
     block_masks: np.ndarray  # [num_masks, block_q, block_kv] bool
     computed_blocks: int  # non-empty (query block, key block) pairs, dense rows included
     dense_q_blocks: np.ndarray  # query blocks left to chunked attention (they see every key)
+    # The scheduled blocks row by row, for the fused CPU kernel: (rows, row_start, kv_block,
+    # mask_id), row r's key blocks being kv_block[row_start[r]:row_start[r + 1]].
+    row_blocks: tuple
 
     @property
     def kv_block(self):
@@ -247,9 +251,11 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=True):
                                      masks)
         scheduled = ~np.isin(q_idx, dense_q_blocks)
         q_idx, kv_idx, mask_id = q_idx[scheduled], kv_idx[scheduled], mask_id[scheduled]
+    rows = np.unique(q_idx)
+    row_blocks = (rows, np.searchsorted(q_idx, np.append(rows, num_q_blocks)), kv_idx, mask_id)
     if not len(q_idx):
         return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, (), masks, computed_blocks,
-                    dense_q_blocks)
+                    dense_q_blocks, row_blocks)
     counts = np.bincount(q_idx, minlength=num_q_blocks)
     groups = _row_groups(counts) or []
     wide = [g for g in groups if counts[g].max() * block_q * block_kv > _ROW_SCORES_PER_STEP]
@@ -263,7 +269,7 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=True):
             q_idx[rest], kv_idx[rest], mask_id[rest],
             np.bincount(q_idx[rest], minlength=num_q_blocks), num_q_blocks, block_q, block_kv))
     return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, tuple(schedules), masks,
-                computed_blocks, dense_q_blocks)
+                computed_blocks, dense_q_blocks, row_blocks)
 
 
 def _to_blocks(x, num_blocks, block):
@@ -529,8 +535,31 @@ def _attention_fn(plan):
     return attention
 
 
+@functools.lru_cache(maxsize=32)
+def _kernel_attention_fn(plan):
+    """Like `_attention_fn`, with the fused CPU kernel (`block_sparse_cpu`) for every row."""
+
+    @jax.custom_vjp
+    def attention(q, k, v, key_bias):
+        return block_sparse_cpu.forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)[0]
+
+    def forward(q, k, v, key_bias):
+        out, lse = block_sparse_cpu.forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)
+        return out, (q, k, v, key_bias, out, lse)
+
+    def backward(residuals, d_out):
+        q, k, v, key_bias, out, lse = residuals
+        delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)
+        dq, dk, dv = block_sparse_cpu.backward(q, k, v, lse, delta, d_out, plan.row_blocks,
+                                               plan.block_masks, key_bias)
+        return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias)
+
+    attention.defvjp(forward, backward)
+    return attention
+
+
 def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=None,
-                           alibi_slopes=None, block_q=64, block_kv=None):
+                           alibi_slopes=None, block_q=64, block_kv=None, use_kernel=True):
     """Attention over the non-empty blocks of `pattern` only; exact, forward and backward.
 
     Args:
@@ -542,6 +571,9 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]`; adds -slope * |i - j|, computed block by block.
       block_q, block_kv: block sizes; block_kv defaults to block_q.
+      use_kernel: on CPU, compute the scheduled rows with the fused kernel (`block_sparse_cpu`)
+        where it applies (float32, no ALiBi, block_kv and head dims multiples of 16); False
+        keeps XLA's schedules, as on other backends.
 
     Returns:
       `[batch, q_len, heads, value_dim]`; zeros for queries with no allowed key.
@@ -554,7 +586,8 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if plan.schedules:
-        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes)
+        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes,
+                                   use_kernel)
     else:  # no scheduled blocks: every row is dense or sees no key
         out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if len(plan.dense_q_blocks):
@@ -574,7 +607,7 @@ def _row_positions(q_blocks, block_q, q_len):
     return positions
 
 
-def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes):
+def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, use_kernel):
     """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
     block_q, block_kv = plan.block_q, plan.block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
@@ -588,6 +621,10 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
         key_bias = jnp.where(padded, 0.0, -jnp.inf).astype(dtype).reshape(
             key_valid.shape[0], plan.num_kv_blocks, block_kv)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
+    if use_kernel and block_sparse_cpu.supports(block_q, block_kv, q.shape[-1], v.shape[-1],
+                                                dtype, alibi_slopes):
+        out = _kernel_attention_fn(plan)(q, k, v, key_bias)
+        return _from_blocks(out, q_len).astype(query.dtype)
     attention = _attention_fn(plan)
     if q.shape[0] == 1:
         out = attention(q, k, v, key_bias, slopes)

@@ -1,0 +1,399 @@
+// Block-sparse attention on CPU, fused: each (batch*head, query block) row walks its key blocks
+// with the scores, softmax and products of a chunk of key blocks in cache, instead of XLA's
+// separate gathers, small batched matmuls and element-wise passes.
+//
+// Built at first use by block_sparse_cpu.py (`c++ -O3 -march=native`), called through XLA's FFI.
+// The vector code uses GCC vector extensions, so `-march=native` picks AVX-512, AVX2 or NEON.
+//
+// Layouts (float32, row-major), as block_sparse.py makes them:
+//   q        [bh, num_q_blocks, block_q, d]      (already scaled)
+//   k        [bh, num_kv_blocks, block_kv, d]
+//   k_t      [bh, num_kv_blocks, d, block_kv]    (k with each block transposed)
+//   v        [bh, num_kv_blocks, block_kv, dv]
+//   v_t      [bh, num_kv_blocks, dv, block_kv]
+//   rows     [num_rows] int32: the query block of each scheduled row
+//   row_start[num_rows + 1] int32: CSR offsets into kv_block and mask_id
+//   kv_block [entries] int32, mask_id [entries] int32 (0 = whole block allowed)
+//   masks    [num_masks, block_q, block_kv] uint8
+//   key_bias [batch, num_kv_blocks, block_kv] (0 or -inf; batch = bh / heads), or [0] for none
+// Rows not in `rows` get output 0 and log-sum-exp +inf (as do rows that see no key).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vec __attribute__((vector_size(kLanes * 4)));
+typedef float vec_u __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
+
+// Key blocks per chunk: a chunk's scores, [block_q, kChunk * block_kv], stay in L2.
+constexpr int kChunk = 8;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline vec load(const float* p) { return *reinterpret_cast<const vec_u*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<vec_u*>(p) = x; }
+inline vec splat(float x) { return vec{} + x; }
+
+// exp(x) to float32 rounding: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial.
+// exp(-inf) and anything below -87.3 give exactly 0.
+inline vec vexp(vec x) {
+  vec t = x * 1.44269504f;
+  t = t > 127.0f ? splat(127.0f) : t;
+  vec too_small = t < -126.0f ? splat(1.0f) : splat(0.0f);
+  t = t < -126.0f ? splat(-126.0f) : t;
+  ivec n = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), ivec);
+  vec fn = __builtin_convertvector(n, vec);
+  vec r = (x - fn * 0.693145751953125f) - fn * 1.428606765330187e-06f;
+  vec p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  ivec bits = (n + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return too_small > 0.0f ? splat(0.0f) : p * scale;
+}
+
+// C[R, NV * 16] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any strides,
+// so A may be a transposed view) and B's rows in `num_seg` segments of `seg_len` rows each
+// (key blocks that are not adjacent in memory), B row t of segment s at b_seg[s] + t * ldb.
+template <int R, int NV>
+inline void tile(const float* a, long a_row, long a_k, const float* const* b_seg, int seg_len,
+                 int num_seg, long ldb, float* c, long ldc, bool accumulate) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = accumulate ? load(c + r * ldc + j * kLanes) : splat(0.0f);
+  long k = 0;
+  for (int s = 0; s < num_seg; ++s) {
+    const float* b = b_seg[s];
+    for (int t = 0; t < seg_len; ++t, ++k) {
+      vec bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = load(b + t * ldb + j * kLanes);
+      for (int r = 0; r < R; ++r) {
+        float ar = a[r * a_row + k * a_k];
+        for (int j = 0; j < NV; ++j) acc[r][j] += bv[j] * ar;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) store(c + r * ldc + j * kLanes, acc[r][j]);
+}
+
+template <int R>
+inline void tile_row(int nv, const float* a, long a_row, long a_k, const float* const* b_seg,
+                     int seg_len, int num_seg, long ldb, float* c, long ldc, bool accumulate) {
+  switch (nv) {
+    case 1: return tile<R, 1>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+    case 2: return tile<R, 2>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+    case 3: return tile<R, 3>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+    default: return tile<R, 4>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+  }
+}
+
+// C[m, n] (+)= A[m, K] B[K, n] with n a multiple of 16, in register tiles of 4 rows x 64 columns.
+void matmul(int m, int n, const float* a, long a_row, long a_k, const float* const* b_seg,
+            int seg_len, int num_seg, long ldb, float* c, long ldc, bool accumulate) {
+  for (int col = 0; col < n; col += 4 * kLanes) {
+    int nv = std::min(4, (n - col) / kLanes);
+    const float* b_cols[kChunk];
+    for (int s = 0; s < num_seg; ++s) b_cols[s] = b_seg[s] + col;
+    int row = 0;
+    for (; row + 4 <= m; row += 4)
+      tile_row<4>(nv, a + row * a_row, a_row, a_k, b_cols, seg_len, num_seg, ldb,
+                  c + row * ldc + col, ldc, accumulate);
+    for (; row < m; ++row)
+      tile_row<1>(nv, a + row * a_row, a_row, a_k, b_cols, seg_len, num_seg, ldb,
+                  c + row * ldc + col, ldc, accumulate);
+  }
+}
+
+struct Shapes {
+  long bh, heads, num_q_blocks, num_kv_blocks, block_q, block_kv, d, dv;
+};
+
+struct Layout {
+  const int32_t* rows;
+  const int32_t* row_start;
+  const int32_t* kv_block;
+  const int32_t* mask_id;
+  const uint8_t* masks;
+  const float* key_bias;  // null: no padded keys
+  long num_rows;
+};
+
+// Scores of one chunk: s[block_q, n * block_kv] = q k^T, -inf where masked or padded.
+void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_row,
+                  const float* k_t, int first, int n, float* s) {
+  long width = n * sh.block_kv;
+  for (int c = 0; c < n; ++c) {
+    long kb = lay.kv_block[first + c];
+    const float* kt_block = k_t + kb * sh.d * sh.block_kv;
+    matmul(sh.block_q, sh.block_kv, q_row, sh.d, 1, &kt_block, sh.d, 1, sh.block_kv,
+           s + c * sh.block_kv, width, false);
+    int id = lay.mask_id[first + c];
+    const float* bias = lay.key_bias ? lay.key_bias + (b * sh.num_kv_blocks + kb) * sh.block_kv
+                                     : nullptr;
+    if (id == 0 && !bias) continue;
+    const uint8_t* mask = lay.masks + id * sh.block_q * sh.block_kv;
+    for (long i = 0; i < sh.block_q; ++i) {
+      float* s_i = s + i * width + c * sh.block_kv;
+      for (long j = 0; j < sh.block_kv; ++j) {
+        float x = s_i[j] + (bias ? bias[j] : 0.0f);
+        s_i[j] = (id == 0 || mask[i * sh.block_kv + j]) ? x : -kInf;
+      }
+    }
+  }
+}
+
+// Runs body(item) for item in [0, count) on the caller and the XLA thread pool's threads. The
+// caller takes items too, so this finishes even when no pool thread is free.
+void parallel_for(ffi::ThreadPool& pool, long count, const std::function<void(long)>& body) {
+  struct State {
+    std::atomic<long> next{0};
+    std::atomic<long> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  long count_copy = count;
+  auto work = [state, count_copy, &body]() {
+    long finished = 0;
+    for (long i; (i = state->next.fetch_add(1)) < count_copy;) {
+      body(i);
+      ++finished;
+    }
+    if (finished && state->done.fetch_add(finished) + finished == count_copy) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  long helpers = std::min<long>(std::max<long>(pool.num_threads(), 1), count) - 1;
+  // A helper that starts after all items are taken touches only `state`, which it co-owns; it
+  // never calls `body` (a reference into this frame), because `next` is already past `count`.
+  for (long h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == count_copy; });
+}
+
+Layout layout_of(ffi::Buffer<ffi::S32>& rows, ffi::Buffer<ffi::S32>& row_start,
+                 ffi::Buffer<ffi::S32>& kv_block, ffi::Buffer<ffi::S32>& mask_id,
+                 ffi::Buffer<ffi::U8>& masks, ffi::Buffer<ffi::F32>& key_bias) {
+  return Layout{rows.typed_data(), row_start.typed_data(), kv_block.typed_data(),
+                mask_id.typed_data(), masks.typed_data(),
+                key_bias.element_count() ? key_bias.typed_data() : nullptr,
+                static_cast<long>(rows.element_count())};
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_t,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows,
+                       ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
+                       ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
+                       ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse, int64_t heads) {
+  auto kd = k_t.dimensions();
+  Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[3],
+            q.dimensions()[3], v.dimensions()[3]};
+  Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
+  float* out_data = out->typed_data();
+  float* lse_data = lse->typed_data();
+  std::fill(out_data, out_data + out->element_count(), 0.0f);
+  std::fill(lse_data, lse_data + lse->element_count(), kInf);
+  const float* q_data = q.typed_data();
+  const float* kt_data = k_t.typed_data();
+  const float* v_data = v.typed_data();
+
+  parallel_for(pool, sh.bh * lay.num_rows, [&](long item) {
+    long bh = item / lay.num_rows, r = item % lay.num_rows, b = bh / sh.heads;
+    long qb = lay.rows[r];
+    const float* q_row = q_data + ((bh * sh.num_q_blocks + qb) * sh.block_q) * sh.d;
+    const float* kt = kt_data + bh * sh.num_kv_blocks * sh.d * sh.block_kv;
+    const float* vb = v_data + bh * sh.num_kv_blocks * sh.block_kv * sh.dv;
+    float* o = out_data + ((bh * sh.num_q_blocks + qb) * sh.block_q) * sh.dv;
+    float* row_lse = lse_data + (bh * sh.num_q_blocks + qb) * sh.block_q;
+    thread_local std::vector<float> scores;
+    scores.resize(sh.block_q * kChunk * sh.block_kv);
+    std::vector<float> row_max(sh.block_q, -kInf), row_sum(sh.block_q, 0.0f);
+    for (int first = lay.row_start[r]; first < lay.row_start[r + 1]; first += kChunk) {
+      int n = std::min<int>(kChunk, lay.row_start[r + 1] - first);
+      long width = n * sh.block_kv;
+      float* s = scores.data();
+      chunk_scores(sh, lay, b, q_row, kt, first, n, s);
+      // Online softmax (as in FlashAttention): rescale what earlier chunks summed.
+      for (long i = 0; i < sh.block_q; ++i) {
+        float* s_i = s + i * width;
+        vec m = splat(-kInf);
+        for (long j = 0; j < width; j += kLanes) {
+          vec x = load(s_i + j);
+          m = x > m ? x : m;
+        }
+        float new_max = row_max[i];
+        for (int l = 0; l < kLanes; ++l) new_max = std::max(new_max, m[l]);
+        // A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0.
+        float shift = std::isinf(new_max) ? 0.0f : new_max;
+        float rescale = std::exp(row_max[i] - shift);
+        vec sum = splat(0.0f);
+        for (long j = 0; j < width; j += kLanes) {
+          vec p = vexp(load(s_i + j) - shift);
+          store(s_i + j, p);
+          sum += p;
+        }
+        float chunk_sum = 0.0f;
+        for (int l = 0; l < kLanes; ++l) chunk_sum += sum[l];
+        row_sum[i] = row_sum[i] * rescale + chunk_sum;
+        row_max[i] = new_max;
+        if (first != lay.row_start[r] && rescale != 1.0f)
+          for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] *= rescale;
+      }
+      const float* v_seg[kChunk];
+      for (int c = 0; c < n; ++c)
+        v_seg[c] = vb + lay.kv_block[first + c] * sh.block_kv * sh.dv;
+      matmul(sh.block_q, sh.dv, s, width, 1, v_seg, sh.block_kv, n, sh.dv, o, sh.dv,
+             first != lay.row_start[r]);
+    }
+    for (long i = 0; i < sh.block_q; ++i) {
+      if (row_sum[i] > 0.0f) {
+        float inv = 1.0f / row_sum[i];
+        for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] *= inv;
+        row_lse[i] = row_max[i] + std::log(row_sum[i]);
+      } else {
+        for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] = 0.0f;
+        row_lse[i] = kInf;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> k_t, ffi::Buffer<ffi::F32> v_t,
+                        ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> rows,
+                        ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
+                        ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
+                        ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                        int64_t heads) {
+  auto kd = k.dimensions();
+  Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[2],
+            q.dimensions()[3], d_out.dimensions()[3]};
+  Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
+  for (auto* g : {&dq, &dk, &dv})
+    std::fill((*g)->typed_data(), (*g)->typed_data() + (*g)->element_count(), 0.0f);
+  const float *q_data = q.typed_data(), *k_data = k.typed_data(), *kt_data = k_t.typed_data(),
+              *vt_data = v_t.typed_data(), *do_data = d_out.typed_data(),
+              *lse_data = lse.typed_data(), *delta_data = delta.typed_data();
+  float *dq_data = dq->typed_data(), *dk_data = dk->typed_data(), *dv_data = dv->typed_data();
+
+  // One (batch, head) per task: its rows share key blocks, whose dK and dV they accumulate.
+  parallel_for(pool, sh.bh, [&](long bh) {
+    long b = bh / sh.heads;
+    long kv_base = bh * sh.num_kv_blocks * sh.block_kv;  // first key of this (batch, head)
+    const float* kt = kt_data + kv_base * sh.d;
+    const float* vt = vt_data + kv_base * sh.dv;
+    std::vector<float> probs(sh.block_q * kChunk * sh.block_kv);
+    std::vector<float> d_logits(sh.block_q * kChunk * sh.block_kv);
+    for (long r = 0; r < lay.num_rows; ++r) {
+      long qb = lay.rows[r];
+      long q_base = (bh * sh.num_q_blocks + qb) * sh.block_q;  // first query of this row
+      const float* q_row = q_data + q_base * sh.d;
+      const float* do_row = do_data + q_base * sh.dv;
+      const float* row_lse = lse_data + q_base;
+      const float* row_delta = delta_data + q_base;
+      float* dq_row = dq_data + q_base * sh.d;
+      for (int first = lay.row_start[r]; first < lay.row_start[r + 1]; first += kChunk) {
+        int n = std::min<int>(kChunk, lay.row_start[r + 1] - first);
+        long width = n * sh.block_kv;
+        float* p = probs.data();
+        float* ds = d_logits.data();
+        chunk_scores(sh, lay, b, q_row, kt, first, n, p);
+        // dP = dO V^T, one key block at a time.
+        for (int c = 0; c < n; ++c) {
+          const float* vt_block = vt + lay.kv_block[first + c] * sh.dv * sh.block_kv;
+          matmul(sh.block_q, sh.block_kv, do_row, sh.dv, 1, &vt_block, sh.dv, 1, sh.block_kv,
+                 ds + c * sh.block_kv, width, false);
+        }
+        for (long i = 0; i < sh.block_q; ++i) {
+          vec lse_i = splat(row_lse[i]), delta_i = splat(row_delta[i]);
+          for (long j = 0; j < width; j += kLanes) {
+            // +inf log-sum-exp (a row with no key) gives probabilities exactly 0.
+            vec prob = vexp(load(p + i * width + j) - lse_i);
+            store(p + i * width + j, prob);
+            store(ds + i * width + j, prob * (load(ds + i * width + j) - delta_i));
+          }
+        }
+        const float* k_seg[kChunk];
+        for (int c = 0; c < n; ++c) {
+          long kb = lay.kv_block[first + c];
+          k_seg[c] = k_data + (kv_base + kb * sh.block_kv) * sh.d;
+          // dV_block += P_block^T dO and dK_block += dS_block^T Q: A is read transposed.
+          matmul(sh.block_kv, sh.dv, p + c * sh.block_kv, 1, width, &do_row, sh.block_q, 1,
+                 sh.dv, dv_data + (kv_base + kb * sh.block_kv) * sh.dv, sh.dv, true);
+          matmul(sh.block_kv, sh.d, ds + c * sh.block_kv, 1, width, &q_row, sh.block_q, 1,
+                 sh.d, dk_data + (kv_base + kb * sh.block_kv) * sh.d, sh.d, true);
+        }
+        matmul(sh.block_q, sh.d, ds, width, 1, k_seg, sh.block_kv, n, sh.d, dq_row, sh.d, true);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_block
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // mask_id
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // masks
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_block
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // mask_id
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // masks
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<int64_t>("heads"));

@@ -1,0 +1,143 @@
+"""The fused CPU kernel of block-sparse attention (`block_sparse_cpu.cc`), built at first use.
+
+XLA runs block-sparse attention as gathers, small batched matmuls and element-wise passes, each a
+separate pass over memory; on CPU its 64-row matmuls reach about a quarter of the large-matmul
+FLOP rate. The kernel instead walks each (batch * head, query block) row's key blocks with the
+scores, softmax and products of a chunk of blocks in cache, and reads key and value blocks in
+place, by index.
+
+The C++ source ships with the package and is compiled once per machine with the system's C++
+compiler (`c++ -O3 -march=native`) into a cache directory (`$TRANSFORMER_KERNEL_CACHE`, by default
+`~/.cache/transformer-attention`), keyed by the source, the JAX version and the CPU. Without a
+compiler, `block_sparse` falls back to its XLA schedules, with the same results; `unavailable()`
+says why.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("block_sparse_cpu.cc")
+_FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
+# The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
+LANES = 16
+
+
+def _cpu_signature():
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir():
+    default = Path.home() / ".cache" / "transformer-attention"
+    return Path(os.environ.get("TRANSFORMER_KERNEL_CACHE", default))
+
+
+def _compile(library):
+    compiler = os.environ.get("CXX", "c++")
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+               "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o"]
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name, then rename: concurrent processes never load a partial file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        partial = Path(tmp) / library.name
+        try:
+            result = subprocess.run(command + [str(partial)], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeError(f"no C++ compiler '{compiler}' (install g++, e.g. "
+                               "`apt-get install g++`, or set CXX)") from None
+        if result.returncode:
+            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, library)
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
+    library = _cache_dir() / f"block_sparse_cpu-{key}.so"
+    try:
+        if not library.exists():
+            _compile(library)
+        lib = ctypes.cdll.LoadLibrary(str(library))
+    except (RuntimeError, OSError) as error:
+        return f"the fused CPU kernel is unavailable: {error}"
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.BlockSparseForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.BlockSparseBackward),
+                                platform="cpu")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable():
+    """None when the kernel is built and registered, else the reason (warned about once)."""
+    if os.environ.get("TRANSFORMER_CPU_KERNEL", "1") == "0":
+        return "disabled by TRANSFORMER_CPU_KERNEL=0"
+    reason = _load()
+    if reason:
+        warnings.warn(f"{reason}; block_sparse uses its XLA schedules on CPU (same results, "
+                      "slower)", stacklevel=3)
+    return reason
+
+
+def supports(block_q, block_kv, head_dim, value_dim, dtype, alibi_slopes):
+    """Whether the kernel computes this case; the rest goes to block_sparse's XLA schedules."""
+    return (jax.default_backend() == "cpu" and alibi_slopes is None
+            and jnp.dtype(dtype) == jnp.float32
+            and block_kv % LANES == 0 and head_dim % LANES == 0 and value_dim % LANES == 0
+            and unavailable() is None)
+
+
+def _layout_args(layout, masks, key_bias):
+    rows, row_start, kv_block, mask_id = (jnp.asarray(x, jnp.int32) for x in layout)
+    bias = jnp.zeros((0,), jnp.float32) if key_bias is None else key_bias
+    return rows, row_start, kv_block, mask_id, jnp.asarray(masks, jnp.uint8), bias
+
+
+def forward(q, k, v, layout, masks, key_bias):
+    """Output `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp `[.., block_q]` of the
+    rows in `layout` (zero and +inf elsewhere).
+
+    q: `[batch, heads, num_q_blocks, block_q, d]`, scaled; k, v: `[batch, heads, num_kv_blocks,
+    block_kv, d or dv]`; layout: NumPy (rows, row_start, kv_block, mask_id), the non-empty blocks
+    of each scheduled row in CSR form; masks: `[num_masks, block_q, block_kv]` bool;
+    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None.
+    """
+    batch, heads = q.shape[:2]
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    rows = q.shape[:4]
+    out, lse = jax.ffi.ffi_call(
+        _FORWARD,
+        (jax.ShapeDtypeStruct(rows + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(rows, q.dtype)),
+        vmap_method="sequential",
+    )(flat(q), flat(jnp.swapaxes(k, -1, -2)), flat(v), *_layout_args(layout, masks, key_bias),
+      heads=np.int64(heads))
+    return out, lse
+
+
+def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
+    """dq, dk, dv of `forward`'s rows: shapes of q, k and v; lse, delta `[.., block_q]`."""
+    batch, heads = q.shape[:2]
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ffi.ffi_call(_BACKWARD, (shape(q), shape(k), shape(v)), vmap_method="sequential")(
+        flat(q), flat(k), flat(jnp.swapaxes(k, -1, -2)), flat(jnp.swapaxes(v, -1, -2)),
+        flat(d_out), flat(lse), flat(delta), *_layout_args(layout, masks, key_bias),
+        heads=np.int64(heads))
