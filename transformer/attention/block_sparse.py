@@ -580,14 +580,19 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
     """
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
-    # Chunked attention aligns ALiBi distances for a suffix of queries only, not for any rows.
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    kernel = use_kernel and block_sparse_cpu.supports(block_kv, query.shape[-1],
+                                                      value.shape[-1], dtype, alibi_slopes)
+    # Dense rows go to chunked attention, except with the kernel, which computes a few of them
+    # faster (BigBird's 2 anchor rows at 8,192 tokens: 2x); chunked attention aligns ALiBi
+    # distances for a suffix of queries only, not for any rows.
     plan = make_plan(pattern, q_len, kv_len, block_q, block_kv,
-                     dense_rows_apart=alibi_slopes is None)
+                     dense_rows_apart=alibi_slopes is None and not kernel)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if plan.schedules:
         out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes,
-                                   use_kernel)
+                                   kernel)
     else:  # no scheduled blocks: every row is dense or sees no key
         out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if len(plan.dense_q_blocks):
@@ -607,7 +612,7 @@ def _row_positions(q_blocks, block_q, q_len):
     return positions
 
 
-def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, use_kernel):
+def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, kernel):
     """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
     block_q, block_kv = plan.block_q, plan.block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
@@ -621,8 +626,7 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
         key_bias = jnp.where(padded, 0.0, -jnp.inf).astype(dtype).reshape(
             key_valid.shape[0], plan.num_kv_blocks, block_kv)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
-    if use_kernel and block_sparse_cpu.supports(block_q, block_kv, q.shape[-1], v.shape[-1],
-                                                dtype, alibi_slopes):
+    if kernel:
         out = _kernel_attention_fn(plan)(q, k, v, key_bias)
         return _from_blocks(out, q_len).astype(query.dtype)
     attention = _attention_fn(plan)

@@ -110,20 +110,35 @@ inline void tile_row(int nv, const float* a, long a_row, long a_k, const float* 
   }
 }
 
-// C[m, n] (+)= A[m, K] B[K, n] with n a multiple of 16, in register tiles of 4 rows x 64 columns.
+#ifndef TILE_ROWS
+#define TILE_ROWS 6
+#endif
+// Rows per register tile: TILE_ROWS x 4 vectors of accumulators.
+constexpr int kTileRows = TILE_ROWS;
+
+template <int R>
+inline void tile_rows(int rows, int nv, const float* a, long a_row, long a_k,
+                      const float* const* b_seg, int seg_len, int num_seg, long ldb, float* c,
+                      long ldc, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      return tile_row<R>(nv, a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+    return tile_rows<R - 1>(rows, nv, a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc,
+                            accumulate);
+  }
+}
+
+// C[m, n] (+)= A[m, K] B[K, n] with n a multiple of 16, in register tiles of kTileRows rows x 64
+// columns.
 void matmul(int m, int n, const float* a, long a_row, long a_k, const float* const* b_seg,
             int seg_len, int num_seg, long ldb, float* c, long ldc, bool accumulate) {
   for (int col = 0; col < n; col += 4 * kLanes) {
     int nv = std::min(4, (n - col) / kLanes);
     const float* b_cols[kChunk];
     for (int s = 0; s < num_seg; ++s) b_cols[s] = b_seg[s] + col;
-    int row = 0;
-    for (; row + 4 <= m; row += 4)
-      tile_row<4>(nv, a + row * a_row, a_row, a_k, b_cols, seg_len, num_seg, ldb,
-                  c + row * ldc + col, ldc, accumulate);
-    for (; row < m; ++row)
-      tile_row<1>(nv, a + row * a_row, a_row, a_k, b_cols, seg_len, num_seg, ldb,
-                  c + row * ldc + col, ldc, accumulate);
+    for (int row = 0; row < m; row += kTileRows)
+      tile_rows<kTileRows>(std::min(kTileRows, m - row), nv, a + row * a_row, a_row, a_k, b_cols,
+                           seg_len, num_seg, ldb, c + row * ldc + col, ldc, accumulate);
   }
 }
 

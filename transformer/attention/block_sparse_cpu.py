@@ -97,7 +97,7 @@ def unavailable():
     return reason
 
 
-def supports(block_q, block_kv, head_dim, value_dim, dtype, alibi_slopes):
+def supports(block_kv, head_dim, value_dim, dtype, alibi_slopes):
     """Whether the kernel computes this case; the rest goes to block_sparse's XLA schedules."""
     return (jax.default_backend() == "cpu" and alibi_slopes is None
             and jnp.dtype(dtype) == jnp.float32
