@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention.shapes import varying_like
+
 _SOURCE = Path(__file__).with_name("block_sparse_cpu.cc")
 _FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
 # The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
@@ -66,22 +68,33 @@ def _compile(library):
         os.replace(partial, library)
 
 
-@functools.lru_cache(maxsize=1)
-def _load():
-    """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
+def _build():
+    """The kernel's shared library, compiled into the cache unless it is there already."""
     key = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     library = _cache_dir() / f"block_sparse_cpu-{key}.so"
+    if not library.exists():
+        _compile(library)
+    return library
+
+
+# XLA keeps the first handler registered under a name for the life of the process.
+_registered = False
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
+    global _registered
     try:
-        if not library.exists():
-            _compile(library)
-        lib = ctypes.cdll.LoadLibrary(str(library))
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (RuntimeError, OSError) as error:
         return f"the fused CPU kernel is unavailable: {error}"
-    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.BlockSparseForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.BlockSparseBackward),
-                                platform="cpu")
+    if not _registered:
+        for name, handler in ((_FORWARD, lib.BlockSparseForward),
+                              (_BACKWARD, lib.BlockSparseBackward)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+        _registered = True
     return None
 
 
@@ -129,7 +142,8 @@ def forward(q, k, v, layout, masks, key_bias):
         vmap_method="sequential",
     )(flat(q), flat(jnp.swapaxes(k, -1, -2)), flat(v), *_layout_args(layout, masks, key_bias),
       heads=np.int64(heads))
-    return out, lse
+    # Inside `jax.shard_map` an FFI call's results are typed replicated; they vary like its inputs.
+    return varying_like((q, k, v, key_bias), out, lse)
 
 
 def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
@@ -137,7 +151,8 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
     batch, heads = q.shape[:2]
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ffi.ffi_call(_BACKWARD, (shape(q), shape(k), shape(v)), vmap_method="sequential")(
+    grads = jax.ffi.ffi_call(_BACKWARD, (shape(q), shape(k), shape(v)), vmap_method="sequential")(
         flat(q), flat(k), flat(jnp.swapaxes(k, -1, -2)), flat(jnp.swapaxes(v, -1, -2)),
         flat(d_out), flat(lse), flat(delta), *_layout_args(layout, masks, key_bias),
         heads=np.int64(heads))
+    return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)

@@ -1,0 +1,174 @@
+"""The fused CPU kernel of block-sparse attention against the float64 reference, and its fallback.
+
+The kernel takes key blocks and head dims that are multiples of 16 (the other block-sparse tests
+use head dim 8, so they exercise XLA's schedules). The test command installs g++, so a missing
+kernel fails here rather than skipping.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from test_attention_implementations import composed_patterns, random_inputs, reference
+from transformer import patterns
+from transformer.attention import block_sparse, block_sparse_cpu
+
+
+def uses_kernel(fn, *args):
+    """Whether the compiled computation calls the kernel's forward and backward."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return block_sparse_cpu._FORWARD in text, block_sparse_cpu._BACKWARD in text
+
+
+def check(pattern, inputs, block_q, block_kv, use_kernel=True):
+    q, k, v, d_out, key_valid, _ = inputs
+
+    def attend(q, k, v):
+        return block_sparse.block_sparse_attention(
+            q, k, v, pattern=pattern, key_valid=None if key_valid is None else jnp.asarray(
+                key_valid), block_q=block_q, block_kv=block_kv, use_kernel=use_kernel)
+
+    loss = lambda q, k, v: (attend(q, k, v) * d_out).sum()
+    called = uses_kernel(jax.grad(loss, (0, 1, 2)), q, k, v)
+    out, vjp = jax.vjp(jax.jit(attend), q, k, v)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    allowed = np.broadcast_to(pattern.mask(q_len, kv_len), (q.shape[0], q_len, kv_len))
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    expected, expected_grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, None)
+    got = (out,) + tuple(vjp(jnp.asarray(d_out)))
+    for name, g, want in zip(("out", "dq", "dk", "dv"), got, (expected,) + expected_grads):
+        np.testing.assert_allclose(np.asarray(g), want, atol=2e-5, rtol=2e-4,
+                                   err_msg=f"{name} {pattern}")
+    keyless = ~allowed.any(-1)
+    assert not np.asarray(out)[keyless].any() and not np.asarray(got[1])[keyless].any()
+    return called
+
+
+def test_kernel_is_built():
+    assert block_sparse_cpu.unavailable() is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(pattern=composed_patterns(), q_len=st.integers(1, 150), kv_len=st.integers(1, 150),
+       block_q=st.integers(1, 40), block_kv=st.sampled_from([16, 32]),
+       heads=st.integers(1, 3), head_dim=st.sampled_from([16, 32]), padding=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_reference(pattern, q_len, kv_len, block_q, block_kv, heads, head_dim,
+                                  padding, seed):
+    """Odd lengths, any query block, padding (a whole padded sequence: keyless rows), and rows
+    longer than the kernel's chunk of 8 key blocks (up to 10 blocks of 16 here)."""
+    inputs = random_inputs(seed, 2, q_len, kv_len, heads, head_dim=head_dim, padding=padding)
+    plan = block_sparse.make_plan(pattern, q_len, kv_len, block_q, block_kv,
+                                  dense_rows_apart=False)
+    has_blocks = len(plan.row_blocks[0]) > 0  # else there is nothing to compute: all zeros
+    assert check(pattern, inputs, block_q, block_kv) == (has_blocks, has_blocks)
+
+
+def test_dense_rows_across_chunks_and_value_dim():
+    """Anchor rows see all 40 key blocks (5 chunks of 8, online softmax between chunks); values
+    wider than keys."""
+    q, k, v, d_out, key_valid, _ = random_inputs(5, 2, 640, 640, 2, head_dim=16, padding=True)
+    v = np.concatenate([v, v[..., ::-1]], -1)
+    d_out = np.concatenate([d_out, d_out], -1)
+    pattern = patterns.bigbird(block_size=16, seed=1)
+    assert check(pattern, (q, k, v, d_out, key_valid, None), 16, 16) == (True, True)
+
+
+def test_kernel_matches_xla_schedules_on_bigbird():
+    inputs = random_inputs(9, 1, 1000, 1000, 4, head_dim=64)
+    q, k, v = inputs[:3]
+    outputs = [block_sparse.block_sparse_attention(q, k, v, pattern=patterns.bigbird(),
+                                                   use_kernel=use_kernel)
+               for use_kernel in (True, False)]
+    np.testing.assert_allclose(*outputs, atol=1e-5, rtol=1e-4)
+    assert check(patterns.bigbird(), inputs, 64, 64, use_kernel=False) == (False, False)
+
+
+def test_kernel_under_vmap_shard_map_and_pmap():
+    devices = jax.devices()
+    pattern = patterns.bigbird(block_size=16, seed=2) & patterns.causal()
+    q, k, v, d_out, key_valid, _ = random_inputs(3, len(devices), 70, 70, 2, head_dim=16,
+                                                 padding=True)
+
+    def grads(q, k, v, key_valid):
+        loss = lambda q, k, v: (block_sparse.block_sparse_attention(
+            q, k, v, pattern=pattern, key_valid=key_valid, block_q=16) * d_out[:1]).sum()
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    one = lambda i: jax.jit(grads)(q[i:i + 1], k[i:i + 1], v[i:i + 1], key_valid[i:i + 1])
+    expected = [np.concatenate([one(i)[j] for i in range(len(devices))]) for j in range(3)]
+    split = lambda x: x.reshape(len(devices), 1, *x.shape[1:])
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    results = {
+        "vmap": jax.jit(jax.vmap(grads))(split(q), split(k), split(v), split(key_valid)),
+        "shard_map": jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=spec, out_specs=spec))(
+            q, k, v, key_valid),
+        "pmap": jax.pmap(grads)(split(q), split(k), split(v), split(key_valid)),
+    }
+    for name, got in results.items():
+        for g, want in zip(got, expected):
+            np.testing.assert_allclose(np.asarray(g).reshape(want.shape), want, atol=1e-5,
+                                       rtol=1e-4, err_msg=name)
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """Forget the loaded kernel for one test, and restore it after."""
+    block_sparse_cpu._load.cache_clear()
+    block_sparse_cpu.unavailable.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    block_sparse_cpu._load.cache_clear()
+    block_sparse_cpu.unavailable.cache_clear()
+    assert block_sparse_cpu.unavailable() is None
+
+
+def test_without_a_compiler_block_sparse_warns_and_uses_xla(fresh_kernel_state, tmp_path):
+    fresh_kernel_state.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reason = block_sparse_cpu.unavailable()
+    assert "no C++ compiler" in reason and "apt-get install g++" in reason
+    assert any("XLA schedules" in str(w.message) for w in caught)
+    inputs = random_inputs(1, 2, 50, 50, 2, head_dim=16, padding=True)
+    assert check(patterns.bigbird(block_size=16), inputs, 16, 16) == (False, False)
+
+
+def test_a_failing_compile_names_the_error(fresh_kernel_state, tmp_path):
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/bin/sh\necho 'fatal: out of cheese' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    fresh_kernel_state.setenv("CXX", str(compiler))
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reason = block_sparse_cpu.unavailable()
+    assert "compiling block_sparse_cpu.cc failed" in reason and "out of cheese" in reason
+    assert not list((tmp_path / "cache").glob("*.so"))  # no partial library left to load
+
+
+def test_builds_into_the_cache_once(fresh_kernel_state, tmp_path):
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path))
+    assert block_sparse_cpu.unavailable() is None
+    built = list(tmp_path.glob("block_sparse_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    block_sparse_cpu._load.cache_clear()
+    block_sparse_cpu.unavailable.cache_clear()
+    assert block_sparse_cpu.unavailable() is None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_disabled_by_environment(fresh_kernel_state):
+    fresh_kernel_state.setenv("TRANSFORMER_CPU_KERNEL", "0")
+    assert "TRANSFORMER_CPU_KERNEL=0" in block_sparse_cpu.unavailable()
+    inputs = random_inputs(2, 1, 40, 40, 1, head_dim=16)
+    assert check(patterns.sliding_window(5), inputs, 16, 16) == (False, False)
