@@ -15,8 +15,10 @@ matmul peak (a 2048^2 float32 product) is timed in the same alternation, and ach
 Writes `<out>/attention_benchmark.csv`, `<out>/time.png` and `<out>/memory.png`, and prints a
 table. Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
 `flax.linen.MultiHeadDotProductAttention` with a dense mask (its projections included).
-"block_products" is not an implementation but a floor: block_sparse's products on inputs laid
-out contiguously in advance (`block_products.py`), for whole-row patterns.
+"block_sparse_xla" is block_sparse without its fused CPU kernel (`use_kernel=False`): XLA's
+schedules, as on GPU. "block_products" is not an implementation but the floor under those
+schedules: their products on inputs laid out contiguously in advance (`block_products.py`), for
+whole-row patterns.
 """
 
 import argparse
@@ -28,8 +30,8 @@ import sys
 import time
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
-IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "block_products",
-                   "auto")
+IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "block_sparse_xla",
+                   "block_products", "auto")
 DENSE_IMPLEMENTATIONS = ("dense", "jax.nn", "flax")  # materialise [heads, q_len, kv_len]
 
 
@@ -90,6 +92,10 @@ def attention_function(implementation, pattern, length):
         # Queries, keys and values enter as [batch, length, features] (before the projections).
         flat = lambda t: t.reshape(1, length, HEADS * HEAD_DIM)
         return lambda q, k, v: (module.apply(params, flat(q), flat(k), mask=mask) * flat(q)).sum()
+    if implementation == "block_sparse_xla":
+        from transformer.attention.block_sparse import block_sparse_attention
+        return lambda q, k, v: (block_sparse_attention(q, k, v, pattern=pattern,
+                                                       use_kernel=False) * q).sum()
     return lambda q, k, v: (dot_product_attention(q, k, v, pattern=pattern,
                                                   implementation=implementation) * q).sum()
 
