@@ -197,6 +197,13 @@ def test_auto_choice():
     assert choose_implementation(patterns.causal(), 2048, 512, "cpu") == "block_sparse"  # offset
     assert choose_implementation(bigbird, 8192, 8192, "cpu") == "block_sparse"
     assert choose_implementation(bigbird, 8192, 8192, "tpu") == "splash"
+    # Where block-sparse runs its fused CPU kernel, it takes full and causal attention too.
+    for pattern in (patterns.full(), patterns.causal(), bigbird):
+        for length in (64, 700, 4096):
+            assert choose_implementation(pattern, length, length, "cpu",
+                                         cpu_kernel=True) == "block_sparse"
+    assert choose_implementation(bigbird, 1, 512, "cpu", cpu_kernel=True) == "dense"
+    assert choose_implementation(patterns.full(), 4096, 4096, "gpu", cpu_kernel=True) == "chunked"
 
 
 def test_block_sparse_work_is_the_non_empty_blocks():

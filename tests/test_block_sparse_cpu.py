@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from test_attention_implementations import composed_patterns, random_inputs, reference
 from transformer import patterns
-from transformer.attention import block_sparse, block_sparse_cpu
+from transformer.attention import block_sparse, block_sparse_cpu, dot_product_attention
 
 
 def uses_kernel(fn, *args):
@@ -116,6 +116,16 @@ def test_kernel_under_vmap_shard_map_and_pmap():
         for g, want in zip(got, expected):
             np.testing.assert_allclose(np.asarray(g).reshape(want.shape), want, atol=1e-5,
                                        rtol=1e-4, err_msg=name)
+
+
+def test_auto_takes_the_kernel_where_it_applies():
+    q, k, v = random_inputs(4, 1, 300, 300, 2, head_dim=64)[:3]
+    called = lambda **options: block_sparse_cpu._FORWARD in jax.jit(
+        lambda q, k, v: dot_product_attention(q, k, v, implementation="auto", **options)).lower(
+            q, k, v).as_text()
+    assert called(pattern="full") and called(pattern="causal") and called(pattern="bigbird")
+    # ALiBi is not in the kernel: full attention goes to chunked attention, as without it.
+    assert not called(pattern="full", alibi_slopes=jnp.full((2,), 0.1))
 
 
 @pytest.fixture

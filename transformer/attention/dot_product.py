@@ -10,8 +10,10 @@ for a query that has no allowed key. "dense" is the reference; "auto" picks one.
 """
 
 import jax
+import jax.numpy as jnp
 
 from transformer import patterns
+from transformer.attention import block_sparse_cpu
 from transformer.attention.block_sparse import block_sparse_attention
 from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import dense_attention
@@ -24,13 +26,16 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # pattern, by 1.2x at 64 tokens and 1.5-2x at 128-512; only single-query steps (decoding with a
 # cache) and the like stay dense.
 DENSE_MAX_PAIRS = 32 * 32
-# Causal lengths [low, high) where block-sparse beats chunked attention, whose 512-query tiles
-# compute much of the masked half at these lengths: at 512 tokens block-sparse won in three runs
-# of benchmarks/results/short (12.3 against 13.5 ms, 8.8 against 10.6, 11.3 against 15.3;
-# fwd+bwd), and at 640 in benchmarks/results/causal_mid (13 against 17 ms); from 768 on chunked
-# wins (18 against 19 ms at 768, 22 against 26 at 896). Below 512, chunked attention's one small
-# tile beats block-sparse's schedule (64-256 tokens: 0.30-2.46 ms against 0.40-3.02 ms).
+# Without block-sparse's fused CPU kernel: causal lengths [low, high) where block-sparse beats
+# chunked attention, whose 512-query tiles compute much of the masked half at these lengths. At
+# 512 tokens XLA's block-sparse schedules won in three runs (12.3 against 13.5 ms, 8.8 against
+# 10.6, 11.3 against 15.3; fwd+bwd), and in benchmarks/results/short's block_sparse_xla column
+# (9.3 against 11.3); at 640 in benchmarks/results/causal_mid (13 against 17 ms); from 768 on
+# chunked wins (18 against 19 ms at 768, 22 against 26 at 896). Below 512, chunked attention's
+# one small tile beats the schedules (64-256 tokens: 0.30-2.46 ms against 0.40-3.02 ms).
 BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 768)
+# Block-sparse attention's block size (queries and keys) behind "block_sparse" and "auto".
+BLOCK_SIZE = 64
 
 
 def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
@@ -53,23 +58,27 @@ def _chunked(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
 
 def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
     return block_sparse_attention(query, key, value, pattern=pattern, key_valid=key_valid,
-                                  scale=scale, alibi_slopes=alibi_slopes)
+                                  scale=scale, alibi_slopes=alibi_slopes, block_q=BLOCK_SIZE)
 
 
-def choose_implementation(pattern, q_len, kv_len, backend=None):
+def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False):
     """The implementation "auto" uses for this pattern, length and backend.
 
-    Splash on TPU. Elsewhere: dense for tiny score matrices; chunked for full attention and for
-    causal attention outside BLOCK_SPARSE_CAUSAL_LENGTHS (exact, linear memory, skips the causal
-    upper half); block-sparse for everything else, since it computes only the non-empty 64x64
-    blocks and sends rows that see every key to chunked attention. Measured on CPU; GPUs follow
-    the CPU rule (cuDNN needs half precision and a GPU to measure it on).
+    Splash on TPU. Elsewhere: dense for tiny score matrices. Then, where block-sparse runs its
+    fused CPU kernel (`cpu_kernel`, see `block_sparse_cpu.supports`), block-sparse for every
+    pattern: it beat chunked attention on full and causal attention from 64 to 16,384 tokens.
+    Otherwise (other backends, or inputs the kernel does not take) chunked for full attention and
+    for causal attention outside BLOCK_SPARSE_CAUSAL_LENGTHS (exact, linear memory, skips the
+    causal upper half), and block-sparse for everything else. Measured on CPU; GPUs follow the
+    CPU rule without the kernel (cuDNN needs half precision and a GPU to measure it on).
     """
     backend = backend or jax.default_backend()
     if backend == "tpu":
         return "splash"
     if q_len * kv_len <= DENSE_MAX_PAIRS:
         return "dense"
+    if backend == "cpu" and cpu_kernel:
+        return "block_sparse"
     if type(pattern) is patterns.Full:
         return "chunked"
     low, high = BLOCK_SPARSE_CAUSAL_LENGTHS
@@ -79,7 +88,10 @@ def choose_implementation(pattern, q_len, kv_len, backend=None):
 
 
 def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
-    name = choose_implementation(pattern, query.shape[1], key.shape[1])
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    cpu_kernel = block_sparse_cpu.supports(BLOCK_SIZE, query.shape[-1], value.shape[-1], dtype,
+                                           alibi_slopes)
+    name = choose_implementation(pattern, query.shape[1], key.shape[1], cpu_kernel=cpu_kernel)
     if name == "splash" and alibi_slopes is not None:
         name = "block_sparse"
     return IMPLEMENTATIONS[name](query, key, value, pattern=pattern, key_valid=key_valid,
