@@ -203,6 +203,10 @@ def test_auto_choice():
             assert choose_implementation(pattern, length, length, "cpu",
                                          cpu_kernel=True) == "block_sparse"
     assert choose_implementation(bigbird, 1, 512, "cpu", cpu_kernel=True) == "dense"
+    # Beyond what was measured: one query (padded to a block), and lengths past 16K.
+    assert choose_implementation(patterns.full(), 1, 4096, "cpu", cpu_kernel=True) == "chunked"
+    assert choose_implementation(patterns.full(), 32768, 32768, "cpu",
+                                 cpu_kernel=True) == "chunked"
     assert choose_implementation(patterns.full(), 4096, 4096, "gpu", cpu_kernel=True) == "chunked"
 
 

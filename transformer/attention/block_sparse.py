@@ -584,6 +584,12 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
     """
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
+    if key_valid is not None:
+        if key_valid.ndim != 2 or key_valid.shape[1] != kv_len or key_valid.shape[0] not in (
+                1, query.shape[0]):
+            raise ValueError(f"key_valid must be [batch, kv_len] = [{query.shape[0]}, {kv_len}] "
+                             f"(or [1, {kv_len}]); got shape {key_valid.shape}")
+        key_valid = jnp.broadcast_to(key_valid, (query.shape[0], kv_len))
     dtype = jnp.promote_types(query.dtype, jnp.float32)
     kernel = use_kernel and block_sparse_cpu.supports(block_kv, query.shape[-1],
                                                       value.shape[-1], dtype, alibi_slopes)

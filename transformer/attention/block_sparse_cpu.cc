@@ -220,6 +220,24 @@ Layout layout_of(ffi::Buffer<ffi::S32>& rows, ffi::Buffer<ffi::S32>& row_start,
                 static_cast<long>(rows.element_count())};
 }
 
+// The Python side builds these shapes; a mismatch would read out of bounds, so say so instead.
+ffi::Error check(const Shapes& sh, const Layout& lay, const ffi::Buffer<ffi::F32>& key_bias) {
+  if (sh.heads <= 0 || sh.bh % sh.heads)
+    return ffi::Error::InvalidArgument("batch * heads is not a multiple of heads");
+  if (sh.block_kv % kLanes || sh.d % kLanes || sh.dv % kLanes)
+    return ffi::Error::InvalidArgument("block_kv, d and dv must be multiples of 16");
+  long bias = key_bias.element_count();
+  if (bias && bias != sh.bh / sh.heads * sh.num_kv_blocks * sh.block_kv)
+    return ffi::Error::InvalidArgument("key_bias is not [batch, num_kv_blocks, block_kv]");
+  for (long r = 0; r < lay.num_rows; ++r)
+    if (lay.rows[r] < 0 || lay.rows[r] >= sh.num_q_blocks)
+      return ffi::Error::InvalidArgument("a row's query block is out of range");
+  for (long e = lay.row_start[0]; e < lay.row_start[lay.num_rows]; ++e)
+    if (lay.kv_block[e] < 0 || lay.kv_block[e] >= sh.num_kv_blocks)
+      return ffi::Error::InvalidArgument("a key block is out of range");
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_t,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows,
                        ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
@@ -230,6 +248,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[3],
             q.dimensions()[3], v.dimensions()[3]};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
+  if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
   float* out_data = out->typed_data();
   float* lse_data = lse->typed_data();
   std::fill(out_data, out_data + out->element_count(), 0.0f);
@@ -313,6 +332,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[2],
             q.dimensions()[3], d_out.dimensions()[3]};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
+  if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
   for (auto* g : {&dq, &dk, &dv})
     std::fill((*g)->typed_data(), (*g)->typed_data() + (*g)->element_count(), 0.0f);
   const float *q_data = q.typed_data(), *k_data = k.typed_data(), *kt_data = k_t.typed_data(),

@@ -30,6 +30,7 @@ import numpy as np
 from transformer.attention.shapes import varying_like
 
 _SOURCE = Path(__file__).with_name("block_sparse_cpu.cc")
+# FFI target names, suffixed with the kernel's version (`_target`).
 _FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
 # The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
 LANES = 16
@@ -68,39 +69,51 @@ def _compile(library):
         os.replace(partial, library)
 
 
+@functools.lru_cache(maxsize=1)
+def _version():
+    """What the compiled library depends on: the source, the JAX version and the CPU."""
+    return hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
+                          + _cpu_signature().encode()).hexdigest()[:16]
+
+
+def _target(prefix):
+    """The FFI target name of this version: an executable from JAX's persistent compilation cache
+    built against another version of the kernel then finds no handler, rather than a wrong one."""
+    return f"{prefix}_{_version()}"
+
+
 def _build():
     """The kernel's shared library, compiled into the cache unless it is there already."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
-                         + _cpu_signature().encode()).hexdigest()[:16]
-    library = _cache_dir() / f"block_sparse_cpu-{key}.so"
+    library = _cache_dir() / f"block_sparse_cpu-{_version()}.so"
     if not library.exists():
         _compile(library)
     return library
 
 
 # XLA keeps the first handler registered under a name for the life of the process.
-_registered = False
+_registered = set()
 
 
 @functools.lru_cache(maxsize=1)
 def _load():
     """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
-    global _registered
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (RuntimeError, OSError) as error:
         return f"the fused CPU kernel is unavailable: {error}"
-    if not _registered:
-        for name, handler in ((_FORWARD, lib.BlockSparseForward),
-                              (_BACKWARD, lib.BlockSparseBackward)):
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
-        _registered = True
+    for prefix, handler in ((_FORWARD, lib.BlockSparseForward),
+                            (_BACKWARD, lib.BlockSparseBackward)):
+        if _target(prefix) not in _registered:
+            jax.ffi.register_ffi_target(_target(prefix), jax.ffi.pycapsule(handler),
+                                        platform="cpu")
+            _registered.add(_target(prefix))
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def unavailable():
     """None when the kernel is built and registered, else the reason (warned about once)."""
+    # Read once per process, like the build: set it before the first block-sparse call.
     if os.environ.get("TRANSFORMER_CPU_KERNEL", "1") == "0":
         return "disabled by TRANSFORMER_CPU_KERNEL=0"
     reason = _load()
@@ -137,7 +150,7 @@ def forward(q, k, v, layout, masks, key_bias):
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     rows = q.shape[:4]
     out, lse = jax.ffi.ffi_call(
-        _FORWARD,
+        _target(_FORWARD),
         (jax.ShapeDtypeStruct(rows + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(rows, q.dtype)),
         vmap_method="sequential",
     )(flat(q), flat(jnp.swapaxes(k, -1, -2)), flat(v), *_layout_args(layout, masks, key_bias),
@@ -151,7 +164,7 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
     batch, heads = q.shape[:2]
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    grads = jax.ffi.ffi_call(_BACKWARD, (shape(q), shape(k), shape(v)), vmap_method="sequential")(
+    grads = jax.ffi.ffi_call(_target(_BACKWARD), (shape(q), shape(k), shape(v)), vmap_method="sequential")(
         flat(q), flat(k), flat(jnp.swapaxes(k, -1, -2)), flat(jnp.swapaxes(v, -1, -2)),
         flat(d_out), flat(lse), flat(delta), *_layout_args(layout, masks, key_bias),
         heads=np.int64(heads))

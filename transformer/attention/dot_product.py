@@ -36,6 +36,9 @@ DENSE_MAX_PAIRS = 32 * 32
 BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 768)
 # Block-sparse attention's block size (queries and keys) behind "block_sparse" and "auto".
 BLOCK_SIZE = 64
+# The longest length at which block-sparse's CPU kernel was measured against chunked attention
+# on full and causal attention (benchmarks/results/full_causal_long: 1.04x at 16,384 for full).
+KERNEL_MEASURED_LENGTH = 16384
 
 
 def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
@@ -66,7 +69,9 @@ def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False
 
     Splash on TPU. Elsewhere: dense for tiny score matrices. Then, where block-sparse runs its
     fused CPU kernel (`cpu_kernel`, see `block_sparse_cpu.supports`), block-sparse for every
-    pattern: it beat chunked attention on full and causal attention from 64 to 16,384 tokens.
+    pattern, within what was measured: it beat chunked attention on full and causal attention
+    from 64 to 16,384 tokens. Fewer queries than a block (decoding steps, whose one query would
+    be padded to a block of 64) and longer sequences follow the rule without the kernel.
     Otherwise (other backends, or inputs the kernel does not take) chunked for full attention and
     for causal attention outside BLOCK_SPARSE_CAUSAL_LENGTHS (exact, linear memory, skips the
     causal upper half), and block-sparse for everything else. Measured on CPU; GPUs follow the
@@ -77,7 +82,8 @@ def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False
         return "splash"
     if q_len * kv_len <= DENSE_MAX_PAIRS:
         return "dense"
-    if backend == "cpu" and cpu_kernel:
+    if (backend == "cpu" and cpu_kernel and q_len >= BLOCK_SIZE
+            and max(q_len, kv_len) <= KERNEL_MEASURED_LENGTH):
         return "block_sparse"
     if type(pattern) is patterns.Full:
         return "chunked"
