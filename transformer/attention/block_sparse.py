@@ -590,12 +590,11 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
             raise ValueError(f"key_valid must be [batch, kv_len] = [{query.shape[0]}, {kv_len}] "
                              f"(or [1, {kv_len}]); got shape {key_valid.shape}")
         key_valid = jnp.broadcast_to(key_valid, (query.shape[0], kv_len))
-    dtype = jnp.promote_types(query.dtype, jnp.float32)
     kernel = use_kernel and block_sparse_cpu.supports(block_kv, query.shape[-1],
-                                                      value.shape[-1], dtype, alibi_slopes)
-    # Dense rows go to chunked attention, except with the kernel, which computes a few of them
-    # faster (BigBird's 2 anchor rows at 8,192 tokens: about 25 against 53 ms, fwd+bwd); chunked
-    # attention aligns ALiBi distances for a suffix of queries only, not for any rows.
+                                                      value.shape[-1], query.dtype, alibi_slopes)
+    # Dense rows go to chunked attention, which is slow on a few rows of queries, except with the
+    # kernel, which walks them like any other row; chunked attention aligns ALiBi distances for
+    # a suffix of queries only, not for any rows.
     plan = make_plan(pattern, q_len, kv_len, block_q, block_kv,
                      dense_rows_apart=alibi_slopes is None and not kernel)
     if scale is None:

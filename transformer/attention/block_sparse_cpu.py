@@ -118,17 +118,25 @@ def unavailable():
         return "disabled by TRANSFORMER_CPU_KERNEL=0"
     reason = _load()
     if reason:
-        warnings.warn(f"{reason}; block_sparse uses its XLA schedules on CPU (same results, "
+        warnings.warn(f"{reason}; block_sparse uses its XLA schedules on CPU (the same maths, "
                       "slower)", stacklevel=3)
     return reason
 
 
 def supports(block_kv, head_dim, value_dim, dtype, alibi_slopes):
-    """Whether the kernel computes this case; the rest goes to block_sparse's XLA schedules."""
+    """Whether the kernel computes this case; the rest goes to block_sparse's XLA schedules.
+
+    dtype: the inputs'; block-sparse computes in it promoted to at least float32.
+    """
     return (jax.default_backend() == "cpu" and alibi_slopes is None
-            and jnp.dtype(dtype) == jnp.float32
+            and jnp.promote_types(dtype, jnp.float32) == jnp.float32
             and block_kv % LANES == 0 and head_dim % LANES == 0 and value_dim % LANES == 0
             and unavailable() is None)
+
+
+def _merge_batch_heads(x):
+    """`[batch, heads, ...]` -> `[batch * heads, ...]`, the kernel's leading axis."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _layout_args(layout, masks, key_bias):
@@ -146,26 +154,25 @@ def forward(q, k, v, layout, masks, key_bias):
     of each scheduled row in CSR form; masks: `[num_masks, block_q, block_kv]` bool;
     key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None.
     """
-    batch, heads = q.shape[:2]
-    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    flat = _merge_batch_heads
     rows = q.shape[:4]
     out, lse = jax.ffi.ffi_call(
         _target(_FORWARD),
         (jax.ShapeDtypeStruct(rows + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(rows, q.dtype)),
         vmap_method="sequential",
     )(flat(q), flat(jnp.swapaxes(k, -1, -2)), flat(v), *_layout_args(layout, masks, key_bias),
-      heads=np.int64(heads))
+      heads=np.int64(q.shape[1]))
     # Inside `jax.shard_map` an FFI call's results are typed replicated; they vary like its inputs.
     return varying_like((q, k, v, key_bias), out, lse)
 
 
 def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
     """dq, dk, dv of `forward`'s rows: shapes of q, k and v; lse, delta `[.., block_q]`."""
-    batch, heads = q.shape[:2]
-    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    flat = _merge_batch_heads
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    grads = jax.ffi.ffi_call(_target(_BACKWARD), (shape(q), shape(k), shape(v)), vmap_method="sequential")(
+    grads = jax.ffi.ffi_call(_target(_BACKWARD), (shape(q), shape(k), shape(v)),
+                             vmap_method="sequential")(
         flat(q), flat(k), flat(jnp.swapaxes(k, -1, -2)), flat(jnp.swapaxes(v, -1, -2)),
         flat(d_out), flat(lse), flat(delta), *_layout_args(layout, masks, key_bias),
-        heads=np.int64(heads))
+        heads=np.int64(q.shape[1]))
     return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)

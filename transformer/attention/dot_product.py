@@ -10,7 +10,6 @@ for a query that has no allowed key. "dense" is the reference; "auto" picks one.
 """
 
 import jax
-import jax.numpy as jnp
 
 from transformer import patterns
 from transformer.attention import block_sparse_cpu
@@ -94,9 +93,8 @@ def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False
 
 
 def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
-    dtype = jnp.promote_types(query.dtype, jnp.float32)
-    cpu_kernel = block_sparse_cpu.supports(BLOCK_SIZE, query.shape[-1], value.shape[-1], dtype,
-                                           alibi_slopes)
+    cpu_kernel = block_sparse_cpu.supports(BLOCK_SIZE, query.shape[-1], value.shape[-1],
+                                           query.dtype, alibi_slopes)
     name = choose_implementation(pattern, query.shape[1], key.shape[1], cpu_kernel=cpu_kernel)
     if name == "splash" and alibi_slopes is not None:
         name = "block_sparse"
