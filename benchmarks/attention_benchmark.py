@@ -30,22 +30,34 @@ import sys
 import time
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
-IMPLEMENTATIONS = ("dense", "jax.nn", "flax", "chunked", "block_sparse", "block_sparse_xla",
-                   "block_products", "auto")
+IMPLEMENTATIONS = (
+    "dense",
+    "jax.nn",
+    "flax",
+    "chunked",
+    "block_sparse",
+    "block_sparse_xla",
+    "block_products",
+    "auto",
+)
 DENSE_IMPLEMENTATIONS = ("dense", "jax.nn", "flax")  # materialise [heads, q_len, kv_len]
 
 
 def make_pattern(name):
     from transformer import patterns
+
     # BigBird as the issue's target: block 64, a window of 3 blocks, 2 anchor and 3 random blocks.
-    named = {"sliding_window": lambda: patterns.sliding_window(256),
-             "causal_window": lambda: patterns.sliding_window(256) & patterns.causal(),
-             # BigBird's other parts alone: 128 global tokens; 3 random blocks of 64 per row.
-             "anchor": lambda: patterns.anchor(2 * BLOCK),
-             "random": lambda: patterns.random(3, BLOCK, seed=0),
-             "bigbird": lambda: patterns.bigbird(block_size=BLOCK, window_blocks=3,
-                                                 num_anchor_blocks=2, num_random_blocks=3),
-             "causal_bigbird": lambda: patterns.bigbird(block_size=BLOCK) & patterns.causal()}
+    named = {
+        "sliding_window": lambda: patterns.sliding_window(256),
+        "causal_window": lambda: patterns.sliding_window(256) & patterns.causal(),
+        # BigBird's other parts alone: 128 global tokens; 3 random blocks of 64 per row.
+        "anchor": lambda: patterns.anchor(2 * BLOCK),
+        "random": lambda: patterns.random(3, BLOCK, seed=0),
+        "bigbird": lambda: patterns.bigbird(
+            block_size=BLOCK, window_blocks=3, num_anchor_blocks=2, num_random_blocks=3
+        ),
+        "causal_bigbird": lambda: patterns.bigbird(block_size=BLOCK) & patterns.causal(),
+    }
     return named[name]() if name in named else patterns.build(name)
 
 
@@ -62,7 +74,9 @@ def applies(implementation, pattern_name, length, dense_max_length):
 def work(pattern, length):
     """(allowed query-key pairs, fraction of 64x64 blocks that block-sparse computes)."""
     import numpy as np
+
     from transformer.attention import block_sparse
+
     # Every non-empty block scheduled (none left to chunked attention), so their masks count all.
     plan = block_sparse.make_plan(pattern, length, length, BLOCK, BLOCK, dense_rows_apart=False)
     # Allowed pairs per distinct block mask, times its uses: indexing the masks by every block
@@ -81,6 +95,7 @@ def attention_function(implementation, pattern, length):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+
     from transformer.attention import dot_product_attention
 
     if implementation == "jax.nn":
@@ -96,17 +111,22 @@ def attention_function(implementation, pattern, length):
         return lambda q, k, v: (module.apply(params, flat(q), flat(k), mask=mask) * flat(q)).sum()
     if implementation == "block_sparse_xla":
         from transformer.attention.block_sparse import block_sparse_attention
-        return lambda q, k, v: (block_sparse_attention(q, k, v, pattern=pattern,
-                                                       use_kernel=False) * q).sum()
-    return lambda q, k, v: (dot_product_attention(q, k, v, pattern=pattern,
-                                                  implementation=implementation) * q).sum()
+
+        return lambda q, k, v: (
+            block_sparse_attention(q, k, v, pattern=pattern, use_kernel=False) * q
+        ).sum()
+    return lambda q, k, v: (
+        dot_product_attention(q, k, v, pattern=pattern, implementation=implementation) * q
+    ).sum()
 
 
 def compiled_step(implementation, pattern, length):
     """fn(q, k, v) -> gradients: one forward+backward pass."""
     import jax
+
     if implementation == "block_products":
         import block_products  # this directory's
+
         q, k, v = inputs(length)
         step, (layouts, masks) = block_products.make_step(pattern, q, k, v, BLOCK)
         return lambda q, k, v: step(layouts, masks, q, k, v)
@@ -116,6 +136,7 @@ def compiled_step(implementation, pattern, length):
 
 def inputs(length):
     import jax
+
     keys = jax.random.split(jax.random.key(0), 3)
     return [jax.random.normal(k, (1, length, HEADS, HEAD_DIM)) for k in keys]
 
@@ -123,6 +144,7 @@ def inputs(length):
 def worker_time(args):
     """Times every (pattern, implementation) at one length, alternating; prints JSON."""
     import jax
+
     q, k, v = inputs(args.length)
     steps = {}
     for combination in args.implementations.split(","):
@@ -142,7 +164,7 @@ def worker_time(args):
             jax.block_until_ready(step(q, k, v))
             times[combination].append(time.perf_counter() - start)
     result = {combination: min(t) for combination, t in times.items()}
-    result["matmul"] = 2 * n ** 3 / min(times["matmul"])  # FLOP/s
+    result["matmul"] = 2 * n**3 / min(times["matmul"])  # FLOP/s
     print(json.dumps(result))
 
 
@@ -154,6 +176,7 @@ def worker_memory(args):
     what the program needs, the same on every run.
     """
     import jax
+
     q, k, v = inputs(args.length)
     result = {}
     if args.implementations != "baseline":
@@ -161,10 +184,14 @@ def worker_memory(args):
         if hasattr(step, "lower"):  # a jitted function (block_products is a closure)
             step = step.lower(q, k, v).compile()
             analysis = step.memory_analysis()
-            result["xla_bytes"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                   + analysis.temp_size_in_bytes)
+            result["xla_bytes"] = (
+                analysis.argument_size_in_bytes
+                + analysis.output_size_in_bytes
+                + analysis.temp_size_in_bytes
+            )
         jax.block_until_ready(step(q, k, v))
     from peak_memory import peak_rss_bytes  # this directory's
+
     result["peak_rss"] = peak_rss_bytes()
     print(json.dumps(result))
 
@@ -184,16 +211,21 @@ def run_worker(kind, timeout, **options):
 
 def plot(rows, out):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for column, label, filename in (("seconds", "forward+backward time (s)", "time.png"),
-                                    ("peak_gb", "peak memory (GB, max RSS)", "memory.png")):
+
+    for column, label, filename in (
+        ("seconds", "forward+backward time (s)", "time.png"),
+        ("peak_gb", "peak memory (GB, max RSS)", "memory.png"),
+    ):
         figure, axes = plt.subplots(figsize=(7, 5))
         series = {}
         for row in rows:
             if row.get(column) not in (None, ""):
                 series.setdefault(f"{row['implementation']} / {row['pattern']}", []).append(
-                    (row["length"], row[column]))
+                    (row["length"], row[column])
+                )
         for name, points in sorted(series.items()):
             points.sort()
             axes.plot(*zip(*points), marker="o", label=name)
@@ -214,12 +246,19 @@ def main(argv=None):
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--patterns", default="full,causal,bigbird")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
-    parser.add_argument("--pairs", default="",
-                        help="pattern:implementation pairs to run instead of every pattern with "
-                             "every implementation, e.g. full:chunked,bigbird:block_sparse")
-    parser.add_argument("--dense-max-length", type=int, default=4096,
-                        help="longest length for the implementations that build the full "
-                             "score matrix (8192 needs about 14 GB)")
+    parser.add_argument(
+        "--pairs",
+        default="",
+        help="pattern:implementation pairs to run instead of every pattern with "
+        "every implementation, e.g. full:chunked,bigbird:block_sparse",
+    )
+    parser.add_argument(
+        "--dense-max-length",
+        type=int,
+        default=4096,
+        help="longest length for the implementations that build the full "
+        "score matrix (8192 needs about 14 GB)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
@@ -245,27 +284,42 @@ def main(argv=None):
     if not args.no_memory:
         result, _ = run_worker("memory", args.timeout, implementations="baseline", length=1024)
         baseline = result and result["peak_rss"]
-        print(f"max RSS of a process that only imports JAX and makes inputs: "
-              f"{baseline / 1e9:.2f} GB")
+        print(
+            f"max RSS of a process that only imports JAX and makes inputs: {baseline / 1e9:.2f} GB"
+        )
 
     rows = []
     for length in map(int, args.lengths.split(",")):
-        combinations = [(p, n) for p, n in selected or [
-                            (p, n) for p in args.patterns.split(",")
-                            for n in args.implementations.split(",")]
-                        if applies(n, p, length, args.dense_max_length)]
+        combinations = [
+            (p, n)
+            for p, n in selected
+            or [(p, n) for p in args.patterns.split(",") for n in args.implementations.split(",")]
+            if applies(n, p, length, args.dense_max_length)
+        ]
         if not combinations:
             continue
         # One process per length times everything alternately: ratios under the same load.
-        times, error = run_worker("time", args.timeout, length=length, repeats=args.repeats,
-                                  implementations=",".join(f"{p}:{n}" for p, n in combinations))
+        times, error = run_worker(
+            "time",
+            args.timeout,
+            length=length,
+            repeats=args.repeats,
+            implementations=",".join(f"{p}:{n}" for p, n in combinations),
+        )
         for pattern_name, name in combinations:
             pairs, block_fraction = work(make_pattern(pattern_name), length)
-            row = {"pattern": pattern_name, "length": length, "implementation": name,
-                   "block_fraction": round(block_fraction, 4), "seconds": None,
-                   "matmul_peak_gflops": None, "fraction_of_matmul_peak": None, "peak_gb": None,
-                   "xla_gb": None,
-                   "error": error or ""}
+            row = {
+                "pattern": pattern_name,
+                "length": length,
+                "implementation": name,
+                "block_fraction": round(block_fraction, 4),
+                "seconds": None,
+                "matmul_peak_gflops": None,
+                "fraction_of_matmul_peak": None,
+                "peak_gb": None,
+                "xla_gb": None,
+                "error": error or "",
+            }
             if times:
                 row["seconds"] = times[f"{pattern_name}:{name}"]
                 row["matmul_peak_gflops"] = round(times["matmul"] / 1e9, 1)
@@ -274,11 +328,17 @@ def main(argv=None):
                 row["fraction_of_matmul_peak"] = round(flops / row["seconds"] / times["matmul"], 3)
             # block_products' RSS would include its host-side layouts: time only.
             if not args.no_memory and name != "block_products":
-                memory, memory_error = run_worker("memory", args.timeout, pattern=pattern_name,
-                                                  length=length, implementations=name)
+                memory, memory_error = run_worker(
+                    "memory",
+                    args.timeout,
+                    pattern=pattern_name,
+                    length=length,
+                    implementations=name,
+                )
                 row["peak_gb"] = memory and round(memory["peak_rss"] / 1e9, 3)
-                row["xla_gb"] = memory and memory.get("xla_bytes") and round(
-                    memory["xla_bytes"] / 1e9, 3)
+                row["xla_gb"] = (
+                    memory and memory.get("xla_bytes") and round(memory["xla_bytes"] / 1e9, 3)
+                )
                 row["error"] = row["error"] or memory_error or ""
             rows.append(row)
             print(_format(row), flush=True)
@@ -297,8 +357,11 @@ def main(argv=None):
 
 def _add_speedups(rows):
     """Speedup over chunked full attention at the same length, and its fraction of the ideal."""
-    chunked_full = {r["length"]: r["seconds"] for r in rows
-                    if r["implementation"] == "chunked" and r["pattern"] == "full" and r["seconds"]}
+    chunked_full = {
+        r["length"]: r["seconds"]
+        for r in rows
+        if r["implementation"] == "chunked" and r["pattern"] == "full" and r["seconds"]
+    }
     for row in rows:
         row["speedup_vs_chunked_full"] = row["fraction_of_ideal_speedup"] = None
         if row["seconds"] and row["length"] in chunked_full:
@@ -312,14 +375,18 @@ def _format(row):
     peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}GB"
     if row["xla_gb"]:
         peak += f" (XLA {row['xla_gb']:.2f}GB)"
-    return (f"{row['pattern']:>14} {row['length']:>6} {row['implementation']:>12} {seconds:>9} "
-            f"{peak:>8} {row['error']}")
+    return (
+        f"{row['pattern']:>14} {row['length']:>6} {row['implementation']:>12} {seconds:>9} "
+        f"{peak:>8} {row['error']}"
+    )
 
 
 def _table(rows):
-    header = ("| pattern | length | implementation | fwd+bwd s | peak GB (max RSS) | XLA GB | "
-              "matmul GFLOP/s | % of matmul | blocks computed | speedup vs chunked full | "
-              "of ideal |")
+    header = (
+        "| pattern | length | implementation | fwd+bwd s | peak GB (max RSS) | XLA GB | "
+        "matmul GFLOP/s | % of matmul | blocks computed | speedup vs chunked full | "
+        "of ideal |"
+    )
     lines = [header, "|" + "---|" * 11]
     show = lambda x, f="{}": "-" if x in (None, "") else f.format(x)
     for r in rows:
@@ -330,11 +397,13 @@ def _table(rows):
             f"{show(r['matmul_peak_gflops'])} | "
             f"{show(r['fraction_of_matmul_peak'] and 100 * r['fraction_of_matmul_peak'], '{:.0f}')} | "
             f"{show(r['block_fraction'], '{:.3f}')} | {show(r['speedup_vs_chunked_full'])} | "
-            f"{show(r['fraction_of_ideal_speedup'])} |")
+            f"{show(r['fraction_of_ideal_speedup'])} |"
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     from transformer.host_allocator import restart_with_tcmalloc
+
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()

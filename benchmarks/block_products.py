@@ -38,8 +38,11 @@ def _rows_backward(q, k, v, allowed, out, lse, d_out):
     d_probs = jnp.einsum("hiqd,hikd->hiqk", d_out, v)
     delta = jnp.einsum("hiqd,hiqd->hiq", d_out, out)
     d_logits = probs * (d_probs - delta[..., None])
-    return (jnp.einsum("hiqk,hikd->hiqd", d_logits, k),
-            jnp.einsum("hiqk,hiqd->hikd", d_logits, q), dv)
+    return (
+        jnp.einsum("hiqk,hikd->hiqd", d_logits, k),
+        jnp.einsum("hiqk,hiqd->hikd", d_logits, q),
+        dv,
+    )
 
 
 def _split(x, axis=1):
@@ -47,8 +50,10 @@ def _split(x, axis=1):
     half = x.shape[axis] // 2
     if x.shape[axis] < 2 * block_sparse._ROWS_PER_CHAIN:
         return [x]
-    return [jax.lax.slice_in_dim(x, 0, half, axis=axis),
-            jax.lax.slice_in_dim(x, half, x.shape[axis], axis=axis)]
+    return [
+        jax.lax.slice_in_dim(x, 0, half, axis=axis),
+        jax.lax.slice_in_dim(x, half, x.shape[axis], axis=axis),
+    ]
 
 
 def _halves(q, k, v, allowed, *rest):
@@ -67,6 +72,7 @@ def _scheduled_rows(q, k, v, allowed):
 def _scheduled_rows_forward(q, k, v, allowed):
     def step(_, xs):
         return None, [_rows_forward(*half) for half in _halves(*xs)]
+
     _, halves = jax.lax.scan(step, None, (q, k, v, allowed))
     out = jnp.concatenate([o for o, _ in halves], axis=2)
     lse = jnp.concatenate([l for _, l in halves], axis=2)
@@ -77,6 +83,7 @@ def _scheduled_rows_backward(residuals, d_out):
     def step(_, xs):
         grads = [_rows_backward(*half) for half in _halves(*xs)]
         return None, tuple(jnp.concatenate(g, axis=1) for g in zip(*grads))
+
     _, (dq, dk, dv) = jax.lax.scan(step, None, residuals + (d_out,))
     return dq, dk, dv, None  # the mask has no gradient
 
@@ -95,9 +102,11 @@ def make_step(pattern, q, k, v, block):
     length, heads, dim = q.shape[1:]
     plan = block_sparse.make_plan(pattern, length, length, block, block)
     if not all(schedule.whole_rows for schedule in plan.schedules):
-        raise ValueError("block_products covers whole-row layouts (windows, random blocks, "
-                         "BigBird) only; this pattern's plan has row pieces.")
-    scale = dim ** -0.5
+        raise ValueError(
+            "block_products covers whole-row layouts (windows, random blocks, "
+            "BigBird) only; this pattern's plan has row pieces."
+        )
+    scale = dim**-0.5
     blocks = lambda x: np.asarray(block_sparse._to_blocks(x, plan.num_q_blocks, block))[0]
     q_blocks, k_blocks, v_blocks = blocks(q * scale), blocks(k), blocks(v)  # [h, n, block, d]
     layouts, masks = [], []
@@ -105,20 +114,28 @@ def make_step(pattern, q, k, v, block):
         rows = np.minimum(schedule.q_block, plan.num_q_blocks - 1)  # [steps, items]
         kv = schedule.kv_block  # [steps, items, slots]
         contiguous = lambda x: np.moveaxis(x[:, kv], 0, 1).reshape(
-            kv.shape[0], heads, kv.shape[1], -1, dim)
+            kv.shape[0], heads, kv.shape[1], -1, dim
+        )
         # [steps, items, block, slots * block]: the block masks side by side, as logits are.
         allowed = np.moveaxis(plan.block_masks[schedule.mask_id], 2, 3).reshape(
-            *kv.shape[:2], block, -1)
-        layouts.append((np.moveaxis(q_blocks[:, rows], 0, 1), contiguous(k_blocks),
-                        contiguous(v_blocks)))
+            *kv.shape[:2], block, -1
+        )
+        layouts.append(
+            (np.moveaxis(q_blocks[:, rows], 0, 1), contiguous(k_blocks), contiguous(v_blocks))
+        )
         masks.append(allowed)
     layouts, masks = jax.device_put((layouts, masks))
-    dense_rows = block_sparse._row_positions(plan.dense_q_blocks, block, length) if len(
-        plan.dense_q_blocks) else None
+    dense_rows = (
+        block_sparse._row_positions(plan.dense_q_blocks, block, length)
+        if len(plan.dense_q_blocks)
+        else None
+    )
 
     def loss(layouts, masks, q, k, v):
-        total = sum((_scheduled_rows(*layout, mask) * layout[0]).sum()
-                    for layout, mask in zip(layouts, masks))
+        total = sum(
+            (_scheduled_rows(*layout, mask) * layout[0]).sum()
+            for layout, mask in zip(layouts, masks)
+        )
         if dense_rows is not None:
             q_dense = q[:, dense_rows]
             total += (chunked_attention(q_dense, k, v) * q_dense).sum()

@@ -26,32 +26,43 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-
+from absl import app, flags
 from peak_memory import peak_rss_bytes  # this directory's
+
 from transformer.attention.chunked import chunked_attention
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/chunked_benchmark", "Where CSV and PNG go.")
-_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192"],
-                             "Sequence lengths to time.")
-_MEMORY_LENGTHS = flags.DEFINE_list("memory_lengths", ["4096", "8192", "16384"],
-                                    "Sequence lengths whose peak memory is measured (chunked).")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", ["1024", "2048", "4096", "8192"], "Sequence lengths to time."
+)
+_MEMORY_LENGTHS = flags.DEFINE_list(
+    "memory_lengths",
+    ["4096", "8192", "16384"],
+    "Sequence lengths whose peak memory is measured (chunked).",
+)
 _XLA_MAX_LENGTH = flags.DEFINE_integer(
-    "xla_max_length", 8192, "Longest length for jax.nn.dot_product_attention, whose [L, L] "
-    "arrays take 13.6 GB at 8192 tokens.")
+    "xla_max_length",
+    8192,
+    "Longest length for jax.nn.dot_product_attention, whose [L, L] "
+    "arrays take 13.6 GB at 8192 tokens.",
+)
 _IMPLEMENTATIONS = flags.DEFINE_list(
-    "implementations", ["chunked", "chunked_causal", "xla", "xla_causal"],
-    "Which to time; 'xla' ones only up to --xla_max_length.")
+    "implementations",
+    ["chunked", "chunked_causal", "xla", "xla_causal"],
+    "Which to time; 'xla' ones only up to --xla_max_length.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each implementation per length.")
 _HEADS = flags.DEFINE_integer("heads", 8, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-_CHUNK_SIZE = flags.DEFINE_list("chunk_size", [], "Query and key chunk (one or two ints); "
-                                "empty for the default.")
-_MEASURE_MEMORY = flags.DEFINE_string("measure_memory", None,
-                                      "Internal: 'implementation:length', run in a subprocess.")
+_CHUNK_SIZE = flags.DEFINE_list(
+    "chunk_size", [], "Query and key chunk (one or two ints); empty for the default."
+)
+_MEASURE_MEMORY = flags.DEFINE_string(
+    "measure_memory", None, "Internal: 'implementation:length', run in a subprocess."
+)
 
 MATMUL_SIZE = 4096
 
@@ -63,11 +74,13 @@ def chunk_size():
 
 IMPLEMENTATIONS = {
     "chunked": lambda q, k, v: chunked_attention(q, k, v, chunk_size=chunk_size()),
-    "chunked_causal": lambda q, k, v: chunked_attention(q, k, v, causal=True,
-                                                        chunk_size=chunk_size()),
+    "chunked_causal": lambda q, k, v: chunked_attention(
+        q, k, v, causal=True, chunk_size=chunk_size()
+    ),
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
-    "xla_causal": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                               implementation="xla"),
+    "xla_causal": lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"
+    ),
 }
 
 
@@ -100,8 +113,9 @@ def time_length(length, names):
     """Median (wall, CPU) seconds of each implementation and of the matmul, runs alternating."""
     args = inputs(length)
     fns = {name: forward_backward(name) for name in names}
-    matrix = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_SIZE, MATMUL_SIZE)),
-                         jnp.float32)
+    matrix = jnp.asarray(
+        np.random.default_rng(1).normal(size=(MATMUL_SIZE, MATMUL_SIZE)), jnp.float32
+    )
     fns["matmul"] = jax.jit(jnp.dot)
     matmul_args = (matrix, matrix)
     for name, fn in fns.items():  # compile and warm up
@@ -118,9 +132,14 @@ def peak_memory(name, length):
 
     XLA's temporary buffers show the algorithm's own share of the peak.
     """
-    command = [sys.executable, os.path.abspath(__file__), f"--measure_memory={name}:{length}",
-               f"--heads={_HEADS.value}", f"--head_dim={_HEAD_DIM.value}",
-               f"--chunk_size={','.join(_CHUNK_SIZE.value)}"]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--measure_memory={name}:{length}",
+        f"--heads={_HEADS.value}",
+        f"--head_dim={_HEAD_DIM.value}",
+        f"--chunk_size={','.join(_CHUNK_SIZE.value)}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory run {name} at {length} failed:\n{result.stderr[-2000:]}")
@@ -133,13 +152,20 @@ def measure_memory_here(spec):
     compiled = forward_backward(name).lower(*args).compile()
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
-    print(json.dumps({"max_rss_bytes": peak_rss_bytes(),
-                      "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-                      "seconds": time.perf_counter() - start}))
+    print(
+        json.dumps(
+            {
+                "max_rss_bytes": peak_rss_bytes(),
+                "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    )
 
 
 def plot(rows, memory_rows, load_average, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -151,12 +177,16 @@ def plot(rows, memory_rows, load_average, path):
         r["xla_temp_gb"] = r["xla_temp_mb"] / 1e3
     for key, label in (("peak_gb", "chunked, peak RSS"), ("xla_temp_gb", "chunked, XLA temps")):
         if memory_rows:
-            ax_memory.plot(*zip(*[(r["length"], r[key]) for r in memory_rows]), marker="o",
-                           label=label)
+            ax_memory.plot(
+                *zip(*[(r["length"], r[key]) for r in memory_rows]), marker="o", label=label
+            )
     if memory_rows:
         ax_memory.axhline(4.0, color="grey", linestyle="--", label="4 GB target")
-    ax_time.set(yscale="log", ylabel="forward+backward seconds",
-                title=f"Time (median; load average {load_average:.1f} on 2 cores)")
+    ax_time.set(
+        yscale="log",
+        ylabel="forward+backward seconds",
+        title=f"Time (median; load average {load_average:.1f} on 2 cores)",
+    )
     ax_memory.set(ylabel="GB", title="Peak memory of one forward+backward")
     for ax, table in ((ax_time, rows), (ax_memory, memory_rows)):
         if not table:
@@ -175,58 +205,86 @@ def main(argv):
     del argv
     unknown = set(_IMPLEMENTATIONS.value) - set(IMPLEMENTATIONS)
     if unknown:
-        raise app.UsageError(f"unknown --implementations {sorted(unknown)}; allowed: "
-                             f"{sorted(IMPLEMENTATIONS)}.")
+        raise app.UsageError(
+            f"unknown --implementations {sorted(unknown)}; allowed: {sorted(IMPLEMENTATIONS)}."
+        )
     if _MEASURE_MEMORY.value:
         measure_memory_here(_MEASURE_MEMORY.value)
         return
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     load_average = os.getloadavg()[0]
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-          f"load average {load_average:.1f}; chunk_size={chunk_size()}")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+        f"load average {load_average:.1f}; chunk_size={chunk_size()}"
+    )
     rows = []
-    header = (f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
-              f"{'of peak':>8s} {'vs xla':>7s} {'CPU s':>8s} {'GFLOP/CPU-s':>12s} "
-              f"{'of matmul':>10s}")
+    header = (
+        f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
+        f"{'of peak':>8s} {'vs xla':>7s} {'CPU s':>8s} {'GFLOP/CPU-s':>12s} "
+        f"{'of matmul':>10s}"
+    )
     if _LENGTHS.value:
         print(header)
     for length in map(int, _LENGTHS.value):
-        names = [name for name in _IMPLEMENTATIONS.value
-                 if not name.startswith("xla") or length <= _XLA_MAX_LENGTH.value]
+        names = [
+            name
+            for name in _IMPLEMENTATIONS.value
+            if not name.startswith("xla") or length <= _XLA_MAX_LENGTH.value
+        ]
         times = time_length(length, names)
-        matmul_flops = 2 * MATMUL_SIZE ** 3
+        matmul_flops = 2 * MATMUL_SIZE**3
         peak, peak_per_cpu = (matmul_flops / t for t in times["matmul"])
         for name in names:
             flops = attention_flops(name, length)
             wall, cpu = times[name]
             xla_name = "xla_causal" if name.endswith("causal") else "xla"
             speedup = times[xla_name][0] / wall if xla_name in times else float("nan")
-            row = dict(implementation=name, length=length, seconds=wall,
-                       gflops=flops / wall / 1e9, matmul_peak_gflops=peak / 1e9,
-                       fraction_of_peak=flops / wall / peak, speedup_vs_xla=speedup,
-                       cpu_seconds=cpu, gflops_per_cpu_second=flops / cpu / 1e9,
-                       fraction_of_matmul_per_cpu_second=flops / cpu / peak_per_cpu)
+            row = dict(
+                implementation=name,
+                length=length,
+                seconds=wall,
+                gflops=flops / wall / 1e9,
+                matmul_peak_gflops=peak / 1e9,
+                fraction_of_peak=flops / wall / peak,
+                speedup_vs_xla=speedup,
+                cpu_seconds=cpu,
+                gflops_per_cpu_second=flops / cpu / 1e9,
+                fraction_of_matmul_per_cpu_second=flops / cpu / peak_per_cpu,
+            )
             rows.append(row)
-            print(f"{name:16s} {length:7d} {wall:9.3f} {row['gflops']:8.1f} "
-                  f"{row['fraction_of_peak']:8.1%} {speedup:7.2f} {cpu:8.2f} "
-                  f"{row['gflops_per_cpu_second']:12.1f} "
-                  f"{row['fraction_of_matmul_per_cpu_second']:10.1%}", flush=True)
-        print(f"{'matmul peak':16s} {length:7d} {times['matmul'][0]:9.3f} {peak / 1e9:8.1f} "
-              f"{'':8s} {'':7s} {times['matmul'][1]:8.2f} {peak_per_cpu / 1e9:12.1f}", flush=True)
+            print(
+                f"{name:16s} {length:7d} {wall:9.3f} {row['gflops']:8.1f} "
+                f"{row['fraction_of_peak']:8.1%} {speedup:7.2f} {cpu:8.2f} "
+                f"{row['gflops_per_cpu_second']:12.1f} "
+                f"{row['fraction_of_matmul_per_cpu_second']:10.1%}",
+                flush=True,
+            )
+        print(
+            f"{'matmul peak':16s} {length:7d} {times['matmul'][0]:9.3f} {peak / 1e9:8.1f} "
+            f"{'':8s} {'':7s} {times['matmul'][1]:8.2f} {peak_per_cpu / 1e9:12.1f}",
+            flush=True,
+        )
 
     memory_rows = []
     for length in map(int, _MEMORY_LENGTHS.value):
         measured = peak_memory("chunked", length)
-        row = dict(implementation="chunked", length=length,
-                   peak_gb=measured["max_rss_bytes"] / 1e9,
-                   xla_temp_mb=measured["xla_temp_bytes"] / 1e6, seconds=measured["seconds"])
+        row = dict(
+            implementation="chunked",
+            length=length,
+            peak_gb=measured["max_rss_bytes"] / 1e9,
+            xla_temp_mb=measured["xla_temp_bytes"] / 1e6,
+            seconds=measured["seconds"],
+        )
         memory_rows.append(row)
-        growth = (row["peak_gb"] / memory_rows[-2]["peak_gb"] if len(memory_rows) > 1
-                  else float("nan"))
-        print(f"chunked {length:7d} tokens: peak RSS {row['peak_gb']:6.2f} GB "
-              f"(x{growth:.2f} from the previous length), XLA temp buffers "
-              f"{row['xla_temp_mb']:8.1f} MB, one forward+backward {row['seconds']:.1f} s",
-              flush=True)
+        growth = (
+            row["peak_gb"] / memory_rows[-2]["peak_gb"] if len(memory_rows) > 1 else float("nan")
+        )
+        print(
+            f"chunked {length:7d} tokens: peak RSS {row['peak_gb']:6.2f} GB "
+            f"(x{growth:.2f} from the previous length), XLA temp buffers "
+            f"{row['xla_temp_mb']:8.1f} MB, one forward+backward {row['seconds']:.1f} s",
+            flush=True,
+        )
 
     written = []
     for name, table in (("chunked_time.csv", rows), ("chunked_memory.csv", memory_rows)):
@@ -243,5 +301,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from transformer.host_allocator import restart_with_tcmalloc
+
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     app.run(main)

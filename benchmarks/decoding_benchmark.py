@@ -35,8 +35,15 @@ from transformer import decoding
 from transformer.models import build_model
 from transformer.token_ids import PAD_ID
 
-MODEL = dict(vocab_size=1024, d_model=256, num_heads=4, d_ff=1024, dropout_rate=0.0,
-             positional="sinusoidal", norm_position="pre")
+MODEL = dict(
+    vocab_size=1024,
+    d_model=256,
+    num_heads=4,
+    d_ff=1024,
+    dropout_rate=0.0,
+    positional="sinusoidal",
+    norm_position="pre",
+)
 SOURCE_LENGTH = 32
 
 
@@ -45,8 +52,11 @@ def decoder_lm(num_tokens):
 
 
 def encoder_decoder(num_tokens):
-    return build_model(dict(name="encoder_decoder", num_layers=4, num_decoder_layers=4,
-                            max_len=num_tokens, **MODEL))
+    return build_model(
+        dict(
+            name="encoder_decoder", num_layers=4, num_decoder_layers=4, max_len=num_tokens, **MODEL
+        )
+    )
 
 
 def argmax_without_padding(logits):
@@ -65,12 +75,14 @@ def uncached_greedy(logits_fn, num_tokens, num_steps):
     """Greedy decoding by full recomputation: logits_fn(buffer `[1, N]`) -> logits `[1, N, V]`
     where position i predicts the token after buffer[:, i]; buffer[:, 0] is the start token.
     Returns the first num_steps tokens `[1, num_steps]`."""
+
     def body(i, carry):
         buffer, out = carry
         token = argmax_without_padding(logits_fn(buffer)[:, i])
         # The last step's token has no position left in the buffer and needs none.
-        buffer = jax.lax.dynamic_update_slice(buffer, token[:, None],
-                                              (0, jnp.minimum(i + 1, num_tokens - 1)))
+        buffer = jax.lax.dynamic_update_slice(
+            buffer, token[:, None], (0, jnp.minimum(i + 1, num_tokens - 1))
+        )
         return buffer, out.at[:, i].set(token)
 
     buffer = jnp.zeros((1, num_tokens), jnp.int32)
@@ -87,8 +99,15 @@ def programs(kind, num_tokens, num_steps):
         def full_logits(variables, source, buffer):
             return model.apply(variables, buffer.at[:, 0].set(start_token))
     else:
-        model = build_model(dict(name="encoder_decoder", num_layers=4, num_decoder_layers=4,
-                                 max_len=num_tokens, **MODEL))
+        model = build_model(
+            dict(
+                name="encoder_decoder",
+                num_layers=4,
+                num_decoder_layers=4,
+                max_len=num_tokens,
+                **MODEL,
+            )
+        )
         start_token = model.bos_id
 
         def full_logits(variables, source, buffer):
@@ -102,7 +121,8 @@ def programs(kind, num_tokens, num_steps):
 
     def uncached(variables, source):
         buffer, body, out = uncached_greedy(
-            lambda buffer: full_logits(variables, source, buffer), num_tokens, num_steps)
+            lambda buffer: full_logits(variables, source, buffer), num_tokens, num_steps
+        )
         return jax.lax.fori_loop(0, num_steps, body, (buffer, out))[1]
 
     return model, jax.jit(cached), jax.jit(uncached)
@@ -118,8 +138,9 @@ def measure(kind, num_tokens, num_steps, repeats):
     """One row of the table: medians of alternating timings, and whether the tokens agree."""
     model, cached, uncached = programs(kind, num_tokens, num_steps)
     source = jax.random.randint(jax.random.key(1), (1, SOURCE_LENGTH), 4, MODEL["vocab_size"])
-    variables = jax.jit(model.init)(jax.random.key(0), source[:, :8], *(
-        [source[:, :8]] if kind == "encoder_decoder" else []))
+    variables = jax.jit(model.init)(
+        jax.random.key(0), source[:, :8], *([source[:, :8]] if kind == "encoder_decoder" else [])
+    )
     # First calls compile; their outputs are the tokens to compare.
     cached_tokens = np.asarray(cached(variables, source))
     uncached_tokens = np.asarray(uncached(variables, source))
@@ -130,25 +151,42 @@ def measure(kind, num_tokens, num_steps, repeats):
         uncached_times.append(timed(uncached, variables, source))
     cached_rate = num_tokens / statistics.median(cached_times)
     uncached_rate = num_steps / statistics.median(uncached_times)
-    return dict(model=kind, tokens=num_tokens, cached_tokens_per_s=round(cached_rate, 1),
-                uncached_tokens_per_s=round(uncached_rate, 2),
-                speedup=round(cached_rate / uncached_rate, 1), uncached_steps=num_steps,
-                same_tokens=f"{agree}/{num_steps}")
+    return dict(
+        model=kind,
+        tokens=num_tokens,
+        cached_tokens_per_s=round(cached_rate, 1),
+        uncached_tokens_per_s=round(uncached_rate, 2),
+        speedup=round(cached_rate / uncached_rate, 1),
+        uncached_steps=num_steps,
+        same_tokens=f"{agree}/{num_steps}",
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="128,512,2048",
-                        help="comma-separated numbers of generated tokens")
+    parser.add_argument(
+        "--lengths", default="128,512,2048", help="comma-separated numbers of generated tokens"
+    )
     parser.add_argument("--models", default="decoder_lm,encoder_decoder")
-    parser.add_argument("--uncached_steps", type=int, default=256,
-                        help="at most this many uncached steps are generated and timed")
+    parser.add_argument(
+        "--uncached_steps",
+        type=int,
+        default=256,
+        help="at most this many uncached steps are generated and timed",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/decoding")
     args = parser.parse_args()
     rows = []
-    columns = ("model", "tokens", "cached_tokens_per_s", "uncached_tokens_per_s", "speedup",
-               "uncached_steps", "same_tokens")
+    columns = (
+        "model",
+        "tokens",
+        "cached_tokens_per_s",
+        "uncached_tokens_per_s",
+        "speedup",
+        "uncached_steps",
+        "same_tokens",
+    )
     print(" | ".join(columns), flush=True)
     for kind in args.models.split(","):
         if kind not in ("decoder_lm", "encoder_decoder"):
@@ -168,5 +206,6 @@ def main():
 
 if __name__ == "__main__":
     from transformer.host_allocator import restart_with_tcmalloc
+
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()

@@ -57,19 +57,55 @@ from transformer.positional import POSITIONAL_ENCODINGS
 LENGTH_FACTORS = (1, 2, 3, 4)
 
 PRESETS = {
-    "smoke": dict(num_pairs=2, eval_distance=2, num_keys=16, num_values=4,
-                  encodings=("none", "learned"),
-                  seeds=(0,), steps=10, batch=16, num_layers=1, d_model=16, num_heads=2,
-                  num_train=64, num_eval=32, learning_rate=3e-3),
-    "cpu": dict(num_pairs=4, eval_distance=4, num_keys=16, num_values=4,
-                encodings=POSITIONAL_ENCODINGS, seeds=(0, 1), steps=6000, batch=128,
-                num_layers=2, d_model=64, num_heads=4, num_train=4096, num_eval=512,
-                learning_rate=3e-3),
+    "smoke": dict(
+        num_pairs=2,
+        eval_distance=2,
+        num_keys=16,
+        num_values=4,
+        encodings=("none", "learned"),
+        seeds=(0,),
+        steps=10,
+        batch=16,
+        num_layers=1,
+        d_model=16,
+        num_heads=2,
+        num_train=64,
+        num_eval=32,
+        learning_rate=3e-3,
+    ),
+    "cpu": dict(
+        num_pairs=4,
+        eval_distance=4,
+        num_keys=16,
+        num_values=4,
+        encodings=POSITIONAL_ENCODINGS,
+        seeds=(0, 1),
+        steps=6000,
+        batch=128,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        num_train=4096,
+        num_eval=512,
+        learning_rate=3e-3,
+    ),
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(num_pairs=32, eval_distance=32, num_keys=256, num_values=16,
-                 encodings=POSITIONAL_ENCODINGS,
-                 seeds=(0, 1, 2), steps=20_000, batch=256, num_layers=4, d_model=128,
-                 num_heads=4, num_train=20_000, num_eval=1000, learning_rate=1e-3),
+    "full": dict(
+        num_pairs=32,
+        eval_distance=32,
+        num_keys=256,
+        num_values=16,
+        encodings=POSITIONAL_ENCODINGS,
+        seeds=(0, 1, 2),
+        steps=20_000,
+        batch=256,
+        num_layers=4,
+        d_model=128,
+        num_heads=4,
+        num_train=20_000,
+        num_eval=1000,
+        learning_rate=1e-3,
+    ),
 }
 
 
@@ -79,33 +115,57 @@ def get_config(arg="cpu"):
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
     if variant and variant not in POSITIONAL_ENCODINGS:
-        raise ValueError(f"unknown positional variant {variant!r}; allowed: "
-                         f"{list(POSITIONAL_ENCODINGS)}.")
+        raise ValueError(
+            f"unknown positional variant {variant!r}; allowed: {list(POSITIONAL_ENCODINGS)}."
+        )
     preset = PRESETS[preset_name]
     n = preset["num_pairs"]
     longest_pairs = max(LENGTH_FACTORS) * n
 
     config = base_config()
     config.task = "classification"
-    config.data = ml_collections.ConfigDict(dict(
-        name="associative_recall", config="pairs64", add_cls=False,
-        builder_overrides=dict(num_pairs=n, num_keys=preset["num_keys"],
-                               num_values=preset["num_values"], distance=2,
-                               num_train=preset["num_train"],
-                               num_validation=preset["num_eval"], num_test=preset["num_eval"])))
-    config.train_mixture = {f"d{d}": {"builder_overrides": {"distance": d}}
-                            for d in range(2, 2 * n + 1, 2)}
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="associative_recall",
+            config="pairs64",
+            add_cls=False,
+            builder_overrides=dict(
+                num_pairs=n,
+                num_keys=preset["num_keys"],
+                num_values=preset["num_values"],
+                distance=2,
+                num_train=preset["num_train"],
+                num_validation=preset["num_eval"],
+                num_test=preset["num_eval"],
+            ),
+        )
+    )
+    config.train_mixture = {
+        f"d{d}": {"builder_overrides": {"distance": d}} for d in range(2, 2 * n + 1, 2)
+    }
     config.eval_data = {
         f"x{k}": {"builder_overrides": {"num_pairs": k * n, "distance": preset["eval_distance"]}}
-        for k in LENGTH_FACTORS}
-    config.model = ml_collections.ConfigDict(dict(
-        name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
-        d_ff=2 * preset["d_model"], num_layers=preset["num_layers"], pooling="attention",
-        positional=variant or "sinusoidal", norm_position="pre", dropout_rate=0.0,
-        # The longest evaluation batch: 2 * 4n + 1 tokens, padded to 2 * 4n + 2 (the data
-        # leaves room for a [CLS]).
-        max_len=2 * longest_pairs + 2,
-        pattern="full", implementation="auto", dtype="float32"))
+        for k in LENGTH_FACTORS
+    }
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="encoder_classifier",
+            d_model=preset["d_model"],
+            num_heads=preset["num_heads"],
+            d_ff=2 * preset["d_model"],
+            num_layers=preset["num_layers"],
+            pooling="attention",
+            positional=variant or "sinusoidal",
+            norm_position="pre",
+            dropout_rate=0.0,
+            # The longest evaluation batch: 2 * 4n + 1 tokens, padded to 2 * 4n + 2 (the data
+            # leaves room for a [CLS]).
+            max_len=2 * longest_pairs + 2,
+            pattern="full",
+            implementation="auto",
+            dtype="float32",
+        )
+    )
     config.global_batch_size = preset["batch"]
     config.num_train_steps = preset["steps"]
     config.eval_every_steps = preset["steps"]
@@ -119,8 +179,13 @@ def get_config(arg="cpu"):
     config.sweep.variants = tuple(preset["encodings"])
     points = tuple((k, f"eval_x{k}/accuracy") for k in LENGTH_FACTORS)
     config.sweep.metrics = tuple(key for _, key in points)
-    config.sweep.plot = ml_collections.ConfigDict(dict(
-        points=points, series="model.positional", panel="",
-        x_label=f"evaluation length / training length ({2 * n + 1} tokens)",
-        y_label="accuracy"))
+    config.sweep.plot = ml_collections.ConfigDict(
+        dict(
+            points=points,
+            series="model.positional",
+            panel="",
+            x_label=f"evaluation length / training length ({2 * n + 1} tokens)",
+            y_label="accuracy",
+        )
+    )
     return config

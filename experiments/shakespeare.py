@@ -30,17 +30,51 @@ from transformer.config_checks import base_config
 VARIANTS = ("full", "sliding_window", "window_anchors")
 
 PRESETS = {
-    "smoke": dict(context=32, window=8, seeds=(0,), steps=10, batch=8, num_layers=1, d_model=16,
-                  num_heads=2, d_ff=32, dropout=0.0, learning_rate=3e-3, eval_steps=2),
+    "smoke": dict(
+        context=32,
+        window=8,
+        seeds=(0,),
+        steps=10,
+        batch=8,
+        num_layers=1,
+        d_model=16,
+        num_heads=2,
+        d_ff=32,
+        dropout=0.0,
+        learning_rate=3e-3,
+        eval_steps=2,
+    ),
     # 200 steps of 8 x 512 bytes (0.8 MB of text, a fifth of the training plays): a short run,
     # so that the sweep (3 patterns x 2 seeds) takes minutes on 2 cores.
-    "cpu": dict(context=512, window=64, seeds=(0, 1), steps=200, batch=8, num_layers=2,
-                d_model=64, num_heads=4, d_ff=256, dropout=0.0, learning_rate=3e-3,
-                eval_steps=20),
+    "cpu": dict(
+        context=512,
+        window=64,
+        seeds=(0, 1),
+        steps=200,
+        batch=8,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        d_ff=256,
+        dropout=0.0,
+        learning_rate=3e-3,
+        eval_steps=20,
+    ),
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(context=2048, window=256, seeds=(0, 1, 2), steps=20_000, batch=32,
-                 num_layers=8, d_model=512, num_heads=8, d_ff=2048, dropout=0.1,
-                 learning_rate=6e-4, eval_steps=0),
+    "full": dict(
+        context=2048,
+        window=256,
+        seeds=(0, 1, 2),
+        steps=20_000,
+        batch=32,
+        num_layers=8,
+        d_model=512,
+        num_heads=8,
+        d_ff=2048,
+        dropout=0.1,
+        learning_rate=6e-4,
+        eval_steps=0,
+    ),
 }
 
 
@@ -51,8 +85,15 @@ def pattern_options(variant, window):
     return {
         "full": ("full", {}),
         "sliding_window": ("sliding_window", {"left": window}),
-        "window_anchors": ("bigbird", {"block_size": window // 2, "window_blocks": 5,
-                                       "num_anchor_blocks": 1, "num_random_blocks": 0}),
+        "window_anchors": (
+            "bigbird",
+            {
+                "block_size": window // 2,
+                "window_blocks": 5,
+                "num_anchor_blocks": 1,
+                "num_random_blocks": 0,
+            },
+        ),
     }[variant]
 
 
@@ -68,13 +109,23 @@ def get_config(arg="cpu"):
 
     config = base_config()
     config.task = "language_modelling"
-    config.data = ml_collections.ConfigDict(dict(name="shakespeare",
-                                                 max_length=preset["context"]))
-    config.model = ml_collections.ConfigDict(dict(
-        name="decoder_lm", d_model=preset["d_model"], num_heads=preset["num_heads"],
-        d_ff=preset["d_ff"], num_layers=preset["num_layers"], positional="rotary",
-        norm_position="pre", dropout_rate=preset["dropout"], pattern=name,
-        pattern_options=options, implementation="auto", dtype="float32"))
+    config.data = ml_collections.ConfigDict(dict(name="shakespeare", max_length=preset["context"]))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="decoder_lm",
+            d_model=preset["d_model"],
+            num_heads=preset["num_heads"],
+            d_ff=preset["d_ff"],
+            num_layers=preset["num_layers"],
+            positional="rotary",
+            norm_position="pre",
+            dropout_rate=preset["dropout"],
+            pattern=name,
+            pattern_options=options,
+            implementation="auto",
+            dtype="float32",
+        )
+    )
     config.global_batch_size = preset["batch"]
     config.num_train_steps = preset["steps"]
     config.eval_every_steps = preset["steps"]
@@ -90,7 +141,13 @@ def get_config(arg="cpu"):
     config.sweep.metrics = ("eval/bits_per_target", "eval/accuracy", "train/tokens_per_second")
     # One point per pattern (mean and spread over seeds): the bits a pattern costs. Its speed is
     # in the table.
-    config.sweep.plot = ml_collections.ConfigDict(dict(
-        points=((preset["context"], "eval/bits_per_target"),), series="model.pattern",
-        panel="", x_label="context (bytes)", y_label="validation bits per character"))
+    config.sweep.plot = ml_collections.ConfigDict(
+        dict(
+            points=((preset["context"], "eval/bits_per_target"),),
+            series="model.pattern",
+            panel="",
+            x_label="context (bytes)",
+            y_label="validation bits per character",
+        )
+    )
     return config

@@ -53,8 +53,15 @@ def pattern_options(pattern, block):
         "sliding_window": ("sliding_window", {"left": block}),
         "anchor": ("anchor", {"num_anchors": 2 * block}),
         "random": ("random", {"num_blocks": 3, "block_size": block}),
-        "bigbird": ("bigbird", {"block_size": block, "window_blocks": 3, "num_anchor_blocks": 2,
-                                "num_random_blocks": 3}),
+        "bigbird": (
+            "bigbird",
+            {
+                "block_size": block,
+                "window_blocks": 3,
+                "num_anchor_blocks": 2,
+                "num_random_blocks": 3,
+            },
+        ),
     }[pattern]
 
 
@@ -62,9 +69,19 @@ def pattern_options(pattern, block):
 TARGET_MODEL = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, batch=8)
 
 PRESETS = {
-    "smoke": dict(lengths=(64, 128), patterns=("full", "bigbird"), num_layers=2, d_model=16,
-                  num_heads=2, d_ff=32, batch=8, block=16, timed_tokens=2048,
-                  min_timed_steps=2, seeds=(0,)),
+    "smoke": dict(
+        lengths=(64, 128),
+        patterns=("full", "bigbird"),
+        num_layers=2,
+        d_model=16,
+        num_heads=2,
+        d_ff=32,
+        batch=8,
+        block=16,
+        timed_tokens=2048,
+        min_timed_steps=2,
+        seeds=(0,),
+    ),
     # Each length trains 1 + max(2, 65,536 / (8 x length)) steps: 8 timed steps at 1,024, 2 from
     # 4,096 up. Every pattern runs at 1,024 and 4,096 tokens; full attention also at 8,192, and
     # BigBird and the sliding window (its cheapest part) up to 16,384, which shows that training
@@ -72,13 +89,26 @@ PRESETS = {
     # chunked attention grouped the batch (transformer/attention/chunked.py); this subset 11.5
     # minutes after it, with 2 devices. A step of full attention at 16,384 tokens took about 140 s;
     # the full preset below has every length for every pattern.
-    "cpu": dict(lengths=(1024, 4096, 8192, 16384), patterns=PATTERNS,
-                longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
-                **TARGET_MODEL, block=64, timed_tokens=65_536, min_timed_steps=2, seeds=(0,)),
+    "cpu": dict(
+        lengths=(1024, 4096, 8192, 16384),
+        patterns=PATTERNS,
+        longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
+        **TARGET_MODEL,
+        block=64,
+        timed_tokens=65_536,
+        min_timed_steps=2,
+        seeds=(0,),
+    ),
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(lengths=(1024, 2048, 4096, 8192, 16384, 32768, 65536), patterns=PATTERNS,
-                 **TARGET_MODEL, block=64, timed_tokens=1_048_576, min_timed_steps=5,
-                 seeds=(0,)),
+    "full": dict(
+        lengths=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
+        patterns=PATTERNS,
+        **TARGET_MODEL,
+        block=64,
+        timed_tokens=1_048_576,
+        min_timed_steps=5,
+        seeds=(0,),
+    ),
 }
 
 
@@ -94,13 +124,18 @@ def lengths_of(pattern, preset):
 
 def parse_variant(name, preset):
     pattern, _, length = name.rpartition("-")
-    if pattern not in preset["patterns"] or not length.isdigit() or \
-            int(length) not in lengths_of(pattern, preset):
+    if (
+        pattern not in preset["patterns"]
+        or not length.isdigit()
+        or int(length) not in lengths_of(pattern, preset)
+    ):
         allowed = {p: lengths_of(p, preset) for p in preset["patterns"]}
-        raise ValueError(f"unknown train_speed variant {name!r}; expected '<pattern>-<length>' "
-                         f"with pattern in {list(preset['patterns'])} and its lengths "
-                         f"{allowed}, e.g. "
-                         f"{variant_name(preset['patterns'][0], preset['lengths'][0])!r}.")
+        raise ValueError(
+            f"unknown train_speed variant {name!r}; expected '<pattern>-<length>' "
+            f"with pattern in {list(preset['patterns'])} and its lengths "
+            f"{allowed}, e.g. "
+            f"{variant_name(preset['patterns'][0], preset['lengths'][0])!r}."
+        )
     return pattern, int(length)
 
 
@@ -118,33 +153,59 @@ def get_config(arg="cpu"):
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
     preset = PRESETS[preset_name]
-    pattern, length = (parse_variant(variant, preset) if variant
-                       else (preset["patterns"][0], preset["lengths"][0]))
+    pattern, length = (
+        parse_variant(variant, preset) if variant else (preset["patterns"][0], preset["lengths"][0])
+    )
     name, options = pattern_options(pattern, preset["block"])
     batch = preset["batch"]
-    timed_steps = max(preset["min_timed_steps"], math.ceil(preset["timed_tokens"] /
-                                                           (batch * length)))
+    timed_steps = max(
+        preset["min_timed_steps"], math.ceil(preset["timed_tokens"] / (batch * length))
+    )
     steps = 1 + timed_steps  # the first step compiles and is not timed
 
     config = base_config()
     config.task = "classification"
     longest, shortest = max(preset["lengths"]), min(preset["lengths"])
-    config.data = ml_collections.ConfigDict(dict(
-        name="associative_recall", config="pairs64", add_cls=True,
-        builder_overrides=dict(**recall_data(length, longest), num_train=batch * steps,
-                               num_validation=batch, num_test=batch)))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="associative_recall",
+            config="pairs64",
+            add_cls=True,
+            builder_overrides=dict(
+                **recall_data(length, longest),
+                num_train=batch * steps,
+                num_validation=batch,
+                num_test=batch,
+            ),
+        )
+    )
     # One evaluation set for every variant (num_train fixed: it names the prepared files).
-    config.eval_data = {f"len{shortest}": {"builder_overrides": dict(
-        **recall_data(shortest, longest), num_train=batch)}}
+    config.eval_data = {
+        f"len{shortest}": {
+            "builder_overrides": dict(**recall_data(shortest, longest), num_train=batch)
+        }
+    }
     config.eval_steps = 1
-    config.model = ml_collections.ConfigDict(dict(
-        name="encoder_classifier", d_model=preset["d_model"], num_heads=preset["num_heads"],
-        d_ff=preset["d_ff"], num_layers=preset["num_layers"],
-        # Mean pooling adds no token (a [CLS] vector would make the length 1 + a power of two)
-        # and treats every pattern alike (a causal [CLS] would see only itself).
-        # No dropout: its random masks would be timed too, and the issue's model names none.
-        pooling="mean", positional="sinusoidal", norm_position="post", dropout_rate=0.0,
-        pattern=name, pattern_options=options, implementation="auto", dtype="float32"))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="encoder_classifier",
+            d_model=preset["d_model"],
+            num_heads=preset["num_heads"],
+            d_ff=preset["d_ff"],
+            num_layers=preset["num_layers"],
+            # Mean pooling adds no token (a [CLS] vector would make the length 1 + a power of two)
+            # and treats every pattern alike (a causal [CLS] would see only itself).
+            # No dropout: its random masks would be timed too, and the issue's model names none.
+            pooling="mean",
+            positional="sinusoidal",
+            norm_position="post",
+            dropout_rate=0.0,
+            pattern=name,
+            pattern_options=options,
+            implementation="auto",
+            dtype="float32",
+        )
+    )
     config.global_batch_size = batch
     config.num_train_steps = steps
     config.log_every_steps = 1  # every timed step is its own interval: a spread over steps
@@ -154,8 +215,9 @@ def get_config(arg="cpu"):
     config.optimizer.schedule = "constant"
     config.optimizer.warmup_steps = 0
     config.sweep.seeds = preset["seeds"]
-    config.sweep.variants = tuple(variant_name(p, n) for p in preset["patterns"]
-                                  for n in lengths_of(p, preset))
+    config.sweep.variants = tuple(
+        variant_name(p, n) for p in preset["patterns"] for n in lengths_of(p, preset)
+    )
     config.sweep.metrics = ("train/tokens_per_second",)
     return config
 
@@ -169,6 +231,7 @@ def train_step_memory_gb(config):
     analysis: the step the training loop runs (train.programs), compiled but not run. For runs
     whose summary.json predates the loop recording it."""
     import numpy as np
+
     from transformer import parallel, train
     from transformer.data import data_info
 
@@ -179,8 +242,9 @@ def train_step_memory_gb(config):
     rows, length = config.global_batch_size, data_info(config.data).max_length
     batch = {"inputs": np.ones((rows, length), np.int32), "targets": np.zeros(rows, np.int32)}
     state = parallel.replicate(programs.init(config.seed, batch), mesh, config.parallel)
-    return train.train_step_memory_gb(programs.train_step, state,
-                                      parallel.global_batch(batch, mesh, config.parallel))
+    return train.train_step_memory_gb(
+        programs.train_step, state, parallel.global_batch(batch, mesh, config.parallel)
+    )
 
 
 def finished_runs(workdir):
@@ -189,6 +253,7 @@ def finished_runs(workdir):
     "train/peak_memory_gb" when the loop recorded it, else from compiling the run's config
     again (on this process's devices)."""
     import jax
+
     from transformer.data import data_info
     from transformer.metrics_writer import read_metrics
 
@@ -205,16 +270,22 @@ def finished_runs(workdir):
             config = ml_collections.ConfigDict(summary["config"])
             memory = summary["final"].get("train/peak_memory_gb")
             if memory is None and summary["device_count"] != jax.device_count():
-                raise ValueError(f"{path} has no peak memory and ran on "
-                                 f"{summary['device_count']} device(s); report it with as many "
-                                 f"(JAX_NUM_CPU_DEVICES={summary['device_count']}), not "
-                                 f"{jax.device_count()}, so that it compiles the same step.")
-            runs.append({
-                "pattern": config.model.pattern, "seed": config.seed,
-                "length": data_info(config.data).max_length,
-                "speeds": [r["tokens_per_second"] for r in read_metrics(run_dir, "train")],
-                "devices": summary["device_count"],
-                "memory_gb": train_step_memory_gb(config) if memory is None else memory})
+                raise ValueError(
+                    f"{path} has no peak memory and ran on "
+                    f"{summary['device_count']} device(s); report it with as many "
+                    f"(JAX_NUM_CPU_DEVICES={summary['device_count']}), not "
+                    f"{jax.device_count()}, so that it compiles the same step."
+                )
+            runs.append(
+                {
+                    "pattern": config.model.pattern,
+                    "seed": config.seed,
+                    "length": data_info(config.data).max_length,
+                    "speeds": [r["tokens_per_second"] for r in read_metrics(run_dir, "train")],
+                    "devices": summary["device_count"],
+                    "memory_gb": train_step_memory_gb(config) if memory is None else memory,
+                }
+            )
     return runs
 
 
@@ -225,28 +296,42 @@ def summarize(runs):
 
     devices = sorted({r["devices"] for r in runs})
     if len(devices) > 1:
-        raise ValueError(f"the runs used different device counts {devices}; report sweeps with "
-                         "one device count, so that the table's ratios compare like with like.")
+        raise ValueError(
+            f"the runs used different device counts {devices}; report sweeps with "
+            "one device count, so that the table's ratios compare like with like."
+        )
     table = {}
     order = lambda key: (PATTERNS.index(key[0]), key[1])  # full first, lengths ascending
     for key in sorted({(r["pattern"], r["length"]) for r in runs}, key=order):
         same = [r for r in runs if (r["pattern"], r["length"]) == key]
         speeds = np.array([s for r in same for s in r["speeds"]], np.float64)
         std = speeds.std(ddof=1) if len(speeds) > 1 else math.nan
-        table[key] = (speeds.mean() if len(speeds) else math.nan, std, len(speeds), len(same),
-                      max(r["memory_gb"] for r in same), same[0]["devices"])
+        table[key] = (
+            speeds.mean() if len(speeds) else math.nan,
+            std,
+            len(speeds),
+            len(same),
+            max(r["memory_gb"] for r in same),
+            same[0]["devices"],
+        )
     return table
 
 
 def markdown(table):
     patterns = list(dict.fromkeys(p for p, _ in table))
     lengths = sorted({n for _, n in table})
-    header = ["| pattern | " + " | ".join(f"{n:,}" for n in lengths) + " |",
-              "|---|" + "---|" * len(lengths)]
+    header = [
+        "| pattern | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
 
     def rows(cell):
-        return [f"| {p} | " + " | ".join(cell(p, n) if (p, n) in table else "not run"
-                                         for n in lengths) + " |" for p in patterns]
+        return [
+            f"| {p} | "
+            + " | ".join(cell(p, n) if (p, n) in table else "not run" for n in lengths)
+            + " |"
+            for p in patterns
+        ]
 
     speed = lambda p, n: f"{table[p, n][0]:,.0f} ± {table[p, n][1]:,.0f}"
     memory = lambda p, n: f"{table[p, n][4]:.3g}"
@@ -259,20 +344,36 @@ def markdown(table):
     steps = sorted({table[k][2] for k in table})
     seeds = sorted({table[k][3] for k in table})
     devices = next(iter(table.values()))[5]  # one count for the whole table (summarize)
-    return "\n".join(
-        [f"Training tokens/s: mean ± sample standard deviation over the timed steps ({steps[0]} "
-         f"to {steps[-1]} per cell, from {seeds[-1]} seed(s)); the first step of each run "
-         f"(compilation) is not timed. Data parallel over {devices} device(s).", ""] + header + rows(speed) +
-        ["", "Peak memory of the compiled training step on one device, GB (10^9 bytes), by XLA's "
-         "buffer assignment: arguments + outputs - donated + temporaries.", ""] + header +
-        rows(memory) +
-        ["", "Tokens/s relative to full attention at the same length.", ""] + header +
-        rows(relative)) + "\n"
+    return (
+        "\n".join(
+            [
+                f"Training tokens/s: mean ± sample standard deviation over the timed steps ({steps[0]} "
+                f"to {steps[-1]} per cell, from {seeds[-1]} seed(s)); the first step of each run "
+                f"(compilation) is not timed. Data parallel over {devices} device(s).",
+                "",
+            ]
+            + header
+            + rows(speed)
+            + [
+                "",
+                "Peak memory of the compiled training step on one device, GB (10^9 bytes), by XLA's "
+                "buffer assignment: arguments + outputs - donated + temporaries.",
+                "",
+            ]
+            + header
+            + rows(memory)
+            + ["", "Tokens/s relative to full attention at the same length.", ""]
+            + header
+            + rows(relative)
+        )
+        + "\n"
+    )
 
 
 def plot(table, path):
     """Tokens/s (error bars: std over steps) and peak memory against length, a line per pattern."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -280,14 +381,24 @@ def plot(table, path):
     for pattern in dict.fromkeys(p for p, _ in table):
         keys = sorted(k for k in table if k[0] == pattern)
         lengths = [n for _, n in keys]
-        style = dict(marker="o", label=pattern, color="black" if pattern == "full" else None,
-                     linestyle="--" if pattern == "full" else "-")
-        ax_speed.errorbar(lengths, [table[k][0] for k in keys], yerr=[table[k][1] for k in keys],
-                          capsize=3, **style)
+        style = dict(
+            marker="o",
+            label=pattern,
+            color="black" if pattern == "full" else None,
+            linestyle="--" if pattern == "full" else "-",
+        )
+        ax_speed.errorbar(
+            lengths,
+            [table[k][0] for k in keys],
+            yerr=[table[k][1] for k in keys],
+            capsize=3,
+            **style,
+        )
         ax_memory.plot(lengths, [table[k][4] for k in keys], **style)
     ax_speed.set(ylabel="training tokens/s", title="Speed of a training step")
-    ax_memory.set(yscale="log", ylabel="peak memory per device (GB)",
-                  title="Memory of a training step (XLA)")
+    ax_memory.set(
+        yscale="log", ylabel="peak memory per device (GB)", title="Memory of a training step (XLA)"
+    )
     for ax in (ax_speed, ax_memory):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")
@@ -306,17 +417,21 @@ def report(workdir):
     with open(os.path.join(workdir, "speed.md"), "w", encoding="utf-8") as f:
         f.write(markdown(table))
     with open(os.path.join(workdir, "speed.csv"), "w", encoding="utf-8") as f:
-        f.write("pattern,length,tokens_per_second_mean,tokens_per_second_std,timed_steps,seeds,"
-                "peak_memory_gb_per_device,devices\n")
+        f.write(
+            "pattern,length,tokens_per_second_mean,tokens_per_second_std,timed_steps,seeds,"
+            "peak_memory_gb_per_device,devices\n"
+        )
         for (pattern, length), (mean, std, steps, seeds, memory, devices) in table.items():
-            f.write(f"{pattern},{length},{mean:.1f},{std:.1f},{steps},{seeds},{memory:.4f},"
-                    f"{devices}\n")
+            f.write(
+                f"{pattern},{length},{mean:.1f},{std:.1f},{steps},{seeds},{memory:.4f},{devices}\n"
+            )
     plot(table, os.path.join(workdir, "speed.png"))
     return table
 
 
 if __name__ == "__main__":
     import sys
+
     if len(sys.argv) != 2:
         sys.exit(f"usage: python {sys.argv[0]} SWEEP_WORKDIR  (after launch.py --sweep)")
     report(sys.argv[1])

@@ -4,8 +4,11 @@ import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
-                     if f.endswith(".py") and not f.startswith("_"))
+EXPERIMENTS = sorted(
+    f
+    for f in os.listdir(os.path.join(ROOT, "experiments"))
+    if f.endswith(".py") and not f.startswith("_")
+)
 
 
 def load_experiment(file_name):

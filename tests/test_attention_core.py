@@ -49,15 +49,18 @@ def numerical_grads(f, arrays, eps=1e-6):
     return grads
 
 
-@pytest.mark.parametrize("batch,q_len,kv_len,heads,head_dim,value_dim", [
-    (1, 1, 1, 1, 1, 1), (2, 7, 5, 3, 4, 6), (3, 13, 13, 2, 8, 8), (1, 33, 17, 4, 16, 5)])
+@pytest.mark.parametrize(
+    "batch,q_len,kv_len,heads,head_dim,value_dim",
+    [(1, 1, 1, 1, 1, 1), (2, 7, 5, 3, 4, 6), (3, 13, 13, 2, 8, 8), (1, 33, 17, 4, 16, 5)],
+)
 def test_matches_numpy_reference(batch, q_len, kv_len, heads, head_dim, value_dim):
     q, k, v = random_qkv(0, batch, q_len, kv_len, heads, head_dim, value_dim)
     rng = np.random.default_rng(1)
     mask = rng.random((batch, 1, q_len, kv_len)) < 0.7
     bias = rng.standard_normal((1, heads, q_len, kv_len)).astype(np.float32)
-    out, weights = attention.dot_product_attention(q, k, v, mask=mask, bias=bias,
-                                                   return_weights=True)
+    out, weights = attention.dot_product_attention(
+        q, k, v, mask=mask, bias=bias, return_weights=True
+    )
     expected_out, expected_weights = numpy_attention(q, k, v, mask, bias)
     assert out.shape == (batch, q_len, heads, value_dim)
     np.testing.assert_allclose(out, expected_out, rtol=2e-5, atol=2e-5)
@@ -66,8 +69,9 @@ def test_matches_numpy_reference(batch, q_len, kv_len, heads, head_dim, value_di
 
 def test_gradients_match_finite_differences_with_masked_rows():
     q, k, v = random_qkv(2, 1, 4, 3, 2, 3)
-    mask = np.array([[True, False, True], [False, False, False],
-                     [True, True, True], [False, True, False]])[None, None]
+    mask = np.array(
+        [[True, False, True], [False, False, False], [True, True, True], [False, True, False]]
+    )[None, None]
     probe = np.random.default_rng(3).standard_normal((1, 4, 2, 3))
 
     def loss_np(q, k, v):
@@ -123,28 +127,35 @@ def test_custom_scale_and_alibi():
     distance = np.abs(np.arange(5)[:, None] - np.arange(7)[None, :])
     bias = -slopes[None, :, None, None] * distance[None, None]
     out = attention.dot_product_attention(q, k, v, scale=0.3, alibi_slopes=slopes)
-    np.testing.assert_allclose(out, numpy_attention(q, k, v, bias=bias, scale=0.3)[0],
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        out, numpy_attention(q, k, v, bias=bias, scale=0.3)[0], rtol=2e-5, atol=2e-5
+    )
 
 
 def test_runs_under_jit_in_bfloat16():
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(7, 1, 8, 8, 2, 16))
     out = jax.jit(attention.dot_product_attention)(q, k, v)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32),
-                               numpy_attention(q.astype(np.float32), k.astype(np.float32),
-                                               v.astype(np.float32))[0], atol=3e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32),
+        numpy_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))[0],
+        atol=3e-2,
+    )
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(query=np.zeros((2, 3, 4))), "must be \\[batch, length, heads, head_dim\\]"),
-    (dict(key=np.zeros((1, 5, 2, 7)), value=np.zeros((1, 5, 2, 7))), "head_dim"),
-    (dict(mask=np.ones((1, 1, 3, 4), bool)), "does not broadcast"),
-    (dict(mask=np.ones((1, 1, 5, 5), np.float32)), "must be boolean"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(query=np.zeros((2, 3, 4))), "must be \\[batch, length, heads, head_dim\\]"),
+        (dict(key=np.zeros((1, 5, 2, 7)), value=np.zeros((1, 5, 2, 7))), "head_dim"),
+        (dict(mask=np.ones((1, 1, 3, 4), bool)), "does not broadcast"),
+        (dict(mask=np.ones((1, 1, 5, 5), np.float32)), "must be boolean"),
+    ],
+)
 def test_bad_shapes_are_named(bad, message):
-    args = dict(query=np.zeros((1, 5, 2, 4)), key=np.zeros((1, 5, 2, 4)),
-                value=np.zeros((1, 5, 2, 4)))
+    args = dict(
+        query=np.zeros((1, 5, 2, 4)), key=np.zeros((1, 5, 2, 4)), value=np.zeros((1, 5, 2, 4))
+    )
     args.update(bad)
     mask = args.pop("mask", None)
     with pytest.raises(ValueError, match=message):
@@ -155,14 +166,19 @@ def test_causal_and_padding_masks():
     causal = np.asarray(attention.causal_mask(3, 5, offset=2))[0, 0]
     np.testing.assert_array_equal(causal, np.tril(np.ones((3, 5), bool), k=2))
     lengths = attention.padding_mask_from_lengths(np.array([2, 0, 4]), 4)
-    tokens = attention.padding_mask_from_tokens(np.array([[5, 3, 0, 0], [0, 0, 0, 0],
-                                                          [1, 2, 3, 4]]))
+    tokens = attention.padding_mask_from_tokens(
+        np.array([[5, 3, 0, 0], [0, 0, 0, 0], [1, 2, 3, 4]])
+    )
     np.testing.assert_array_equal(lengths, tokens)
-    combined = attention.combine_masks(attention.causal_mask(4),
-                                       attention.attention_padding_mask(lengths))
+    combined = attention.combine_masks(
+        attention.causal_mask(4), attention.attention_padding_mask(lengths)
+    )
     assert combined.shape == (3, 1, 4, 4)
-    expected = np.tril(np.ones((4, 4), bool))[None] & np.asarray(lengths)[:, :, None] \
+    expected = (
+        np.tril(np.ones((4, 4), bool))[None]
+        & np.asarray(lengths)[:, :, None]
         & np.asarray(lengths)[:, None, :]
+    )
     np.testing.assert_array_equal(combined[:, 0], expected)
     assert attention.combine_masks(None, None) is None
 
@@ -170,20 +186,28 @@ def test_causal_and_padding_masks():
 def test_score_functions():
     rng = np.random.default_rng(8)
     query, key = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4))
-    np.testing.assert_allclose(attention.dot_score(query, key),
-                               np.einsum("bqd,bkd->bqk", query, key), rtol=1e-5)
-    np.testing.assert_allclose(attention.scaled_dot_score(query, key),
-                               np.einsum("bqd,bkd->bqk", query, key) / 2.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        attention.dot_score(query, key), np.einsum("bqd,bkd->bqk", query, key), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        attention.scaled_dot_score(query, key),
+        np.einsum("bqd,bkd->bqk", query, key) / 2.0,
+        rtol=1e-5,
+    )
     weight = rng.standard_normal((4, 4))
-    np.testing.assert_allclose(attention.general_score(query, key, weight),
-                               np.einsum("bqd,de,bke->bqk", query, weight, key), rtol=1e-4)
+    np.testing.assert_allclose(
+        attention.general_score(query, key, weight),
+        np.einsum("bqd,de,bke->bqk", query, weight, key),
+        rtol=1e-4,
+    )
     wq, wk, v = rng.standard_normal((4, 6)), rng.standard_normal((4, 6)), rng.standard_normal(6)
     # The definition: v^T tanh(W [s; h]) with W = [W_q; W_k] acting on the concatenation.
     expected = np.empty((2, 3, 5))
     for b, i, j in np.ndindex(2, 3, 5):
         concat = np.concatenate([query[b, i], key[b, j]])
         expected[b, i, j] = v @ np.tanh(concat @ np.concatenate([wq, wk]))
-    np.testing.assert_allclose(attention.additive_score(query, key, wq, wk, v), expected,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        attention.additive_score(query, key, wq, wk, v), expected, rtol=1e-4, atol=1e-5
+    )
     mean = jax.nn.softmax(attention.mean_pool_score(query, key), axis=-1)
     np.testing.assert_allclose(mean, np.full((2, 3, 5), 0.2), rtol=1e-6)

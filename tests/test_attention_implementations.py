@@ -41,10 +41,10 @@ def reference(q, k, v, d_out, allowed, scale, slopes):
 
 def random_inputs(seed, batch, q_len, kv_len, heads, head_dim=8, padding=False, alibi=False):
     rng = np.random.default_rng(seed)
-    q, d_out = (rng.normal(size=(batch, q_len, heads, head_dim)).astype(np.float32)
-                for _ in range(2))
-    k, v = (rng.normal(size=(batch, kv_len, heads, head_dim)).astype(np.float32)
-            for _ in range(2))
+    q, d_out = (
+        rng.normal(size=(batch, q_len, heads, head_dim)).astype(np.float32) for _ in range(2)
+    )
+    k, v = (rng.normal(size=(batch, kv_len, heads, head_dim)).astype(np.float32) for _ in range(2))
     key_valid = None
     if padding:
         key_valid = rng.random((batch, kv_len)) < 0.7
@@ -58,22 +58,33 @@ def check_against_reference(implementation, pattern, inputs, **options):
     mask = None if key_valid is None else jnp.asarray(key_valid)[:, None, None, :]
 
     def attend(q, k, v):
-        return dot_product_attention(q, k, v, mask=mask, alibi_slopes=slopes, pattern=pattern,
-                                     implementation=implementation, **options)
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            alibi_slopes=slopes,
+            pattern=pattern,
+            implementation=implementation,
+            **options,
+        )
 
     out, vjp = jax.vjp(jax.jit(attend), q, k, v)
     grads = vjp(jnp.asarray(d_out))
-    allowed = np.broadcast_to(pattern.mask(q.shape[1], k.shape[1]), (q.shape[0],) + (
-        q.shape[1], k.shape[1]))
+    allowed = np.broadcast_to(
+        pattern.mask(q.shape[1], k.shape[1]), (q.shape[0],) + (q.shape[1], k.shape[1])
+    )
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
     expected, expected_grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, slopes)
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out,) + tuple(grads),
-                               (expected,) + expected_grads):
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv"), (out,) + tuple(grads), (expected,) + expected_grads
+    ):
         got = np.asarray(got)
         assert np.isfinite(got).all(), f"{implementation}: NaN/inf in {name}"
-        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4,
-                                   err_msg=f"{implementation} {name} {pattern}")
+        np.testing.assert_allclose(
+            got, want, atol=2e-5, rtol=2e-4, err_msg=f"{implementation} {name} {pattern}"
+        )
     keyless = ~allowed.any(-1)  # [batch, q_len]
     assert not np.asarray(out)[keyless].any(), "keyless queries must give zeros"
     assert not np.asarray(grads[0])[keyless].any(), "keyless queries must get zero gradients"
@@ -85,48 +96,79 @@ def primitive_patterns(max_block=6):
         st.just(patterns.causal()),
         st.builds(patterns.sliding_window, st.integers(0, 6), st.integers(0, 6)),
         st.builds(patterns.anchor, st.integers(1, 4)),
-        st.builds(lambda p: patterns.anchor(positions=p),
-                  st.lists(st.integers(0, 30), min_size=1, max_size=3)),
+        st.builds(
+            lambda p: patterns.anchor(positions=p),
+            st.lists(st.integers(0, 30), min_size=1, max_size=3),
+        ),
         st.builds(patterns.random, st.integers(1, 3), st.integers(1, max_block), st.integers(0, 9)),
-        st.builds(lambda b, s: patterns.bigbird(block_size=b, seed=s), st.integers(1, 5),
-                  st.integers(0, 9)),
+        st.builds(
+            lambda b, s: patterns.bigbird(block_size=b, seed=s),
+            st.integers(1, 5),
+            st.integers(0, 9),
+        ),
     )
 
 
 def composed_patterns():
-    return st.recursive(primitive_patterns(), lambda children: st.one_of(
-        st.builds(lambda a, b: a | b, children, children),
-        st.builds(lambda a, b: a & b, children, children)), max_leaves=3)
+    return st.recursive(
+        primitive_patterns(),
+        lambda children: st.one_of(
+            st.builds(lambda a, b: a | b, children, children),
+            st.builds(lambda a, b: a & b, children, children),
+        ),
+        max_leaves=3,
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(pattern=composed_patterns(), q_len=st.integers(1, 40), kv_len=st.integers(1, 40),
-       block_q=st.integers(1, 12), block_kv=st.integers(1, 12), heads=st.integers(1, 3),
-       padding=st.booleans(), alibi=st.booleans(), seed=st.integers(0, 2**16))
-def test_block_sparse_matches_reference(pattern, q_len, kv_len, block_q, block_kv, heads,
-                                        padding, alibi, seed):
+@given(
+    pattern=composed_patterns(),
+    q_len=st.integers(1, 40),
+    kv_len=st.integers(1, 40),
+    block_q=st.integers(1, 12),
+    block_kv=st.integers(1, 12),
+    heads=st.integers(1, 3),
+    padding=st.booleans(),
+    alibi=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_block_sparse_matches_reference(
+    pattern, q_len, kv_len, block_q, block_kv, heads, padding, alibi, seed
+):
     inputs = random_inputs(seed, 2, q_len, kv_len, heads, padding=padding, alibi=alibi)
     q, k, v, d_out, key_valid, slopes = inputs
     mask = None if key_valid is None else jnp.asarray(key_valid)[:, None, None, :]
 
     def attend(q, k, v):
         return block_sparse.block_sparse_attention(
-            q, k, v, pattern=pattern, key_valid=None if mask is None else mask[:, 0, 0],
-            alibi_slopes=slopes, block_q=block_q, block_kv=block_kv)
+            q,
+            k,
+            v,
+            pattern=pattern,
+            key_valid=None if mask is None else mask[:, 0, 0],
+            alibi_slopes=slopes,
+            block_q=block_q,
+            block_kv=block_kv,
+        )
 
     out, vjp = jax.vjp(jax.jit(attend), q, k, v)
     allowed = np.broadcast_to(pattern.mask(q_len, kv_len), (2, q_len, kv_len))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
-    expected, expected_grads = reference(q, k, v, d_out, allowed, 8 ** -0.5, slopes)
+    expected, expected_grads = reference(q, k, v, d_out, allowed, 8**-0.5, slopes)
     for got, want in zip((out,) + tuple(vjp(jnp.asarray(d_out))), (expected,) + expected_grads):
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-4)
 
 
 @settings(max_examples=12, deadline=None)
-@given(pattern=composed_patterns(), length=st.integers(1, 33), padding=st.booleans(),
-       alibi=st.booleans(), implementation=st.sampled_from(["dense", "xla", "auto"]),
-       seed=st.integers(0, 2**16))
+@given(
+    pattern=composed_patterns(),
+    length=st.integers(1, 33),
+    padding=st.booleans(),
+    alibi=st.booleans(),
+    implementation=st.sampled_from(["dense", "xla", "auto"]),
+    seed=st.integers(0, 2**16),
+)
 def test_dense_xla_and_auto_match_reference(pattern, length, padding, alibi, implementation, seed):
     inputs = random_inputs(seed, 2, length, length, 2, padding=padding, alibi=alibi)
     check_against_reference(implementation, pattern, inputs)
@@ -139,10 +181,14 @@ def test_chunked_matches_reference(pattern, length):
     check_against_reference("chunked", pattern, inputs)
 
 
-@pytest.mark.parametrize("pattern, padding", [
-    (patterns.causal(), False),
-    (patterns.bigbird(block_size=8, seed=1) & patterns.causal(), True),
-], ids=str)
+@pytest.mark.parametrize(
+    "pattern, padding",
+    [
+        (patterns.causal(), False),
+        (patterns.bigbird(block_size=8, seed=1) & patterns.causal(), True),
+    ],
+    ids=str,
+)
 def test_splash_interpreted_matches_reference(pattern, padding):
     inputs = random_inputs(5, 2, 45, 45, 2, head_dim=8, padding=padding)
     check_against_reference("splash", pattern, inputs)
@@ -150,24 +196,28 @@ def test_splash_interpreted_matches_reference(pattern, padding):
 
 @pytest.mark.parametrize("implementation", ["block_sparse", "xla", "chunked"])
 def test_named_bigbird_sizes_and_a_fully_padded_row(implementation):
-    pattern = patterns.full() if implementation == "chunked" else patterns.bigbird(
-        block_size=16, seed=3)
+    pattern = (
+        patterns.full() if implementation == "chunked" else patterns.bigbird(block_size=16, seed=3)
+    )
     inputs = random_inputs(1, 2, 130, 130, 2, head_dim=16, padding=True, alibi=False)
     check_against_reference(implementation, pattern, inputs)
 
 
 def test_registry_and_errors():
     assert {"dense", "chunked", "block_sparse", "splash", "xla", "cudnn", "auto"} <= set(
-        IMPLEMENTATIONS)
+        IMPLEMENTATIONS
+    )
     x = jnp.ones((1, 8, 2, 4))
     with pytest.raises(ValueError, match="unknown implementation 'flash'.*allowed"):
         dot_product_attention(x, x, x, implementation="flash")
     with pytest.raises(ValueError, match="'chunked' computes full\\(\\) and causal\\(\\)"):
-        dot_product_attention(x, x, x, pattern=patterns.bigbird(block_size=2),
-                              implementation="chunked")
+        dot_product_attention(
+            x, x, x, pattern=patterns.bigbird(block_size=2), implementation="chunked"
+        )
     with pytest.raises(ValueError, match="only key padding masks of shape"):
-        dot_product_attention(x, x, x, mask=jnp.ones((1, 1, 8, 8), bool),
-                              implementation="block_sparse")
+        dot_product_attention(
+            x, x, x, mask=jnp.ones((1, 1, 8, 8), bool), implementation="block_sparse"
+        )
     with pytest.raises(ValueError, match="bias is supported by implementation='dense' only"):
         dot_product_attention(x, x, x, bias=jnp.zeros((1, 1, 8, 8)), implementation="xla")
     with pytest.raises(ValueError, match="splash' takes no alibi_slopes"):
@@ -180,7 +230,9 @@ def test_registry_and_errors():
     # Patterns by name.
     np.testing.assert_allclose(
         dot_product_attention(x, x, x * 2, pattern="causal", implementation="block_sparse"),
-        dot_product_attention(x, x, x * 2, pattern=patterns.causal()), rtol=1e-6)
+        dot_product_attention(x, x, x * 2, pattern=patterns.causal()),
+        rtol=1e-6,
+    )
 
 
 def test_auto_choice():
@@ -200,13 +252,14 @@ def test_auto_choice():
     # Where block-sparse runs its fused CPU kernel, it takes full and causal attention too.
     for pattern in (patterns.full(), patterns.causal(), bigbird):
         for length in (64, 700, 4096):
-            assert choose_implementation(pattern, length, length, "cpu",
-                                         cpu_kernel=True) == "block_sparse"
+            assert (
+                choose_implementation(pattern, length, length, "cpu", cpu_kernel=True)
+                == "block_sparse"
+            )
     assert choose_implementation(bigbird, 1, 512, "cpu", cpu_kernel=True) == "dense"
     # Beyond what was measured: one query (padded to a block), and lengths past 16K.
     assert choose_implementation(patterns.full(), 1, 4096, "cpu", cpu_kernel=True) == "chunked"
-    assert choose_implementation(patterns.full(), 32768, 32768, "cpu",
-                                 cpu_kernel=True) == "chunked"
+    assert choose_implementation(patterns.full(), 32768, 32768, "cpu", cpu_kernel=True) == "chunked"
     assert choose_implementation(patterns.full(), 4096, 4096, "gpu", cpu_kernel=True) == "chunked"
 
 
@@ -217,8 +270,9 @@ def test_block_sparse_work_is_the_non_empty_blocks():
         layout = pattern.block_layout(length, length, 64)
         assert plan.computed_blocks == (layout != patterns.EMPTY).sum()
         assert plan.kv_block.size <= 1.1 * plan.computed_blocks  # little padding of items
-    small, large = (block_sparse.make_plan(pattern, n, n, 64, 64).computed_blocks
-                    for n in (8192, 16384))
+    small, large = (
+        block_sparse.make_plan(pattern, n, n, 64, 64).computed_blocks for n in (8192, 16384)
+    )
     assert 1.9 < large / small < 2.1  # linear in length
 
 
@@ -230,28 +284,32 @@ def test_block_sparse_under_shard_map_and_pmap():
     mask = jnp.asarray(key_valid)[:, None, None, :]
 
     def loss(q, k, v, mask):
-        out = dot_product_attention(q, k, v, mask=mask, pattern=pattern,
-                                    implementation="block_sparse")
+        out = dot_product_attention(
+            q, k, v, mask=mask, pattern=pattern, implementation="block_sparse"
+        )
         return (out * d_out[:1]).sum()
 
     def grads(q, k, v, mask):
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v, mask)
 
-    expected = [jax.jit(grads)(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1])
-                for i in range(8)]
+    expected = [
+        jax.jit(grads)(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask[i : i + 1]) for i in range(8)
+    ]
     expected = [np.concatenate([e[j] for e in expected]) for j in range(3)]
 
     mesh = Mesh(np.array(devices), ("data",))
-    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=PartitionSpec("data"),
-                                    out_specs=PartitionSpec("data")))
+    sharded = jax.jit(
+        jax.shard_map(
+            grads, mesh=mesh, in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")
+        )
+    )
     for got, want in zip(sharded(q, k, v, mask), expected):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-4)
 
     split = lambda x: x.reshape(8, 1, *x.shape[1:])
     mapped = jax.pmap(grads)(split(q), split(k), split(v), split(mask))
     for got, want in zip(mapped, expected):
-        np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-5,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("padding, alibi", [(False, False), (True, True)])
@@ -279,14 +337,20 @@ def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi, 
 
     def attend(q, k, v):
         return block_sparse.block_sparse_attention(
-            q, k, v, pattern=pattern, key_valid=None if key_valid is None else jnp.asarray(
-                key_valid), alibi_slopes=slopes, block_q=8)
+            q,
+            k,
+            v,
+            pattern=pattern,
+            key_valid=None if key_valid is None else jnp.asarray(key_valid),
+            alibi_slopes=slopes,
+            block_q=8,
+        )
 
     out, vjp = jax.vjp(jax.jit(attend), q, k, v)
     allowed = np.broadcast_to(pattern.mask(177, 177), (2, 177, 177))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
-    expected, expected_grads = reference(q, k, v, d_out, allowed, 8 ** -0.5, slopes)
+    expected, expected_grads = reference(q, k, v, d_out, allowed, 8**-0.5, slopes)
     for got, want in zip((out,) + tuple(vjp(jnp.asarray(d_out))), (expected,) + expected_grads):
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-4)
     block_sparse.make_plan.cache_clear()

@@ -13,32 +13,31 @@ import pytest
 from transformer import patterns
 from transformer.attention import block_sparse, dot_product_attention
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import block_products  # noqa: E402  (benchmarks/ is not a package)
 
-BIGBIRD = patterns.bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2,
-                           num_random_blocks=3)
+BIGBIRD = patterns.bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2, num_random_blocks=3)
 
 
 def test_block_products_compute_the_scheduled_rows_of_attention():
     length, heads, dim = 1024, 2, 16
-    q, k, v = (jax.random.normal(key, (1, length, heads, dim))
-               for key in jax.random.split(jax.random.key(0), 3))
+    q, k, v = (
+        jax.random.normal(key, (1, length, heads, dim))
+        for key in jax.random.split(jax.random.key(0), 3)
+    )
     step, (layouts, masks) = block_products.make_step(BIGBIRD, q, k, v, 64)
     grads = step(layouts, masks, q, k, v)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
-    reference = np.asarray(dot_product_attention(q, k, v, pattern=BIGBIRD,
-                                                 implementation="dense"))
+    reference = np.asarray(dot_product_attention(q, k, v, pattern=BIGBIRD, implementation="dense"))
     plan = block_sparse.make_plan(BIGBIRD, length, length, 64, 64)
     checked = 0
     for schedule, layout, mask in zip(plan.schedules, layouts, masks):
         out = np.asarray(block_products._scheduled_rows(*layout, mask))  # [steps, h, items, 64, d]
         for step_index, item in zip(*np.nonzero(schedule.q_block < plan.num_q_blocks)):
             row = schedule.q_block[step_index, item]
-            expected = reference[0, row * 64:(row + 1) * 64].transpose(1, 0, 2)  # [h, 64, d]
+            expected = reference[0, row * 64 : (row + 1) * 64].transpose(1, 0, 2)  # [h, 64, d]
             np.testing.assert_allclose(out[step_index, :, item], expected, atol=1e-5)
             checked += 1
     assert checked == length // 64 - len(plan.dense_q_blocks)
@@ -53,14 +52,29 @@ def test_block_products_refuses_row_pieces():
 def test_attention_benchmark_writes_its_table(tmp_path):
     pairs = "full:chunked,bigbird:block_sparse,bigbird:block_products"
     done = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, "attention_benchmark.py"), "--lengths", "512",
-         "--pairs", pairs, "--repeats", "1", "--no-memory", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(BENCHMARKS, "attention_benchmark.py"),
+            "--lengths",
+            "512",
+            "--pairs",
+            pairs,
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "attention_benchmark.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["pattern"], r["implementation"]) for r in rows] == [
-        tuple(pair.split(":")) for pair in pairs.split(",")]
+        tuple(pair.split(":")) for pair in pairs.split(",")
+    ]
     assert all(float(r["seconds"]) > 0 and not r["error"] for r in rows)
     assert all(r["peak_gb"] == "" and r["xla_gb"] == "" for r in rows)  # --no-memory
     assert float(rows[1]["block_fraction"]) < 1.0
@@ -69,8 +83,10 @@ def test_attention_benchmark_writes_its_table(tmp_path):
 
 def test_block_products_gradients_match_autodiff():
     length, heads, dim = 512, 2, 8
-    q, k, v = (jax.random.normal(key, (1, length, heads, dim))
-               for key in jax.random.split(jax.random.key(1), 3))
+    q, k, v = (
+        jax.random.normal(key, (1, length, heads, dim))
+        for key in jax.random.split(jax.random.key(1), 3)
+    )
     _, (layouts, masks) = block_products.make_step(BIGBIRD, q, k, v, 64)
     layout, mask = layouts[0], masks[0]
     weights = jax.random.normal(jax.random.key(2), layout[0].shape)
@@ -79,8 +95,9 @@ def test_block_products_gradients_match_autodiff():
         logits = jnp.where(mask[:, None], jnp.einsum("shiqd,shikd->shiqk", q, k), -jnp.inf)
         return jnp.einsum("shiqk,shikd->shiqd", jax.nn.softmax(logits, axis=-1), v)
 
-    grads = jax.grad(lambda *x: (block_products._scheduled_rows(*x, mask) * weights).sum(),
-                     argnums=(0, 1, 2))(*layout)
+    grads = jax.grad(
+        lambda *x: (block_products._scheduled_rows(*x, mask) * weights).sum(), argnums=(0, 1, 2)
+    )(*layout)
     expected = jax.grad(lambda *x: (plain(*x) * weights).sum(), argnums=(0, 1, 2))(*layout)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=1e-4)

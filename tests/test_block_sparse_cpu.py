@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from test_attention_implementations import composed_patterns, random_inputs, reference
+
 from transformer import patterns
-from transformer.attention import block_sparse, block_sparse_cpu, dot_product_attention
+from transformer.attention import block_sparse, block_sparse_cpu
 
 
 def uses_kernel(fn, *args):
@@ -30,8 +30,15 @@ def check(pattern, inputs, block_q, block_kv, use_kernel=True):
 
     def attend(q, k, v):
         return block_sparse.block_sparse_attention(
-            q, k, v, pattern=pattern, key_valid=None if key_valid is None else jnp.asarray(
-                key_valid), block_q=block_q, block_kv=block_kv, use_kernel=use_kernel)
+            q,
+            k,
+            v,
+            pattern=pattern,
+            key_valid=None if key_valid is None else jnp.asarray(key_valid),
+            block_q=block_q,
+            block_kv=block_kv,
+            use_kernel=use_kernel,
+        )
 
     loss = lambda q, k, v: (attend(q, k, v) * d_out).sum()
     called = uses_kernel(jax.grad(loss, (0, 1, 2)), q, k, v)
@@ -43,8 +50,9 @@ def check(pattern, inputs, block_q, block_kv, use_kernel=True):
     expected, expected_grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, None)
     got = (out,) + tuple(vjp(jnp.asarray(d_out)))
     for name, g, want in zip(("out", "dq", "dk", "dv"), got, (expected,) + expected_grads):
-        np.testing.assert_allclose(np.asarray(g), want, atol=2e-5, rtol=2e-4,
-                                   err_msg=f"{name} {pattern}")
+        np.testing.assert_allclose(
+            np.asarray(g), want, atol=2e-5, rtol=2e-4, err_msg=f"{name} {pattern}"
+        )
     keyless = ~allowed.any(-1)
     assert not np.asarray(out)[keyless].any() and not np.asarray(got[1])[keyless].any()
     return called
@@ -55,17 +63,24 @@ def test_kernel_is_built():
 
 
 @settings(max_examples=30, deadline=None)
-@given(pattern=composed_patterns(), q_len=st.integers(1, 150), kv_len=st.integers(1, 150),
-       block_q=st.integers(1, 40), block_kv=st.sampled_from([16, 32]),
-       heads=st.integers(1, 3), head_dim=st.sampled_from([16, 32]), padding=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_kernel_matches_reference(pattern, q_len, kv_len, block_q, block_kv, heads, head_dim,
-                                  padding, seed):
+@given(
+    pattern=composed_patterns(),
+    q_len=st.integers(1, 150),
+    kv_len=st.integers(1, 150),
+    block_q=st.integers(1, 40),
+    block_kv=st.sampled_from([16, 32]),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([16, 32]),
+    padding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_reference(
+    pattern, q_len, kv_len, block_q, block_kv, heads, head_dim, padding, seed
+):
     """Odd lengths, any query block, padding (a whole padded sequence: keyless rows), and rows
     longer than the kernel's chunk of 8 key blocks (up to 10 blocks of 16 here)."""
     inputs = random_inputs(seed, 2, q_len, kv_len, heads, head_dim=head_dim, padding=padding)
-    plan = block_sparse.make_plan(pattern, q_len, kv_len, block_q, block_kv,
-                                  dense_rows_apart=False)
+    plan = block_sparse.make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=False)
     has_blocks = len(plan.row_blocks[0]) > 0  # else there is nothing to compute: all zeros
     assert check(pattern, inputs, block_q, block_kv) == (has_blocks, has_blocks)
 
@@ -80,8 +95,9 @@ def test_dense_rows_across_chunks_and_value_dim():
     assert check(pattern, (q, k, v, d_out, key_valid, None), 16, 16) == (True, True)
 
 
-@pytest.mark.parametrize("head_dim, block_kv, value_dim", [(64, 64, 64), (128, 64, 80),
-                                                           (48, 48, 128)])
+@pytest.mark.parametrize(
+    "head_dim, block_kv, value_dim", [(64, 64, 64), (128, 64, 80), (48, 48, 128)]
+)
 def test_model_sizes(head_dim, block_kv, value_dim):
     """Head dims and blocks of real models: register tiles of 3 and 4 vectors, a second column
     tile (128, 80), forward and gradients."""
@@ -90,8 +106,7 @@ def test_model_sizes(head_dim, block_kv, value_dim):
     v, d_out = (rng.normal(size=(2, 301, 2, value_dim)).astype(np.float32) for _ in range(2))
     pattern = patterns.bigbird(block_size=block_kv, seed=3)
     assert check(pattern, (q, k, v, d_out, key_valid, None), 64, block_kv) == (True, True)
-    assert check(patterns.causal(), (q, k, v, d_out, key_valid, None), 64,
-                 block_kv) == (True, True)
+    assert check(patterns.causal(), (q, k, v, d_out, key_valid, None), 64, block_kv) == (True, True)
 
 
 def test_large_logits():
@@ -104,8 +119,11 @@ def test_large_logits():
 def test_bfloat16_and_unsupported_sizes():
     q, k, v = random_inputs(11, 1, 130, 130, 2, head_dim=16)[:3]
     attend = lambda dtype, **options: block_sparse.block_sparse_attention(
-        *(jnp.asarray(x, dtype) for x in (q, k, v)), pattern=patterns.sliding_window(20),
-        block_q=16, **options)
+        *(jnp.asarray(x, dtype) for x in (q, k, v)),
+        pattern=patterns.sliding_window(20),
+        block_q=16,
+        **options,
+    )
     # bfloat16 inputs are computed in float32 by the kernel, and returned as bfloat16.
     assert block_sparse_cpu._FORWARD in jax.jit(lambda: attend(jnp.bfloat16)).lower().as_text()
     low = attend(jnp.bfloat16)
@@ -119,10 +137,12 @@ def test_bfloat16_and_unsupported_sizes():
 def test_key_valid_shapes():
     q, k, v, _, key_valid, _ = random_inputs(13, 2, 50, 50, 2, head_dim=16, padding=True)
     attend = lambda key_valid: block_sparse.block_sparse_attention(
-        q, k, v, pattern=patterns.full(), key_valid=key_valid, block_q=16)
+        q, k, v, pattern=patterns.full(), key_valid=key_valid, block_q=16
+    )
     # One row of padding for the whole batch is broadcast, as in dot_product_attention.
-    np.testing.assert_allclose(attend(key_valid[:1]),
-                               attend(np.broadcast_to(key_valid[:1], key_valid.shape)))
+    np.testing.assert_allclose(
+        attend(key_valid[:1]), attend(np.broadcast_to(key_valid[:1], key_valid.shape))
+    )
     with pytest.raises(ValueError, match=r"key_valid must be \[batch, kv_len\] = \[2, 50\]"):
         attend(np.concatenate([key_valid, key_valid]))
     with pytest.raises(ValueError, match="got shape"):
@@ -132,9 +152,12 @@ def test_key_valid_shapes():
 def test_kernel_matches_xla_schedules_on_bigbird():
     inputs = random_inputs(9, 1, 1000, 1000, 4, head_dim=64)
     q, k, v = inputs[:3]
-    outputs = [block_sparse.block_sparse_attention(q, k, v, pattern=patterns.bigbird(),
-                                                   use_kernel=use_kernel)
-               for use_kernel in (True, False)]
+    outputs = [
+        block_sparse.block_sparse_attention(
+            q, k, v, pattern=patterns.bigbird(), use_kernel=use_kernel
+        )
+        for use_kernel in (True, False)
+    ]
     np.testing.assert_allclose(*outputs, atol=1e-5, rtol=1e-4)
     assert check(patterns.bigbird(), inputs, 64, 64, use_kernel=False) == (False, False)
 
@@ -142,32 +165,39 @@ def test_kernel_matches_xla_schedules_on_bigbird():
 def test_kernel_under_vmap_shard_map_and_pmap():
     devices = jax.devices()
     pattern = patterns.bigbird(block_size=16, seed=2) & patterns.causal()
-    q, k, v, d_out, key_valid, _ = random_inputs(3, len(devices), 70, 70, 2, head_dim=16,
-                                                 padding=True)
+    q, k, v, d_out, key_valid, _ = random_inputs(
+        3, len(devices), 70, 70, 2, head_dim=16, padding=True
+    )
 
     def grads(q, k, v, key_valid):
-        loss = lambda q, k, v: (block_sparse.block_sparse_attention(
-            q, k, v, pattern=pattern, key_valid=key_valid, block_q=16) * d_out[:1]).sum()
+        loss = lambda q, k, v: (
+            block_sparse.block_sparse_attention(
+                q, k, v, pattern=pattern, key_valid=key_valid, block_q=16
+            )
+            * d_out[:1]
+        ).sum()
         return jax.grad(loss, (0, 1, 2))(q, k, v)
 
     allowed = pattern.mask(70, 70)[None] & key_valid[:, None, :]
-    expected = reference(q, k, v, np.broadcast_to(d_out[:1], q.shape), allowed, 16 ** -0.5,
-                         None)[1]
+    expected = reference(q, k, v, np.broadcast_to(d_out[:1], q.shape), allowed, 16**-0.5, None)[1]
     split = lambda x: x.reshape(len(devices), 1, *x.shape[1:])
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     spec = jax.sharding.PartitionSpec("data")
     transformed = {
         "vmap": (jax.jit(jax.vmap(grads)), [split(x) for x in (q, k, v, key_valid)]),
-        "shard_map": (jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=spec, out_specs=spec)),
-                      [q, k, v, key_valid]),
+        "shard_map": (
+            jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=spec, out_specs=spec)),
+            [q, k, v, key_valid],
+        ),
         "pmap": (jax.pmap(grads), [split(x) for x in (q, k, v, key_valid)]),
     }
     for name, (fn, args) in transformed.items():
         text = fn.lower(*args).as_text()
         assert block_sparse_cpu._FORWARD in text and block_sparse_cpu._BACKWARD in text, name
         for got, want in zip(fn(*args), expected):
-            np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=2e-5,
-                                       rtol=2e-4, err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(got).reshape(want.shape), want, atol=2e-5, rtol=2e-4, err_msg=name
+            )
 
 
 @pytest.fixture

@@ -2,12 +2,11 @@
 
 import dataclasses
 import math
-import os
 
 import ml_collections
 import pytest
-
 from experiment_files import load_experiment
+
 from transformer import sweep, translation_eval
 from transformer.token_ids import EOS_ID, PAD_ID
 
@@ -28,8 +27,9 @@ def score(hypotheses, edges=(10, 20)):
 
 def test_identical_translations_score_100_in_every_bucket():
     scores = score([reference for _, reference in SENTENCES])
-    assert scores == pytest.approx({"bleu": 100.0, "bleu_len_0_10": 100.0,
-                                    "bleu_len_10_20": 100.0, "bleu_len_20_up": 100.0})
+    assert scores == pytest.approx(
+        {"bleu": 100.0, "bleu_len_0_10": 100.0, "bleu_len_10_20": 100.0, "bleu_len_20_up": 100.0}
+    )
 
 
 def test_disjoint_translations_score_0():
@@ -51,8 +51,11 @@ def test_buckets_partition_the_sentences_by_source_length():
 
 
 def test_bucket_names_close_with_an_open_bucket():
-    assert translation_eval.bucket_names((10, 20)) == ["bleu_len_0_10", "bleu_len_10_20",
-                                                       "bleu_len_20_up"]
+    assert translation_eval.bucket_names((10, 20)) == [
+        "bleu_len_0_10",
+        "bleu_len_10_20",
+        "bleu_len_20_up",
+    ]
 
 
 def test_until_eos_keeps_the_eos_and_drops_padding():
@@ -60,20 +63,24 @@ def test_until_eos_keeps_the_eos_and_drops_padding():
     assert translation_eval.until_eos([5, 6, PAD_ID]) == [5, 6]
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"beam": 4}, r"unknown translation_eval field\(s\) \['beam'\]; allowed: .*'beam_size'"),
-    ({"strategy": "sample"}, r"strategy='sample'; allowed: \['greedy', 'beam'\]"),
-    ({"bucket_edges": (20, 10)}, r"bucket_edges must be ascending"),
-    ({"beam_size": 0}, r"beam_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"beam": 4}, r"unknown translation_eval field\(s\) \['beam'\]; allowed: .*'beam_size'"),
+        ({"strategy": "sample"}, r"strategy='sample'; allowed: \['greedy', 'beam'\]"),
+        ({"bucket_edges": (20, 10)}, r"bucket_edges must be ascending"),
+        ({"beam_size": 0}, r"beam_size must be >= 1"),
+    ],
+)
 def test_a_wrong_translation_eval_field_is_named(fields, message):
     with pytest.raises(ValueError, match=message):
         translation_eval.resolve(fields)
 
 
 def test_translation_eval_needs_a_seq2seq_task():
-    config = ml_collections.ConfigDict(dict(task="classification",
-                                            translation_eval={"strategy": "greedy"}))
+    config = ml_collections.ConfigDict(
+        dict(task="classification", translation_eval={"strategy": "greedy"})
+    )
     with pytest.raises(ValueError, match="needs config.task='seq2seq'"):
         translation_eval.check(config)
 
@@ -81,22 +88,33 @@ def test_translation_eval_needs_a_seq2seq_task():
 def test_transformer_alignment_is_its_last_cross_attention_over_real_source_tokens():
     import jax
     import numpy as np
+
     from transformer.models import EncoderDecoder, TransformerConfig
-    config = TransformerConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1,
-                               num_decoder_layers=2, max_len=16, dropout_rate=0.0)
+
+    config = TransformerConfig(
+        vocab_size=20,
+        d_model=16,
+        num_heads=2,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=2,
+        max_len=16,
+        dropout_rate=0.0,
+    )
     model = EncoderDecoder(config)
     source = np.array([[5, 6, 7, EOS_ID, PAD_ID, PAD_ID]])
     target = np.array([[8, 9, EOS_ID]])
     params = model.init(jax.random.key(0), source, target)["params"]
     from transformer.alignment_plot import alignment_weights
+
     weights = alignment_weights(model, params, source, target)
     assert weights.shape == (3, 6)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     assert (weights[:, 4:] == 0).all() and (weights[:, :4] > 0).all()
     # The last decoder layer's, not the first's.
-    _, state = model.clone(config=dataclasses.replace(config, sow_attention_weights=True,
-                                                 implementation="dense")).apply(
-        {"params": params}, source, target, mutable=["intermediates"])
+    _, state = model.clone(
+        config=dataclasses.replace(config, sow_attention_weights=True, implementation="dense")
+    ).apply({"params": params}, source, target, mutable=["intermediates"])
     layers = state["intermediates"]["decoder"]
     first = layers["layers_0"]["cross_attention"]["attention_weights"][0][0].mean(0)
     last = layers["layers_1"]["cross_attention"]["attention_weights"][0][0].mean(0)
@@ -114,8 +132,9 @@ def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
         return config
 
     plan = get_config("smoke").sweep
-    records = sweep.run_sweep(get_config, "smoke", str(tmp_path),
-                              {"data_dir": str(tmp_path / "tfds")})
+    records = sweep.run_sweep(
+        get_config, "smoke", str(tmp_path), {"data_dir": str(tmp_path / "tfds")}
+    )
 
     assert [r["variant"] for r in records] == list(variants)
     for record in records:
@@ -137,6 +156,7 @@ def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
 def test_only_models_with_attention_over_the_source_draw_alignments():
     from transformer.models import EncoderDecoder, TransformerConfig
     from transformer.rnn.seq2seq import RNNSeq2Seq
+
     assert translation_eval.has_attention_weights(EncoderDecoder(TransformerConfig()))
     assert translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="bahdanau"))
     assert not translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="none"))

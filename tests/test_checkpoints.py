@@ -7,8 +7,8 @@ import signal
 import jax
 import numpy as np
 import pytest
-
 from test_train import toy_config, use_toy_setup
+
 from transformer import tasks, train
 from transformer.checkpoints import IncompatibleCheckpointError
 
@@ -28,6 +28,7 @@ def sigterm_at_step(monkeypatch, step):
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return count_tokens(task, batch)
+
     monkeypatch.setattr(tasks, "num_tokens", counting)
 
 
@@ -48,7 +49,8 @@ def test_sigterm_then_restart_ends_with_the_uninterrupted_parameters(monkeypatch
 
 
 def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_used(
-        monkeypatch, tmp_path, caplog):
+    monkeypatch, tmp_path, caplog
+):
     use_toy_setup(monkeypatch)
     config = toy_config(best_metric="")
     reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
@@ -82,8 +84,10 @@ def test_a_changed_model_config_is_refused_naming_the_field(monkeypatch, tmp_pat
     use_toy_setup(monkeypatch)
     train.train_and_evaluate(toy_config(num_train_steps=10), str(tmp_path))
     changed = toy_config(num_train_steps=20, **{"optimizer.learning_rate": 0.5})
-    with pytest.raises(IncompatibleCheckpointError,
-                       match=r"different config \(optimizer.learning_rate: 0.03 -> 0.5\)"):
+    with pytest.raises(
+        IncompatibleCheckpointError,
+        match=r"different config \(optimizer.learning_rate: 0.03 -> 0.5\)",
+    ):
         train.train_and_evaluate(changed, str(tmp_path))
     # Fields that do not change what a checkpoint means may change on a restart.
     longer = toy_config(num_train_steps=20, log_every_steps=5)

@@ -57,11 +57,14 @@ def random_inputs(seed, batch, q_len, kv_len, heads, head_dim, value_dim, dtype=
 
 def chunked_and_grads(q, k, v, d_out, slopes, **kwargs):
     """Output and (dq, dk, dv, d_slopes) of chunked attention for the loss sum(out * d_out)."""
+
     @jax.jit
     def run(q, k, v, slopes):
-        out, vjp = jax.vjp(lambda *a: chunked_attention(*a[:3], alibi_slopes=a[3], **kwargs),
-                           q, k, v, slopes)
+        out, vjp = jax.vjp(
+            lambda *a: chunked_attention(*a[:3], alibi_slopes=a[3], **kwargs), q, k, v, slopes
+        )
         return out, vjp(d_out)
+
     return run(q, k, v, slopes)
 
 
@@ -87,10 +90,19 @@ def test_matches_float64_reference(case):
     slopes = jnp.asarray(rng.uniform(0.05, 1.0, heads), jnp.float32) if alibi else None
     scale = 0.3
     out, (dq, dk, dv, d_slopes) = chunked_and_grads(
-        q, k, v, d_out, slopes, scale=scale, causal=causal, key_valid=key_valid,
-        chunk_size=chunk_size)
-    expected = reference_attention(q, k, v, d_out, scale=scale, causal=causal,
-                                   key_valid=key_valid, slopes=slopes)
+        q,
+        k,
+        v,
+        d_out,
+        slopes,
+        scale=scale,
+        causal=causal,
+        key_valid=key_valid,
+        chunk_size=chunk_size,
+    )
+    expected = reference_attention(
+        q, k, v, d_out, scale=scale, causal=causal, key_valid=key_valid, slopes=slopes
+    )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), expected):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
     if alibi:
@@ -109,10 +121,12 @@ def test_batch_elements_in_groups_match_reference(monkeypatch, per_tile):
     rng = np.random.default_rng(12)
     key_valid = jnp.asarray(rng.random((6, 21)) > 0.3)
     slopes = jnp.asarray(rng.uniform(0.05, 1.0, 2), jnp.float32)
-    out, grads = chunked_and_grads(q, k, v, d_out, slopes, causal=True, key_valid=key_valid,
-                                   chunk_size=8)
-    expected = reference_attention(q, k, v, d_out, scale=8 ** -0.5, causal=True,
-                                   key_valid=key_valid, slopes=slopes)
+    out, grads = chunked_and_grads(
+        q, k, v, d_out, slopes, causal=True, key_valid=key_valid, chunk_size=8
+    )
+    expected = reference_attention(
+        q, k, v, d_out, scale=8**-0.5, causal=True, key_valid=key_valid, slopes=slopes
+    )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads[:3]), expected):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
     np.testing.assert_allclose(grads[3], expected[4], atol=1e-3, rtol=1e-4)
@@ -122,14 +136,16 @@ def test_rows_with_no_valid_key_get_zeros_not_nan():
     q, k, v, d_out = random_inputs(0, 2, 21, 13, 2, 8, 8)
     key_valid = jnp.asarray(np.arange(13)[None, :] < np.array([[0], [5]]))  # row 0: no key
     # Causal with q_len > kv_len: the first 8 queries precede every key.
-    out, (dq, dk, dv, _) = chunked_and_grads(q, k, v, d_out, None, causal=True,
-                                             key_valid=key_valid, chunk_size=4)
+    out, (dq, dk, dv, _) = chunked_and_grads(
+        q, k, v, d_out, None, causal=True, key_valid=key_valid, chunk_size=4
+    )
     for x in (out, dq, dk, dv):
         assert np.all(np.isfinite(x))
     assert np.all(out[0] == 0) and np.all(dq[0] == 0) and np.all(dk[0] == 0) and np.all(dv[0] == 0)
     assert np.all(out[1, :8] == 0) and np.all(dq[1, :8] == 0)
-    expected = reference_attention(q, k, v, d_out, scale=8 ** -0.5, causal=True,
-                                   key_valid=key_valid, slopes=None)
+    expected = reference_attention(
+        q, k, v, d_out, scale=8**-0.5, causal=True, key_valid=key_valid, slopes=None
+    )
     for got, want in zip((out, dq, dk, dv), expected):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
@@ -138,20 +154,40 @@ def test_bfloat16_inputs_keep_float32_statistics():
     q, k, v, d_out = random_inputs(3, 1, 50, 50, 2, 16, 16, dtype=jnp.bfloat16)
     out, (dq, dk, dv, _) = chunked_and_grads(q, k, v, d_out, None, causal=True, chunk_size=16)
     assert out.dtype == dq.dtype == dk.dtype == dv.dtype == jnp.bfloat16
-    expected = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                   v.astype(jnp.float32), d_out.astype(jnp.float32),
-                                   scale=0.25, causal=True, key_valid=None, slopes=None)
+    expected = reference_attention(
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        d_out.astype(jnp.float32),
+        scale=0.25,
+        causal=True,
+        key_valid=None,
+        slopes=None,
+    )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), expected):
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05, rtol=0.05,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), want, atol=0.05, rtol=0.05, err_msg=name
+        )
 
 
 def test_causal_visits_the_tiles_with_an_allowed_pair_and_masks_only_partial_ones():
-    for q_len, kv_len, cq, ck in [(64, 64, 16, 16), (40, 64, 16, 8), (64, 24, 8, 16),
-                                  (37, 37, 5, 7), (30, 50, 7, 4)]:
+    for q_len, kv_len, cq, ck in [
+        (64, 64, 16, 16),
+        (40, 64, 16, 8),
+        (64, 24, 8, 16),
+        (37, 37, 5, 7),
+        (30, 50, 7, 4),
+    ]:
         num_q, num_k = -(-q_len // cq), -(-kv_len // ck)
-        config = chunked._Config(scale=1.0, causal=True, offset=kv_len - q_len, query_chunk=cq,
-                                 key_chunk=ck, num_q_chunks=num_q, num_k_chunks=num_k)
+        config = chunked._Config(
+            scale=1.0,
+            causal=True,
+            offset=kv_len - q_len,
+            query_chunk=cq,
+            key_chunk=ck,
+            num_q_chunks=num_q,
+            num_k_chunks=num_k,
+        )
         # The rule on positions, padded ones included: the kernel computes them and drops them.
         query_pos = np.arange(num_q * cq) + kv_len - q_len
         key_pos = np.arange(num_k * ck)
@@ -183,11 +219,12 @@ def test_backward_never_stores_a_length_squared_array():
     length, heads = 4096, 2
     score_matrix_bytes = heads * length * length * 4  # 128 MiB
     chunked_bytes = _grad_temp_bytes(
-        functools.partial(chunked_attention, causal=True, chunk_size=256), length, heads)
+        functools.partial(chunked_attention, causal=True, chunk_size=256), length, heads
+    )
     # The measurement can see a score matrix: the plain JAX gradient of dense attention keeps one.
     dense_bytes = _grad_temp_bytes(
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
-        length, heads)
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"), length, heads
+    )
     assert dense_bytes >= score_matrix_bytes
     # Tiles of [heads, 256, 256] and a few length-sized arrays only.
     assert chunked_bytes < score_matrix_bytes / 16, (chunked_bytes, score_matrix_bytes)
@@ -203,13 +240,14 @@ def test_runs_inside_shard_map_and_pmap():
 
     mesh = Mesh(np.array(devices), ("data",))
     spec = PartitionSpec("data")
-    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 4,
-                                    out_specs=(spec,) * 3))
+    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 3))
     pmapped = jax.pmap(grads, devices=devices)
     expected = jax.jit(grads)(q, k, v, key_valid)
     split = lambda x: x.reshape(4, 1, *x.shape[1:])
-    for got in (sharded(q, k, v, key_valid),
-                [g.reshape(4, *g.shape[2:]) for g in pmapped(*map(split, (q, k, v, key_valid)))]):
+    for got in (
+        sharded(q, k, v, key_valid),
+        [g.reshape(4, *g.shape[2:]) for g in pmapped(*map(split, (q, k, v, key_valid)))],
+    ):
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
@@ -222,19 +260,28 @@ def test_alibi_slopes_get_gradients_inside_shard_map():
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     spec = PartitionSpec("data")
-    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 3 + (PartitionSpec(),),
-                                    out_specs=(spec,) * 3 + (PartitionSpec(),)))
+    sharded = jax.jit(
+        jax.shard_map(
+            grads,
+            mesh=mesh,
+            in_specs=(spec,) * 3 + (PartitionSpec(),),
+            out_specs=(spec,) * 3 + (PartitionSpec(),),
+        )
+    )
     for got, want in zip(sharded(q, k, v, slopes), jax.jit(grads)(q, k, v, slopes)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(key_valid=jnp.ones((2, 7), jnp.int32)), "key_valid must be boolean"),
-    (dict(key_valid=jnp.ones((2, 6), bool)), r"key_valid must be boolean \[batch, kv_len\]"),
-    (dict(alibi_slopes=jnp.ones(3)), r"alibi_slopes must be \[heads\]"),
-    (dict(chunk_size=0), "chunk_size must be a positive int"),
-    (dict(chunk_size=(8, -1)), "chunk_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(key_valid=jnp.ones((2, 7), jnp.int32)), "key_valid must be boolean"),
+        (dict(key_valid=jnp.ones((2, 6), bool)), r"key_valid must be boolean \[batch, kv_len\]"),
+        (dict(alibi_slopes=jnp.ones(3)), r"alibi_slopes must be \[heads\]"),
+        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(chunk_size=(8, -1)), "chunk_size must be a positive int"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, message):
     q = jnp.ones((2, 5, 2, 4))
     k = jnp.ones((2, 7, 2, 4))

@@ -10,11 +10,10 @@ import math
 import os
 
 import pytest
-
 from experiment_files import EXPERIMENTS, load_experiment
+
 from transformer import config_checks, sweep, train
 from transformer.data import data_info
-
 
 
 def every_preset_and_variant():
@@ -35,8 +34,10 @@ def test_every_preset_and_variant_builds_its_data_and_model(file_name, arg):
     train.build_model(model_config)
     if config.model.get("positional") == "learned":
         # Every evaluation sequence fits the learned table: a longer one would stop the sweep.
-        longest = max(data_info(train.with_overrides(config.data, overrides)).max_length
-                      for overrides in config.eval_data.values() or [{}])
+        longest = max(
+            data_info(train.with_overrides(config.data, overrides)).max_length
+            for overrides in config.eval_data.values() or [{}]
+        )
         assert model_config.max_len >= longest
     plot = config.sweep.get("plot")
     if plot:
@@ -94,7 +95,8 @@ def test_smoke_preset_sweeps_end_to_end_into_the_results_table(file_name, tmp_pa
     assert f"| {variant} | 1 | " in table
     with open(tmp_path / "runs.csv") as f:
         (row,) = list(csv.DictReader(f))
-    assert float(row[plan.metrics[0]]) == pytest.approx(record["results"][plan.metrics[0]],
-                                                        rel=1e-5)
+    assert float(row[plan.metrics[0]]) == pytest.approx(
+        record["results"][plan.metrics[0]], rel=1e-5
+    )
     if "plot" in plan:
         assert (tmp_path / "plot.png").stat().st_size > 1000

@@ -8,8 +8,12 @@ import textwrap
 
 import pytest
 
-from transformer.host_allocator import (LIBRARY, OPT_OUT, environment_with_tcmalloc,
-                                        install_hint_needed)
+from transformer.host_allocator import (
+    LIBRARY,
+    OPT_OUT,
+    environment_with_tcmalloc,
+    install_hint_needed,
+)
 
 TCMALLOC = ctypes.util.find_library(LIBRARY)
 
@@ -34,11 +38,14 @@ def test_preloads_tcmalloc_and_keeps_other_preloads():
     assert install_hint_needed({}) and not install_hint_needed({OPT_OUT: "system"})
 
 
-@pytest.mark.parametrize("environ, library", [
-    ({}, None),  # not installed
-    ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, "libtcmalloc_minimal.so.4"),  # already
-    ({OPT_OUT: "system"}, "libtcmalloc_minimal.so.4"),  # the user's choice
-])
+@pytest.mark.parametrize(
+    "environ, library",
+    [
+        ({}, None),  # not installed
+        ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, "libtcmalloc_minimal.so.4"),  # already
+        ({OPT_OUT: "system"}, "libtcmalloc_minimal.so.4"),  # the user's choice
+    ],
+)
 def test_no_restart_when_it_would_change_nothing(environ, library):
     assert environment_with_tcmalloc(environ, library) is None
 
@@ -61,16 +68,24 @@ _PROGRAM = textwrap.dedent("""
 
 
 def _run(environ):
-    done = subprocess.run([sys.executable, "-c", _PROGRAM, "an", "--argument"], env=environ,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROGRAM, "an", "--argument"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     preload, *arguments, faults = done.stdout.split()
     return preload, " ".join(arguments), int(faults)
 
 
-@pytest.mark.skipif(TCMALLOC is None or not sys.platform.startswith("linux"),
-                    reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
-@pytest.mark.skipif(_thp_always(), reason="huge pages 'always': glibc faults too few 4 KB pages "
-                                          "for the comparison")
+@pytest.mark.skipif(
+    TCMALLOC is None or not sys.platform.startswith("linux"),
+    reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)",
+)
+@pytest.mark.skipif(
+    _thp_always(), reason="huge pages 'always': glibc faults too few 4 KB pages for the comparison"
+)
 def test_restart_preloads_tcmalloc_keeps_arguments_and_stops_page_faults():
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", OPT_OUT)}
     preload, arguments, faults = _run(base)

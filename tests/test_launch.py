@@ -10,11 +10,10 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from experiment_files import EXPERIMENTS, ROOT, load_experiment
 from ml_collections import config_flags
 
-from experiment_files import EXPERIMENTS, ROOT, load_experiment
 from transformer import config_checks, sweep, train
-
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,20 @@ def test_every_experiment_has_valid_smoke_and_sweep_configs(file_name):
 def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
     workdir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"),
-         "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
-         f"--workdir={workdir}", "--config.num_train_steps=6", f"--config.data_dir={data_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch.py"),
+            "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
+            f"--workdir={workdir}",
+            "--config.num_train_steps=6",
+            f"--config.data_dir={data_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["device_count"] == 2
@@ -52,39 +60,50 @@ def _parse_flags(argv):
     """Parses launch.py's --config flag from `argv` in a private flag registry."""
     argv = ["launch.py"] + argv
     registry = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=registry, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=registry, lock_config=True, sys_argv=argv
+    )
     registry(argv)
     return registry.config
 
 
 def test_an_unknown_override_names_the_field():
     with pytest.raises(Exception, match=r"num_trian_steps.*(does not exist|not found|Did you)"):
-        _parse_flags(["--config=experiments/pattern_reach.py:smoke",
-                      "--config.num_trian_steps=3"])
+        _parse_flags(["--config=experiments/pattern_reach.py:smoke", "--config.num_trian_steps=3"])
 
 
 def test_an_invalid_override_names_the_field_and_the_allowed_values():
-    config = _parse_flags(["--config=experiments/pattern_reach.py:smoke",
-                           "--config.optimizer.schedule=linear"])
-    with pytest.raises(ValueError, match=r"config.optimizer.schedule='linear' is invalid; "
-                                         r"allowed: one of \['constant', 'cosine', "
-                                         r"'inverse_sqrt'\]"):
+    config = _parse_flags(
+        ["--config=experiments/pattern_reach.py:smoke", "--config.optimizer.schedule=linear"]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"config.optimizer.schedule='linear' is invalid; "
+        r"allowed: one of \['constant', 'cosine', "
+        r"'inverse_sqrt'\]",
+    ):
         config_checks.validate(config)
 
 
 def test_an_unknown_variant_names_the_allowed_ones():
     get_config = load_experiment("pattern_reach.py").get_config
-    with pytest.raises(ValueError, match=r"unknown pattern_reach variant 'window-2layers'.*"
-                                         r"'sliding_window'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown pattern_reach variant 'window-2layers'.*"
+        r"'sliding_window'",
+    ):
         get_config("smoke,window-2layers")
-    with pytest.raises(ValueError, match=r"unknown preset 'gpu'; allowed: \['cpu', 'full', "
-                                         r"'smoke'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown preset 'gpu'; allowed: \['cpu', 'full', "
+        r"'smoke'\]",
+    ):
         get_config("gpu")
 
 
 def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
-        tmp_path, data_dir, monkeypatch):
+    tmp_path, data_dir, monkeypatch
+):
     experiment = load_experiment("pattern_reach.py").get_config
 
     def get_config(arg):  # one variant, two seeds: enough to check the bookkeeping
@@ -97,8 +116,10 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
     metric = plan.metrics[0]
     overrides = {"data_dir": data_dir}
     records = sweep.run_sweep(get_config, "smoke", str(tmp_path), overrides)
-    assert [(r["variant"], r["seed"]) for r in records] == [("sliding_window-2layers", 0),
-                                                             ("sliding_window-2layers", 1)]
+    assert [(r["variant"], r["seed"]) for r in records] == [
+        ("sliding_window-2layers", 0),
+        ("sliding_window-2layers", 1),
+    ]
     values = [r["results"][metric] for r in records]
     table = (tmp_path / "results.md").read_text()
     mean, std = sweep.aggregate(records, [metric])[0][metric]
@@ -121,6 +142,7 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
         config = get_config(arg)
         config.sweep.seeds = (0,)
         return config
+
     assert len(sweep.run_sweep(fewer_seeds, "smoke", str(tmp_path), overrides)) == 1
 
     # A finished run of another config is never passed off as this one.
@@ -128,8 +150,12 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
         config = get_config(arg)
         config.optimizer.learning_rate = 0.5
         return config
-    with pytest.raises(ValueError, match=r"used another config than the experiment now gives "
-                                         r"\(optimizer.learning_rate: 0.003 -> 0.5\)"):
+
+    with pytest.raises(
+        ValueError,
+        match=r"used another config than the experiment now gives "
+        r"\(optimizer.learning_rate: 0.003 -> 0.5\)",
+    ):
         sweep.run_sweep(changed, "smoke", str(tmp_path), overrides)
 
 
@@ -155,9 +181,14 @@ def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(t
 
 
 def test_a_metric_missing_from_a_run_aggregates_as_nan_not_a_crash():
-    records = [{"variant": "a", "seed": 0, "results": {"eval/accuracy": 0.5}},
-               {"variant": "a", "seed": 1, "results": {"eval/accuracy": 0.7,
-                                                       "train/tokens_per_second": 10.0}}]
-    row, = sweep.aggregate(records, ["eval/accuracy", "train/tokens_per_second"])
+    records = [
+        {"variant": "a", "seed": 0, "results": {"eval/accuracy": 0.5}},
+        {
+            "variant": "a",
+            "seed": 1,
+            "results": {"eval/accuracy": 0.7, "train/tokens_per_second": 10.0},
+        },
+    ]
+    (row,) = sweep.aggregate(records, ["eval/accuracy", "train/tokens_per_second"])
     assert row["eval/accuracy"][0] == pytest.approx(0.6)
     assert np.isnan(row["train/tokens_per_second"][0])

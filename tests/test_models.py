@@ -10,8 +10,16 @@ import pytest
 from flax import linen as nn
 
 from transformer import patterns, token_ids
-from transformer.models import (CONFIGS, Decoder, Encoder, EncoderDecoder, TransformerConfig,
-                                build_model, layer_pattern, shift_right)
+from transformer.models import (
+    CONFIGS,
+    Decoder,
+    Encoder,
+    EncoderDecoder,
+    TransformerConfig,
+    build_model,
+    layer_pattern,
+    shift_right,
+)
 
 # One layer where depth does not matter to the test: compile time is most of the test time.
 TINY = dict(vocab_size=23, d_model=16, num_heads=2, d_ff=32, num_layers=1, dropout_rate=0.1)
@@ -73,16 +81,22 @@ def test_encoder_outputs_at_real_positions_ignore_appended_padding():
     mask = jnp.arange(8)[None, :] < 5
     variables = jax.jit(encoder.init)(jax.random.key(2), padded, mask)
     apply = jax.jit(encoder.apply)
-    np.testing.assert_allclose(apply(variables, padded, mask)[:, :5],
-                               apply(variables, real, jnp.ones((1, 5), bool)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        apply(variables, padded, mask)[:, :5],
+        apply(variables, real, jnp.ones((1, 5), bool)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.fixture(scope="module")
 def language_model():
     """A tiny DecoderLM with learned positions and attention dropout, and its variables."""
-    model = build_model(dict(name="decoder_lm", **TINY, positional="learned", max_len=12,
-                             attention_dropout_rate=0.1))
+    model = build_model(
+        dict(
+            name="decoder_lm", **TINY, positional="learned", max_len=12, attention_dropout_rate=0.1
+        )
+    )
     return model, jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 12), jnp.int32))
 
 
@@ -91,8 +105,9 @@ def test_language_model_logits_at_real_positions_ignore_appended_padding(languag
     tokens = random_tokens(0, 2, 6)
     padded = jnp.pad(tokens, ((0, 0), (0, 4)))
     apply = jax.jit(model.apply)
-    np.testing.assert_allclose(apply(variables, padded)[:, :6], apply(variables, tokens),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        apply(variables, padded)[:, :6], apply(variables, tokens), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "attention"])
@@ -103,7 +118,8 @@ def test_classifier_logits_ignore_appended_padding(pooling):
     variables = jax.jit(model.init)(jax.random.key(0), padded)
     if pooling == "attention":  # a non-zero query, so the weights are not uniform
         variables["params"]["AttentionPooling_0"]["query"] = jax.random.normal(
-            jax.random.key(1), (16,))
+            jax.random.key(1), (16,)
+        )
     apply = jax.jit(model.apply)
     logits = apply(variables, tokens)
     assert logits.shape == (2, 3) and logits.dtype == jnp.float32
@@ -119,8 +135,13 @@ def test_shift_right_puts_the_start_token_first():
 def test_models_and_data_agree_on_the_reserved_ids():
     from transformer.data import tokenizers
     from transformer.rnn import RNNSeq2Seq
+
     assert (token_ids.PAD_ID, token_ids.BOS_ID, token_ids.EOS_ID, token_ids.CLS_ID) == (
-        tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID, tokenizers.CLS_ID)
+        tokenizers.PAD_ID,
+        tokenizers.BOS_ID,
+        tokenizers.EOS_ID,
+        tokenizers.CLS_ID,
+    )
     assert EncoderDecoder.bos_id == RNNSeq2Seq.bos_id == tokenizers.BOS_ID
 
 
@@ -139,14 +160,22 @@ def test_encoder_decoder_is_causal_in_targets_and_ignores_source_padding():
     assert not np.allclose(changed_logits[:, 5:], logits[:, 5:], atol=1e-4)
     # Padding the source changes nothing.
     padded_source = jnp.pad(source, ((0, 0), (0, 3)))
-    np.testing.assert_allclose(apply(variables, padded_source, targets), logits,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        apply(variables, padded_source, targets), logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_encoder_decoder_with_separate_vocabularies():
-    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=1,
-                             target_vocab_size=11, share_embeddings=False,
-                             tie_output_embedding=False))
+    model = build_model(
+        dict(
+            name="encoder_decoder",
+            **TINY,
+            num_decoder_layers=1,
+            target_vocab_size=11,
+            share_embeddings=False,
+            tie_output_embedding=False,
+        )
+    )
     source, targets = random_tokens(0, 2, 4), random_tokens(1, 2, 3, vocab=11)
     shapes = jax.eval_shape(model.init, jax.random.key(0), source, targets)["params"]
     assert shapes["source_embedding"]["embedding"].shape == (23, 16)
@@ -205,31 +234,42 @@ def test_encoder_attends_only_where_its_pattern_allows():
 
 
 def test_build_model_accepts_config_dict_with_list_options():
-    config = ml_collections.ConfigDict(dict(name="encoder_classifier", **TINY, num_classes=4,
-                                            pattern="anchor",
-                                            pattern_options=dict(positions=[0, 3])))
+    config = ml_collections.ConfigDict(
+        dict(
+            name="encoder_classifier",
+            **TINY,
+            num_classes=4,
+            pattern="anchor",
+            pattern_options=dict(positions=[0, 3]),
+        )
+    )
     model = build_model(config)
     assert model.config.num_classes == 4
     assert layer_pattern(model.config, 0, causal=False) == patterns.anchor(positions=[0, 3])
     hash(model)  # jax.jit(model.apply) hashes the module: the list must not break that
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(name="gpt"), "unknown model name 'gpt'; allowed: encoder_classifier"),
-    (dict(name="decoder_lm", num_layer=2), "has no field(s) ['num_layer']"),
-    (dict(name="decoder_lm", num_classes=2), "has no field(s) ['num_classes']"),
-    (dict(name="decoder_lm", positional="absolute"), "unknown positional encoding 'absolute'"),
-    (dict(name="encoder_classifier", pooling="max"), "unknown pooling 'max'; allowed: cls"),
-    (dict(name="decoder_lm", norm_position="middle"), "unknown norm_position 'middle'"),
-    (dict(name="decoder_lm", activation="tanh"), "unknown activation 'tanh'"),
-    (dict(name="decoder_lm", pattern="strided"), "unknown attention pattern 'strided'"),
-    (dict(name="decoder_lm", pattern="sliding_window", pattern_options=dict(width=3)),
-     "takes no option(s) ['width']"),
-    (dict(name="decoder_lm", d_model=30, num_heads=4), "d_model 30 is not divisible"),
-    (dict(name="decoder_lm", dropout_rate=1.5), "dropout_rate must be in [0, 1)"),
-    (dict(name="decoder_lm", vocab_size=0), "vocab_size must be a positive integer"),
-    (dict(name="encoder_decoder", target_vocab_size=9), "share_embeddings needs one vocab"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(name="gpt"), "unknown model name 'gpt'; allowed: encoder_classifier"),
+        (dict(name="decoder_lm", num_layer=2), "has no field(s) ['num_layer']"),
+        (dict(name="decoder_lm", num_classes=2), "has no field(s) ['num_classes']"),
+        (dict(name="decoder_lm", positional="absolute"), "unknown positional encoding 'absolute'"),
+        (dict(name="encoder_classifier", pooling="max"), "unknown pooling 'max'; allowed: cls"),
+        (dict(name="decoder_lm", norm_position="middle"), "unknown norm_position 'middle'"),
+        (dict(name="decoder_lm", activation="tanh"), "unknown activation 'tanh'"),
+        (dict(name="decoder_lm", pattern="strided"), "unknown attention pattern 'strided'"),
+        (
+            dict(name="decoder_lm", pattern="sliding_window", pattern_options=dict(width=3)),
+            "takes no option(s) ['width']",
+        ),
+        (dict(name="decoder_lm", d_model=30, num_heads=4), "d_model 30 is not divisible"),
+        (dict(name="decoder_lm", dropout_rate=1.5), "dropout_rate must be in [0, 1)"),
+        (dict(name="decoder_lm", vocab_size=0), "vocab_size must be a positive integer"),
+        (dict(name="encoder_decoder", target_vocab_size=9), "share_embeddings needs one vocab"),
+    ],
+)
 def test_build_model_rejects_bad_configs_by_name(fields, message):
     with pytest.raises(ValueError) as error:
         build_model(fields)
@@ -257,9 +297,9 @@ def test_transformer_base_parameter_count():
     assert abs(count - 65e6) / 65e6 < 0.05
 
 
-
 def decode_all(model, variables, inputs, tokens, max_decode_len):
     """Logits of `decode_step` fed `tokens` `[batch, length]` one by one: `[batch, length, V]`."""
+
     def run(variables, inputs, tokens):
         state = model.apply(variables, inputs, max_decode_len, method="init_decode_state")
 
@@ -273,10 +313,13 @@ def decode_all(model, variables, inputs, tokens, max_decode_len):
     return jax.jit(run)(variables, inputs, tokens)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(positional="alibi", pattern="sliding_window", pattern_options={"left": 2}),
-    dict(positional="rotary", norm_position="pre", tie_output_embedding=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(positional="alibi", pattern="sliding_window", pattern_options={"left": 2}),
+        dict(positional="rotary", norm_position="pre", tie_output_embedding=False),
+    ],
+)
 def test_language_model_cached_decoding_equals_the_full_call(overrides):
     model = build_model(dict(name="decoder_lm", **{**TINY, "num_layers": 2}, **overrides))
     tokens = random_tokens(0, 2, 7)
@@ -286,11 +329,14 @@ def test_language_model_cached_decoding_equals_the_full_call(overrides):
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(positional="learned", max_len=8, norm_position="pre"),
-    # The decoder's self-attention is sliding_window & causal: 2 keys back, then the query.
-    dict(positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(positional="learned", max_len=8, norm_position="pre"),
+        # The decoder's self-attention is sliding_window & causal: 2 keys back, then the query.
+        dict(positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
+    ],
+)
 def test_encoder_decoder_cached_decoding_equals_the_full_call(overrides):
     model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2, **overrides))
     source = jnp.pad(random_tokens(0, 2, 5), ((0, 0), (0, 2)))  # padded source
@@ -305,19 +351,31 @@ def test_encoder_decoder_cached_decoding_equals_the_full_call(overrides):
             model.apply(variables, source, 9, method="init_decode_state")
 
 
-@pytest.mark.parametrize("name, implementation, fields", [
-    ("encoder_classifier", "block_sparse",
-     dict(positional="alibi", pattern="bigbird",
-          pattern_options=dict(block_size=4, num_random_blocks=1, num_anchor_blocks=1))),
-    ("decoder_lm", "chunked", dict(positional="rotary")),  # full & causal() is plain causal()
-])
+@pytest.mark.parametrize(
+    "name, implementation, fields",
+    [
+        (
+            "encoder_classifier",
+            "block_sparse",
+            dict(
+                positional="alibi",
+                pattern="bigbird",
+                pattern_options=dict(block_size=4, num_random_blocks=1, num_anchor_blocks=1),
+            ),
+        ),
+        ("decoder_lm", "chunked", dict(positional="rotary")),  # full & causal() is plain causal()
+    ],
+)
 def test_models_with_other_attention_implementations_match_dense(name, implementation, fields):
     tokens = jnp.pad(random_tokens(0, 2, 70), ((0, 0), (0, 5)))
-    models = {impl: build_model(dict(name=name, **TINY, implementation=impl, **fields))
-              for impl in ("dense", implementation)}
+    models = {
+        impl: build_model(dict(name=name, **TINY, implementation=impl, **fields))
+        for impl in ("dense", implementation)
+    }
     variables = jax.jit(models["dense"].init)(jax.random.key(0), tokens)
-    dense, other = (jax.jit(models[impl].apply)(variables, tokens)
-                    for impl in ("dense", implementation))
+    dense, other = (
+        jax.jit(models[impl].apply)(variables, tokens) for impl in ("dense", implementation)
+    )
     np.testing.assert_allclose(other, dense, rtol=1e-4, atol=1e-4)
 
 
@@ -325,8 +383,10 @@ def test_generate_with_the_cache_picks_the_full_calls_argmax_at_every_step():
     """The start token of decoding (bos_id) is the one the full call shifts in, and generate
     sizes the cache to the tokens it produces (default config.max_len)."""
     from transformer import decoding
-    model = build_model(dict(name="encoder_decoder", **TINY, num_decoder_layers=2,
-                             positional="learned", max_len=7))
+
+    model = build_model(
+        dict(name="encoder_decoder", **TINY, num_decoder_layers=2, positional="learned", max_len=7)
+    )
     source = jnp.pad(random_tokens(0, 2, 5), ((0, 0), (0, 2)))
     variables = jax.jit(model.init)(jax.random.key(0), source, source)
     generated = decoding.generate(model, variables, source, eos_id=None)

@@ -68,8 +68,9 @@ def test_cross_attention_matches_reference_and_ignores_padded_keys():
     apply = jax.jit(lambda v, q, kv: module.apply(v, q, kv, key_padding_mask=key_valid))
     out = apply(variables, x_q, x_kv)
     assert out.shape == (2, 3, 6)
-    np.testing.assert_allclose(out, attention_reference(variables["params"], x_q, x_kv,
-                                                        key_valid), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        out, attention_reference(variables["params"], x_q, x_kv, key_valid), rtol=1e-4, atol=1e-5
+    )
     changed = x_kv.at[1, 5:].set(100.0)  # only padded keys of row 1 change
     np.testing.assert_allclose(apply(variables, x_q, changed), out, rtol=1e-6, atol=1e-6)
 
@@ -79,14 +80,19 @@ def test_attention_weights_are_sown_and_dropped_out_only_when_not_deterministic(
     x = jax.random.normal(jax.random.key(0), (1, 5, 8))
     key_valid = jnp.array([[True, True, True, False, False]])
     variables = module.init(jax.random.key(1), x)
-    out, state = module.apply(variables, x, key_padding_mask=key_valid,
-                              mutable=["intermediates"])
+    out, state = module.apply(variables, x, key_padding_mask=key_valid, mutable=["intermediates"])
     (weights,) = state["intermediates"]["attention_weights"]
     assert weights.shape == (1, 2, 5, 5)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
     assert np.all(weights[..., 3:] == 0.0)
-    dropped, _ = module.apply(variables, x, key_padding_mask=key_valid, deterministic=False,
-                              rngs={"dropout": jax.random.key(2)}, mutable=["intermediates"])
+    dropped, _ = module.apply(
+        variables,
+        x,
+        key_padding_mask=key_valid,
+        deterministic=False,
+        rngs={"dropout": jax.random.key(2)},
+        mutable=["intermediates"],
+    )
     assert not np.allclose(dropped, out, atol=1e-3)
 
 
@@ -101,24 +107,22 @@ def test_feed_forward_matches_reference_under_jit():
     x = jax.random.normal(jax.random.key(0), (2, 3, 5))
     variables = jax.jit(module.init)(jax.random.key(1), x)
     p = as_f64(variables["params"])
-    hidden = np.maximum(np.asarray(x, np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"],
-                        0)
+    hidden = np.maximum(np.asarray(x, np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
     expected = hidden @ p["output"]["kernel"] + p["output"]["bias"]
-    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), expected, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown activation 'swish'; allowed: relu"):
         FeedForward(d_ff=4, activation="swish").init(jax.random.key(0), x)
 
 
 class ResidualDense(nn.Module):
     """A Dense sublayer in a residual connection, to test the two layer-norm placements."""
+
     norm_position: str
 
     @nn.compact
     def __call__(self, x):
         dense = nn.Dense(x.shape[-1], name="dense")
-        return NORM_POSITIONS[self.norm_position](x, dense, nn.LayerNorm(epsilon=1e-6),
-                                                  lambda y: y)
+        return NORM_POSITIONS[self.norm_position](x, dense, nn.LayerNorm(epsilon=1e-6), lambda y: y)
 
 
 def layer_norm_reference(x, eps=1e-6):
@@ -141,8 +145,7 @@ def test_residual_with_post_and_pre_layer_norm(norm_position):
         expected = layer_norm_reference(x64 + dense(x64))
     else:
         expected = x64 + dense(layer_norm_reference(x64))
-    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), expected, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_layer_config_rejects_unknown_norm_position():
@@ -158,9 +161,12 @@ def test_decoder_layer_without_encoder_is_an_encoder_layer_with_a_causal_pattern
     variables = jax.jit(decoder_layer.init)(jax.random.key(1), x, valid)
     assert "cross_attention" not in variables["params"]  # a decoder-only layer has none
     encoder_layer = EncoderLayer(config, pattern=patterns.causal())
-    np.testing.assert_allclose(jax.jit(decoder_layer.apply)(variables, x, valid),
-                               jax.jit(encoder_layer.apply)(variables, x, valid),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(decoder_layer.apply)(variables, x, valid),
+        jax.jit(encoder_layer.apply)(variables, x, valid),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     encoded = jax.random.normal(jax.random.key(2), (2, 3, 8))
     with_cross = jax.jit(decoder_layer.init)(jax.random.key(1), x, valid, encoded)
     out = jax.jit(decoder_layer.apply)(with_cross, x, valid, encoded)
@@ -172,12 +178,17 @@ def test_encoder_is_permutation_equivariant_only_without_positional_encoding():
     permutation = np.array([3, 0, 5, 1, 4, 2])
 
     def encoder(positional):
-        return Encoder(TransformerConfig(d_model=16, num_heads=2, d_ff=32, num_layers=1,
-                                         positional=positional, max_len=6))
+        return Encoder(
+            TransformerConfig(
+                d_model=16, num_heads=2, d_ff=32, num_layers=1, positional=positional, max_len=6
+            )
+        )
 
     # Only "learned" has parameters of its own; the others share the layers' parameters.
-    variables = {positional: jax.jit(encoder(positional).init)(jax.random.key(1), x)
-                 for positional in ("none", "learned")}
+    variables = {
+        positional: jax.jit(encoder(positional).init)(jax.random.key(1), x)
+        for positional in ("none", "learned")
+    }
     for positional in POSITIONAL_ENCODINGS:
         apply = jax.jit(encoder(positional).apply)
         params = variables["learned" if positional == "learned" else "none"]

@@ -22,11 +22,24 @@ LOSS_TOLERANCE = dict(rtol=2e-5, atol=2e-6)  # float32: sums in a different orde
 def toy_setup(seed=0):
     """A toy classifier without dropout, its optimizer, a state and 3 global batches of 16."""
     from test_train import ToyModel, toy_examples
+
     model = ToyModel(dropout_rate=0.0)
     task = tasks.get_task("classification")
-    opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
-        learning_rate=0.05, warmup_steps=0, schedule="constant", weight_decay=0.01, b1=0.9,
-        b2=0.98, eps=1e-9, grad_clip_norm=1.0)), total_steps=3)
+    opt = optim.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(
+                learning_rate=0.05,
+                warmup_steps=0,
+                schedule="constant",
+                weight_decay=0.01,
+                b1=0.9,
+                b2=0.98,
+                eps=1e-9,
+                grad_clip_norm=1.0,
+            )
+        ),
+        total_steps=3,
+    )
     batches = []
     for step in range(3):
         examples = [toy_examples("classification", 16 * step + i) for i in range(16)]
@@ -40,8 +53,9 @@ def toy_setup(seed=0):
 def run_steps(mode, devices):
     model, task, opt, state, batches = toy_setup()
     mesh = parallel.make_mesh(devices)
-    step = parallel.distribute(train.make_train_step(model, task, opt, label_smoothing=0.1),
-                               mode, mesh)
+    step = parallel.distribute(
+        train.make_train_step(model, task, opt, label_smoothing=0.1), mode, mesh
+    )
     state = parallel.replicate(state, mesh, mode)
     losses = []
     for batch in batches:
@@ -62,8 +76,9 @@ def test_eight_devices_match_one_device(mode, one_device):
     one_losses, one_params = one_device
     losses, params = run_steps(mode, jax.devices())
     np.testing.assert_allclose(losses, one_losses, **LOSS_TOLERANCE)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params, one_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, one_params
+    )
     assert losses[-1] < losses[0]
 
 
@@ -75,19 +90,24 @@ def test_gradient_is_the_global_batch_mean_whatever_the_padding_per_device():
     padded["weights"][:6] = 0  # devices 0-2 hold only padding
     real = {k: v[6:] for k, v in padded.items()}  # 10 rows: does not split over 8 devices
     new_params = []
-    for batch, mesh in ((padded, parallel.make_mesh()),
-                        (real, parallel.make_mesh(jax.devices()[:1]))):
+    for batch, mesh in (
+        (padded, parallel.make_mesh()),
+        (real, parallel.make_mesh(jax.devices()[:1])),
+    ):
         new_state, _ = parallel.distribute(step, "shard_map", mesh)(
             parallel.replicate(state, mesh, "shard_map"),
-            parallel.global_batch(batch, mesh, "shard_map"))
+            parallel.global_batch(batch, mesh, "shard_map"),
+        )
         new_params.append(parallel.fetch(new_state.params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 *new_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *new_params)
 
 
 def test_batch_not_dividing_across_devices_names_the_sizes():
-    with pytest.raises(ValueError, match=r"global_batch_size=20 does not divide across 8 devices "
-                                         r"\(1 hosts x 8\); use a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=20 does not divide across 8 devices "
+        r"\(1 hosts x 8\); use a multiple of 8",
+    ):
         parallel.local_batch_size(20)
 
 
@@ -104,12 +124,20 @@ def _free_port():
 
 def test_two_processes_over_gloo_train_to_equal_parameters(tmp_path):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     outputs = [tmp_path / f"params_{i}.npz" for i in range(2)]
-    workers = [subprocess.Popen(
-        [sys.executable, __file__, str(port), str(i), str(tmp_path / "run"), str(outputs[i])],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(port), str(i), str(tmp_path / "run"), str(outputs[i])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = [w.communicate(timeout=240)[0] for w in workers]
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
@@ -125,20 +153,24 @@ def test_two_processes_over_gloo_train_to_equal_parameters(tmp_path):
 def _worker(port, process_id, workdir, output):
     """One of two processes: trains the toy classifier for a few steps over 4 devices."""
     from absl import flags, logging
+
     flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.INFO)
     parallel.enable_cpu_collectives()
-    parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2,
-                                    process_id=process_id)
+    parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import pytest as _pytest
     from test_train import toy_config, use_toy_setup
+
     monkeypatch = _pytest.MonkeyPatch()
     use_toy_setup(monkeypatch)
-    config = toy_config(num_train_steps=6, eval_every_steps=3, log_every_steps=3,
-                        checkpoint_every_steps=3)
+    config = toy_config(
+        num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
+    )
     result = train.train_and_evaluate(config, workdir)
-    flat = {jax.tree_util.keystr(path): value
-            for path, value in jax.tree_util.tree_leaves_with_path(result.state.params)}
+    flat = {
+        jax.tree_util.keystr(path): value
+        for path, value in jax.tree_util.tree_leaves_with_path(result.state.params)
+    }
     np.savez(output, **flat)
 
 

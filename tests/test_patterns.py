@@ -35,21 +35,28 @@ def test_primitive_masks_match_their_definitions():
     for pattern, allows in definitions.items():
         mask = pattern.mask(q_len, kv_len)
         assert mask.dtype == bool and mask.shape == (q_len, kv_len)
-        np.testing.assert_array_equal(mask, brute_force_mask(allows, q_len, kv_len),
-                                      err_msg=str(pattern))
+        np.testing.assert_array_equal(
+            mask, brute_force_mask(allows, q_len, kv_len), err_msg=str(pattern)
+        )
 
 
 def test_composition_is_logical_or_and_and():
-    window, anchors, randoms = (patterns.sliding_window(1), patterns.anchor(2),
-                                patterns.random(1, 3, seed=1))
+    window, anchors, randoms = (
+        patterns.sliding_window(1),
+        patterns.anchor(2),
+        patterns.random(1, 3, seed=1),
+    )
     masks = [p.mask(11, 11) for p in (window, anchors, randoms)]
     causal = patterns.causal().mask(11, 11)
-    np.testing.assert_array_equal((window | anchors | randoms).mask(11, 11),
-                                  masks[0] | masks[1] | masks[2])
-    np.testing.assert_array_equal(((window | anchors) & patterns.causal()).mask(11, 11),
-                                  (masks[0] | masks[1]) & causal)
-    np.testing.assert_array_equal((window & anchors | randoms).mask(11, 11),
-                                  masks[0] & masks[1] | masks[2])
+    np.testing.assert_array_equal(
+        (window | anchors | randoms).mask(11, 11), masks[0] | masks[1] | masks[2]
+    )
+    np.testing.assert_array_equal(
+        ((window | anchors) & patterns.causal()).mask(11, 11), (masks[0] | masks[1]) & causal
+    )
+    np.testing.assert_array_equal(
+        (window & anchors | randoms).mask(11, 11), masks[0] & masks[1] | masks[2]
+    )
     assert (window | anchors | randoms).parts == (window, anchors, randoms)  # flattened
     with pytest.raises(TypeError, match="combine only with patterns"):
         patterns.causal() & np.ones((3, 3), bool)
@@ -57,8 +64,9 @@ def test_composition_is_logical_or_and_and():
 
 def test_causal_window_example_from_docstring():
     expected = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
-    np.testing.assert_array_equal((patterns.sliding_window(2) & patterns.causal()).mask(4, 4),
-                                  np.array(expected, bool))
+    np.testing.assert_array_equal(
+        (patterns.sliding_window(2) & patterns.causal()).mask(4, 4), np.array(expected, bool)
+    )
 
 
 def primitive_patterns():
@@ -67,30 +75,39 @@ def primitive_patterns():
         st.just(patterns.causal()),
         st.builds(patterns.sliding_window, st.integers(0, 9), st.integers(0, 9)),
         st.builds(patterns.anchor, st.integers(1, 6)),
-        st.builds(lambda p: patterns.anchor(positions=p),
-                  st.lists(st.integers(0, 40), min_size=1, max_size=4)),
+        st.builds(
+            lambda p: patterns.anchor(positions=p),
+            st.lists(st.integers(0, 40), min_size=1, max_size=4),
+        ),
         st.builds(patterns.random, st.integers(1, 3), st.integers(1, 9), st.integers(0, 99)),
     )
 
 
 def any_patterns():
-    return st.recursive(primitive_patterns(), lambda children: st.one_of(
-        st.builds(lambda a, b: a | b, children, children),
-        st.builds(lambda a, b: a & b, children, children)), max_leaves=4)
+    return st.recursive(
+        primitive_patterns(),
+        lambda children: st.one_of(
+            st.builds(lambda a, b: a | b, children, children),
+            st.builds(lambda a, b: a & b, children, children),
+        ),
+        max_leaves=4,
+    )
 
 
 def blocked(mask, layout, block_q, block_kv):
     """`mask` padded with False to whole blocks, as `[num_q_blocks, block_q, num_k_blocks, block_kv]`."""
     padded = np.zeros((layout.shape[0] * block_q, layout.shape[1] * block_kv), bool)
-    padded[:mask.shape[0], :mask.shape[1]] = mask
+    padded[: mask.shape[0], : mask.shape[1]] = mask
     return padded.reshape(layout.shape[0], block_q, layout.shape[1], block_kv)
 
 
 @settings(max_examples=150, deadline=None)
-@given(any_patterns(), st.integers(1, 50), st.integers(1, 50), st.integers(1, 12),
-       st.integers(1, 12))
+@given(
+    any_patterns(), st.integers(1, 50), st.integers(1, 50), st.integers(1, 12), st.integers(1, 12)
+)
 def test_block_layout_never_skips_an_allowed_pair_nor_calls_a_masked_block_full(
-        pattern, q_len, kv_len, block_q, block_kv):
+    pattern, q_len, kv_len, block_q, block_kv
+):
     mask = pattern.mask(q_len, kv_len)
     layout = pattern.block_layout(q_len, kv_len, block_q, block_kv)
     assert layout.shape == (-(-q_len // block_q), -(-kv_len // block_kv))
@@ -101,23 +118,26 @@ def test_block_layout_never_skips_an_allowed_pair_nor_calls_a_masked_block_full(
 
 
 @settings(max_examples=100, deadline=None)
-@given(primitive_patterns(), st.integers(1, 6), st.integers(1, 6), st.integers(1, 8),
-       st.integers(1, 8))
+@given(
+    primitive_patterns(), st.integers(1, 6), st.integers(1, 6), st.integers(1, 8), st.integers(1, 8)
+)
 def test_block_layout_of_a_primitive_is_exact_on_whole_blocks(
-        pattern, q_blocks, kv_blocks, block_q, block_kv):
+    pattern, q_blocks, kv_blocks, block_q, block_kv
+):
     q_len, kv_len = q_blocks * block_q, kv_blocks * block_kv
     layout = pattern.block_layout(q_len, kv_len, block_q, block_kv)
     blocks = blocked(pattern.mask(q_len, kv_len), layout, block_q, block_kv)
-    expected = np.where(blocks.all(axis=(1, 3)), FULL,
-                        np.where(blocks.any(axis=(1, 3)), PARTIAL, EMPTY))
+    expected = np.where(
+        blocks.all(axis=(1, 3)), FULL, np.where(blocks.any(axis=(1, 3)), PARTIAL, EMPTY)
+    )
     np.testing.assert_array_equal(layout, expected)
 
 
 def test_causal_block_layout_is_the_lower_triangle():
     layout = patterns.causal().block_layout(10, 10, 4)
-    np.testing.assert_array_equal(layout, [[PARTIAL, EMPTY, EMPTY],
-                                           [FULL, PARTIAL, EMPTY],
-                                           [PARTIAL, PARTIAL, PARTIAL]])
+    np.testing.assert_array_equal(
+        layout, [[PARTIAL, EMPTY, EMPTY], [FULL, PARTIAL, EMPTY], [PARTIAL, PARTIAL, PARTIAL]]
+    )
 
 
 def test_random_blocks_per_query_block_and_determinism():
@@ -134,18 +154,22 @@ def test_random_blocks_per_query_block_and_determinism():
 
 
 def test_random_pattern_is_the_same_in_another_process():
-    code = ("from transformer import patterns; "
-            "print(patterns.build('bigbird', layer=2, block_size=4).mask(40, 40).sum(1).tolist())")
+    code = (
+        "from transformer import patterns; "
+        "print(patterns.build('bigbird', layer=2, block_size=4).mask(40, 40).sum(1).tolist())"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    other = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                           capture_output=True, text=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
     here = patterns.build("bigbird", layer=2, block_size=4).mask(40, 40).sum(1).tolist()
     assert other == str(here)
 
 
 def test_build_registry_and_layer_seeds():
     assert {"full", "causal", "sliding_window", "anchor", "random", "bigbird"} <= set(
-        patterns.PATTERNS)
+        patterns.PATTERNS
+    )
     assert patterns.build("causal") == patterns.causal()
     assert patterns.build("sliding_window", left=4) == patterns.sliding_window(4)
     layer0 = patterns.build("bigbird", layer=0, block_size=4)
@@ -174,9 +198,10 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_bigbird_is_the_union_it_claims():
-    pattern = patterns.bigbird(block_size=4, window_blocks=3, num_anchor_blocks=1,
-                               num_random_blocks=2, seed=3)
-    expected = (patterns.sliding_window(4) | patterns.anchor(4) | patterns.random(2, 4, seed=3))
+    pattern = patterns.bigbird(
+        block_size=4, window_blocks=3, num_anchor_blocks=1, num_random_blocks=2, seed=3
+    )
+    expected = patterns.sliding_window(4) | patterns.anchor(4) | patterns.random(2, 4, seed=3)
     np.testing.assert_array_equal(pattern.mask(48, 48), expected.mask(48, 48))
     assert 0 < pattern.density(256, 256) < 0.35
 
@@ -204,5 +229,6 @@ def test_full_is_the_identity_of_and_and_absorbs_or():
     assert patterns.full() | window == patterns.full()
     assert window & window == window and window | window == window
     composed = (patterns.full() & window) | patterns.anchor(2)
-    np.testing.assert_array_equal(composed.mask(37, 37),
-                                  window.mask(37, 37) | patterns.anchor(2).mask(37, 37))
+    np.testing.assert_array_equal(
+        composed.mask(37, 37), window.mask(37, 37) | patterns.anchor(2).mask(37, 37)
+    )

@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.positional import (LearnedPositionalEmbedding, SinusoidalPositionalEncoding,
-                                    alibi_slopes, apply_rotary, sinusoidal_encoding)
+from transformer.positional import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    alibi_slopes,
+    apply_rotary,
+    sinusoidal_encoding,
+)
 
 
 def test_sinusoidal_matches_the_papers_formula():
@@ -47,16 +52,18 @@ def test_learned_embedding_adds_a_trained_vector_per_position_under_jit():
 def test_learned_embedding_refuses_inputs_past_its_max_length():
     module = LearnedPositionalEmbedding(max_len=6)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 6, 8)))
-    with pytest.raises(ValueError, match="input length 7 exceeds the learned positional "
-                                         "embedding's max_len 6"):
+    with pytest.raises(
+        ValueError, match="input length 7 exceeds the learned positional embedding's max_len 6"
+    ):
         module.apply(variables, jnp.zeros((1, 7, 8)))
 
 
 def test_rotary_preserves_norms_and_is_the_identity_at_position_zero():
     x = jax.random.normal(jax.random.key(0), (2, 9, 3, 8))
     rotated = jax.jit(apply_rotary)(x)
-    np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
+    )
     np.testing.assert_allclose(rotated[:, 0], x[:, 0], atol=1e-6)
     assert not np.allclose(rotated[:, 1:], x[:, 1:], atol=1e-3)
 
@@ -92,16 +99,15 @@ def test_rotary_needs_even_head_dim():
 
 def test_alibi_slopes_are_the_papers_geometric_sequence():
     # Press et al.: for 8 heads, 1/2, 1/4, ..., 1/256; in general start = ratio = 2^(-8/n).
-    np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -h for h in range(1, 9)])
+    np.testing.assert_allclose(alibi_slopes(8), [2.0**-h for h in range(1, 9)])
     for heads in (1, 2, 4, 16, 32):
         ratio = 2.0 ** (-8.0 / heads)
-        np.testing.assert_allclose(alibi_slopes(heads), ratio ** np.arange(1, heads + 1),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(alibi_slopes(heads), ratio ** np.arange(1, heads + 1), rtol=1e-6)
 
 
 def test_alibi_slopes_for_head_counts_that_are_not_powers_of_two():
     # The paper's code: the 8-head slopes, then every other 16-head slope (2^-0.5, 2^-1.5, ...).
-    expected = [2.0 ** -h for h in range(1, 9)] + [2.0 ** -(h + 0.5) for h in range(4)]
+    expected = [2.0**-h for h in range(1, 9)] + [2.0 ** -(h + 0.5) for h in range(4)]
     np.testing.assert_allclose(alibi_slopes(12), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="num_heads must be positive"):
         alibi_slopes(0)

@@ -23,12 +23,15 @@ TARGET = jnp.array([[5, 6, 2, 0], [4, 4, 9, 2], [2, 0, 0, 0]], jnp.int32)
 
 CONFIGS = {
     "none-lstm": dict(attention="none"),
-    "bahdanau-gru-bidirectional": dict(attention="bahdanau", cell="gru", bidirectional=True,
-                                       dropout_rate=0.3),
-    "luong-dot-bidirectional-2-layers": dict(attention="luong", score="dot", bidirectional=True,
-                                             num_layers=2),
+    "bahdanau-gru-bidirectional": dict(
+        attention="bahdanau", cell="gru", bidirectional=True, dropout_rate=0.3
+    ),
+    "luong-dot-bidirectional-2-layers": dict(
+        attention="luong", score="dot", bidirectional=True, num_layers=2
+    ),
     "luong-concat-optimized-lstm-no-input-feeding": dict(
-        attention="luong", score="concat", cell="optimized_lstm", input_feeding=False),
+        attention="luong", score="concat", cell="optimized_lstm", input_feeding=False
+    ),
 }
 # The 'general' score is tested by the overfitting test and by test_generate_... below.
 ATTENTION_CONFIGS = [name for name in CONFIGS if not name.startswith("none")]
@@ -42,12 +45,18 @@ def make(name, **overrides):
     Flax's orthogonal initialiser (a QR per recurrent kernel, seconds of XLA compile each
     model); the overfitting test below uses the real `init`.
     """
-    model = RNNSeq2Seq(vocab_size=VOCAB, embed_dim=8, hidden_dim=16, attention_dim=8,
-                       **{**CONFIGS[name], **overrides})
+    model = RNNSeq2Seq(
+        vocab_size=VOCAB,
+        embed_dim=8,
+        hidden_dim=16,
+        attention_dim=8,
+        **{**CONFIGS[name], **overrides},
+    )
     shapes = jax.eval_shape(model.init, jax.random.key(0), SOURCE, TARGET)
     rng = np.random.default_rng(0)
-    return model, jax.tree.map(lambda leaf: jnp.asarray(0.5 * rng.normal(size=leaf.shape),
-                                                        leaf.dtype), shapes)
+    return model, jax.tree.map(
+        lambda leaf: jnp.asarray(0.5 * rng.normal(size=leaf.shape), leaf.dtype), shapes
+    )
 
 
 @functools.cache
@@ -57,12 +66,15 @@ def outputs(name):
 
     @jax.jit
     def run(variables):
-        logits, weights = model.apply(variables, SOURCE, TARGET,
-                                      return_attention=model.attention != "none"), None
+        logits, weights = (
+            model.apply(variables, SOURCE, TARGET, return_attention=model.attention != "none"),
+            None,
+        )
         if model.attention != "none":
             logits, weights = logits
-        padded = model.apply(variables, jnp.pad(SOURCE, ((0, 0), (0, 3))),
-                             jnp.pad(TARGET, ((0, 0), (0, 2))))
+        padded = model.apply(
+            variables, jnp.pad(SOURCE, ((0, 0), (0, 3))), jnp.pad(TARGET, ((0, 0), (0, 2)))
+        )
         state = model.apply(variables, SOURCE, method=model.init_decode_state)
         token, stepped = jnp.full((3,), model.bos_id), []
         for t in range(TARGET.shape[1]):
@@ -83,16 +95,17 @@ def test_shapes_and_teacher_forcing_equals_step_by_step(name):
 
 def test_runs_outside_jit_too():
     model, variables = make("none-lstm")
-    np.testing.assert_allclose(model.apply(variables, SOURCE, TARGET),
-                               outputs("none-lstm")["logits"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.apply(variables, SOURCE, TARGET), outputs("none-lstm")["logits"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_padding_does_not_change_outputs(name):
     out = outputs(name)
-    np.testing.assert_allclose(out["padded"][:, :TARGET.shape[1]], out["logits"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out["padded"][:, : TARGET.shape[1]], out["logits"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ATTENTION_CONFIGS)
@@ -109,16 +122,21 @@ def memory_gradients(name):
     """Gradients of the teacher-forced logits w.r.t. the encoder memory: all states, final."""
     model, variables = make(name)
     decoder_inputs = jnp.pad(TARGET, ((0, 0), (1, 0)), constant_values=model.bos_id)[:, :-1]
-    probe = jnp.asarray(np.random.default_rng(1).normal(size=(3, TARGET.shape[1], VOCAB)),
-                        jnp.float32)
+    probe = jnp.asarray(
+        np.random.default_rng(1).normal(size=(3, TARGET.shape[1], VOCAB)), jnp.float32
+    )
 
     @jax.jit
     def gradients():
         memory = model.apply(variables, SOURCE, method=model.encode)
 
         def loss(states, final):
-            logits, _ = model.apply(variables, memory._replace(states=states, final=final),
-                                    decoder_inputs, method=model.decode)
+            logits, _ = model.apply(
+                variables,
+                memory._replace(states=states, final=final),
+                decoder_inputs,
+                method=model.decode,
+            )
             return jnp.sum(logits * probe)
 
         return jax.grad(loss, argnums=(0, 1))(memory.states, memory.final)
@@ -153,7 +171,7 @@ def test_bidirectional_encoder_reads_forward_and_backward():
     assert (np.abs(states[2:, :half] - other[2:, :half]).sum(-1) > 0).all()
     assert (np.abs(states[:3, half:] - other[:3, half:]).sum(-1) > 0).all()
     # The final carry: forward after the last real token, backward after the first one.
-    (_, final_h), = memory.final
+    ((_, final_h),) = memory.final
     lengths = np.asarray((SOURCE != 0).sum(-1))
     for row, length in enumerate(lengths):
         np.testing.assert_allclose(final_h[row, :half], memory.states[row, length - 1, :half])
@@ -170,8 +188,9 @@ def test_dropout_follows_the_rng_and_is_off_at_evaluation():
     name = "bahdanau-gru-bidirectional"  # dropout_rate 0.3
     model, variables = make(name)
     out = outputs(name)
-    train = jax.jit(lambda rng: model.apply(variables, SOURCE, TARGET, train=True,
-                                            rngs={"dropout": rng}))
+    train = jax.jit(
+        lambda rng: model.apply(variables, SOURCE, TARGET, train=True, rngs={"dropout": rng})
+    )
     same_rng, same_rng_again = train(jax.random.key(1)), train(jax.random.key(1))
     other_rng = train(jax.random.key(2))
     np.testing.assert_array_equal(same_rng, same_rng_again)
@@ -184,8 +203,9 @@ def test_dropout_follows_the_rng_and_is_off_at_evaluation():
 def test_generate_greedy_and_beam_of_one_agree_with_decode_step():
     model, variables = make("luong-dot-bidirectional-2-layers", score="general")
     greedy = decoding.generate(model, variables, SOURCE, max_len=6, eos_id=EOS)
-    beam = decoding.generate(model, variables, SOURCE, max_len=6, eos_id=EOS, strategy="beam",
-                             beam_size=1, alpha=0.0)
+    beam = decoding.generate(
+        model, variables, SOURCE, max_len=6, eos_id=EOS, strategy="beam", beam_size=1, alpha=0.0
+    )
     np.testing.assert_array_equal(greedy, beam)
 
     @jax.jit
@@ -205,15 +225,18 @@ def test_generate_greedy_and_beam_of_one_agree_with_decode_step():
         decoding.generate(model, variables, SOURCE, max_len=6, eos_id=EOS, strategy="nucleus")
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(attention="transformer"), "attention"),
-    (dict(cell="rnn"), "cell"),
-    (dict(attention="bahdanau", score="dot"), "luong"),
-    (dict(attention="luong", score="cosine"), "score"),
-    (dict(bidirectional=True, hidden_dim=15), "even"),
-    (dict(bos_id=0), "bos_id"),
-    (dict(num_heads=4), "num_heads"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(attention="transformer"), "attention"),
+        (dict(cell="rnn"), "cell"),
+        (dict(attention="bahdanau", score="dot"), "luong"),
+        (dict(attention="luong", score="cosine"), "score"),
+        (dict(bidirectional=True, hidden_dim=15), "even"),
+        (dict(bos_id=0), "bos_id"),
+        (dict(num_heads=4), "num_heads"),
+    ],
+)
 def test_bad_configs_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
         build_rnn_seq2seq({"vocab_size": VOCAB, **fields})
@@ -228,8 +251,15 @@ def test_return_attention_without_attention_is_an_error():
 def test_overfits_a_toy_reversal_task_and_plots_its_anti_diagonal_alignment(tmp_path):
     """A few hundred Adam steps on 'reverse the sequence' learn it, and the alignment is the
     anti-diagonal: target i looks at source n - 1 - i."""
-    model = RNNSeq2Seq(vocab_size=VOCAB, embed_dim=16, hidden_dim=32, attention_dim=16,
-                       attention="luong", score="general", bidirectional=True)
+    model = RNNSeq2Seq(
+        vocab_size=VOCAB,
+        embed_dim=16,
+        hidden_dim=32,
+        attention_dim=16,
+        attention="luong",
+        score="general",
+        bidirectional=True,
+    )
     rng = np.random.default_rng(0)
     symbols = rng.integers(3, VOCAB, size=(64, 5))
     inputs = jnp.asarray(np.concatenate([symbols, np.full((64, 1), EOS)], 1), jnp.int32)
@@ -249,6 +279,7 @@ def test_overfits_a_toy_reversal_task_and_plots_its_anti_diagonal_alignment(tmp_
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, opt_state = optimizer.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), loss
+
         (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, 300)
         return losses, params
 
@@ -257,8 +288,14 @@ def test_overfits_a_toy_reversal_task_and_plots_its_anti_diagonal_alignment(tmp_
     # A new sentence, translated by greedy decoding and pictured.
     names = lambda ids: [f"<{i}>" if i < 3 else "abcdefghij"[i - 3] for i in ids]
     translation, weights = translate_and_plot(
-        model, {"params": params}, [3, 9, 4, 12, 7, EOS, 0], tmp_path / "reverse.png",
-        max_len=8, eos_id=EOS, names=names)
+        model,
+        {"params": params},
+        [3, 9, 4, 12, 7, EOS, 0],
+        tmp_path / "reverse.png",
+        max_len=8,
+        eos_id=EOS,
+        names=names,
+    )
     np.testing.assert_array_equal(translation, [7, 12, 4, 9, 3, EOS])
     assert weights.shape == (6, 7)
     np.testing.assert_array_equal(weights[:5, :5].argmax(-1), [4, 3, 2, 1, 0])  # anti-diagonal
@@ -267,8 +304,13 @@ def test_overfits_a_toy_reversal_task_and_plots_its_anti_diagonal_alignment(tmp_
 
 def test_alignment_plot_writes_a_png_of_the_expected_size(tmp_path):
     weights = np.random.default_rng(0).dirichlet(np.ones(7), size=5)
-    path = plot_alignment(np.pad(weights, ((0, 2), (0, 3))), list("abcdefg"), list("vwxyz"),
-                          tmp_path / "alignment.png", dpi=100)
+    path = plot_alignment(
+        np.pad(weights, ((0, 2), (0, 3))),
+        list("abcdefg"),
+        list("vwxyz"),
+        tmp_path / "alignment.png",
+        dpi=100,
+    )
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
@@ -279,8 +321,15 @@ def test_alignment_plot_writes_a_png_of_the_expected_size(tmp_path):
 
 
 def test_build_model_builds_the_rnn_from_the_registry_and_refuses_unknown_fields():
-    model = build_model({"name": "rnn_seq2seq", "vocab_size": VOCAB, "attention": "bahdanau",
-                         "cell": "gru", "max_len": 9})
+    model = build_model(
+        {
+            "name": "rnn_seq2seq",
+            "vocab_size": VOCAB,
+            "attention": "bahdanau",
+            "cell": "gru",
+            "max_len": 9,
+        }
+    )
     assert isinstance(model, RNNSeq2Seq) and (model.attention, model.cell) == ("bahdanau", "gru")
     assert model.max_decode_len == 9
     with pytest.raises(ValueError, match=r"has no field\(s\) \['num_layer'\]"):
@@ -294,8 +343,9 @@ def test_trains_through_the_shared_loop_on_a_seq2seq_data_set(tmp_path):
     as for a transformer), calls it the seq2seq task's way, and learns."""
     config = config_checks.base_config()
     config.task = "seq2seq"
-    config.model = ml_collections.ConfigDict(dict(
-        name="rnn_seq2seq", embed_dim=16, hidden_dim=32, attention_dim=16, attention="luong"))
+    config.model = ml_collections.ConfigDict(
+        dict(name="rnn_seq2seq", embed_dim=16, hidden_dim=32, attention_dim=16, attention="luong")
+    )
     config.data = ml_collections.ConfigDict(dict(name="copy_reverse", config="tiny"))
     config.data_dir = str(tmp_path / "tfds")
     config.global_batch_size = 16

@@ -28,6 +28,7 @@ class ToyModel(nn.Module):
 
     inputs int `[batch, length]` -> `[batch, classes]` or `[batch, length, vocab]`.
     """
+
     per_position: bool = False
     num_classes: int = 2
     dropout_rate: float = 0.1
@@ -53,8 +54,9 @@ def toy_examples(task, index):
     return {"inputs": inputs, "targets": np.append(inputs[1:], 0).astype(np.int32)}
 
 
-def toy_iterator(data_config, split, *, global_batch_size, seed, process_index, process_count,
-                 **unused):
+def toy_iterator(
+    data_config, split, *, global_batch_size, seed, process_index, process_count, **unused
+):
     """The toy data set as the real pipeline yields it: this host's rows, checkpointable."""
     offset = {"train": 0, "validation": 1_000_000}[split]
     dataset = grain.MapDataset.range(offset, offset + data_config.size)
@@ -83,16 +85,25 @@ def use_toy_setup(monkeypatch):
     """Makes `train_and_evaluate` build the toy model and read the toy data."""
     monkeypatch.setattr(train, "build_model", toy_model)
     monkeypatch.setattr(train, "with_data_fields", lambda config: config.model)
-    monkeypatch.setattr(train, "make_iterator", lambda data_config, split, **kw: toy_iterator(
-        data_config, split, process_index=jax.process_index(),
-        process_count=jax.process_count(), **kw))
+    monkeypatch.setattr(
+        train,
+        "make_iterator",
+        lambda data_config, split, **kw: toy_iterator(
+            data_config,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **kw,
+        ),
+    )
 
 
 def toy_config(task="classification", **overrides):
     config = config_checks.base_config()
     config.task = task
     config.model = ml_collections.ConfigDict(
-        {"name": "toy_classifier" if task == "classification" else "toy_lm"})
+        {"name": "toy_classifier" if task == "classification" else "toy_lm"}
+    )
     config.data = ml_collections.ConfigDict({"name": "toy", "task": task, "size": 4096})
     config.global_batch_size = 16
     config.num_train_steps = 30
@@ -114,8 +125,15 @@ def test_classification_learns_and_writes_summary(monkeypatch, tmp_path):
     assert summary["status"] == "completed" and summary["step"] == 30
     assert summary["final"]["eval/accuracy"] > 0.8  # the larger class is 55%
     written = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("config", "final", "best", "steps_per_second", "tokens_per_second",
-                "num_params", "device_count"):
+    for key in (
+        "config",
+        "final",
+        "best",
+        "steps_per_second",
+        "tokens_per_second",
+        "num_params",
+        "device_count",
+    ):
         assert key in written
     assert written["device_count"] == jax.device_count() == 8
     assert written["best"]["metric"] == "eval/accuracy"
@@ -133,11 +151,13 @@ def test_classification_learns_and_writes_summary(monkeypatch, tmp_path):
 
 def test_language_modelling_counts_only_real_tokens(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
-    summary = train.train_and_evaluate(toy_config("language_modelling", num_train_steps=10),
-                                       str(tmp_path)).summary
+    summary = train.train_and_evaluate(
+        toy_config("language_modelling", num_train_steps=10), str(tmp_path)
+    ).summary
     assert np.isfinite(summary["final"]["eval/loss"])
     assert summary["final"]["eval/bits_per_target"] == pytest.approx(
-        summary["final"]["eval/loss"] / np.log(2))
+        summary["final"]["eval/loss"] / np.log(2)
+    )
 
 
 def test_loss_and_metric_sums_ignore_padding():
@@ -180,14 +200,21 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(monkeypa
     assert not (tmp_path / "summary.json").exists()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("task", "regression", r"config.task='regression' is invalid; allowed: one of \["),
-    ("parallel", "dp", r"config.parallel='dp' is invalid; allowed: one of \['shard_map', 'pmap'\]"),
-    ("optimizer.schedule", "linear", r"config.optimizer.schedule='linear' is invalid; allowed"),
-    ("global_batch_size", 0, r"config.global_batch_size=0 is invalid; allowed: a positive"),
-    ("label_smoothing", 1.5, r"config.label_smoothing=1.5 is invalid; allowed: a number in"),
-    ("best_metric", "accuracy", r"config.best_metric='accuracy' must name an evaluation"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task", "regression", r"config.task='regression' is invalid; allowed: one of \["),
+        (
+            "parallel",
+            "dp",
+            r"config.parallel='dp' is invalid; allowed: one of \['shard_map', 'pmap'\]",
+        ),
+        ("optimizer.schedule", "linear", r"config.optimizer.schedule='linear' is invalid; allowed"),
+        ("global_batch_size", 0, r"config.global_batch_size=0 is invalid; allowed: a positive"),
+        ("label_smoothing", 1.5, r"config.label_smoothing=1.5 is invalid; allowed: a number in"),
+        ("best_metric", "accuracy", r"config.best_metric='accuracy' must name an evaluation"),
+    ],
+)
 def test_bad_config_values_are_named_with_what_is_allowed(field, value, message):
     config = toy_config()
     config.update_from_flattened_dict({field: value})
@@ -199,8 +226,11 @@ def test_unknown_config_fields_are_named_with_what_is_allowed():
     config = toy_config()
     with config.unlocked():
         config.num_steps = 10
-    with pytest.raises(ValueError, match=r"unknown config field 'num_steps'; allowed: \[.*"
-                                         r"'num_train_steps'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config field 'num_steps'; allowed: \[.*"
+        r"'num_train_steps'",
+    ):
         config_checks.validate(config)
     config = toy_config()
     with config.optimizer.unlocked():

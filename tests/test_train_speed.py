@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import optax
 import pytest
-
 from experiment_files import load_experiment
+
 from transformer import parallel, patterns, sweep, train
 from transformer.data import data_info
 from transformer.optim import make_optimizer
@@ -22,7 +22,12 @@ def test_cpu_preset_trains_the_target_model_at_the_variants_length(variant):
     config = speed.get_config(f"cpu,{variant}")
     model = config.model
     assert (model.name, model.num_layers, model.d_model, model.num_heads, model.d_ff) == (
-        "encoder_classifier", 4, 256, 4, 1024)
+        "encoder_classifier",
+        4,
+        256,
+        4,
+        1024,
+    )
     assert (model.norm_position, model.dtype, model.implementation) == ("post", "float32", "auto")
     assert config.global_batch_size == 8
     pattern, length = variant.rsplit("-", 1)
@@ -36,18 +41,28 @@ def test_cpu_preset_trains_the_target_model_at_the_variants_length(variant):
 
 def test_cpu_preset_trains_every_pattern_at_1k_and_4k_full_to_8k_and_bigbird_to_16k():
     variants = set(speed.get_config("cpu").sweep.variants)
-    longest = {"full": 8192, "sliding_window": 16384, "anchor": 4096, "random": 4096,
-               "bigbird": 16384, "causal": 4096}
-    assert variants == {f"{p}-{n}" for p in speed.PATTERNS for n in (1024, 4096, 8192, 16384)
-                        if n <= longest[p]}
+    longest = {
+        "full": 8192,
+        "sliding_window": 16384,
+        "anchor": 4096,
+        "random": 4096,
+        "bigbird": 16384,
+        "causal": 4096,
+    }
+    assert variants == {
+        f"{p}-{n}" for p in speed.PATTERNS for n in (1024, 4096, 8192, 16384) if n <= longest[p]
+    }
 
 
 def test_the_optimizer_is_adamw():
     config = speed.get_config("cpu,full-1024")
     params = {"kernel": np.ones((2, 2), np.float32)}
     state = make_optimizer(config.optimizer, config.num_train_steps).init(params)
-    adam_states = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-        s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    adam_states = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam_states) == 1
     assert config.optimizer.weight_decay > 0
 
@@ -55,9 +70,14 @@ def test_the_optimizer_is_adamw():
 def test_bigbird_is_the_union_of_the_other_sparse_patterns_in_every_layer():
     block = speed.PRESETS["cpu"]["block"]
     for layer in range(4):  # random blocks are drawn per layer, from the same seed in each part
-        built = {p: patterns.build(*speed.pattern_options(p, block)[:1], layer=layer,
-                                   **speed.pattern_options(p, block)[1])
-                 for p in ("sliding_window", "anchor", "random", "bigbird")}
+        built = {
+            p: patterns.build(
+                *speed.pattern_options(p, block)[:1],
+                layer=layer,
+                **speed.pattern_options(p, block)[1],
+            )
+            for p in ("sliding_window", "anchor", "random", "bigbird")
+        }
         union = built["sliding_window"] | built["anchor"] | built["random"]
         np.testing.assert_array_equal(built["bigbird"].mask(1024, 1024), union.mask(1024, 1024))
 
@@ -72,8 +92,9 @@ def test_an_unknown_length_names_the_allowed_ones():
 def test_train_step_memory_holds_parameters_and_adam_moments_and_grows_with_length():
     config = speed.get_config("smoke,full-64")
     programs = train.programs(config, train.with_data_fields(config), parallel.make_mesh())
-    state = programs.init(0, {"inputs": np.ones((8, 64), np.int32),
-                              "targets": np.zeros(8, np.int32)})
+    state = programs.init(
+        0, {"inputs": np.ones((8, 64), np.int32), "targets": np.zeros(8, np.int32)}
+    )
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(state.params))
     short = speed.train_step_memory_gb(config)
     assert short * 1e9 >= 3 * param_bytes  # parameters, Adam's mu and nu
@@ -117,8 +138,9 @@ def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
     with open(workdir / "speed.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["pattern"], r["length"]) for r in rows] == [("full", "64"), ("bigbird", "128")]
-    assert float(rows[1]["tokens_per_second_mean"]) == pytest.approx(table["bigbird", 128][0],
-                                                                      rel=1e-3)
+    assert float(rows[1]["tokens_per_second_mean"]) == pytest.approx(
+        table["bigbird", 128][0], rel=1e-3
+    )
     text = (workdir / "speed.md").read_text()
     assert "| pattern | 64 | 128 |" in text
     assert f"Data parallel over {jax.device_count()} device(s)." in text
@@ -131,6 +153,7 @@ def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
 def test_report_reads_memory_from_the_summary_when_the_loop_recorded_it(swept, tmp_path):
     import json
     import shutil
+
     workdir, _, _ = swept
     shutil.copytree(workdir / "runs", tmp_path / "runs")
     path = tmp_path / "runs" / "full-64" / "seed_0" / "summary.json"
@@ -143,6 +166,7 @@ def test_report_reads_memory_from_the_summary_when_the_loop_recorded_it(swept, t
 def test_report_refuses_runs_on_different_device_counts(swept, tmp_path):
     import json
     import shutil
+
     workdir, _, _ = swept
     shutil.copytree(workdir / "runs", tmp_path / "runs")
     other = tmp_path / "runs" / "bigbird-128" / "seed_0" / "summary.json"

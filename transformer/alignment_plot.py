@@ -30,8 +30,10 @@ def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, d
         raise ValueError(f"weights must be [tgt_len, src_len]; got shape {weights.shape}.")
     rows, cols = len(target_tokens), len(source_tokens)
     if rows > weights.shape[0] or cols > weights.shape[1]:
-        raise ValueError(f"{rows} target and {cols} source tokens do not fit weights of shape "
-                         f"{weights.shape} [tgt_len, src_len].")
+        raise ValueError(
+            f"{rows} target and {cols} source tokens do not fit weights of shape "
+            f"{weights.shape} [tgt_len, src_len]."
+        )
     weights = weights[:rows, :cols]
     # About 0.35 inch per token, so labels stay readable for sentences of a few dozen tokens.
     figure, axes = plt.subplots(figsize=(1.5 + 0.35 * cols, 1.2 + 0.35 * rows))
@@ -59,18 +61,31 @@ def alignment_weights(model, params, source, target):
     cross-attention, averaged over heads, is the alignment (row i predicts target[i]).
     """
     if not isinstance(model, EncoderDecoder):
-        return np.asarray(model.apply({"params": params}, source, target,
-                                      return_attention=True)[1][0])
+        return np.asarray(
+            model.apply({"params": params}, source, target, return_attention=True)[1][0]
+        )
     config = dataclasses.replace(model.config, sow_attention_weights=True, implementation="dense")
-    _, state = model.clone(config=config).apply({"params": params}, source, target,
-                                                mutable=["intermediates"])
+    _, state = model.clone(config=config).apply(
+        {"params": params}, source, target, mutable=["intermediates"]
+    )
     last_layer = state["intermediates"]["decoder"][f"layers_{config.num_decoder_layers - 1}"]
     weights = last_layer["cross_attention"]["attention_weights"][0]  # [1, heads, tgt, src]
     return np.asarray(weights[0].mean(0))
 
 
-def translate_and_plot(model, variables, source, path, *, max_len, eos_id, names,
-                       strategy="greedy", title=None, **options):
+def translate_and_plot(
+    model,
+    variables,
+    source,
+    path,
+    *,
+    max_len,
+    eos_id,
+    names,
+    strategy="greedy",
+    title=None,
+    **options,
+):
     """Translates one sentence and saves the alignment of the translation to it as a PNG.
 
     source: int `[src_len]`, padding allowed at the end. The model decodes it with
@@ -80,12 +95,14 @@ def translate_and_plot(model, variables, source, path, *, max_len, eos_id, names
     Returns the decoded ids (up to and including EOS) and their weights `[tgt_len, src_len]`.
     """
     source = jnp.asarray(source, jnp.int32)[None]
-    output = np.asarray(decoding.generate(model, variables, source, max_len=max_len,
-                                          eos_id=eos_id, strategy=strategy, **options)[0])
+    output = np.asarray(
+        decoding.generate(
+            model, variables, source, max_len=max_len, eos_id=eos_id, strategy=strategy, **options
+        )[0]
+    )
     ends = np.flatnonzero(output == eos_id)
-    target = output[:ends[0] + 1] if ends.size else output
+    target = output[: ends[0] + 1] if ends.size else output
     weights = alignment_weights(model, variables["params"], source, jnp.asarray(target)[None])
     real_source = [int(t) for t in np.asarray(source[0]) if t != 0]
-    plot_alignment(weights, names(real_source), names([int(t) for t in target]), path,
-                   title=title)
+    plot_alignment(weights, names(real_source), names([int(t) for t in target]), path, title=title)
     return target, weights

@@ -12,20 +12,27 @@ the checkpoints mean (model, task, data, optimizer, ...) is refused.
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-import grain
-
 from transformer.config_checks import differences
 
 # Fields of the config that a checkpoint depends on. Anything else (number of steps, how often to
 # evaluate or log, parallel mode, ...) may change between a run and its restart.
-COMPATIBILITY_FIELDS = ("task", "model", "data", "train_mixture", "seed", "global_batch_size",
-                        "optimizer", "label_smoothing")
+COMPATIBILITY_FIELDS = (
+    "task",
+    "model",
+    "data",
+    "train_mixture",
+    "seed",
+    "global_batch_size",
+    "optimizer",
+    "label_smoothing",
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -39,13 +46,16 @@ def check_compatible_config(config, workdir):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = differences({f: saved.get(f) for f in COMPATIBILITY_FIELDS},
-                               {f: current.get(f) for f in COMPATIBILITY_FIELDS})
+        changed = differences(
+            {f: saved.get(f) for f in COMPATIBILITY_FIELDS},
+            {f: current.get(f) for f in COMPATIBILITY_FIELDS},
+        )
         if changed:
             details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
             raise IncompatibleCheckpointError(
                 f"{workdir} holds a run with a different config ({details}). Use a new --workdir, "
-                f"or restore these fields to resume it.")
+                f"or restore these fields to resume it."
+            )
         return
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -57,20 +67,27 @@ def check_compatible_config(config, workdir):
 class Checkpointer:
     """Periodic asynchronous saves and exact restores of (train state, data iterator)."""
 
-    def __init__(self, directory, *, keep=2, best_metric=None, best_mode="max",
-                 async_save=True):
+    def __init__(self, directory, *, keep=2, best_metric=None, best_mode="max", async_save=True):
         """`best_metric` names a key of the metrics given to `save`; its best checkpoint is kept."""
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if best_metric:
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
-                n=1, keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self._directory = epath.Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(self._directory,
-                                              item_names=("state", "data"), options=options)
+        self._manager = ocp.CheckpointManager(
+            self._directory, item_names=("state", "data"), options=options
+        )
 
     def all_steps(self):
         self._manager.reload()
@@ -78,8 +95,9 @@ class Checkpointer:
 
     def save(self, step, state, data_iterator, metrics=None):
         """Starts saving; returns before the arrays are written when saving asynchronously."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        )
         self._manager.save(int(step), args=args, metrics=metrics, force=True)
 
     def restore_latest(self, abstract_state, data_iterator):
@@ -94,12 +112,20 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
             except Exception as error:  # Orbax raises many kinds; any means "unreadable".
-                logging.error("checkpoint at step %d cannot be read (%s: %s); trying the one "
-                              "before it.", step, type(error).__name__, error)
+                logging.error(
+                    "checkpoint at step %d cannot be read (%s: %s); trying the one before it.",
+                    step,
+                    type(error).__name__,
+                    error,
+                )
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
                 continue
             _check_shapes(abstract_state, restored["state"], step)
@@ -108,7 +134,8 @@ class Checkpointer:
             return restored["state"]
         if errors:
             raise IncompatibleCheckpointError(
-                "no checkpoint in this workdir can be restored:\n  " + "\n  ".join(errors))
+                "no checkpoint in this workdir can be restored:\n  " + "\n  ".join(errors)
+            )
         return None
 
     def _set_aside(self, steps):
@@ -124,6 +151,7 @@ class Checkpointer:
                 (self._directory / str(step)).rename(aside / str(step))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("checkpoints set aside")
         self._manager.reload()
 
@@ -141,7 +169,8 @@ def _check_shapes(expected, restored, step):
     if expected_shapes != restored_shapes:
         raise IncompatibleCheckpointError(
             f"the checkpoint at step {step} holds arrays of other shapes than this config's model "
-            f"(e.g. {_first_difference(expected_shapes, restored_shapes)}).")
+            f"(e.g. {_first_difference(expected_shapes, restored_shapes)})."
+        )
 
 
 def _first_difference(expected, restored):

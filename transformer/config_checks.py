@@ -15,7 +15,7 @@ from transformer.tasks import TASKS
 def base_config():
     """Defaults of every field the training loop reads; `model` and `data` are per experiment."""
     config = ml_collections.ConfigDict()
-    config.task = "classification"        # a name in transformer.tasks.TASKS
+    config.task = "classification"  # a name in transformer.tasks.TASKS
     config.model = ml_collections.ConfigDict({"name": "encoder_classifier"})  # build_model's
     config.data = ml_collections.ConfigDict({"name": ""})  # transformer.data.make_iterator's
     # Extra evaluation sets: {name: fields replacing those of `data`}; each is logged as
@@ -25,25 +25,34 @@ def base_config():
     # Training on a mixture: {name: fields replacing those of `data`}, in equal shares (every
     # batch from one member). Empty: train on `data`.
     config.train_mixture = ml_collections.ConfigDict()
-    config.data_dir = ""                  # where TFDS data is prepared; "" = TFDS's default
+    config.data_dir = ""  # where TFDS data is prepared; "" = TFDS's default
     config.seed = 0
-    config.global_batch_size = 32         # over all devices of all hosts
+    config.global_batch_size = 32  # over all devices of all hosts
     config.num_train_steps = 1000
     config.eval_every_steps = 500
-    config.eval_steps = 10                # batches per evaluation; 0 = the whole split
+    config.eval_steps = 10  # batches per evaluation; 0 = the whole split
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
-    config.keep_checkpoints = 2           # the latest ones; the best is kept besides
-    config.best_metric = ""               # e.g. "eval/accuracy"; "" keeps no best checkpoint
+    config.keep_checkpoints = 2  # the latest ones; the best is kept besides
+    config.best_metric = ""  # e.g. "eval/accuracy"; "" keeps no best checkpoint
     config.best_mode = "max"
     config.label_smoothing = 0.0
     # Decode the evaluation sets and score BLEU (seq2seq): transformer/translation_eval.py's
     # fields. Empty: no decoding.
     config.translation_eval = ml_collections.ConfigDict()
     config.parallel = "shard_map"
-    config.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.01,
-        b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=1.0))
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-3,
+            warmup_steps=100,
+            schedule="cosine",
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-9,
+            grad_clip_norm=1.0,
+        )
+    )
     # What `--sweep` runs: every variant of the experiment with every seed.
     config.sweep = ml_collections.ConfigDict(dict(variants=(), seeds=(0, 1, 2)))
     return config
@@ -91,8 +100,10 @@ def validate(config):
     if not config.data.get("name"):
         raise ValueError("config.data.name is empty; set it to a data set name.")
     if config.best_metric and "/" not in config.best_metric:
-        raise ValueError(f"config.best_metric={config.best_metric!r} must name an evaluation "
-                         "result as '<split>/<metric>', e.g. 'eval/accuracy', or be ''.")
+        raise ValueError(
+            f"config.best_metric={config.best_metric!r} must name an evaluation "
+            "result as '<split>/<metric>', e.g. 'eval/accuracy', or be ''."
+        )
 
 
 def _check_known_fields(config, defaults, prefix):
@@ -101,10 +112,13 @@ def _check_known_fields(config, defaults, prefix):
     their own fields)."""
     for key in config.keys():
         if key not in defaults:
-            raise ValueError(f"unknown config field '{prefix}{key}'; allowed: "
-                             f"{sorted(defaults.keys())}.")
-        if key in ("model", "data", "eval_data", "train_mixture", "sweep",
-                   "translation_eval") and not prefix:
+            raise ValueError(
+                f"unknown config field '{prefix}{key}'; allowed: {sorted(defaults.keys())}."
+            )
+        if (
+            key in ("model", "data", "eval_data", "train_mixture", "sweep", "translation_eval")
+            and not prefix
+        ):
             continue
         if isinstance(defaults[key], ml_collections.ConfigDict):
             _check_known_fields(config[key], defaults[key], f"{prefix}{key}.")
@@ -115,5 +129,8 @@ def differences(old, new, prefix=""):
     differ."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [] if old == new else [(prefix.rstrip("."), old, new)]
-    return [difference for key in sorted(set(old) | set(new))
-            for difference in differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [
+        difference
+        for key in sorted(set(old) | set(new))
+        for difference in differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    ]

@@ -30,9 +30,11 @@ def prefill(step_fn, state, tokens):
 
     For decoder-only models: prefill all prompt tokens but the last, then decode from the last.
     """
+
     def body(state, token):
         _, state = step_fn(state, token)
         return state, None
+
     state, _ = jax.lax.scan(body, state, jnp.swapaxes(tokens, 0, 1))
     return state
 
@@ -56,16 +58,22 @@ def _decode_loop(step_fn, state, start_tokens, choose, *, max_len, eos_id, pad_i
         return step + 1, state, next_token, out, finished
 
     out = jnp.full((batch, max_len), pad_id, jnp.int32)
-    carry = (jnp.array(0, jnp.int32), state, start_tokens.astype(jnp.int32), out,
-             jnp.zeros((batch,), bool))
+    carry = (
+        jnp.array(0, jnp.int32),
+        state,
+        start_tokens.astype(jnp.int32),
+        out,
+        jnp.zeros((batch,), bool),
+    )
     return jax.lax.while_loop(not_done, body, carry)[3]
 
 
 def greedy(step_fn, state, start_tokens, *, max_len, eos_id=None, pad_id=0):
     """The most likely next token at every step. Returns `[batch, max_len]`."""
     choose = lambda logits, step: jnp.argmax(logits, axis=-1)
-    return _decode_loop(step_fn, state, start_tokens, choose,
-                        max_len=max_len, eos_id=eos_id, pad_id=pad_id)
+    return _decode_loop(
+        step_fn, state, start_tokens, choose, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+    )
 
 
 def top_k_logits(logits, k):
@@ -76,8 +84,18 @@ def top_k_logits(logits, k):
     return jnp.where(logits >= kth_largest, logits, -jnp.inf)
 
 
-def sample(step_fn, state, start_tokens, rng, *, max_len, eos_id=None, pad_id=0,
-           temperature=1.0, top_k=None):
+def sample(
+    step_fn,
+    state,
+    start_tokens,
+    rng,
+    *,
+    max_len,
+    eos_id=None,
+    pad_id=0,
+    temperature=1.0,
+    top_k=None,
+):
     """Samples from softmax(logits / temperature), optionally only among the top k tokens.
 
     temperature: > 0 (a float, or an array so that one compiled function serves many);
@@ -95,8 +113,9 @@ def sample(step_fn, state, start_tokens, rng, *, max_len, eos_id=None, pad_id=0,
             logits = top_k_logits(logits, top_k)
         return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
 
-    return _decode_loop(step_fn, state, start_tokens, choose,
-                        max_len=max_len, eos_id=eos_id, pad_id=pad_id)
+    return _decode_loop(
+        step_fn, state, start_tokens, choose, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+    )
 
 
 def length_penalty(length, alpha):
@@ -122,8 +141,7 @@ def _gather_beams(tree, parent, batch, beam_size):
     return jax.tree.map(gather, tree)
 
 
-def beam_search(step_fn, state, start_tokens, *, beam_size, max_len, eos_id, alpha=0.6,
-                pad_id=0):
+def beam_search(step_fn, state, start_tokens, *, beam_size, max_len, eos_id, alpha=0.6, pad_id=0):
     """Beam search ranking finished hypotheses by log p(y) / length_penalty(|y|, alpha).
 
     |y| counts the generated tokens including EOS. A hypothesis still alive at max_len counts as
@@ -183,7 +201,8 @@ def beam_search(step_fn, state, start_tokens, *, beam_size, max_len, eos_id, alp
 
         cand_score = jnp.where(ends & real, cand_logp / length_penalty(step + 1, alpha), NEG_INF)
         finished_score, pick = jax.lax.top_k(
-            jnp.concatenate([finished_score, cand_score], axis=1), beam_size)
+            jnp.concatenate([finished_score, cand_score], axis=1), beam_size
+        )
         finished_seq = jnp.concatenate([finished_seq, cand_seq], axis=1)[rows, pick]
         return step + 1, state, token, alive_seq, alive_logp, finished_seq, finished_score
 
@@ -214,12 +233,14 @@ def _generate(model, variables, inputs, rng, *, strategy, max_len, eos_id, optio
     state = model.apply(variables, inputs, max_len, method=model.init_decode_state)
     step_fn = functools.partial(model.apply, variables, method=model.decode_step)
     start = jnp.full((inputs.shape[0],), model.bos_id, jnp.int32)
-    return STRATEGIES[strategy](step_fn, state, start, rng, max_len=max_len, eos_id=eos_id,
-                                **dict(options))
+    return STRATEGIES[strategy](
+        step_fn, state, start, rng, max_len=max_len, eos_id=eos_id, **dict(options)
+    )
 
 
-def generate(model, variables, inputs, *, eos_id, max_len=None, strategy="greedy", rng=None,
-             **options):
+def generate(
+    model, variables, inputs, *, eos_id, max_len=None, strategy="greedy", rng=None, **options
+):
     """Jitted decoding of a sequence-to-sequence Flax model from source `inputs` `[batch, len]`.
 
     The model provides `init_decode_state(inputs, max_decode_len) -> state`,
@@ -233,5 +254,13 @@ def generate(model, variables, inputs, *, eos_id, max_len=None, strategy="greedy
         raise ValueError(f"{type(model).__name__} has no default max_len: pass max_len.")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; allowed: {sorted(STRATEGIES)}.")
-    return _generate(model, variables, inputs, rng, strategy=strategy, max_len=max_len,
-                     eos_id=eos_id, options=tuple(sorted(options.items())))
+    return _generate(
+        model,
+        variables,
+        inputs,
+        rng,
+        strategy=strategy,
+        max_len=max_len,
+        eos_id=eos_id,
+        options=tuple(sorted(options.items())),
+    )

@@ -29,12 +29,23 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, inputs, *, deterministic=True):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; allowed: "
-                             f"{', '.join(ACTIVATIONS)}.")
+            raise ValueError(
+                f"unknown activation {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}."
+            )
         d_model = inputs.shape[-1]
-        hidden = nn.Dense(self.d_ff, kernel_init=self.kernel_init, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="hidden")(inputs)
+        hidden = nn.Dense(
+            self.d_ff,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="hidden",
+        )(inputs)
         hidden = ACTIVATIONS[self.activation](hidden)
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-        return nn.Dense(d_model, kernel_init=self.kernel_init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="output")(hidden)
+        return nn.Dense(
+            d_model,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="output",
+        )(hidden)

@@ -18,9 +18,11 @@ import sys
 
 LIBRARY = "tcmalloc_minimal"
 OPT_OUT = "TRANSFORMER_MALLOC"
-INSTALL_HINT = ("tcmalloc is not installed, so XLA:CPU's buffers are page-faulted back in on "
-                "every step (1.1-1.25x slower training on CPU, README.md); install it with `apt-get "
-                f"install libtcmalloc-minimal4`, or set {OPT_OUT}=system to silence this.")
+INSTALL_HINT = (
+    "tcmalloc is not installed, so XLA:CPU's buffers are page-faulted back in on "
+    "every step (1.1-1.25x slower training on CPU, README.md); install it with `apt-get "
+    f"install libtcmalloc-minimal4`, or set {OPT_OUT}=system to silence this."
+)
 
 
 def environment_with_tcmalloc(environ, library):
@@ -32,10 +34,14 @@ def environment_with_tcmalloc(environ, library):
     if library is None or not install_hint_needed(environ):
         return None
     preloaded = environ.get("LD_PRELOAD", "")
-    return dict(environ, LD_PRELOAD=" ".join(filter(None, [preloaded, library])),
-                # tcmalloc reports every allocation above 1 GB on stderr by default.
-                TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=environ.get(
-                    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62)))
+    return dict(
+        environ,
+        LD_PRELOAD=" ".join(filter(None, [preloaded, library])),
+        # tcmalloc reports every allocation above 1 GB on stderr by default.
+        TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=environ.get(
+            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62)
+        ),
+    )
 
 
 def install_hint_needed(environ=os.environ):

@@ -58,21 +58,24 @@ class LayerConfig:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         check_positional(self.positional)
-        for name, value, allowed in (("norm_position", self.norm_position, NORM_POSITIONS),
-                                     ("activation", self.activation, ACTIVATIONS)):
+        for name, value, allowed in (
+            ("norm_position", self.norm_position, NORM_POSITIONS),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
         for name in ("d_model", "num_heads", "d_ff"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got "
-                                 f"{getattr(self, name)!r}.")
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}.")
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}.")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads "
-                             f"{self.num_heads}; choose num_heads dividing d_model or set "
-                             "head_dim.")
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads "
+                f"{self.num_heads}; choose num_heads dividing d_model or set "
+                "head_dim."
+            )
 
 
 def post_ln(x, sublayer, norm, dropout):
@@ -89,23 +92,40 @@ NORM_POSITIONS = {"post": post_ln, "pre": pre_ln}
 
 
 def layer_norm(config, name=None):
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
-                        param_dtype=config.param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
 
 
 def attention(config, pattern, positional, name=None):
     return MultiHeadAttention(
-        num_heads=config.num_heads, features=config.d_model, head_dim=config.head_dim,
-        dropout_rate=config.attention_dropout_rate, positional=positional,
-        rotary_base=config.rotary_base, pattern=pattern, implementation=config.implementation,
-        sow_weights=config.sow_attention_weights, dtype=config.dtype,
-        param_dtype=config.param_dtype, name=name)
+        num_heads=config.num_heads,
+        features=config.d_model,
+        head_dim=config.head_dim,
+        dropout_rate=config.attention_dropout_rate,
+        positional=positional,
+        rotary_base=config.rotary_base,
+        pattern=pattern,
+        implementation=config.implementation,
+        sow_weights=config.sow_attention_weights,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
 
 
 def feed_forward(config, name=None):
-    return FeedForward(d_ff=config.d_ff, activation=config.activation,
-                       dropout_rate=config.dropout_rate, dtype=config.dtype,
-                       param_dtype=config.param_dtype, name=name)
+    return FeedForward(
+        d_ff=config.d_ff,
+        activation=config.activation,
+        dropout_rate=config.dropout_rate,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
 
 
 class EncoderLayer(nn.Module):
@@ -128,12 +148,19 @@ class EncoderLayer(nn.Module):
         add = NORM_POSITIONS[config.norm_position]
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
         self_attention = attention(config, self.pattern, config.positional, "self_attention")
-        x = add(x, lambda h: self_attention(h, key_padding_mask=padding_mask,
-                                            deterministic=deterministic),
-                layer_norm(config, "self_attention_norm"), dropout)
+        x = add(
+            x,
+            lambda h: self_attention(h, key_padding_mask=padding_mask, deterministic=deterministic),
+            layer_norm(config, "self_attention_norm"),
+            dropout,
+        )
         ff = feed_forward(config, "feed_forward")
-        return add(x, lambda h: ff(h, deterministic=deterministic),
-                   layer_norm(config, "feed_forward_norm"), dropout)
+        return add(
+            x,
+            lambda h: ff(h, deterministic=deterministic),
+            layer_norm(config, "feed_forward_norm"),
+            dropout,
+        )
 
 
 class DecoderLayer(nn.Module):
@@ -172,24 +199,33 @@ class DecoderLayer(nn.Module):
         x = add(x, self_attend, self.self_attention_norm, dropout)
         if cross_attend is not None:
             x = add(x, cross_attend, self.cross_attention_norm, dropout)
-        return add(x, lambda h: self.feed_forward(h, deterministic=deterministic),
-                   self.feed_forward_norm, dropout)
+        return add(
+            x,
+            lambda h: self.feed_forward(h, deterministic=deterministic),
+            self.feed_forward_norm,
+            dropout,
+        )
 
-    def __call__(self, x, padding_mask=None, encoded=None, encoded_padding_mask=None, *,
-                 deterministic=True):
+    def __call__(
+        self, x, padding_mask=None, encoded=None, encoded_padding_mask=None, *, deterministic=True
+    ):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`;
         encoded: `[batch, source_length, d_model]` or None (a decoder-only model);
         encoded_padding_mask: bool `[batch, source_length]`, True at real source tokens."""
+
         def self_attend(h):
-            return self.self_attention(h, key_padding_mask=padding_mask,
-                                       deterministic=deterministic)
+            return self.self_attention(
+                h, key_padding_mask=padding_mask, deterministic=deterministic
+            )
 
         def cross_attend(h):
-            return self.cross_attention(h, encoded, key_padding_mask=encoded_padding_mask,
-                                        deterministic=deterministic)
+            return self.cross_attention(
+                h, encoded, key_padding_mask=encoded_padding_mask, deterministic=deterministic
+            )
 
-        return self._sublayers(x, self_attend, None if encoded is None else cross_attend,
-                               deterministic)
+        return self._sublayers(
+            x, self_attend, None if encoded is None else cross_attend, deterministic
+        )
 
     def init_cache(self, batch, max_len, encoded=None):
         """An empty self-attention cache for `max_len` positions, and the cross-attention keys
@@ -214,9 +250,12 @@ class DecoderLayer(nn.Module):
             return out
 
         def cross_attend(h):
-            return self.cross_attention.attend_cached(h, cache["cross"]["key"],
-                                                      cache["cross"]["value"],
-                                                      key_padding_mask=encoded_padding_mask)
+            return self.cross_attention.attend_cached(
+                h,
+                cache["cross"]["key"],
+                cache["cross"]["value"],
+                key_padding_mask=encoded_padding_mask,
+            )
 
         x = self._sublayers(x, self_attend, cross_attend if "cross" in cache else None, True)
         return x, new_cache

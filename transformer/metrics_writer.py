@@ -21,6 +21,7 @@ class MetricsWriter:
         self._tensorboard = None
         if self._active:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -62,27 +62,35 @@ class TransformerConfig(LayerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("vocab_size", "num_layers", "max_len", "num_classes",
-                     "num_decoder_layers"):
+        for name in ("vocab_size", "num_layers", "max_len", "num_classes", "num_decoder_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; allowed: "
-                             f"{', '.join(POOLINGS)}.")
+            raise ValueError(f"unknown pooling {self.pooling!r}; allowed: {', '.join(POOLINGS)}.")
         if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
-            raise ValueError(f"share_embeddings needs one vocabulary, but target_vocab_size "
-                             f"{self.target_vocab_size} != vocab_size {self.vocab_size}; set "
-                             "share_embeddings=False or target_vocab_size=None.")
+            raise ValueError(
+                f"share_embeddings needs one vocabulary, but target_vocab_size "
+                f"{self.target_vocab_size} != vocab_size {self.vocab_size}; set "
+                "share_embeddings=False or target_vocab_size=None."
+            )
         if isinstance(self.pattern, str):
             # Build once now so that a bad name or option fails at start-up, not at trace time.
             patterns.build(self.pattern, layer=0, **dict(self.pattern_options))
         elif not isinstance(self.pattern, patterns.Pattern):
-            raise ValueError(f"pattern must be a name in {sorted(patterns.PATTERNS)} or a "
-                             f"Pattern; got {self.pattern!r}.")
+            raise ValueError(
+                f"pattern must be a name in {sorted(patterns.PATTERNS)} or a "
+                f"Pattern; got {self.pattern!r}."
+            )
         # jax.jit(model.apply) hashes the module, hence its config: store options as tuples.
-        object.__setattr__(self, "pattern_options", tuple(
-            (name, _hashable(value)) for name, value in sorted(dict(self.pattern_options).items())))
+        object.__setattr__(
+            self,
+            "pattern_options",
+            tuple(
+                (name, _hashable(value))
+                for name, value in sorted(dict(self.pattern_options).items())
+            ),
+        )
 
 
 def _hashable(value):
@@ -128,8 +136,9 @@ class Encoder(nn.Module):
             x = positions(x)
         x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
         for layer in range(config.num_layers):
-            x = EncoderLayer(config, pattern=layer_pattern(config, layer, causal=False),
-                             name=f"layers_{layer}")(x, padding_mask, deterministic=deterministic)
+            x = EncoderLayer(
+                config, pattern=layer_pattern(config, layer, causal=False), name=f"layers_{layer}"
+            )(x, padding_mask, deterministic=deterministic)
         if config.norm_position == "pre":
             x = layer_norm(config, "final_norm")(x)
         return x
@@ -155,15 +164,24 @@ class Decoder(nn.Module):
         config = self.config
         self.positions = positional_encoding(config)
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.layers = [DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True))
-                       for layer in range(self.num_layers)]
+        self.layers = [
+            DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True))
+            for layer in range(self.num_layers)
+        ]
         self.final_norm = layer_norm(config)  # used (and created) only when pre-LN
 
     def _final(self, x):
         return self.final_norm(x) if self.config.norm_position == "pre" else x
 
-    def __call__(self, embedded, padding_mask=None, encoded=None, encoded_padding_mask=None, *,
-                 deterministic=True):
+    def __call__(
+        self,
+        embedded,
+        padding_mask=None,
+        encoded=None,
+        encoded_padding_mask=None,
+        *,
+        deterministic=True,
+    ):
         x = embedded.astype(self.config.dtype)
         if self.positions is not None:
             x = self.positions(x)
@@ -193,14 +211,19 @@ class Decoder(nn.Module):
 def token_embedding(config, vocab_size, name):
     """An embedding table initialised with stddev d_model^-1/2; `embed_tokens` scales it back up
     by sqrt(d_model), as in the paper, so that the embeddings start at unit scale."""
-    return nn.Embed(vocab_size, config.d_model,
-                    embedding_init=nn.initializers.normal(config.d_model ** -0.5),
-                    dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+    return nn.Embed(
+        vocab_size,
+        config.d_model,
+        embedding_init=nn.initializers.normal(config.d_model**-0.5),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
 
 
 def embed_tokens(config, embedding, tokens):
     """`[batch, length]` int -> `[batch, length, d_model]`, times sqrt(d_model)."""
-    return embedding(tokens) * jnp.asarray(config.d_model ** 0.5, config.dtype)
+    return embedding(tokens) * jnp.asarray(config.d_model**0.5, config.dtype)
 
 
 class ClsPooling(nn.Module):
@@ -233,8 +256,7 @@ class AttentionPooling(nn.Module):
         query = self.param("query", nn.initializers.zeros, (d_model,), self.param_dtype)
         query = jnp.broadcast_to(query.astype(encoded.dtype), (batch, 1, 1, d_model))
         keys = encoded[:, :, None, :]  # one head: [batch, length, 1, d_model]
-        pooled = dot_product_attention(query, keys, keys,
-                                       mask=padding_mask[:, None, None, :])
+        pooled = dot_product_attention(query, keys, keys, mask=padding_mask[:, None, None, :])
         return pooled[:, 0, 0]
 
 
@@ -264,16 +286,22 @@ class EncoderClassifier(nn.Module):
         padding_mask = inputs != PAD_ID
         x = embed_tokens(config, token_embedding(config, config.vocab_size, "embed"), inputs)
         if config.pooling == "cls":
-            cls = self.param("cls_embedding", nn.initializers.normal(1.0), (config.d_model,),
-                             config.param_dtype)
+            cls = self.param(
+                "cls_embedding", nn.initializers.normal(1.0), (config.d_model,), config.param_dtype
+            )
             cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, config.d_model))
             x = jnp.concatenate([cls, x], axis=1)
             padding_mask = jnp.concatenate(
-                [jnp.ones((inputs.shape[0], 1), bool), padding_mask], axis=1)
+                [jnp.ones((inputs.shape[0], 1), bool), padding_mask], axis=1
+            )
         encoded = Encoder(config, name="encoder")(x, padding_mask, deterministic=not train)
         pooled = POOLINGS[config.pooling](config)(encoded, padding_mask)
-        logits = nn.Dense(config.num_classes, dtype=config.dtype,
-                          param_dtype=config.param_dtype, name="classifier")(pooled)
+        logits = nn.Dense(
+            config.num_classes,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            name="classifier",
+        )(pooled)
         return logits.astype(jnp.float32)
 
 
@@ -294,8 +322,10 @@ def check_cache_length(config, max_decode_len):
     """The number of positions a decoding cache holds: `max_decode_len` or config.max_len."""
     max_decode_len = config.max_len if max_decode_len is None else max_decode_len
     if config.positional == "learned" and max_decode_len > config.max_len:
-        raise ValueError(f"max_decode_len {max_decode_len} exceeds the learned positional "
-                         f"embedding's max_len {config.max_len}.")
+        raise ValueError(
+            f"max_decode_len {max_decode_len} exceeds the learned positional "
+            f"embedding's max_len {config.max_len}."
+        )
     return max_decode_len
 
 
@@ -332,8 +362,10 @@ class DecoderLM(nn.Module):
         """An empty cache for the batch of `inputs` `[batch, ...]` (only its size is read),
         holding `max_decode_len` positions (default config.max_len)."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
-        return {"cache": self.decoder.init_cache(inputs.shape[0], max_decode_len),
-                "index": jnp.zeros((), jnp.int32)}
+        return {
+            "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len),
+            "index": jnp.zeros((), jnp.int32),
+        }
 
     def decode_step(self, state, token):
         """token int `[batch]` at position state["index"] -> (logits `[batch, vocab_size]`
@@ -367,8 +399,13 @@ class EncoderDecoder(nn.Module):
     """
 
     config: TransformerConfig
-    config_fields = ("num_layers", "num_decoder_layers", "target_vocab_size",  # read beyond
-                     "share_embeddings", "tie_output_embedding")  # the shared ones
+    config_fields = (
+        "num_layers",
+        "num_decoder_layers",
+        "target_vocab_size",  # read beyond
+        "share_embeddings",
+        "tie_output_embedding",
+    )  # the shared ones
     bos_id = BOS_ID  # the start token that shift_right puts first
 
     def setup(self):
@@ -377,8 +414,9 @@ class EncoderDecoder(nn.Module):
         if config.share_embeddings:
             self.target_embedding = self.source_embedding
         else:
-            self.target_embedding = token_embedding(config, self.target_vocab_size,
-                                                    "target_embedding")
+            self.target_embedding = token_embedding(
+                config, self.target_vocab_size, "target_embedding"
+            )
         self.encoder = Encoder(config)
         self.decoder = Decoder(config, config.num_decoder_layers)
         self.output_projection = output_projection(config, self.target_vocab_size)
@@ -402,8 +440,9 @@ class EncoderDecoder(nn.Module):
         `[batch, target_length]` (starting with the BOS_ID start token), attending to `encoded`
         at the real positions of `inputs`."""
         x = embed_tokens(self.config, self.target_embedding, decoder_inputs)
-        x = self.decoder(x, decoder_inputs != PAD_ID, encoded, inputs != PAD_ID,
-                         deterministic=not train)
+        x = self.decoder(
+            x, decoder_inputs != PAD_ID, encoded, inputs != PAD_ID, deterministic=not train
+        )
         return output_logits(self.target_embedding, self.output_projection, x)
 
     def __call__(self, inputs, targets, *, train=False):
@@ -415,15 +454,17 @@ class EncoderDecoder(nn.Module):
         positions (default config.max_len), start token included."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
         encoded = self.encode(inputs)
-        return {"cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
-                "index": jnp.zeros((), jnp.int32), "source_mask": inputs != PAD_ID}
+        return {
+            "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
+            "index": jnp.zeros((), jnp.int32),
+            "source_mask": inputs != PAD_ID,
+        }
 
     def decode_step(self, state, token):
         """token int `[batch]` at target position state["index"] -> (logits
         `[batch, target_vocab_size]` float32 for the next token, the new state)."""
         x = embed_tokens(self.config, self.target_embedding, token[:, None])
-        x, cache = self.decoder.decode_step(x, state["cache"], state["index"],
-                                            state["source_mask"])
+        x, cache = self.decoder.decode_step(x, state["cache"], state["index"], state["source_mask"])
         logits = output_logits(self.target_embedding, self.output_projection, x)[:, 0]
         return logits, {**state, "cache": cache, "index": state["index"] + 1}
 
@@ -431,19 +472,26 @@ class EncoderDecoder(nn.Module):
 # The TransformerConfig fields every transformer reads. Each model lists the others it reads in
 # `config_fields`; the rest are refused, so no config field is silently ignored.
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(LayerConfig)) + (
-    "vocab_size", "max_len", "pattern", "pattern_options")
+    "vocab_size",
+    "max_len",
+    "pattern",
+    "pattern_options",
+)
 
 
 def transformer_builder(model_class):
     """build(fields, name): `model_class(TransformerConfig(**fields))`, refusing any field the
     model does not read."""
+
     def build(fields, name):
         allowed = SHARED_FIELDS + model_class.config_fields
         unknown = sorted(set(fields) - set(allowed))
         if unknown:
-            raise ValueError(f"model {name!r} has no field(s) {unknown}; allowed: "
-                             f"{sorted(allowed)}.")
+            raise ValueError(
+                f"model {name!r} has no field(s) {unknown}; allowed: {sorted(allowed)}."
+            )
         return model_class(TransformerConfig(**fields))
+
     return build
 
 
@@ -459,9 +507,19 @@ MODELS = {
 # d_ff 2048, dropout 0.1, sinusoidal positions, post-LN, one 37,000-token vocabulary shared by
 # source, target and output projection.
 TRANSFORMER_BASE = dict(
-    name="encoder_decoder", vocab_size=37_000, d_model=512, num_heads=8, d_ff=2048,
-    num_layers=6, num_decoder_layers=6, dropout_rate=0.1, positional="sinusoidal",
-    norm_position="post", share_embeddings=True, tie_output_embedding=True)
+    name="encoder_decoder",
+    vocab_size=37_000,
+    d_model=512,
+    num_heads=8,
+    d_ff=2048,
+    num_layers=6,
+    num_decoder_layers=6,
+    dropout_rate=0.1,
+    positional="sinusoidal",
+    norm_position="post",
+    share_embeddings=True,
+    tie_output_embedding=True,
+)
 
 CONFIGS = {"transformer_base": TRANSFORMER_BASE}
 

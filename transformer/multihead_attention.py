@@ -62,13 +62,20 @@ class MultiHeadAttention(nn.Module):
     def setup(self):
         check_positional(self.positional)
         if self.head_dim is None and self.features % self.num_heads:
-            raise ValueError(f"features {self.features} is not divisible by num_heads "
-                             f"{self.num_heads}; set head_dim explicitly.")
+            raise ValueError(
+                f"features {self.features} is not divisible by num_heads "
+                f"{self.num_heads}; set head_dim explicitly."
+            )
 
         def projection(features, axis=-1):
-            return nn.DenseGeneral(features, axis=axis, use_bias=self.use_bias,
-                                   kernel_init=self.kernel_init, dtype=self.dtype,
-                                   param_dtype=self.param_dtype)
+            return nn.DenseGeneral(
+                features,
+                axis=axis,
+                use_bias=self.use_bias,
+                kernel_init=self.kernel_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
 
         heads = (self.num_heads, self.head_dim or self.features // self.num_heads)
         # [batch, length, features] -> [batch, length, heads, head_dim]
@@ -105,12 +112,21 @@ class MultiHeadAttention(nn.Module):
         if implementation == "auto" and (dropout_rng is not None or self.sow_weights):
             # Only "dense" has attention dropout and weights: take it where "auto" would, and
             # let dot_product_attention refuse clearly where it would not.
-            implementation = choose_implementation(self.pattern or patterns.full(),
-                                                   query.shape[1], key.shape[1])
+            implementation = choose_implementation(
+                self.pattern or patterns.full(), query.shape[1], key.shape[1]
+            )
         result = dot_product_attention(
-            query, key, value, mask=mask, alibi_slopes=slopes, pattern=self.pattern,
-            implementation=implementation, dropout_rate=self.dropout_rate,
-            dropout_rng=dropout_rng, return_weights=self.sow_weights)
+            query,
+            key,
+            value,
+            mask=mask,
+            alibi_slopes=slopes,
+            pattern=self.pattern,
+            implementation=implementation,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+            return_weights=self.sow_weights,
+        )
         if self.sow_weights:
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
@@ -151,10 +167,14 @@ class MultiHeadAttention(nn.Module):
             query = apply_rotary(query, positions, base=self.rotary_base)
             key = apply_rotary(key, positions, base=self.rotary_base)
         start = (0, index, 0, 0)
-        cache = {"key": jax.lax.dynamic_update_slice(cache["key"], key.astype(
-                     cache["key"].dtype), start),
-                 "value": jax.lax.dynamic_update_slice(cache["value"], value.astype(
-                     cache["value"].dtype), start)}
+        cache = {
+            "key": jax.lax.dynamic_update_slice(
+                cache["key"], key.astype(cache["key"].dtype), start
+            ),
+            "value": jax.lax.dynamic_update_slice(
+                cache["value"], value.astype(cache["value"].dtype), start
+            ),
+        }
         key_positions = jnp.arange(max_len)
         allowed = key_positions[None, :] <= positions[:, None]  # [q_len, max_len]
         if self.pattern is not None:
@@ -165,6 +185,7 @@ class MultiHeadAttention(nn.Module):
             # ALiBi as an explicit bias: the rows are at positions index.., not at 0.., here.
             distance = jnp.abs(positions[:, None] - key_positions[None, :])
             bias = -jnp.asarray(alibi_slopes(self.num_heads))[None, :, None, None] * distance
-        result = dot_product_attention(query, cache["key"], cache["value"],
-                                       mask=allowed[None, None], bias=bias)
+        result = dot_product_attention(
+            query, cache["key"], cache["value"], mask=allowed[None, None], bias=bias
+        )
         return self.out(result), cache

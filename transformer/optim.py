@@ -9,13 +9,18 @@ def _constant(peak, warmup_steps, total_steps):
     del total_steps
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(warmup_steps, 1)), optax.constant_schedule(peak)],
-        [warmup_steps])
+        [warmup_steps],
+    )
 
 
 def _cosine(peak, warmup_steps, total_steps):
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=0.0,
+    )
 
 
 def _inverse_sqrt(peak, warmup_steps, total_steps):
@@ -26,6 +31,7 @@ def _inverse_sqrt(peak, warmup_steps, total_steps):
     def schedule(step):
         step = jnp.maximum(step, 1).astype(jnp.float32)
         return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+
     return schedule
 
 
@@ -43,9 +49,14 @@ def make_optimizer(opt_config, total_steps):
 
     Weight decay skips biases and normalisation scales (every parameter with fewer than 2 dims).
     """
-    adamw = optax.adamw(learning_rate_schedule(opt_config, total_steps), b1=opt_config.b1,
-                        b2=opt_config.b2, eps=opt_config.eps,
-                        weight_decay=opt_config.weight_decay, mask=_matrices)
+    adamw = optax.adamw(
+        learning_rate_schedule(opt_config, total_steps),
+        b1=opt_config.b1,
+        b2=opt_config.b2,
+        eps=opt_config.eps,
+        weight_decay=opt_config.weight_decay,
+        mask=_matrices,
+    )
     if opt_config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw)
     return adamw

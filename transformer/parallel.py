@@ -23,8 +23,9 @@ AXIS = "data"
 MODES = ("shard_map", "pmap")
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
-                           auto=False):
+def initialize_distributed(
+    coordinator_address=None, num_processes=None, process_id=None, auto=False
+):
     """Starts `jax.distributed` when this is a multi-process job; returns the process count.
 
     With `coordinator_address` given, `num_processes` and `process_id` must be too (processes
@@ -36,12 +37,18 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
-        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address, num_processes=num_processes, process_id=process_id
+        )
     elif auto or _detected_cluster():
         jax.distributed.initialize()
-    logging.info("process %d of %d; %d local devices of %d", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d; %d local devices of %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return jax.process_count()
 
 
@@ -72,7 +79,8 @@ def local_batch_size(global_batch_size):
     if global_batch_size % devices:
         raise ValueError(
             f"global_batch_size={global_batch_size} does not divide across {devices} devices "
-            f"({hosts} hosts x {jax.local_device_count()}); use a multiple of {devices}.")
+            f"({hosts} hosts x {jax.local_device_count()}); use a multiple of {devices}."
+        )
     return global_batch_size // hosts
 
 
@@ -86,20 +94,28 @@ def distribute(per_device_fn, mode, mesh, donate_state=False):
     Returns a function of the same arguments taking what `replicate` and `global_batch` produce.
     """
     if mode == "shard_map":
-        mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()),
-                               out_specs=P(), check_vma=False)
-        fn = jax.jit(lambda state, batch, *rest: mapped(state, batch, rest),
-                     donate_argnums=(0,) if donate_state else ())
+        mapped = jax.shard_map(
+            per_device_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False
+        )
+        fn = jax.jit(
+            lambda state, batch, *rest: mapped(state, batch, rest),
+            donate_argnums=(0,) if donate_state else (),
+        )
         return fn
     if mode == "pmap":
         # pmap gives each device a leading-axis slice; out_axes=None returns the (replicated)
         # result once. The rest-arguments travel as one broadcast tuple.
-        mapped = jax.pmap(lambda state, batch, rest: per_device_fn(state, batch, rest),
-                          axis_name=AXIS, in_axes=(None, 0, None), out_axes=None,
-                          devices=mesh.devices.flatten().tolist())
+        mapped = jax.pmap(
+            lambda state, batch, rest: per_device_fn(state, batch, rest),
+            axis_name=AXIS,
+            in_axes=(None, 0, None),
+            out_axes=None,
+            devices=mesh.devices.flatten().tolist(),
+        )
         local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        return lambda state, batch, *rest: mapped(state, _split_for_pmap(batch, local_devices),
-                                                  rest)
+        return lambda state, batch, *rest: mapped(
+            state, _split_for_pmap(batch, local_devices), rest
+        )
     raise ValueError(f"unknown parallel mode {mode!r}; allowed: {', '.join(MODES)}.")
 
 
@@ -114,8 +130,11 @@ def replicate(tree, mesh, mode):
         return tree  # pmap broadcasts its in_axes=None arguments itself.
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                               lambda index: np.asarray(x)[index]), tree)
+        lambda x: jax.make_array_from_callback(
+            np.shape(x), sharding, lambda index: np.asarray(x)[index]
+        ),
+        tree,
+    )
 
 
 def global_batch(local_batch, mesh, mode):
@@ -127,11 +146,14 @@ def global_batch(local_batch, mesh, mode):
     if mode == "pmap":
         return local_batch
     sharding = NamedSharding(mesh, P(AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        local_batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def fetch(tree):
     """Replicated device arrays -> NumPy on this host (safe on multi-host, unlike np.asarray)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-                        else np.asarray(x), tree)
+    return jax.tree.map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+        tree,
+    )

@@ -35,6 +35,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 @dataclasses.dataclass(frozen=True)
 class _Blocks:
     """Blocks of `size` positions tiling `[0, length)`; the last one may stick out (padding)."""
+
     length: int
     size: int
 
@@ -112,6 +113,7 @@ class Pattern:
     def draw(self, q_len, kv_len=None, path=None, *, title=None, ax=None):
         """Draws the mask (and returns the matplotlib Axes); writes a PNG when `path` is given."""
         import matplotlib
+
         if ax is None and path is not None:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -120,8 +122,9 @@ class Pattern:
         figure = None
         if ax is None:
             figure, ax = plt.subplots(figsize=(4, 4 * q_len / kv_len))
-        ax.imshow(self.mask(q_len, kv_len), cmap="Blues", vmin=0, vmax=1.25,
-                  interpolation="nearest")
+        ax.imshow(
+            self.mask(q_len, kv_len), cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest"
+        )
         ax.set_xlabel("key position j")
         ax.set_ylabel("query position i")
         ax.set_title(title if title is not None else str(self), fontsize=8)
@@ -193,6 +196,7 @@ class Causal(Pattern):
 @dataclasses.dataclass(frozen=True)
 class SlidingWindow(Pattern):
     """Query i attends to keys i - left <= j <= i + right."""
+
     left: int
     right: int
 
@@ -216,6 +220,7 @@ class SlidingWindow(Pattern):
 @dataclasses.dataclass(frozen=True)
 class Anchor(Pattern):
     """Global tokens: anchor positions attend to every key, and every query attends to them."""
+
     positions: tuple
 
     def _is_anchor(self, length):
@@ -257,14 +262,16 @@ class RandomBlocks(Pattern):
     same on every host and in every run, and a block's draw does not depend on the query length.
     It does depend on the number of key blocks it draws from (all of them, without repeats).
     """
+
     num_blocks: int
     block_size: int
     seed: int
 
     def key_blocks(self, q_len, kv_len):
         """`[ceil(q_len / block_size), min(num_blocks, num key blocks)]`: each row's key blocks."""
-        return _random_key_blocks(self.num_blocks, self.seed,
-                                  -(-q_len // self.block_size), -(-kv_len // self.block_size))
+        return _random_key_blocks(
+            self.num_blocks, self.seed, -(-q_len // self.block_size), -(-kv_len // self.block_size)
+        )
 
     def _coarse_mask(self, q_len, kv_len):
         """`[num query blocks, num key blocks]` bool at this pattern's own block size."""
@@ -274,8 +281,7 @@ class RandomBlocks(Pattern):
         return coarse
 
     def allows(self, q_pos, k_pos, q_len, kv_len):
-        return self._coarse_mask(q_len, kv_len)[q_pos // self.block_size,
-                                                k_pos // self.block_size]
+        return self._coarse_mask(q_len, kv_len)[q_pos // self.block_size, k_pos // self.block_size]
 
     def _layout(self, q_blocks, k_blocks):
         # The mask is constant on cells of block_size x block_size: count the True cells that each
@@ -285,7 +291,7 @@ class RandomBlocks(Pattern):
         prefix[1:, 1:] = coarse.cumsum(0).cumsum(1)
         r0, r1 = q_blocks.first // self.block_size, q_blocks.last // self.block_size + 1
         c0, c1 = k_blocks.first // self.block_size, k_blocks.last // self.block_size + 1
-        count = (prefix[r1][:, c1] - prefix[r0][:, c1] - prefix[r1][:, c0] + prefix[r0][:, c0])
+        count = prefix[r1][:, c1] - prefix[r0][:, c1] - prefix[r1][:, c0] + prefix[r0][:, c0]
         area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
         return np.where(count == area, FULL, np.where(count == 0, EMPTY, PARTIAL))
 
@@ -307,11 +313,13 @@ def _random_key_blocks(num_blocks, seed, num_q_blocks, num_k_blocks):
 @dataclasses.dataclass(frozen=True)
 class Union(Pattern):
     """A query may attend to a key if any of the parts allows it."""
+
     parts: tuple
 
     def allows(self, q_pos, k_pos, q_len, kv_len):
-        return functools.reduce(np.logical_or,
-                                [p.allows(q_pos, k_pos, q_len, kv_len) for p in self.parts])
+        return functools.reduce(
+            np.logical_or, [p.allows(q_pos, k_pos, q_len, kv_len) for p in self.parts]
+        )
 
     def _layout(self, q_blocks, k_blocks):
         return functools.reduce(np.maximum, [p._layout(q_blocks, k_blocks) for p in self.parts])
@@ -323,11 +331,13 @@ class Union(Pattern):
 @dataclasses.dataclass(frozen=True)
 class Intersection(Pattern):
     """A query may attend to a key if every part allows it."""
+
     parts: tuple
 
     def allows(self, q_pos, k_pos, q_len, kv_len):
-        return functools.reduce(np.logical_and,
-                                [p.allows(q_pos, k_pos, q_len, kv_len) for p in self.parts])
+        return functools.reduce(
+            np.logical_and, [p.allows(q_pos, k_pos, q_len, kv_len) for p in self.parts]
+        )
 
     def _layout(self, q_blocks, k_blocks):
         return functools.reduce(np.minimum, [p._layout(q_blocks, k_blocks) for p in self.parts])
@@ -379,8 +389,11 @@ def anchor(num_anchors=None, *, positions=None):
 
 def random(num_blocks, block_size, seed=0):
     """Each block of `block_size` queries attends to `num_blocks` key blocks drawn from `seed`."""
-    return RandomBlocks(_check_int("num_blocks", num_blocks, 1),
-                        _check_int("block_size", block_size, 1), _check_int("seed", seed, 0))
+    return RandomBlocks(
+        _check_int("num_blocks", num_blocks, 1),
+        _check_int("block_size", block_size, 1),
+        _check_int("seed", seed, 0),
+    )
 
 
 def bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2, num_random_blocks=3, seed=0):
@@ -414,15 +427,18 @@ PATTERNS = {
 
 def layer_seed(seed, layer):
     """A seed for `layer` derived from `seed`: different per layer, the same in every process."""
-    return int(np.random.SeedSequence([_check_int("seed", seed, 0),
-                                       _check_int("layer", layer, 0)]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence(
+            [_check_int("seed", seed, 0), _check_int("layer", layer, 0)]
+        ).generate_state(1)[0]
+    )
 
 
 def build(name, *, layer=0, **options):
     """The pattern registered as `name`, built with `options`; random parts reseeded per layer.
 
-        >>> build("bigbird", layer=3, block_size=32)  # doctest: +ELLIPSIS
-        Union(parts=(SlidingWindow(left=32, right=32), Anchor(...), RandomBlocks(...)))
+    >>> build("bigbird", layer=3, block_size=32)  # doctest: +ELLIPSIS
+    Union(parts=(SlidingWindow(left=32, right=32), Anchor(...), RandomBlocks(...)))
     """
     if name not in PATTERNS:
         raise ValueError(f"unknown attention pattern {name!r}; allowed: {sorted(PATTERNS)}.")
@@ -430,8 +446,9 @@ def build(name, *, layer=0, **options):
     parameters = inspect.signature(constructor).parameters
     unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise ValueError(f"pattern {name!r} takes no option(s) {unknown}; "
-                         f"allowed: {list(parameters)}.")
+        raise ValueError(
+            f"pattern {name!r} takes no option(s) {unknown}; allowed: {list(parameters)}."
+        )
     if "seed" in parameters:
         options["seed"] = layer_seed(options.get("seed", 0), layer)
     return constructor(**options)

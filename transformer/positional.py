@@ -22,8 +22,9 @@ ATTENTION_POSITIONAL_ENCODINGS = ("rotary", "alibi")
 def check_positional(name):
     """Raises a ValueError naming the allowed encodings when `name` is not one of them."""
     if name not in POSITIONAL_ENCODINGS:
-        raise ValueError(f"unknown positional encoding {name!r}; allowed: "
-                         f"{', '.join(POSITIONAL_ENCODINGS)}.")
+        raise ValueError(
+            f"unknown positional encoding {name!r}; allowed: {', '.join(POSITIONAL_ENCODINGS)}."
+        )
 
 
 def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=None):
@@ -39,8 +40,10 @@ def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=No
     if positions is None:
         positions = jnp.arange(length)
     inverse_timescales = max_timescale ** (-np.arange(0, d_model, 2) / d_model)
-    angles = (jnp.asarray(positions, jnp.float32)[:, None]
-              * jnp.asarray(inverse_timescales, jnp.float32)[None, :])
+    angles = (
+        jnp.asarray(positions, jnp.float32)[:, None]
+        * jnp.asarray(inverse_timescales, jnp.float32)[None, :]
+    )
     # Interleave: [sin, cos] pairs along a new last axis, flattened to sin, cos, sin, cos, ...
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, d_model)
 
@@ -56,8 +59,9 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __call__(self, inputs, positions=None):
         _, length, d_model = inputs.shape
-        table = sinusoidal_encoding(length, d_model, max_timescale=self.max_timescale,
-                                    positions=positions)
+        table = sinusoidal_encoding(
+            length, d_model, max_timescale=self.max_timescale, positions=positions
+        )
         return inputs + table.astype(inputs.dtype)[None]
 
 
@@ -81,9 +85,14 @@ class LearnedPositionalEmbedding(nn.Module):
             raise ValueError(
                 f"input length {length} exceeds the learned positional embedding's max_len "
                 f"{self.max_len}; raise max_len (the model's `max_len` field) or use a "
-                "positional encoding without a maximum (sinusoidal, rotary, alibi).")
-        table = self.param("embedding", nn.initializers.normal(self.stddev),
-                           (self.max_len, d_model), self.param_dtype)
+                "positional encoding without a maximum (sinusoidal, rotary, alibi)."
+            )
+        table = self.param(
+            "embedding",
+            nn.initializers.normal(self.stddev),
+            (self.max_len, d_model),
+            self.param_dtype,
+        )
         if positions is None:
             return inputs + table[None, :length].astype(inputs.dtype)
         vectors = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
@@ -94,7 +103,8 @@ class LearnedPositionalEmbedding(nn.Module):
 ADDED_POSITIONAL_ENCODINGS = {
     "sinusoidal": lambda max_len, param_dtype: SinusoidalPositionalEncoding(),
     "learned": lambda max_len, param_dtype: LearnedPositionalEmbedding(
-        max_len=max_len, param_dtype=param_dtype),
+        max_len=max_len, param_dtype=param_dtype
+    ),
 }
 
 

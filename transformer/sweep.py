@@ -55,16 +55,27 @@ def run_sweep(get_config, preset, workdir, overrides=None):
                 logging.info("sweep: training %s, seed %d", variant, seed)
                 summary = train.train_and_evaluate(config, run_dir).summary
                 if summary["status"] != "completed":
-                    logging.warning("sweep stopped during %s seed %d; run again to resume.",
-                                    variant, seed)
+                    logging.warning(
+                        "sweep stopped during %s seed %d; run again to resume.", variant, seed
+                    )
                     return None
             else:
                 logging.info("sweep: %s seed %d is done already", variant, seed)
-            changes = [(f, new) for f, _, new in differences(preset_json, summary["config"])
-                       if f != "seed" and f.split(".")[0] not in overrides_roots(overrides)]
-            records.append({"variant": variant, "seed": seed, "config": summary["config"],
-                            "changes": changes, "results": summary["final"],
-                            "tokens_per_second": summary["tokens_per_second"]})
+            changes = [
+                (f, new)
+                for f, _, new in differences(preset_json, summary["config"])
+                if f != "seed" and f.split(".")[0] not in overrides_roots(overrides)
+            ]
+            records.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "config": summary["config"],
+                    "changes": changes,
+                    "results": summary["final"],
+                    "tokens_per_second": summary["tokens_per_second"],
+                }
+            )
             write_results(records, plan, workdir)
     return records
 
@@ -80,13 +91,17 @@ def _check_same_config(finished, config, run_dir):
     The sweep plan (`sweep`: which variants, seeds and metrics) is not part of what a run
     trains, so adding or dropping variants keeps the runs already finished."""
     wanted = json.loads(config.to_json_best_effort())
-    changed = differences({k: v for k, v in finished.items() if k != "sweep"},
-                          {k: v for k, v in wanted.items() if k != "sweep"})
+    changed = differences(
+        {k: v for k, v in finished.items() if k != "sweep"},
+        {k: v for k, v in wanted.items() if k != "sweep"},
+    )
     if changed:
         details = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in changed[:5])
-        raise ValueError(f"the finished run in {run_dir} used another config than the experiment "
-                         f"now gives ({details}); sweep into a new --workdir, or delete that run "
-                         "to redo it.")
+        raise ValueError(
+            f"the finished run in {run_dir} used another config than the experiment "
+            f"now gives ({details}); sweep into a new --workdir, or delete that run "
+            "to redo it."
+        )
 
 
 def _finished_summary(run_dir):
@@ -134,28 +149,35 @@ def write_results(records, plan, workdir):
     _replace(os.path.join(workdir, "results.md"), markdown_table(rows, metrics, plan, records))
     with _replacing(os.path.join(workdir, "results.csv")) as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "seeds"] + [f"{m} {s}" for m in metrics
-                                                 for s in ("mean", "std")])
+        writer.writerow(
+            ["variant", "seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+        )
         for row in rows:
-            writer.writerow([row["variant"], row["n"]] + [f"{v:.6g}" for m in metrics
-                                                          for v in row[m]])
+            writer.writerow(
+                [row["variant"], row["n"]] + [f"{v:.6g}" for m in metrics for v in row[m]]
+            )
     with _replacing(os.path.join(workdir, "runs.csv")) as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "seed", "tokens_per_second"] + metrics)
         for r in records:
             speed = r["tokens_per_second"]  # None when the run was not timed (resumed at its end)
-            writer.writerow([r["variant"], r["seed"], "" if speed is None else f"{speed:.1f}"]
-                            + [f"{r['results'].get(m, np.nan):.6g}" for m in metrics])
+            writer.writerow(
+                [r["variant"], r["seed"], "" if speed is None else f"{speed:.1f}"]
+                + [f"{r['results'].get(m, np.nan):.6g}" for m in metrics]
+            )
     if "plot" in plan and plan.plot:
         plot(records, plan.plot, os.path.join(workdir, "plot.png"))
 
 
 def markdown_table(rows, metrics, plan, records):
     seeds = sorted({r["seed"] for r in records})
-    lines = [f"Mean ± sample standard deviation over seeds {seeds}; every run's config is in "
-             "runs/<variant>/seed_<seed>/config.json.", "",
-             "| variant | runs | " + " | ".join(metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    lines = [
+        f"Mean ± sample standard deviation over seeds {seeds}; every run's config is in "
+        "runs/<variant>/seed_<seed>/config.json.",
+        "",
+        "| variant | runs | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for row in rows:
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in metrics]
         lines.append(f"| {row['variant']} | {row['n']} | " + " | ".join(cells) + " |")
@@ -175,21 +197,29 @@ def plot(records, spec, path):
     spec.y_label: axis labels. Points are means over seeds, error bars their standard deviation.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({field(r["config"], spec.panel) for r in records}) if spec.panel else [None]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False,
-                                sharey=True)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True
+    )
     xs = [x for x, _ in spec.points]
     for ax, panel in zip(axes[0], panels):
         runs = [r for r in records if panel is None or field(r["config"], spec.panel) == panel]
         for series in dict.fromkeys(field(r["config"], spec.series) for r in runs):
-            values = np.array([[r["results"].get(key, np.nan) for _, key in spec.points] for r in runs
-                               if field(r["config"], spec.series) == series])  # [seeds, points]
+            values = np.array(
+                [
+                    [r["results"].get(key, np.nan) for _, key in spec.points]
+                    for r in runs
+                    if field(r["config"], spec.series) == series
+                ]
+            )  # [seeds, points]
             stds = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
-            ax.errorbar(xs, values.mean(axis=0), yerr=stds, marker="o", capsize=3,
-                        label=str(series))
+            ax.errorbar(
+                xs, values.mean(axis=0), yerr=stds, marker="o", capsize=3, label=str(series)
+            )
         ax.set_xlabel(spec.x_label)
         ax.set_title(f"{spec.panel.split('.')[-1]} = {panel}" if spec.panel else "")
         ax.grid(alpha=0.3)

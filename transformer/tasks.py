@@ -13,7 +13,7 @@ out, e.g. the padding rows of a last evaluation batch.
 """
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ class Task:
     weights(batch) -> float weights shaped like "targets".
     targets_are_tokens: targets are tokens the model reads too (seq2seq), so tokens/s counts them.
     """
+
     name: str
     model_inputs: Callable
     weights: Callable
@@ -87,8 +88,9 @@ def loss_sum(logits, targets, weights, label_smoothing=0.0):
         soft = smooth_labels(targets, logits.shape[-1], label_smoothing)
         per_target = -jnp.sum(soft * jax.nn.log_softmax(logits), axis=-1)
     else:
-        per_target = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
-                                          axis=-1)[..., 0]
+        per_target = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[
+            ..., 0
+        ]
     return jnp.sum(per_target * weights), jnp.sum(weights)
 
 

@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import grain
@@ -36,8 +37,8 @@ from transformer.optim import learning_rate_schedule, make_optimizer
 
 
 class TrainResult(NamedTuple):
-    summary: dict   # what summary.json holds; "status" is "completed" or "stopped"
-    state: Any      # the final TrainState, NumPy arrays on the host
+    summary: dict  # what summary.json holds; "status" is "completed" or "stopped"
+    state: Any  # the final TrainState, NumPy arrays on the host
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,10 +47,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @flax.struct.dataclass
 class TrainState:
-    step: Any       # int32 scalar: optimizer updates done
+    step: Any  # int32 scalar: optimizer updates done
     params: Any
     opt_state: Any
-    rng: Any        # uint32[2] raw PRNG key; the dropout key of step s is fold_in(rng, s)
+    rng: Any  # uint32[2] raw PRNG key; the dropout key of step s is fold_in(rng, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,16 +63,18 @@ def make_train_step(model, task, optimizer, *, label_smoothing):
 
     def train_step(state, batch, _):
         # Each device draws different dropout masks, and every step different ones again.
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                 lax.axis_index(parallel.AXIS))
+        rng = jax.random.fold_in(
+            jax.random.fold_in(state.rng, state.step), lax.axis_index(parallel.AXIS)
+        )
         weights = task.weights(batch)
         # Dividing by the global weight makes the psum of per-device gradients the gradient of
         # the mean loss over the global batch, whatever the share of padding on each device.
         global_weight = lax.psum(jnp.sum(weights), parallel.AXIS)
 
         def loss_fn(params):
-            logits = model.apply({"params": params},
-                                 *task.model_inputs(batch), train=True, rngs={"dropout": rng})
+            logits = model.apply(
+                {"params": params}, *task.model_inputs(batch), train=True, rngs={"dropout": rng}
+            )
             loss, _ = tasks.loss_sum(logits, batch["targets"], weights, label_smoothing)
             return loss / jnp.maximum(global_weight, 1.0), logits
 
@@ -91,10 +94,10 @@ def make_eval_step(model, task):
     """(params, per-device batch, ()) -> {metric: (sum, count)} over the global batch."""
 
     def eval_step(params, batch, _):
-        logits = model.apply({"params": params}, *task.model_inputs(batch),
-                             train=False)
-        return lax.psum(tasks.metric_sums(logits, batch["targets"], task.weights(batch)),
-                        parallel.AXIS)
+        logits = model.apply({"params": params}, *task.model_inputs(batch), train=False)
+        return lax.psum(
+            tasks.metric_sums(logits, batch["targets"], task.weights(batch)), parallel.AXIS
+        )
 
     return eval_step
 
@@ -105,6 +108,7 @@ def make_eval_step(model, task):
 
 def build_model(model_config):
     from transformer.models import build_model as build  # the model zoo is imported on use
+
     return build(model_config)
 
 
@@ -115,9 +119,17 @@ def make_dataset(data_config, split, *, global_batch_size, seed, num_epochs, dat
     with padding rows that carry no weight (evaluation).
     """
     from transformer.data import make_dataset as make
-    return make(data_config, split, global_batch_size=global_batch_size, seed=seed,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                num_epochs=num_epochs, data_dir=data_dir or None)
+
+    return make(
+        data_config,
+        split,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=num_epochs,
+        data_dir=data_dir or None,
+    )
 
 
 def make_iterator(data_config, split, **kwargs):
@@ -135,6 +147,7 @@ def with_overrides(data_config, overrides):
                 flatten(f"{prefix}{key}.", inner)
         else:
             flat[prefix[:-1]] = value
+
     flatten("", overrides)
     merged = data_config.copy_and_resolve_references()
     merged.update_from_flattened_dict(flat)
@@ -144,12 +157,18 @@ def with_overrides(data_config, overrides):
 def training_data(config):
     """The training iterator: `config.data`, or the mixture `config.train_mixture` of variants of
     it in equal shares (each batch comes from one member)."""
-    kwargs = dict(global_batch_size=config.global_batch_size, seed=config.seed, num_epochs=None,
-                  data_dir=config.data_dir)
+    kwargs = dict(
+        global_batch_size=config.global_batch_size,
+        seed=config.seed,
+        num_epochs=None,
+        data_dir=config.data_dir,
+    )
     if not config.train_mixture:
         return make_iterator(config.data, "train", **kwargs)
-    members = {name: make_dataset(with_overrides(config.data, overrides), "train", **kwargs)
-               for name, overrides in config.train_mixture.items()}
+    members = {
+        name: make_dataset(with_overrides(config.data, overrides), "train", **kwargs)
+        for name, overrides in config.train_mixture.items()
+    }
     return iter(grain.IterDataset.mix(members))
 
 
@@ -160,10 +179,13 @@ def with_data_fields(config):
     Also checks that the data set's task is `config.task`.
     """
     from transformer.data import data_info
+
     info = data_info(config.data)
     if info.task != config.task:
-        raise ValueError(f"config.task={config.task!r} but data set {config.data.name!r} is a "
-                         f"{info.task!r} data set; set config.task={info.task!r}.")
+        raise ValueError(
+            f"config.task={config.task!r} but data set {config.data.name!r} is a "
+            f"{info.task!r} data set; set config.task={info.task!r}."
+        )
     model_config = config.model.copy_and_resolve_references()
     # A decoder's positions run over the targets, which may be longer than the inputs.
     max_len = max(info.max_length, info.max_target_length or 0)
@@ -191,32 +213,42 @@ def make_init(model, task, optimizer):
     @jax.jit
     def init(rng, sample):
         init_rng, dropout_rng, train_rng = jax.random.split(rng, 3)
-        params = model.init({"params": init_rng, "dropout": dropout_rng},
-                            *task.model_inputs(sample), train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=train_rng)
+        params = model.init(
+            {"params": init_rng, "dropout": dropout_rng}, *task.model_inputs(sample), train=False
+        )["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=train_rng,
+        )
 
     return lambda seed, batch: jax.device_get(
-        init(jax.random.PRNGKey(seed), jax.tree.map(lambda x: np.asarray(x[:1]), batch)))
+        init(jax.random.PRNGKey(seed), jax.tree.map(lambda x: np.asarray(x[:1]), batch))
+    )
 
 
 class Programs(NamedTuple):
     """What a config compiles to; shared by runs that differ only in seed or data."""
+
     init: Callable
     train_step: Callable
     eval_step: Callable
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoothing, mode,
-              mesh):
+def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoothing, mode, mesh):
     task = tasks.get_task(task_name)
     model = build_model(ml_collections.ConfigDict(json.loads(model_json)))
-    optimizer = make_optimizer(ml_collections.ConfigDict(json.loads(optimizer_json)),
-                               num_train_steps)
+    optimizer = make_optimizer(
+        ml_collections.ConfigDict(json.loads(optimizer_json)), num_train_steps
+    )
     train_step = parallel.distribute(
         make_train_step(model, task, optimizer, label_smoothing=label_smoothing),
-        mode, mesh, donate_state=True)
+        mode,
+        mesh,
+        donate_state=True,
+    )
     eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
     return Programs(make_init(model, task, optimizer), train_step, eval_step)
 
@@ -226,9 +258,15 @@ def programs(config, model_config, mesh):
     seeds compiles them once."""
     # Only the cosine schedule depends on the run's length; the others compile once for all.
     schedule_steps = config.num_train_steps if config.optimizer.schedule == "cosine" else 0
-    return _programs(model_config.to_json(sort_keys=True), config.task,
-                     config.optimizer.to_json(sort_keys=True), schedule_steps,
-                     config.label_smoothing, config.parallel, mesh)
+    return _programs(
+        model_config.to_json(sort_keys=True),
+        config.task,
+        config.optimizer.to_json(sort_keys=True),
+        schedule_steps,
+        config.label_smoothing,
+        config.parallel,
+        mesh,
+    )
 
 
 def evaluate(eval_step, params, iterator, num_batches, mesh, mode):
@@ -271,6 +309,7 @@ class _StopRequest:
             del frame
             logging.warning("signal %d: saving a checkpoint and stopping.", signum)
             self.requested = True
+
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread: no handler, training just runs.
@@ -286,6 +325,7 @@ class _StopRequest:
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.array(self.requested))
         return bool(np.any(flags))
 
@@ -297,6 +337,7 @@ class _Progress:
         self.bar = None
         if jax.process_index() == 0 and sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
         self.start_time = time.time()
         self.start = start
@@ -310,8 +351,15 @@ class _Progress:
             return
         elapsed = time.time() - self.start_time
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        logging.info("step %d/%d  loss %.4f  accuracy %.4f  %.0f tokens/s  ETA %.0fs", step,
-                     self.total, metrics["loss"], metrics["accuracy"], tokens_per_s, eta)
+        logging.info(
+            "step %d/%d  loss %.4f  accuracy %.4f  %.0f tokens/s  ETA %.0fs",
+            step,
+            self.total,
+            metrics["loss"],
+            metrics["accuracy"],
+            tokens_per_s,
+            eta,
+        )
 
     def close(self):
         if self.bar is not None:
@@ -344,12 +392,21 @@ def train_and_evaluate(config, workdir):
     train_iter = training_data(config)
     host_state = compiled.init(config.seed, _peek(train_iter))
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
-    logging.info("model %s: %s parameters; %d devices on %d hosts, %s", config.model.name,
-                 f"{num_params:,}", jax.device_count(), jax.process_count(), mode)
+    logging.info(
+        "model %s: %s parameters; %d devices on %d hosts, %s",
+        config.model.name,
+        f"{num_params:,}",
+        jax.device_count(),
+        jax.process_count(),
+        mode,
+    )
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                keep=config.keep_checkpoints, best_metric=config.best_metric,
-                                best_mode=config.best_mode)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.keep_checkpoints,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+    )
     restored = checkpointer.restore_latest(jax.tree.map(np.asarray, host_state), train_iter)
     host_state = host_state if restored is None else restored
     state = parallel.replicate(host_state, mesh, mode)
@@ -362,15 +419,28 @@ def train_and_evaluate(config, workdir):
     def run_evals(step):
         results = {}
         for split, (data_config, data_split) in eval_sets(config).items():
-            iterator = make_iterator(data_config, data_split,
-                                     global_batch_size=config.global_batch_size, seed=config.seed,
-                                     num_epochs=1, data_dir=config.data_dir)
+            iterator = make_iterator(
+                data_config,
+                data_split,
+                global_batch_size=config.global_batch_size,
+                seed=config.seed,
+                num_epochs=1,
+                data_dir=config.data_dir,
+            )
             metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
             if translator is not None:
-                metrics.update(translation_eval.evaluate_translation(
-                    translator, state.params, data_config, data_split, config.translation_eval,
-                    batch_size=config.global_batch_size, data_dir=config.data_dir,
-                    plot_dir=os.path.join(workdir, "alignments", f"{split}_step_{step}")))
+                metrics.update(
+                    translation_eval.evaluate_translation(
+                        translator,
+                        state.params,
+                        data_config,
+                        data_split,
+                        config.translation_eval,
+                        batch_size=config.global_batch_size,
+                        data_dir=config.data_dir,
+                        plot_dir=os.path.join(workdir, "alignments", f"{split}_step_{step}"),
+                    )
+                )
             writer.write(step, split, metrics)
             results.update({f"{split}/{name}": value for name, value in metrics.items()})
         logging.info("eval at step %d: %s", step, _format(results))
@@ -422,8 +492,12 @@ def train_and_evaluate(config, workdir):
                 if do_save or stopping:
                     # A host copy: orbax then writes plain NumPy (process 0, as the state is
                     # replicated) instead of compiling device-to-host transfers for each array.
-                    checkpointer.save(step, parallel.fetch(state), train_iter,
-                                      metrics=last_eval if do_eval else None)
+                    checkpointer.save(
+                        step,
+                        parallel.fetch(state),
+                        train_iter,
+                        metrics=last_eval if do_eval else None,
+                    )
                 speed.reset()  # evaluation and saving are not training time
                 if stopping:
                     status = "stopped"
@@ -438,12 +512,17 @@ def train_and_evaluate(config, workdir):
     summary = {
         "status": status,
         "step": step,
-        "final": {**{f"train/{k}": v for k, v in last_train.items()}, **last_eval,
-                  **({} if peak_memory_gb is None else {"train/peak_memory_gb": peak_memory_gb})},
+        "final": {
+            **{f"train/{k}": v for k, v in last_train.items()},
+            **last_eval,
+            **({} if peak_memory_gb is None else {"train/peak_memory_gb": peak_memory_gb}),
+        },
         "best": best,
         # None, not 0, when this process timed no step (it resumed from the final checkpoint).
         "steps_per_second": speed.total_steps / speed.total_seconds if speed.total_steps else None,
-        "tokens_per_second": speed.total_tokens / speed.total_seconds if speed.total_steps else None,
+        "tokens_per_second": speed.total_tokens / speed.total_seconds
+        if speed.total_steps
+        else None,
         "num_params": num_params,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
@@ -465,8 +544,12 @@ def train_step_memory_gb(train_step, state, batch):
     if not hasattr(train_step, "lower"):
         return None
     m = train_step.lower(state, batch).compile().memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes) / 1e9
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    ) / 1e9
 
 
 class _Speed:
@@ -501,19 +584,23 @@ def _check_finite(sums, step, last_good_step):
         raise NonFiniteLossError(
             f"the training loss became {loss} between steps {last_good_step} and {step}. "
             f"Training stopped; the checkpoints up to step {last_good_step} are kept. Try a "
-            "lower learning rate, more warmup, gradient clipping or float32 compute.")
+            "lower learning rate, more warmup, gradient clipping or float32 compute."
+        )
 
 
 def _update_best(best, results, step, config):
     if not config.best_metric:
         return best
     if config.best_metric not in results:
-        raise ValueError(f"best_metric={config.best_metric!r} is not an evaluation result; "
-                         f"allowed: {', '.join(sorted(results))}.")
+        raise ValueError(
+            f"best_metric={config.best_metric!r} is not an evaluation result; "
+            f"allowed: {', '.join(sorted(results))}."
+        )
     value = results[config.best_metric]
     # On a tie the later step wins, as in the checkpoint manager's choice of what to keep.
-    if best["value"] is None or (value >= best["value"] if config.best_mode == "max"
-                                 else value <= best["value"]):
+    if best["value"] is None or (
+        value >= best["value"] if config.best_mode == "max" else value <= best["value"]
+    ):
         return {"metric": config.best_metric, "value": value, "step": step}
     return best
 
@@ -530,8 +617,9 @@ def _best_from_log(workdir, config):
 
 
 def _format(results):
-    return ", ".join(f"{k} {v:.4g}" for k, v in results.items()
-                     if k.endswith(("/accuracy", "/loss", "/bleu")))
+    return ", ".join(
+        f"{k} {v:.4g}" for k, v in results.items() if k.endswith(("/accuracy", "/loss", "/bleu"))
+    )
 
 
 def _write_json(path, data):

@@ -36,8 +36,15 @@ from transformer import decoding, parallel
 from transformer.models import EncoderDecoder
 from transformer.token_ids import EOS_ID, PAD_ID
 
-DEFAULTS = dict(strategy="greedy", beam_size=4, alpha=0.6, max_decode_len=0,
-                bucket_edges=(10, 20, 30, 40, 50), num_examples=0, num_alignment_plots=0)
+DEFAULTS = dict(
+    strategy="greedy",
+    beam_size=4,
+    alpha=0.6,
+    max_decode_len=0,
+    bucket_edges=(10, 20, 30, 40, 50),
+    num_examples=0,
+    num_alignment_plots=0,
+)
 STRATEGIES = ("greedy", "beam")
 SENTENCEPIECE_DATASETS = ("bible_en_es",)
 ALIGNMENT_MAX_SOURCE_TOKENS = 30  # longer sentences make unreadable heatmaps
@@ -48,8 +55,9 @@ def check(config):
     if not config.translation_eval:
         return
     if config.task != "seq2seq":
-        raise ValueError(f"config.translation_eval needs config.task='seq2seq'; got "
-                         f"{config.task!r}.")
+        raise ValueError(
+            f"config.translation_eval needs config.task='seq2seq'; got {config.task!r}."
+        )
     resolve(config.translation_eval)
 
 
@@ -59,16 +67,19 @@ def resolve(fields):
         fields = fields.to_dict()
     unknown = sorted(set(fields) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown translation_eval field(s) {unknown}; allowed: "
-                         f"{sorted(DEFAULTS)}.")
+        raise ValueError(
+            f"unknown translation_eval field(s) {unknown}; allowed: {sorted(DEFAULTS)}."
+        )
     resolved = ml_collections.ConfigDict({**DEFAULTS, **fields})
     if resolved.strategy not in STRATEGIES:
-        raise ValueError(f"translation_eval.strategy={resolved.strategy!r}; allowed: "
-                         f"{list(STRATEGIES)}.")
+        raise ValueError(
+            f"translation_eval.strategy={resolved.strategy!r}; allowed: {list(STRATEGIES)}."
+        )
     edges = tuple(resolved.bucket_edges)
     if not edges or list(edges) != sorted(set(edges)) or edges[0] < 1:
-        raise ValueError(f"translation_eval.bucket_edges must be ascending positive word counts; "
-                         f"got {edges}.")
+        raise ValueError(
+            f"translation_eval.bucket_edges must be ascending positive word counts; got {edges}."
+        )
     resolved.bucket_edges = edges
     for name in ("beam_size",):
         if resolved[name] < 1:
@@ -94,8 +105,10 @@ def bleu_by_length(hypotheses, references, source_lengths, edges):
     with the buckets that hold at least one sentence.
     """
     if not len(hypotheses) == len(references) == len(source_lengths):
-        raise ValueError(f"{len(hypotheses)} hypotheses, {len(references)} references and "
-                         f"{len(source_lengths)} source lengths: they must match.")
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses, {len(references)} references and "
+            f"{len(source_lengths)} source lengths: they must match."
+        )
     if not hypotheses:
         raise ValueError("no sentences to score.")
     bucket_of = np.searchsorted(np.asarray(edges), np.asarray(source_lengths), side="right")
@@ -103,15 +116,16 @@ def bleu_by_length(hypotheses, references, source_lengths, edges):
     for bucket, name in enumerate(bucket_names(edges)):
         members = np.flatnonzero(bucket_of == bucket)
         if members.size:
-            scores[name] = sacrebleu.corpus_bleu([hypotheses[i] for i in members],
-                                                 [[references[i] for i in members]]).score
+            scores[name] = sacrebleu.corpus_bleu(
+                [hypotheses[i] for i in members], [[references[i] for i in members]]
+            ).score
     return scores
 
 
 def until_eos(tokens):
     """Generated ids `[max_len]` -> a list up to and including the first EOS (or all of them)."""
     tokens = [int(t) for t in tokens if t != PAD_ID]
-    return tokens[:tokens.index(EOS_ID) + 1] if EOS_ID in tokens else tokens
+    return tokens[: tokens.index(EOS_ID) + 1] if EOS_ID in tokens else tokens
 
 
 def translate(model, params, batches, settings):
@@ -126,9 +140,15 @@ def translate(model, params, batches, settings):
     sources, references, hypotheses = [], [], []
     for batch in batches:
         inputs = np.asarray(batch["inputs"])
-        output = decoding.generate(model, {"params": params}, inputs, eos_id=EOS_ID,
-                                   max_len=settings.max_decode_len, strategy=settings.strategy,
-                                   **options)
+        output = decoding.generate(
+            model,
+            {"params": params},
+            inputs,
+            eos_id=EOS_ID,
+            max_len=settings.max_decode_len,
+            strategy=settings.strategy,
+            **options,
+        )
         output = np.asarray(output)
         for row in np.flatnonzero(np.any(inputs != PAD_ID, axis=1)):
             sources.append(until_eos(inputs[row]))
@@ -143,14 +163,18 @@ def plot_alignments(model, params, tokenizer, sources, hypotheses, count, direct
     """Heatmaps of the first `count` sentences of at most ALIGNMENT_MAX_SOURCE_TOKENS tokens."""
     # matplotlib only when plotting
     from transformer.alignment_plot import alignment_weights, plot_alignment
+
     os.makedirs(directory, exist_ok=True)
     names = lambda ids: [tokenizer.processor.id_to_piece(i) for i in ids]
     short = [i for i, s in enumerate(sources) if len(s) <= ALIGNMENT_MAX_SOURCE_TOKENS]
     for index in short[:count]:
         source, target = np.asarray([sources[index]]), np.asarray([hypotheses[index]])
-        plot_alignment(alignment_weights(model, params, source, target),
-                       names(sources[index]), names(hypotheses[index]),
-                       os.path.join(directory, f"sentence_{index}.png"))
+        plot_alignment(
+            alignment_weights(model, params, source, target),
+            names(sources[index]),
+            names(hypotheses[index]),
+            os.path.join(directory, f"sentence_{index}.png"),
+        )
 
 
 def has_attention_weights(model):
@@ -158,8 +182,9 @@ def has_attention_weights(model):
     return isinstance(model, EncoderDecoder) or getattr(model, "attention", "none") != "none"
 
 
-def evaluate_translation(model, params, data_config, split, fields, *, batch_size, data_dir,
-                         plot_dir=None):
+def evaluate_translation(
+    model, params, data_config, split, fields, *, batch_size, data_dir, plot_dir=None
+):
     """BLEU of `model` translating `split` of a SentencePiece seq2seq data set (bible_en_es).
 
     params: the replicated parameters (fetched to the host here). fields: config.translation_eval.
@@ -168,25 +193,44 @@ def evaluate_translation(model, params, data_config, split, fields, *, batch_siz
     """
     from transformer.data import make_iterator, registry
     from transformer.data.bible_en_es import tokenizer as sentencepiece_of
+
     settings = resolve(fields)
     resolved = registry.resolve(data_config)
     if resolved.name not in SENTENCEPIECE_DATASETS:
-        raise ValueError(f"translation_eval detokenizes with the data's SentencePiece model; "
-                         f"data set {resolved.name!r} has none. Allowed: "
-                         f"{list(SENTENCEPIECE_DATASETS)}.")
+        raise ValueError(
+            f"translation_eval detokenizes with the data's SentencePiece model; "
+            f"data set {resolved.name!r} has none. Allowed: "
+            f"{list(SENTENCEPIECE_DATASETS)}."
+        )
     if not settings.max_decode_len:
         settings.max_decode_len = resolved.max_target_length
     tokenizer = sentencepiece_of(registry.prepare(resolved, data_dir or None))
     params = parallel.fetch(params)
-    batches = make_iterator(resolved, split, global_batch_size=batch_size, seed=0, num_epochs=1,
-                            process_index=0, process_count=1, data_dir=data_dir or None)
+    batches = make_iterator(
+        resolved,
+        split,
+        global_batch_size=batch_size,
+        seed=0,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        data_dir=data_dir or None,
+    )
     sources, references, hypotheses = translate(model, params, batches, settings)
     source_words = [len(tokenizer.decode(s).split()) for s in sources]
-    scores = bleu_by_length([tokenizer.decode(h) for h in hypotheses],
-                            [tokenizer.decode(r) for r in references], source_words,
-                            settings.bucket_edges)
-    if (settings.num_alignment_plots and plot_dir and has_attention_weights(model)
-            and jax.process_index() == 0):
-        plot_alignments(model, params, tokenizer, sources, hypotheses,
-                        settings.num_alignment_plots, plot_dir)
+    scores = bleu_by_length(
+        [tokenizer.decode(h) for h in hypotheses],
+        [tokenizer.decode(r) for r in references],
+        source_words,
+        settings.bucket_edges,
+    )
+    if (
+        settings.num_alignment_plots
+        and plot_dir
+        and has_attention_weights(model)
+        and jax.process_index() == 0
+    ):
+        plot_alignments(
+            model, params, tokenizer, sources, hypotheses, settings.num_alignment_plots, plot_dir
+        )
     return scores

@@ -56,6 +56,7 @@ class Schedule:
     slots]` key blocks and mask ids. A query block index of `num_q_blocks` marks a padding item,
     whose writes are dropped; mask id 0 means all-allowed (a full block), 1 nothing allowed (a
     padding slot)."""
+
     q_block: np.ndarray
     kv_block: np.ndarray
     mask_id: np.ndarray
@@ -76,6 +77,7 @@ class Plan:
     and layouts whose rows differ too much (causal) go to a schedule whose items are pieces of
     rows, combined by online softmax.
     """
+
     block_q: int
     block_kv: int
     num_q_blocks: int
@@ -104,8 +106,9 @@ def _partial_block_masks(pattern, q_len, kv_len, block_q, block_kv, q_blocks, kv
     q_pos = q_blocks[:, None, None] * block_q + np.arange(block_q)[None, :, None]
     k_pos = kv_blocks[:, None, None] * block_kv + np.arange(block_kv)[None, None, :]
     in_range = (q_pos < q_len) & (k_pos < kv_len)
-    allowed = pattern.allows(np.minimum(q_pos, q_len - 1), np.minimum(k_pos, kv_len - 1),
-                             q_len, kv_len)
+    allowed = pattern.allows(
+        np.minimum(q_pos, q_len - 1), np.minimum(k_pos, kv_len - 1), q_len, kv_len
+    )
     return allowed & in_range
 
 
@@ -118,14 +121,17 @@ def _non_empty_blocks(pattern, q_len, kv_len, block_q, block_kv):
     masks = [np.ones((block_q, block_kv), bool), np.zeros((block_q, block_kv), bool)]
     partial = layout[q_idx, kv_idx] != FULL
     if partial.any():
-        block_masks = _partial_block_masks(pattern, q_len, kv_len, block_q, block_kv,
-                                           q_idx[partial], kv_idx[partial])
-        unique, inverse = np.unique(block_masks.reshape(len(block_masks), -1), axis=0,
-                                    return_inverse=True)
+        block_masks = _partial_block_masks(
+            pattern, q_len, kv_len, block_q, block_kv, q_idx[partial], kv_idx[partial]
+        )
+        unique, inverse = np.unique(
+            block_masks.reshape(len(block_masks), -1), axis=0, return_inverse=True
+        )
         unique = unique.reshape(-1, block_q, block_kv)
         # Ids 0 and 1 are the all-True and all-False masks; the rest are the distinct partial ones.
-        remap = np.where(unique.all((1, 2)), 0, np.where(~unique.any((1, 2)), 1,
-                                                             2 + np.arange(len(unique))))
+        remap = np.where(
+            unique.all((1, 2)), 0, np.where(~unique.any((1, 2)), 1, 2 + np.arange(len(unique)))
+        )
         mask_id[partial] = remap[inverse.reshape(-1)]
         masks += list(unique)
     keep = mask_id != 1
@@ -158,9 +164,11 @@ def _dense_rows(q_len, kv_len, block_q, block_kv, q_idx, kv_idx, mask_id, masks)
 
 def _choose_slots(counts):
     """Key blocks per item: few padding slots, but not so few that accumulator traffic dominates."""
+
     def cost(slots):
         items = -(-counts // slots)
         return (items * slots).sum() + 0.5 * items.sum()
+
     return min((1, 2, 4, 8, 16), key=cost)
 
 
@@ -185,8 +193,7 @@ def _row_groups(counts):
     return [group for group in (rows[:best], rows[best:]) if len(group)]
 
 
-def _whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks, block_q,
-                        block_kv):
+def _whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks, block_q, block_kv):
     """Items of whole rows (ascending query block), padded with mask id 1 to the longest row."""
     group = np.sort(group)
     width = int(counts[group].max())
@@ -221,8 +228,11 @@ def _item_schedule(q_idx, kv_idx, mask_id, counts, num_q_blocks, block_q, block_
     item_kv = np.where(valid, kv_idx[entry] if len(kv_idx) else 0, 0)
     item_mask = np.where(valid, mask_id[entry] if len(mask_id) else 1, 1)
     if not len(q_idx):
-        item_q, item_kv, item_mask = (np.full(1, num_q_blocks), np.zeros((1, slots), int),
-                                      np.ones((1, slots), int))
+        item_q, item_kv, item_mask = (
+            np.full(1, num_q_blocks),
+            np.zeros((1, slots), int),
+            np.ones((1, slots), int),
+        )
 
     # Round-robin the items onto steps: a row's items are consecutive and no more than `steps`,
     # so they land on distinct steps.
@@ -251,29 +261,60 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=True):
     computed_blocks = len(q_idx)
     dense_q_blocks = np.zeros(0, np.int64)
     if dense_rows_apart:
-        dense_q_blocks = _dense_rows(q_len, kv_len, block_q, block_kv, q_idx, kv_idx, mask_id,
-                                     masks)
+        dense_q_blocks = _dense_rows(
+            q_len, kv_len, block_q, block_kv, q_idx, kv_idx, mask_id, masks
+        )
         scheduled = ~np.isin(q_idx, dense_q_blocks)
         q_idx, kv_idx, mask_id = q_idx[scheduled], kv_idx[scheduled], mask_id[scheduled]
     rows = np.unique(q_idx)
     row_blocks = (rows, np.searchsorted(q_idx, np.append(rows, num_q_blocks)), kv_idx, mask_id)
     if not len(q_idx):
-        return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, (), masks, computed_blocks,
-                    dense_q_blocks, row_blocks)
+        return Plan(
+            block_q,
+            block_kv,
+            num_q_blocks,
+            num_kv_blocks,
+            (),
+            masks,
+            computed_blocks,
+            dense_q_blocks,
+            row_blocks,
+        )
     counts = np.bincount(q_idx, minlength=num_q_blocks)
     groups = _row_groups(counts) or []
     wide = [g for g in groups if counts[g].max() * block_q * block_kv > _ROW_SCORES_PER_STEP]
     narrow = [g for g in groups if counts[g].max() * block_q * block_kv <= _ROW_SCORES_PER_STEP]
     row_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    schedules = [_whole_row_schedule(group, counts, row_start, kv_idx, mask_id, num_q_blocks,
-                                     block_q, block_kv) for group in narrow]
+    schedules = [
+        _whole_row_schedule(
+            group, counts, row_start, kv_idx, mask_id, num_q_blocks, block_q, block_kv
+        )
+        for group in narrow
+    ]
     if not groups or wide:
         rest = np.isin(q_idx, np.concatenate(wide)) if wide else np.ones(len(q_idx), bool)
-        schedules.append(_item_schedule(
-            q_idx[rest], kv_idx[rest], mask_id[rest],
-            np.bincount(q_idx[rest], minlength=num_q_blocks), num_q_blocks, block_q, block_kv))
-    return Plan(block_q, block_kv, num_q_blocks, num_kv_blocks, tuple(schedules), masks,
-                computed_blocks, dense_q_blocks, row_blocks)
+        schedules.append(
+            _item_schedule(
+                q_idx[rest],
+                kv_idx[rest],
+                mask_id[rest],
+                np.bincount(q_idx[rest], minlength=num_q_blocks),
+                num_q_blocks,
+                block_q,
+                block_kv,
+            )
+        )
+    return Plan(
+        block_q,
+        block_kv,
+        num_q_blocks,
+        num_kv_blocks,
+        tuple(schedules),
+        masks,
+        computed_blocks,
+        dense_q_blocks,
+        row_blocks,
+    )
 
 
 def _to_blocks(x, num_blocks, block):
@@ -307,7 +348,9 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
         logits = logits + bias.reshape(key_bias.shape[0], 1, items, 1, slots * plan.block_kv)
     if slopes is not None:
         q_pos = q_block[:, None] * plan.block_q + jnp.arange(plan.block_q)
-        k_pos = (kv_block[:, :, None] * plan.block_kv + jnp.arange(plan.block_kv)).reshape(items, -1)
+        k_pos = (kv_block[:, :, None] * plan.block_kv + jnp.arange(plan.block_kv)).reshape(
+            items, -1
+        )
         distance = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(logits.dtype)
         logits = logits - slopes[None, :, None, None, None] * distance
     return logits
@@ -338,15 +381,20 @@ def _take_kv(x, kv_block):
 
 def _put(x, blocks, values, *, add=False):
     """`x[:, :, blocks] = values` (or `+=`); padding indices (== num_blocks) are dropped."""
-    index = jnp.where(blocks < x.shape[2], _flat_index(x, blocks), x.shape[0] * x.shape[1] * x.shape[2])
+    index = jnp.where(
+        blocks < x.shape[2], _flat_index(x, blocks), x.shape[0] * x.shape[1] * x.shape[2]
+    )
     slots = x.reshape(-1, *x.shape[3:]).at[index]
     flat = slots.add(values, mode="drop") if add else slots.set(values, mode="drop")
     return flat.reshape(x.shape)
 
 
 def _schedule_arrays(schedule):
-    return (jnp.asarray(schedule.q_block), jnp.asarray(schedule.kv_block),
-            jnp.asarray(schedule.mask_id))
+    return (
+        jnp.asarray(schedule.q_block),
+        jnp.asarray(schedule.kv_block),
+        jnp.asarray(schedule.mask_id),
+    )
 
 
 def _steps_to_blocks(x):
@@ -374,7 +422,9 @@ def _put_halves(x, schedule, halves_out):
     start = 0
     for values in halves_out:
         count = values.shape[3]
-        x = _put(x, schedule.q_block[:, start:start + count].reshape(-1), _steps_to_blocks(values))
+        x = _put(
+            x, schedule.q_block[:, start : start + count].reshape(-1), _steps_to_blocks(values)
+        )
         start += count
     return x
 
@@ -413,9 +463,9 @@ def softmax_rows(logits, values):
 
 def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
     """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
+
     def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
-        logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
-                              mask_id)
+        logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id)
         return softmax_rows(logits, _take_kv(v, kv_block))
 
     def step(_, items):
@@ -432,14 +482,18 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
     init = varying_like(
-        (q, k, v, key_bias, slopes), jnp.full(rows, -jnp.inf, q.dtype), jnp.zeros(rows, q.dtype),
-        jnp.zeros(rows + (v.shape[-1],), q.dtype))
+        (q, k, v, key_bias, slopes),
+        jnp.full(rows, -jnp.inf, q.dtype),
+        jnp.zeros(rows, q.dtype),
+        jnp.zeros(rows + (v.shape[-1],), q.dtype),
+    )
 
     def step(carry, items):
         row_max, row_sum, acc = carry
         q_block, kv_block, mask_id = items
-        logits = _item_logits(plan, schedule.needs_mask, q, k, key_bias, slopes, q_block,
-                              kv_block, mask_id)
+        logits = _item_logits(
+            plan, schedule.needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+        )
         old_max = _take(row_max, q_block)
         new_max = jnp.maximum(old_max, logits.max(-1))
         # A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0, not NaN.
@@ -447,10 +501,14 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
         probs = jnp.exp(logits - shift[..., None])
         rescale = jnp.exp(old_max - shift)
         new_sum = _take(row_sum, q_block) * rescale + probs.sum(-1)
-        new_acc = (_take(acc, q_block) * rescale[..., None]
-                   + jnp.einsum("bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block)))
-        carry = (_put(row_max, q_block, new_max), _put(row_sum, q_block, new_sum),
-                 _put(acc, q_block, new_acc))
+        new_acc = _take(acc, q_block) * rescale[..., None] + jnp.einsum(
+            "bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block)
+        )
+        carry = (
+            _put(row_max, q_block, new_max),
+            _put(row_sum, q_block, new_sum),
+            _put(acc, q_block, new_acc),
+        )
         return carry, None
 
     (row_max, row_sum, acc), _ = jax.lax.scan(step, init, _schedule_arrays(schedule))
@@ -469,15 +527,20 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
     # are accumulated transposed too, `[batch, heads, num_kv_blocks, dim, block_kv]`, so that
     # writing an item's blocks moves whole rows of floats, and are transposed once at the end.
     q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
-    dq, dk_t, dv_t = varying_like((q, k, v, key_bias, slopes, d_out), jnp.zeros_like(q),
-                                  jnp.zeros_like(jnp.swapaxes(k, -1, -2)),
-                                  jnp.zeros_like(jnp.swapaxes(v, -1, -2)))
+    dq, dk_t, dv_t = varying_like(
+        (q, k, v, key_bias, slopes, d_out),
+        jnp.zeros_like(q),
+        jnp.zeros_like(jnp.swapaxes(k, -1, -2)),
+        jnp.zeros_like(jnp.swapaxes(v, -1, -2)),
+    )
 
     for schedule in plan.schedules:
+
         def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
             """dQ of the items' query blocks; dK^T, dV^T of their key blocks `[.., slots, d, block]`."""
-            logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block,
-                                  mask_id)
+            logits = _item_logits(
+                plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+            )
             probs = jnp.exp(logits - _take(lse, q_block)[..., None])
             dv_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
             d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
@@ -486,7 +549,8 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
             dk_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
             # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, dim, block]
             to_slots = lambda x: jnp.swapaxes(
-                x.reshape(*x.shape[:4], kv_block.shape[1], plan.block_kv), 3, 4)
+                x.reshape(*x.shape[:4], kv_block.shape[1], plan.block_kv), 3, 4
+            )
             return dq_items, to_slots(dk_items), to_slots(dv_items)
 
         if schedule.whole_rows:
@@ -504,13 +568,16 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
             (dk_t, dv_t), dq_halves = jax.lax.scan(step, (dk_t, dv_t), _schedule_arrays(schedule))
             dq = _put_halves(dq, schedule, dq_halves)
         else:
+
             def step(carry, items, item_grads=item_grads):
                 dq, dk_t, dv_t = carry
                 q_block, kv_block, _ = items
                 dq_items, dk_items, dv_items = item_grads(*items)
-                return (_put(dq, q_block, dq_items, add=True),
-                        _put(dk_t, kv_block, dk_items, add=True),
-                        _put(dv_t, kv_block, dv_items, add=True)), None
+                return (
+                    _put(dq, q_block, dq_items, add=True),
+                    _put(dk_t, kv_block, dk_items, add=True),
+                    _put(dv_t, kv_block, dv_items, add=True),
+                ), None
 
             (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, dk_t, dv_t), _schedule_arrays(schedule))
     return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
@@ -554,16 +621,28 @@ def _kernel_attention_fn(plan):
     def backward(residuals, d_out):
         q, k, v, key_bias, out, lse = residuals
         delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)
-        dq, dk, dv = block_sparse_cpu.backward(q, k, v, lse, delta, d_out, plan.row_blocks,
-                                               plan.block_masks, key_bias)
+        dq, dk, dv = block_sparse_cpu.backward(
+            q, k, v, lse, delta, d_out, plan.row_blocks, plan.block_masks, key_bias
+        )
         return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias)
 
     attention.defvjp(forward, backward)
     return attention
 
 
-def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=None,
-                           alibi_slopes=None, block_q=64, block_kv=None, use_kernel=True):
+def block_sparse_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    block_q=64,
+    block_kv=None,
+    use_kernel=True,
+):
     """Attention over the non-empty blocks of `pattern` only; exact, forward and backward.
 
     Args:
@@ -585,29 +664,39 @@ def block_sparse_attention(query, key, value, *, pattern, key_valid=None, scale=
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
     if key_valid is not None:
-        if key_valid.ndim != 2 or key_valid.shape[1] != kv_len or key_valid.shape[0] not in (
-                1, query.shape[0]):
-            raise ValueError(f"key_valid must be [batch, kv_len] = [{query.shape[0]}, {kv_len}] "
-                             f"(or [1, {kv_len}]); got shape {key_valid.shape}")
+        if (
+            key_valid.ndim != 2
+            or key_valid.shape[1] != kv_len
+            or key_valid.shape[0] not in (1, query.shape[0])
+        ):
+            raise ValueError(
+                f"key_valid must be [batch, kv_len] = [{query.shape[0]}, {kv_len}] "
+                f"(or [1, {kv_len}]); got shape {key_valid.shape}"
+            )
         key_valid = jnp.broadcast_to(key_valid, (query.shape[0], kv_len))
-    kernel = use_kernel and block_sparse_cpu.supports(block_kv, query.shape[-1],
-                                                      value.shape[-1], query.dtype, alibi_slopes)
+    kernel = use_kernel and block_sparse_cpu.supports(
+        block_kv, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
+    )
     # Dense rows go to chunked attention, which is slow on a few rows of queries, except with the
     # kernel, which walks them like any other row; chunked attention aligns ALiBi distances for
     # a suffix of queries only, not for any rows.
-    plan = make_plan(pattern, q_len, kv_len, block_q, block_kv,
-                     dense_rows_apart=alibi_slopes is None and not kernel)
+    plan = make_plan(
+        pattern,
+        q_len,
+        kv_len,
+        block_q,
+        block_kv,
+        dense_rows_apart=alibi_slopes is None and not kernel,
+    )
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if plan.schedules:
-        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes,
-                                   kernel)
+        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, kernel)
     else:  # no scheduled blocks: every row is dense or sees no key
         out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if len(plan.dense_q_blocks):
         rows = _row_positions(plan.dense_q_blocks, block_q, q_len)
-        dense_out = chunked_attention(query[:, rows], key, value, scale=scale,
-                                      key_valid=key_valid)
+        dense_out = chunked_attention(query[:, rows], key, value, scale=scale, key_valid=key_valid)
         out = out.at[:, rows].set(dense_out)
     return out
 
@@ -632,8 +721,11 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
     key_bias = None
     if key_valid is not None:
         padded = jnp.pad(key_valid, ((0, 0), (0, plan.num_kv_blocks * block_kv - kv_len)))
-        key_bias = jnp.where(padded, 0.0, -jnp.inf).astype(dtype).reshape(
-            key_valid.shape[0], plan.num_kv_blocks, block_kv)
+        key_bias = (
+            jnp.where(padded, 0.0, -jnp.inf)
+            .astype(dtype)
+            .reshape(key_valid.shape[0], plan.num_kv_blocks, block_kv)
+        )
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
     if kernel:
         out = _kernel_attention_fn(plan)(q, k, v, key_bias)
@@ -647,5 +739,6 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
         def one(args):
             q, k, v, key_bias = (None if x is None else x[None] for x in args)
             return attention(q, k, v, key_bias, slopes)[0]
+
         out = jax.lax.map(one, (q, k, v, key_bias))
     return _from_blocks(out, q_len).astype(query.dtype)

@@ -53,8 +53,18 @@ def _cache_dir():
 
 def _compile(library):
     compiler = os.environ.get("CXX", "c++")
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-               "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o"]
+    command = [
+        compiler,
+        "-O3",
+        "-march=native",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-isystem",
+        jax.ffi.include_dir(),
+        str(_SOURCE),
+        "-o",
+    ]
     library.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name, then rename: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
@@ -62,8 +72,10 @@ def _compile(library):
         try:
             result = subprocess.run(command + [str(partial)], capture_output=True, text=True)
         except FileNotFoundError:
-            raise RuntimeError(f"no C++ compiler '{compiler}' (install g++, e.g. "
-                               "`apt-get install g++`, or set CXX)") from None
+            raise RuntimeError(
+                f"no C++ compiler '{compiler}' (install g++, e.g. "
+                "`apt-get install g++`, or set CXX)"
+            ) from None
         if result.returncode:
             raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
@@ -72,8 +84,9 @@ def _compile(library):
 @functools.lru_cache(maxsize=1)
 def _version():
     """What the compiled library depends on: the source, the JAX version and the CPU."""
-    return hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
-                          + _cpu_signature().encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        _SOURCE.read_bytes() + jax.__version__.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
 
 
 def _target(prefix):
@@ -101,11 +114,12 @@ def _load():
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (RuntimeError, OSError) as error:
         return f"the fused CPU kernel is unavailable: {error}"
-    for prefix, handler in ((_FORWARD, lib.BlockSparseForward),
-                            (_BACKWARD, lib.BlockSparseBackward)):
+    for prefix, handler in (
+        (_FORWARD, lib.BlockSparseForward),
+        (_BACKWARD, lib.BlockSparseBackward),
+    ):
         if _target(prefix) not in _registered:
-            jax.ffi.register_ffi_target(_target(prefix), jax.ffi.pycapsule(handler),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(_target(prefix), jax.ffi.pycapsule(handler), platform="cpu")
             _registered.add(_target(prefix))
     return None
 
@@ -118,8 +132,10 @@ def unavailable():
         return "disabled by TRANSFORMER_CPU_KERNEL=0"
     reason = _load()
     if reason:
-        warnings.warn(f"{reason}; block_sparse uses its XLA schedules on CPU (the same maths, "
-                      "slower)", stacklevel=3)
+        warnings.warn(
+            f"{reason}; block_sparse uses its XLA schedules on CPU (the same maths, slower)",
+            stacklevel=3,
+        )
     return reason
 
 
@@ -128,10 +144,15 @@ def supports(block_kv, head_dim, value_dim, dtype, alibi_slopes):
 
     dtype: the inputs'; block-sparse computes in it promoted to at least float32.
     """
-    return (jax.default_backend() == "cpu" and alibi_slopes is None
-            and jnp.promote_types(dtype, jnp.float32) == jnp.float32
-            and block_kv % LANES == 0 and head_dim % LANES == 0 and value_dim % LANES == 0
-            and unavailable() is None)
+    return (
+        jax.default_backend() == "cpu"
+        and alibi_slopes is None
+        and jnp.promote_types(dtype, jnp.float32) == jnp.float32
+        and block_kv % LANES == 0
+        and head_dim % LANES == 0
+        and value_dim % LANES == 0
+        and unavailable() is None
+    )
 
 
 def _merge_batch_heads(x):
@@ -160,8 +181,13 @@ def forward(q, k, v, layout, masks, key_bias):
         _target(_FORWARD),
         (jax.ShapeDtypeStruct(rows + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(rows, q.dtype)),
         vmap_method="sequential",
-    )(flat(q), flat(jnp.swapaxes(k, -1, -2)), flat(v), *_layout_args(layout, masks, key_bias),
-      heads=np.int64(q.shape[1]))
+    )(
+        flat(q),
+        flat(jnp.swapaxes(k, -1, -2)),
+        flat(v),
+        *_layout_args(layout, masks, key_bias),
+        heads=np.int64(q.shape[1]),
+    )
     # Inside `jax.shard_map` an FFI call's results are typed replicated; they vary like its inputs.
     return varying_like((q, k, v, key_bias), out, lse)
 
@@ -170,9 +196,17 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
     """dq, dk, dv of `forward`'s rows: shapes of q, k and v; lse, delta `[.., block_q]`."""
     flat = _merge_batch_heads
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    grads = jax.ffi.ffi_call(_target(_BACKWARD), (shape(q), shape(k), shape(v)),
-                             vmap_method="sequential")(
-        flat(q), flat(k), flat(jnp.swapaxes(k, -1, -2)), flat(jnp.swapaxes(v, -1, -2)),
-        flat(d_out), flat(lse), flat(delta), *_layout_args(layout, masks, key_bias),
-        heads=np.int64(q.shape[1]))
+    grads = jax.ffi.ffi_call(
+        _target(_BACKWARD), (shape(q), shape(k), shape(v)), vmap_method="sequential"
+    )(
+        flat(q),
+        flat(k),
+        flat(jnp.swapaxes(k, -1, -2)),
+        flat(jnp.swapaxes(v, -1, -2)),
+        flat(d_out),
+        flat(lse),
+        flat(delta),
+        *_layout_args(layout, masks, key_bias),
+        heads=np.int64(q.shape[1]),
+    )
     return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)

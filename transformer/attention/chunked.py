@@ -34,8 +34,17 @@ DEFAULT_KEY_CHUNK = 256
 _TILE_ELEMENTS = 4 * 512 * 256
 
 
-def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=None,
-                      alibi_slopes=None, chunk_size=None):
+def chunked_attention(
+    query,
+    key,
+    value,
+    *,
+    scale=None,
+    causal=False,
+    key_valid=None,
+    alibi_slopes=None,
+    chunk_size=None,
+):
     """softmax(q k^T * scale + alibi, masked) v, computed chunk by chunk.
 
     Args:
@@ -60,7 +69,7 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     query_chunk, key_chunk = _chunk_sizes(chunk_size, q_len, kv_len)
     num_q_chunks = -(-q_len // query_chunk)
     num_k_chunks = -(-kv_len // key_chunk)
@@ -79,15 +88,23 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
     if alibi_slopes is not None:
         # Inside shard_map the slopes' gradient varies over the devices like q, k and v, and a
         # custom VJP must return the type it was given: so they enter the VJP varying too.
-        alibi_slopes, = varying_like((q, k, v, key_valid),
-                                     jnp.asarray(alibi_slopes, jnp.float32))
+        (alibi_slopes,) = varying_like((q, k, v, key_valid), jnp.asarray(alibi_slopes, jnp.float32))
 
-    config = _Config(scale=float(scale), causal=bool(causal), offset=kv_len - q_len,
-                     query_chunk=query_chunk, key_chunk=key_chunk,
-                     num_q_chunks=num_q_chunks, num_k_chunks=num_k_chunks)
+    config = _Config(
+        scale=float(scale),
+        causal=bool(causal),
+        offset=kv_len - q_len,
+        query_chunk=query_chunk,
+        key_chunk=key_chunk,
+        num_q_chunks=num_q_chunks,
+        num_k_chunks=num_k_chunks,
+    )
     # Tiles sized for a CPU's caches; accelerators take the whole batch in each tile.
-    group = (_batch_group(batch, heads * query_chunk * key_chunk)
-             if jax.default_backend() == "cpu" else batch)
+    group = (
+        _batch_group(batch, heads * query_chunk * key_chunk)
+        if jax.default_backend() == "cpu"
+        else batch
+    )
     if group == batch:
         out = _attention(config, q, k, v, key_valid, alibi_slopes)
     else:
@@ -96,8 +113,11 @@ def chunked_attention(query, key, value, *, scale=None, causal=False, key_valid=
         # 4,096 tokens and 1.20x at 1,024 than with the whole batch in every tile (README).
         def grouped(x):
             return None if x is None else x.reshape(batch // group, group, *x.shape[1:])
-        out = jax.lax.map(lambda args: _attention(config, *args, alibi_slopes),
-                          tuple(grouped(x) for x in (q, k, v, key_valid)))
+
+        out = jax.lax.map(
+            lambda args: _attention(config, *args, alibi_slopes),
+            tuple(grouped(x) for x in (q, k, v, key_valid)),
+        )
         out = out.reshape(batch, *out.shape[2:])
     return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
@@ -106,11 +126,15 @@ def _check_inputs(query, key, value, key_valid, alibi_slopes):
     check_query_key_value(query, key, value)
     if key_valid is not None:
         if key_valid.shape != key.shape[:2] or key_valid.dtype != bool:
-            raise ValueError(f"key_valid must be boolean [batch, kv_len] = {list(key.shape[:2])}; "
-                             f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
+            raise ValueError(
+                f"key_valid must be boolean [batch, kv_len] = {list(key.shape[:2])}; "
+                f"got {key_valid.dtype} {tuple(key_valid.shape)}."
+            )
     if alibi_slopes is not None and jnp.shape(alibi_slopes) != (query.shape[2],):
-        raise ValueError(f"alibi_slopes must be [heads] = [{query.shape[2]}]; got shape "
-                         f"{jnp.shape(alibi_slopes)}.")
+        raise ValueError(
+            f"alibi_slopes must be [heads] = [{query.shape[2]}]; got shape "
+            f"{jnp.shape(alibi_slopes)}."
+        )
 
 
 def _chunk_sizes(chunk_size, q_len, kv_len):
@@ -122,8 +146,9 @@ def _chunk_sizes(chunk_size, q_len, kv_len):
         query_chunk, key_chunk = chunk_size
     for name, size in (("query", query_chunk), ("key", key_chunk)):
         if not isinstance(size, (int, np.integer)) or size < 1:
-            raise ValueError(f"chunk_size must be a positive int or a pair of them; got {name} "
-                             f"chunk {size!r}.")
+            raise ValueError(
+                f"chunk_size must be a positive int or a pair of them; got {name} chunk {size!r}."
+            )
     # No point in tiles longer than the (8-aligned) sequence: that is only padding.
     return min(int(query_chunk), _round_up(q_len, 8)), min(int(key_chunk), _round_up(kv_len, 8))
 
@@ -146,6 +171,7 @@ def _pad_length(x, length):
 
 class _Config(NamedTuple):
     """Static description of the tiling; hashable, so it can be a non-differentiable argument."""
+
     scale: float
     causal: bool
     offset: int  # position of query 0 relative to key 0
@@ -159,6 +185,7 @@ class _Config(NamedTuple):
 # Query chunk i holds positions [i*Cq, (i+1)*Cq) + offset in key coordinates, key chunk j holds
 # [j*Ck, (j+1)*Ck). Under the causal rule a tile is skipped when all its keys lie after its last
 # query, and needs no mask when all its keys lie at or before its first query.
+
 
 def _ceil_div(a, b):
     return -(-a // b)
@@ -189,14 +216,19 @@ def _query_chunk_ranges(config, k_index):
         return 0, 0
     first_key = k_index * config.key_chunk
     last_key = first_key + config.key_chunk - 1
-    start = jnp.clip(_ceil_div(first_key - config.offset - config.query_chunk + 1,
-                               config.query_chunk), 0, config.num_q_chunks)
-    unmasked_start = jnp.clip(_ceil_div(last_key - config.offset, config.query_chunk),
-                              start, config.num_q_chunks)
+    start = jnp.clip(
+        _ceil_div(first_key - config.offset - config.query_chunk + 1, config.query_chunk),
+        0,
+        config.num_q_chunks,
+    )
+    unmasked_start = jnp.clip(
+        _ceil_div(last_key - config.offset, config.query_chunk), start, config.num_q_chunks
+    )
     return start, unmasked_start
 
 
 # --- One tile -------------------------------------------------------------------------------
+
 
 def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask):
     """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend.
@@ -206,8 +238,9 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     """
     logits = jnp.einsum("bhqd,bhkd->bhqk", q_tile, k_tile, preferred_element_type=jnp.float32)
     if causal_mask or slopes is not None:
-        query_pos = (q_index * config.query_chunk + config.offset
-                     + jnp.arange(config.query_chunk))[:, None]
+        query_pos = (q_index * config.query_chunk + config.offset + jnp.arange(config.query_chunk))[
+            :, None
+        ]
         key_pos = (k_index * config.key_chunk + jnp.arange(config.key_chunk))[None, :]
     if slopes is not None:
         distance = jnp.abs(query_pos - key_pos).astype(jnp.float32)
@@ -227,6 +260,7 @@ def _chunk(x, index, size, axis=2):
 
 # --- Forward --------------------------------------------------------------------------------
 
+
 def _forward(config, q, k, v, key_valid, slopes):
     """Output `[batch, heads, Lq, value_dim]` and log-sum-exp `[batch, heads, Lq]` (float32).
 
@@ -243,8 +277,16 @@ def _forward(config, q, k, v, key_valid, slopes):
 
         def key_chunk_step(k_index, carry, causal_mask):
             row_max, row_sum, acc = carry
-            logits = _tile_logits(config, q_tile, _chunk(k, k_index, ck), q_index, k_index,
-                                  key_valid, slopes, causal_mask)
+            logits = _tile_logits(
+                config,
+                q_tile,
+                _chunk(k, k_index, ck),
+                q_index,
+                k_index,
+                key_valid,
+                slopes,
+                causal_mask,
+            )
             new_max = jnp.maximum(row_max, logits.max(axis=-1))
             # While a row has seen only masked keys its max is -inf; shift by 0 instead so that
             # exp(-inf - shift) is 0 rather than NaN.
@@ -253,20 +295,27 @@ def _forward(config, q, k, v, key_valid, slopes):
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + probs.sum(axis=-1)
             acc = acc * correction[..., None] + jnp.einsum(
-                "bhqk,bhkd->bhqd", probs.astype(v.dtype), _chunk(v, k_index, ck),
-                preferred_element_type=jnp.float32)
+                "bhqk,bhkd->bhqd",
+                probs.astype(v.dtype),
+                _chunk(v, k_index, ck),
+                preferred_element_type=jnp.float32,
+            )
             return new_max, row_sum, acc
 
-        init = varying_like((q, k, v, key_valid, slopes),
-                            jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
-                            jnp.zeros((batch, heads, cq), jnp.float32),
-                            jnp.zeros((batch, heads, cq, value_dim), jnp.float32))
+        init = varying_like(
+            (q, k, v, key_valid, slopes),
+            jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, heads, cq), jnp.float32),
+            jnp.zeros((batch, heads, cq, value_dim), jnp.float32),
+        )
         unmasked_end, end = _key_chunk_ranges(config, q_index)
-        carry = jax.lax.fori_loop(0, unmasked_end,
-                                  functools.partial(key_chunk_step, causal_mask=False), init)
+        carry = jax.lax.fori_loop(
+            0, unmasked_end, functools.partial(key_chunk_step, causal_mask=False), init
+        )
         if config.causal:
-            carry = jax.lax.fori_loop(unmasked_end, end,
-                                      functools.partial(key_chunk_step, causal_mask=True), carry)
+            carry = jax.lax.fori_loop(
+                unmasked_end, end, functools.partial(key_chunk_step, causal_mask=True), carry
+            )
         row_max, row_sum, acc = carry
         empty = row_sum == 0.0
         out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
@@ -281,6 +330,7 @@ def _forward(config, q, k, v, key_valid, slopes):
 
 
 # --- Backward -------------------------------------------------------------------------------
+
 
 def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
     """Gradients for q, k, v (and the ALiBi slopes) by recomputing each tile's probabilities.
@@ -311,13 +361,19 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             d_q, d_k_t, d_v_t, d_slopes = inner
             q_tile = _chunk(q_scaled, q_index, cq)
             d_out_tile = _chunk(d_out, q_index, cq)
-            logits = _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes,
-                                  causal_mask)
+            logits = _tile_logits(
+                config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask
+            )
             probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
-            d_v_t = d_v_t + jnp.einsum("bhdq,bhqk->bhdk", _chunk(d_out_t, q_index, cq, axis=3),
-                                       probs.astype(v.dtype), preferred_element_type=jnp.float32)
-            d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_tile, v_tile,
-                                 preferred_element_type=jnp.float32)
+            d_v_t = d_v_t + jnp.einsum(
+                "bhdq,bhqk->bhdk",
+                _chunk(d_out_t, q_index, cq, axis=3),
+                probs.astype(v.dtype),
+                preferred_element_type=jnp.float32,
+            )
+            d_probs = jnp.einsum(
+                "bhqd,bhkd->bhqk", d_out_tile, v_tile, preferred_element_type=jnp.float32
+            )
             d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
             if slopes is not None:
                 query_pos = q_index * cq + config.offset + jnp.arange(cq)
@@ -326,38 +382,55 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
             d_logits = d_logits.astype(q.dtype)
             d_q_tile = _chunk(d_q, q_index, cq) + jnp.einsum(
-                "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32)
+                "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32
+            )
             d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)
-            d_k_t = d_k_t + jnp.einsum("bhdq,bhqk->bhdk", _chunk(q_scaled_t, q_index, cq, axis=3),
-                                       d_logits, preferred_element_type=jnp.float32)
+            d_k_t = d_k_t + jnp.einsum(
+                "bhdq,bhqk->bhdk",
+                _chunk(q_scaled_t, q_index, cq, axis=3),
+                d_logits,
+                preferred_element_type=jnp.float32,
+            )
             return d_q, d_k_t, d_v_t, d_slopes
 
-        d_k_t, d_v_t = varying_like(inputs, jnp.zeros((batch, heads, head_dim, ck), jnp.float32),
-                                    jnp.zeros((batch, heads, value_dim, ck), jnp.float32))
+        d_k_t, d_v_t = varying_like(
+            inputs,
+            jnp.zeros((batch, heads, head_dim, ck), jnp.float32),
+            jnp.zeros((batch, heads, value_dim, ck), jnp.float32),
+        )
         start, unmasked_start = _query_chunk_ranges(config, k_index)
         carry = (d_q, d_k_t, d_v_t, d_slopes)
         if config.causal:
-            carry = jax.lax.fori_loop(start, unmasked_start,
-                                      functools.partial(query_chunk_step, causal_mask=True), carry)
+            carry = jax.lax.fori_loop(
+                start, unmasked_start, functools.partial(query_chunk_step, causal_mask=True), carry
+            )
         d_q, d_k_t, d_v_t, d_slopes = jax.lax.fori_loop(
-            unmasked_start, config.num_q_chunks,
-            functools.partial(query_chunk_step, causal_mask=False), carry)
+            unmasked_start,
+            config.num_q_chunks,
+            functools.partial(query_chunk_step, causal_mask=False),
+            carry,
+        )
         return (d_q, d_slopes), (jnp.swapaxes(d_k_t, 2, 3), jnp.swapaxes(d_v_t, 2, 3))
 
-    init = varying_like(inputs, jnp.zeros(q.shape, jnp.float32),
-                        jnp.zeros((heads,), jnp.float32))
-    (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(key_chunk_step, init,
-                                               jnp.arange(config.num_k_chunks))
+    init = varying_like(inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads,), jnp.float32))
+    (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(
+        key_chunk_step, init, jnp.arange(config.num_k_chunks)
+    )
     d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
     d_v = jnp.moveaxis(d_v, 0, 2).reshape(v.shape)
     # The scale was folded into q for the logits: dL/dq = scale * dL/d(q*scale), while dk got
     # q*scale already.
     d_q = d_q * config.scale
-    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype),
-            None if slopes is None else d_slopes)
+    return (
+        d_q.astype(q.dtype),
+        d_k.astype(k.dtype),
+        d_v.astype(v.dtype),
+        None if slopes is None else d_slopes,
+    )
 
 
 # --- Custom VJP -----------------------------------------------------------------------------
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(config, q, k, v, key_valid, slopes):

@@ -18,8 +18,19 @@ def alibi_bias(slopes, q_len, kv_len, *, offset=0):
     return -jnp.asarray(slopes, jnp.float32)[None, :, None, None] * distance[None, None]
 
 
-def dense_attention(query, key, value, *, mask=None, bias=None, scale=None, alibi_slopes=None,
-                    dropout_rate=0.0, dropout_rng=None, return_weights=False):
+def dense_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    scale=None,
+    alibi_slopes=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    return_weights=False,
+):
     """softmax(q k^T * scale + bias, masked) v.
 
     Args:
@@ -58,8 +69,9 @@ def dense_attention(query, key, value, *, mask=None, bias=None, scale=None, alib
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value,
-                     preferred_element_type=compute_dtype).astype(query.dtype)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=compute_dtype
+    ).astype(query.dtype)
     if return_weights:
         return out, weights
     return out

@@ -47,20 +47,39 @@ def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
 
 def _chunked(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
     if type(pattern) not in (patterns.Full, patterns.Causal):
-        raise ValueError(f"implementation 'chunked' computes full() and causal() attention only; "
-                         f"got pattern {pattern}. Use 'block_sparse' for sparse patterns.")
+        raise ValueError(
+            f"implementation 'chunked' computes full() and causal() attention only; "
+            f"got pattern {pattern}. Use 'block_sparse' for sparse patterns."
+        )
     causal = isinstance(pattern, patterns.Causal)
     if causal and query.shape[1] != key.shape[1]:
-        raise ValueError("implementation 'chunked' aligns causal() queries with the end of the "
-                         f"keys, which differs from the pattern's j <= i when q_len "
-                         f"{query.shape[1]} != kv_len {key.shape[1]}; use 'block_sparse'.")
-    return chunked_attention(query, key, value, scale=scale, causal=causal, key_valid=key_valid,
-                             alibi_slopes=alibi_slopes)
+        raise ValueError(
+            "implementation 'chunked' aligns causal() queries with the end of the "
+            f"keys, which differs from the pattern's j <= i when q_len "
+            f"{query.shape[1]} != kv_len {key.shape[1]}; use 'block_sparse'."
+        )
+    return chunked_attention(
+        query,
+        key,
+        value,
+        scale=scale,
+        causal=causal,
+        key_valid=key_valid,
+        alibi_slopes=alibi_slopes,
+    )
 
 
 def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
-    return block_sparse_attention(query, key, value, pattern=pattern, key_valid=key_valid,
-                                  scale=scale, alibi_slopes=alibi_slopes, block_q=BLOCK_SIZE)
+    return block_sparse_attention(
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        block_q=BLOCK_SIZE,
+    )
 
 
 def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False):
@@ -81,8 +100,12 @@ def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False
         return "splash"
     if q_len * kv_len <= DENSE_MAX_PAIRS:
         return "dense"
-    if (backend == "cpu" and cpu_kernel and q_len >= BLOCK_SIZE
-            and max(q_len, kv_len) <= KERNEL_MEASURED_LENGTH):
+    if (
+        backend == "cpu"
+        and cpu_kernel
+        and q_len >= BLOCK_SIZE
+        and max(q_len, kv_len) <= KERNEL_MEASURED_LENGTH
+    ):
         return "block_sparse"
     if type(pattern) is patterns.Full:
         return "chunked"
@@ -93,13 +116,21 @@ def choose_implementation(pattern, q_len, kv_len, backend=None, cpu_kernel=False
 
 
 def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
-    cpu_kernel = block_sparse_cpu.supports(BLOCK_SIZE, query.shape[-1], value.shape[-1],
-                                           query.dtype, alibi_slopes)
+    cpu_kernel = block_sparse_cpu.supports(
+        BLOCK_SIZE, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
+    )
     name = choose_implementation(pattern, query.shape[1], key.shape[1], cpu_kernel=cpu_kernel)
     if name == "splash" and alibi_slopes is not None:
         name = "block_sparse"
-    return IMPLEMENTATIONS[name](query, key, value, pattern=pattern, key_valid=key_valid,
-                                 scale=scale, alibi_slopes=alibi_slopes)
+    return IMPLEMENTATIONS[name](
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+    )
 
 
 IMPLEMENTATIONS = {
@@ -128,8 +159,10 @@ def _check_shapes(query, key, value, mask, bias):
         if array is None:
             continue
         if array.ndim != 4 or any(a not in (1, f) for a, f in zip(array.shape, full)):
-            raise ValueError(f"{name} of shape {array.shape} does not broadcast to "
-                             f"[batch, heads, q_len, kv_len] = {list(full)}.")
+            raise ValueError(
+                f"{name} of shape {array.shape} does not broadcast to "
+                f"[batch, heads, q_len, kv_len] = {list(full)}."
+            )
     if mask is not None and mask.dtype != bool:
         raise ValueError(f"mask must be boolean (True = may attend); got dtype {mask.dtype}.")
 
@@ -142,13 +175,26 @@ def _key_valid(mask, batch, implementation):
         raise ValueError(
             f"implementation {implementation!r} takes only key padding masks of shape "
             f"[batch, 1, 1, kv_len]; got {tuple(mask.shape)}. Put structure into `pattern`, or use "
-            "implementation='dense' for an arbitrary mask.")
+            "implementation='dense' for an arbitrary mask."
+        )
     return jax.numpy.broadcast_to(mask[:, 0, 0, :], (batch, mask.shape[-1]))
 
 
-def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None,
-                          alibi_slopes=None, pattern=None, implementation="dense",
-                          dropout_rate=0.0, dropout_rng=None, return_weights=False):
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    scale=None,
+    alibi_slopes=None,
+    pattern=None,
+    implementation="dense",
+    dropout_rate=0.0,
+    dropout_rng=None,
+    return_weights=False,
+):
     """Scaled dot-product attention, softmax(q k^T / sqrt(d) + bias) v, over masked keys.
 
     Args:
@@ -176,30 +222,54 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
     """
     _check_shapes(query, key, value, mask, bias)
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown implementation {implementation!r}; allowed: "
-                         f"{sorted(IMPLEMENTATIONS)}.")
+        raise ValueError(
+            f"unknown implementation {implementation!r}; allowed: {sorted(IMPLEMENTATIONS)}."
+        )
     if pattern is None:
         pattern = patterns.full()
     elif isinstance(pattern, str):
         pattern = patterns.build(pattern)
     elif not isinstance(pattern, patterns.Pattern):
-        raise ValueError(f"pattern must be a transformer.patterns pattern, a name in "
-                         f"{sorted(patterns.PATTERNS)} or None; got {type(pattern).__name__}.")
+        raise ValueError(
+            f"pattern must be a transformer.patterns pattern, a name in "
+            f"{sorted(patterns.PATTERNS)} or None; got {type(pattern).__name__}."
+        )
 
     if implementation == "dense":  # the reference: the only path with bias, dropout, weights
         pattern_and_mask = pattern_mask(pattern, query.shape[1], key.shape[1])
         if mask is not None:
             pattern_and_mask = pattern_and_mask & mask
-        return dense_attention(query, key, value, mask=pattern_and_mask, bias=bias, scale=scale,
-                               alibi_slopes=alibi_slopes, dropout_rate=dropout_rate,
-                               dropout_rng=dropout_rng, return_weights=return_weights)
+        return dense_attention(
+            query,
+            key,
+            value,
+            mask=pattern_and_mask,
+            bias=bias,
+            scale=scale,
+            alibi_slopes=alibi_slopes,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
 
-    dense_only = {"bias": bias is not None, "return_weights": return_weights,
-                  "dropout": dropout_rate > 0.0 and dropout_rng is not None}
+    dense_only = {
+        "bias": bias is not None,
+        "return_weights": return_weights,
+        "dropout": dropout_rate > 0.0 and dropout_rng is not None,
+    }
     for name, used in dense_only.items():
         if used:
-            raise ValueError(f"{name} is supported by implementation='dense' only; got "
-                             f"implementation={implementation!r}.")
+            raise ValueError(
+                f"{name} is supported by implementation='dense' only; got "
+                f"implementation={implementation!r}."
+            )
     key_valid = _key_valid(mask, query.shape[0], implementation)
-    return IMPLEMENTATIONS[implementation](query, key, value, pattern=pattern, key_valid=key_valid,
-                                          scale=scale, alibi_slopes=alibi_slopes)
+    return IMPLEMENTATIONS[implementation](
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+    )

@@ -44,7 +44,10 @@ def additive_score(query, key, query_weight, key_weight, v):
 
 def mean_pool_score(query, key):
     """Equal scores for every key: softmax turns them into the mean, the unweighted baseline."""
-    shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2]) + (query.shape[-2], key.shape[-2])
+    shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2]) + (
+        query.shape[-2],
+        key.shape[-2],
+    )
     return jnp.zeros(shape, jnp.result_type(query, key))
 
 

@@ -8,10 +8,12 @@ def check_query_key_value(query, key, value):
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
             "query, key and value must be [batch, length, heads, head_dim]; got shapes "
-            f"{query.shape}, {key.shape}, {value.shape}.")
+            f"{query.shape}, {key.shape}, {value.shape}."
+        )
     if key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key {key.shape} and value {value.shape} must agree on "
-                         "[batch, kv_len, heads].")
+        raise ValueError(
+            f"key {key.shape} and value {value.shape} must agree on [batch, kv_len, heads]."
+        )
     if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
         raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
     if query.shape[3] != key.shape[3]:

@@ -29,21 +29,38 @@ class PatternMask(masks.Mask):
         rows, cols = index
         q_pos = np.arange(*rows.indices(self._shape[0]))[:, None]
         k_pos = np.arange(*cols.indices(self._shape[1]))[None, :]
-        allowed = self.pattern.allows(np.minimum(q_pos, self.q_len - 1),
-                                      np.minimum(k_pos, self.kv_len - 1), self.q_len, self.kv_len)
+        allowed = self.pattern.allows(
+            np.minimum(q_pos, self.q_len - 1),
+            np.minimum(k_pos, self.kv_len - 1),
+            self.q_len,
+            self.kv_len,
+        )
         return allowed & (q_pos < self.q_len) & (k_pos < self.kv_len)
 
     def __eq__(self, other):
-        return (isinstance(other, PatternMask) and
-                (self.pattern, self.q_len, self.kv_len, self._shape) ==
-                (other.pattern, other.q_len, other.kv_len, other._shape))
+        return isinstance(other, PatternMask) and (
+            self.pattern,
+            self.q_len,
+            self.kv_len,
+            self._shape,
+        ) == (other.pattern, other.q_len, other.kv_len, other._shape)
 
     def __hash__(self):
         return hash((PatternMask, self.pattern, self.q_len, self.kv_len, self._shape))
 
 
-def splash_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None,
-                     block_size=DEFAULT_BLOCK, interpret=None):
+def splash_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    block_size=DEFAULT_BLOCK,
+    interpret=None,
+):
     """Splash attention over `pattern`.
 
     Args:
@@ -59,22 +76,31 @@ def splash_attention(query, key, value, *, pattern, key_valid=None, scale=None, 
       `[batch, q_len, heads, head_dim]`; zeros for queries with no allowed key.
     """
     if alibi_slopes is not None:
-        raise ValueError("implementation 'splash' takes no alibi_slopes (the TPU kernel has no "
-                         "bias input); use 'block_sparse' or 'chunked' for ALiBi.")
+        raise ValueError(
+            "implementation 'splash' takes no alibi_slopes (the TPU kernel has no "
+            "bias input); use 'block_sparse' or 'chunked' for ALiBi."
+        )
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     q_pad, kv_pad = -(-q_len // block_size) * block_size, -(-kv_len // block_size) * block_size
     mask = PatternMask(pattern, q_len, kv_len, (q_pad, kv_pad))
     blocks = kernels.BlockSizes(
-        block_q=block_size, block_kv=block_size, block_kv_compute=block_size,
-        block_q_dkv=block_size, block_kv_dkv=block_size, block_kv_dkv_compute=block_size,
-        block_q_dq=block_size, block_kv_dq=block_size)
+        block_q=block_size,
+        block_kv=block_size,
+        block_kv_compute=block_size,
+        block_q_dkv=block_size,
+        block_kv_dkv=block_size,
+        block_kv_dkv_compute=block_size,
+        block_q_dq=block_size,
+        block_kv_dq=block_size,
+    )
     kernel = kernels.make_splash_mha_single_device(
-        masks.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret)
+        masks.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret
+    )
 
     def to_heads_first(x, length):  # [batch, length, heads, d] -> [batch, heads, padded, d]
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -84,12 +110,14 @@ def splash_attention(query, key, value, *, pattern, key_valid=None, scale=None, 
     valid = jnp.ones((batch, kv_len), bool) if key_valid is None else key_valid
     valid = jnp.pad(valid, ((0, 0), (0, kv_pad - kv_len)))
     # Segment ids: queries are segment 0, valid keys 0, padded keys 1, so padded keys are unseen.
-    segments = kernels.SegmentIds(q=jnp.zeros((batch, q_pad), jnp.int32),
-                                  kv=jnp.where(valid, 0, 1).astype(jnp.int32))
+    segments = kernels.SegmentIds(
+        q=jnp.zeros((batch, q_pad), jnp.int32), kv=jnp.where(valid, 0, 1).astype(jnp.int32)
+    )
     # A sink logit far below any real logit but above the kernel's mask value: rows with a real
     # key never notice it, and a row with none gets all its weight on the sink, so zeros.
     sinks = jnp.full((heads,), kernels.DEFAULT_MASK_VALUE / 2, jnp.float32)
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s, sinks=sinks))(
-        q, k, v, segments)
+        q, k, v, segments
+    )
     out = out.transpose(0, 2, 1, 3)[:, :q_len]
     return out.astype(query.dtype)

@@ -28,14 +28,17 @@ def _native_arguments(pattern):
     return None
 
 
-def _jax_nn_attention(query, key, value, *, pattern, key_valid, scale, alibi_slopes,
-                      implementation):
+def _jax_nn_attention(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, implementation
+):
     q_len, kv_len = query.shape[1], key.shape[1]
     arguments = _native_arguments(pattern)
     if arguments is None and implementation == "cudnn":
-        raise ValueError(f"implementation 'cudnn' takes full(), causal(), sliding_window(...) and "
-                         f"sliding_window(...) & causal() only; got {pattern}. Use "
-                         "'block_sparse' or 'xla'.")
+        raise ValueError(
+            f"implementation 'cudnn' takes full(), causal(), sliding_window(...) and "
+            f"sliding_window(...) & causal() only; got {pattern}. Use "
+            "'block_sparse' or 'xla'."
+        )
     mask = None if arguments is not None else jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
     if key_valid is not None:
         key_mask = key_valid[:, None, None, :]
@@ -43,28 +46,60 @@ def _jax_nn_attention(query, key, value, *, pattern, key_valid, scale, alibi_slo
     bias = None
     if alibi_slopes is not None:
         bias = alibi_bias(alibi_slopes, q_len, kv_len).astype(query.dtype)
-    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                       implementation=implementation, **(arguments or {}))
+    out = jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        implementation=implementation,
+        **(arguments or {}),
+    )
     # jax.nn gives a query with no allowed key the mean of all values; we promise zeros.
     if key_valid is None:
         has_key = jnp.asarray(pattern.mask(q_len, kv_len).any(-1))[None, :]
     else:
-        allowed = mask[:, 0] if arguments is None else pattern.allows(
-            jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], q_len, kv_len) & key_mask[:, 0]
+        allowed = (
+            mask[:, 0]
+            if arguments is None
+            else pattern.allows(
+                jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], q_len, kv_len
+            )
+            & key_mask[:, 0]
+        )
         has_key = jnp.any(allowed, axis=-1)
     return jnp.where(has_key[:, :, None, None], out, 0.0).astype(query.dtype)
 
 
 def xla_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
     """`jax.nn.dot_product_attention(implementation="xla")`: materialises the scores."""
-    return _jax_nn_attention(query, key, value, pattern=pattern, key_valid=key_valid,
-                             scale=scale, alibi_slopes=alibi_slopes, implementation="xla")
+    return _jax_nn_attention(
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        implementation="xla",
+    )
 
 
 def cudnn_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
     """`jax.nn.dot_product_attention(implementation="cudnn")`: fused kernel on NVIDIA GPUs."""
     if jax.default_backend() != "gpu":
-        raise ValueError(f"implementation 'cudnn' needs a CUDA GPU; this backend is "
-                         f"{jax.default_backend()!r}. Use 'xla', 'chunked' or 'block_sparse'.")
-    return _jax_nn_attention(query, key, value, pattern=pattern, key_valid=key_valid,
-                             scale=scale, alibi_slopes=alibi_slopes, implementation="cudnn")
+        raise ValueError(
+            f"implementation 'cudnn' needs a CUDA GPU; this backend is "
+            f"{jax.default_backend()!r}. Use 'xla', 'chunked' or 'block_sparse'."
+        )
+    return _jax_nn_attention(
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        implementation="cudnn",
+    )

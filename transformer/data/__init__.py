@@ -10,6 +10,13 @@ bible_en_es, bbc_news. See registry.py for data config fields and pipeline.py fo
 """
 
 from transformer.data.pipeline import make_dataset, make_iterator
-from transformer.data.registry import (DATASETS, DataInfo, builder_config, data_info,
-                                       make_builder, prepare, resolve)
+from transformer.data.registry import (
+    DATASETS,
+    DataInfo,
+    builder_config,
+    data_info,
+    make_builder,
+    prepare,
+    resolve,
+)
 from transformer.data.tokenizers import BOS_ID, CLS_ID, EOS_ID, PAD_ID

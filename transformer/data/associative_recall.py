@@ -22,88 +22,113 @@ from transformer.data import generation, spec, tokenizers
 
 @dataclasses.dataclass
 class AssociativeRecallConfig(tfds.core.BuilderConfig):
-  num_pairs: int = 64
-  distance: int = 64
-  num_keys: int = 128
-  num_values: int = 16
-  num_train: int = 20_000
-  num_validation: int = 1_000
-  num_test: int = 1_000
-  seed: int = 0
+    num_pairs: int = 64
+    distance: int = 64
+    num_keys: int = 128
+    num_values: int = 16
+    num_train: int = 20_000
+    num_validation: int = 1_000
+    num_test: int = 1_000
+    seed: int = 0
 
-  def validate(self):
-    if self.num_keys < self.num_pairs:
-      raise ValueError(f"associative_recall needs num_keys >= num_pairs (keys are distinct "
-                       f"within a sequence), got num_keys={self.num_keys}, "
-                       f"num_pairs={self.num_pairs}.")
-    if self.distance % 2 or not 2 <= self.distance <= 2 * self.num_pairs:
-      raise ValueError(f"associative_recall distance must be even and in [2, 2 * num_pairs] = "
-                       f"[2, {2 * self.num_pairs}] (a key sits at an even distance from the "
-                       f"query), got {self.distance}.")
+    def validate(self):
+        if self.num_keys < self.num_pairs:
+            raise ValueError(
+                f"associative_recall needs num_keys >= num_pairs (keys are distinct "
+                f"within a sequence), got num_keys={self.num_keys}, "
+                f"num_pairs={self.num_pairs}."
+            )
+        if self.distance % 2 or not 2 <= self.distance <= 2 * self.num_pairs:
+            raise ValueError(
+                f"associative_recall distance must be even and in [2, 2 * num_pairs] = "
+                f"[2, {2 * self.num_pairs}] (a key sits at an even distance from the "
+                f"query), got {self.distance}."
+            )
 
 
 def first_value_id(config) -> int:
-  return tokenizers.NUM_RESERVED + config.num_keys
+    return tokenizers.NUM_RESERVED + config.num_keys
 
 
 def draw_example(rng: random.Random, config) -> tuple[np.ndarray, int]:
-  """(tokens int32 [2 * num_pairs + 1], value index) with the query `distance` after its key."""
-  keys = rng.sample(range(config.num_keys), config.num_pairs)
-  values = [rng.randrange(config.num_values) for _ in range(config.num_pairs)]
-  queried = config.num_pairs - config.distance // 2
-  tokens = []
-  for key, value in zip(keys, values):
-    tokens += [tokenizers.NUM_RESERVED + key, first_value_id(config) + value]
-  tokens.append(tokenizers.NUM_RESERVED + keys[queried])
-  return np.asarray(tokens, np.int32), values[queried]
+    """(tokens int32 [2 * num_pairs + 1], value index) with the query `distance` after its key."""
+    keys = rng.sample(range(config.num_keys), config.num_pairs)
+    values = [rng.randrange(config.num_values) for _ in range(config.num_pairs)]
+    queried = config.num_pairs - config.distance // 2
+    tokens = []
+    for key, value in zip(keys, values):
+        tokens += [tokenizers.NUM_RESERVED + key, first_value_id(config) + value]
+    tokens.append(tokenizers.NUM_RESERVED + keys[queried])
+    return np.asarray(tokens, np.int32), values[queried]
 
 
 class AssociativeRecall(tfds.core.GeneratorBasedBuilder):
-  """Key-value recall at a chosen distance, generated from a seed."""
+    """Key-value recall at a chosen distance, generated from a seed."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [
-      AssociativeRecallConfig(name="pairs64", description="129 tokens; set `distance`."),
-      AssociativeRecallConfig(name="pairs512", num_pairs=512, distance=512, num_keys=1024,
-                              description="1025 tokens; set `distance`."),
-      AssociativeRecallConfig(name="tiny", num_pairs=8, distance=6, num_keys=16, num_values=4,
-                              num_train=200, num_validation=50, num_test=50,
-                              description="For tests."),
-  ]
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [
+        AssociativeRecallConfig(name="pairs64", description="129 tokens; set `distance`."),
+        AssociativeRecallConfig(
+            name="pairs512",
+            num_pairs=512,
+            distance=512,
+            num_keys=1024,
+            description="1025 tokens; set `distance`.",
+        ),
+        AssociativeRecallConfig(
+            name="tiny",
+            num_pairs=8,
+            distance=6,
+            num_keys=16,
+            num_values=4,
+            num_train=200,
+            num_validation=50,
+            num_test=50,
+            description="For tests.",
+        ),
+    ]
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_values),
-        }),
-    )
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_values),
+                }
+            ),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split) for split in generation.SPLITS_IN_ORDER}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in generation.SPLITS_IN_ORDER}
 
-  def _generate_examples(self, split):
-    c = self.builder_config
-    sizes = {"train": c.num_train, "validation": c.num_validation, "test": c.num_test}
-    for index, (tokens, value) in generation.split_examples(
-        lambda rng: draw_example(rng, c), lambda example: example[0].tobytes(), sizes, c.seed,
-        split):
-      yield index, {"tokens": tokens, "label": value}
+    def _generate_examples(self, split):
+        c = self.builder_config
+        sizes = {"train": c.num_train, "validation": c.num_validation, "test": c.num_test}
+        for index, (tokens, value) in generation.split_examples(
+            lambda rng: draw_example(rng, c),
+            lambda example: example[0].tobytes(),
+            sizes,
+            c.seed,
+            split,
+        ):
+            yield index, {"tokens": tokens, "label": value}
 
 
 def make_encoder(builder, data_config):
-  """Stored example -> {"inputs": int32 [2 * num_pairs + 1 (+1 with [CLS])], "targets": []}."""
-  del builder
-  prefix = np.asarray([tokenizers.CLS_ID] if data_config.add_cls else [], np.int32)
+    """Stored example -> {"inputs": int32 [2 * num_pairs + 1 (+1 with [CLS])], "targets": []}."""
+    del builder
+    prefix = np.asarray([tokenizers.CLS_ID] if data_config.add_cls else [], np.int32)
 
-  def encode(example):
-    return {"inputs": np.concatenate([prefix, np.asarray(example["tokens"], np.int32)]),
-            "targets": np.asarray(example["label"], np.int32)}
+    def encode(example):
+        return {
+            "inputs": np.concatenate([prefix, np.asarray(example["tokens"], np.int32)]),
+            "targets": np.asarray(example["label"], np.int32),
+        }
 
-  return encode
+    return encode
 
 
 SPEC = spec.DatasetSpec(

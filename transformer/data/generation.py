@@ -8,41 +8,47 @@ drawn again. So the test set does not depend on how many training examples are a
 
 import hashlib
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 SPLITS_IN_ORDER = ("test", "validation", "train")
 
 
-def split_examples(make_example: Callable[[random.Random], Any],
-                   fingerprint: Callable[[Any], bytes],
-                   sizes: dict[str, int], seed: int, split: str) -> Iterator[tuple[int, Any]]:
-  """Yields (index, example) for `split`; examples are distinct within and across splits.
+def split_examples(
+    make_example: Callable[[random.Random], Any],
+    fingerprint: Callable[[Any], bytes],
+    sizes: dict[str, int],
+    seed: int,
+    split: str,
+) -> Iterator[tuple[int, Any]]:
+    """Yields (index, example) for `split`; examples are distinct within and across splits.
 
-  Args:
-    make_example: draws one example from the random stream it is given.
-    fingerprint: bytes that identify an example (two examples are equal iff these are).
-    sizes: number of examples per split, keys 'train', 'validation', 'test'.
-    seed: the data set's seed.
-    split: which split to yield.
-  """
-  seen = set()
-  for current in SPLITS_IN_ORDER:
-    rng = random.Random(f"{seed}/{current}")
-    count, attempts = 0, 0
-    while count < sizes[current]:
-      attempts += 1
-      if attempts > 100 * sizes[current] + 1000:
-        raise ValueError(
-            f"Could only generate {count} distinct {current} examples of {sizes[current]} "
-            f"asked for: the configuration allows too few different examples. Ask for fewer "
-            f"examples or allow longer sequences / more symbols.")
-      example = make_example(rng)
-      key = hashlib.sha256(fingerprint(example)).digest()
-      if key in seen:
-        continue
-      seen.add(key)
-      if current == split:
-        yield count, example
-      count += 1
-    if current == split:
-      return
+    Args:
+      make_example: draws one example from the random stream it is given.
+      fingerprint: bytes that identify an example (two examples are equal iff these are).
+      sizes: number of examples per split, keys 'train', 'validation', 'test'.
+      seed: the data set's seed.
+      split: which split to yield.
+    """
+    seen = set()
+    for current in SPLITS_IN_ORDER:
+        rng = random.Random(f"{seed}/{current}")
+        count, attempts = 0, 0
+        while count < sizes[current]:
+            attempts += 1
+            if attempts > 100 * sizes[current] + 1000:
+                raise ValueError(
+                    f"Could only generate {count} distinct {current} examples of {sizes[current]} "
+                    f"asked for: the configuration allows too few different examples. Ask for fewer "
+                    f"examples or allow longer sequences / more symbols."
+                )
+            example = make_example(rng)
+            key = hashlib.sha256(fingerprint(example)).digest()
+            if key in seen:
+                continue
+            seen.add(key)
+            if current == split:
+                yield count, example
+            count += 1
+        if current == split:
+            return

@@ -1,7 +1,8 @@
 """What the pipeline needs to know about a data set, beyond its TFDS builder."""
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CLASSIFICATION = "classification"  # {"inputs": int32 [B, L], "targets": int32 [B]}
 LANGUAGE_MODELLING = "language_modelling"  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
@@ -11,30 +12,30 @@ TASKS = (CLASSIFICATION, LANGUAGE_MODELLING, SEQ2SEQ)
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """One data set: its builder, its task, and how to turn a stored example into token ids.
+    """One data set: its builder, its task, and how to turn a stored example into token ids.
 
-  Attributes:
-    builder: the `tfds.core.GeneratorBasedBuilder` subclass.
-    task: one of TASKS.
-    make_encoder: (prepared builder, data_config) -> a function from a stored example (as
-      `tfds.data_source` returns it: text as bytes) to a dict of int32 arrays. Classification:
-      {"inputs": [L], "targets": []}; seq2seq: {"inputs": [Ls], "targets": [Lt]}; language
-      modelling: {"tokens": [L]}, one document, which the pipeline packs into windows.
-    vocab_size: (builder_config, data_config) -> number of token ids, padding 0 included.
-    num_classes: builder_config -> number of classes (classification only).
-    max_length: builder_config -> default input length (LM: window length).
-    max_target_length: builder_config -> default target length (seq2seq only).
-    pipeline_fields: data-config fields this data set reads, beyond the common ones, with
-      their defaults.
-    choices: allowed values of some of those fields.
-  """
+    Attributes:
+      builder: the `tfds.core.GeneratorBasedBuilder` subclass.
+      task: one of TASKS.
+      make_encoder: (prepared builder, data_config) -> a function from a stored example (as
+        `tfds.data_source` returns it: text as bytes) to a dict of int32 arrays. Classification:
+        {"inputs": [L], "targets": []}; seq2seq: {"inputs": [Ls], "targets": [Lt]}; language
+        modelling: {"tokens": [L]}, one document, which the pipeline packs into windows.
+      vocab_size: (builder_config, data_config) -> number of token ids, padding 0 included.
+      num_classes: builder_config -> number of classes (classification only).
+      max_length: builder_config -> default input length (LM: window length).
+      max_target_length: builder_config -> default target length (seq2seq only).
+      pipeline_fields: data-config fields this data set reads, beyond the common ones, with
+        their defaults.
+      choices: allowed values of some of those fields.
+    """
 
-  builder: type
-  task: str
-  make_encoder: Callable[..., Callable[[Any], dict[str, Any]]]
-  vocab_size: Callable[..., int]
-  max_length: Callable[..., int]
-  num_classes: Callable[..., int] | None = None
-  max_target_length: Callable[..., int] | None = None
-  pipeline_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-  choices: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    builder: type
+    task: str
+    make_encoder: Callable[..., Callable[[Any], dict[str, Any]]]
+    vocab_size: Callable[..., int]
+    max_length: Callable[..., int]
+    num_classes: Callable[..., int] | None = None
+    max_target_length: Callable[..., int] | None = None
+    pipeline_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    choices: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)

@@ -34,72 +34,76 @@ _SPACES = re.compile(r"\s+")
 
 
 def osis_to_text(osis: str) -> str:
-  """The plain text of one verse of OSIS markup, whitespace collapsed."""
-  text = _DROPPED_ELEMENTS.sub("", osis)
-  text = _NON_CANONICAL_TITLE.sub("", text)
-  text = _EMPTY_ELEMENT.sub(" ", text)
-  text = _TAG.sub("", text)
-  text = html.unescape(text).replace("\u00b6", "")  # the pilcrow marks KJV paragraphs
-  return _SPACES.sub(" ", text).strip()
+    """The plain text of one verse of OSIS markup, whitespace collapsed."""
+    text = _DROPPED_ELEMENTS.sub("", osis)
+    text = _NON_CANONICAL_TITLE.sub("", text)
+    text = _EMPTY_ELEMENT.sub(" ", text)
+    text = _TAG.sub("", text)
+    text = html.unescape(text).replace("\u00b6", "")  # the pilcrow marks KJV paragraphs
+    return _SPACES.sub(" ", text).strip()
 
 
 def _read_testament(path_prefix: str) -> list[bytes]:
-  """Raw OSIS bytes of every verse-index entry of one testament ('.../ot' or '.../nt')."""
-  with open(path_prefix + ".bzs", "rb") as f:
-    blocks = np.frombuffer(f.read(), dtype=_BLOCK)
-  with open(path_prefix + ".bzz", "rb") as f:
-    compressed = f.read()
-  with open(path_prefix + ".bzv", "rb") as f:
-    index = f.read()
-  decompressed = {}
-  entries = []
-  for entry in range(len(index) // _VERSE.size):
-    block, offset, size = _VERSE.unpack_from(index, entry * _VERSE.size)
-    if size == 0:
-      entries.append(b"")
-      continue
-    if block not in decompressed:
-      start, length = int(blocks[block]["offset"]), int(blocks[block]["compressed_size"])
-      decompressed[block] = zlib.decompress(compressed[start:start + length])
-    entries.append(decompressed[block][offset:offset + size])
-  return entries
+    """Raw OSIS bytes of every verse-index entry of one testament ('.../ot' or '.../nt')."""
+    with open(path_prefix + ".bzs", "rb") as f:
+        blocks = np.frombuffer(f.read(), dtype=_BLOCK)
+    with open(path_prefix + ".bzz", "rb") as f:
+        compressed = f.read()
+    with open(path_prefix + ".bzv", "rb") as f:
+        index = f.read()
+    decompressed = {}
+    entries = []
+    for entry in range(len(index) // _VERSE.size):
+        block, offset, size = _VERSE.unpack_from(index, entry * _VERSE.size)
+        if size == 0:
+            entries.append(b"")
+            continue
+        if block not in decompressed:
+            start, length = int(blocks[block]["offset"]), int(blocks[block]["compressed_size"])
+            decompressed[block] = zlib.decompress(compressed[start : start + length])
+        entries.append(decompressed[block][offset : offset + size])
+    return entries
 
 
 def _verse_slots(books):
-  """Yields (slot, 'Book.chapter.verse' or None for a chapter header) for one testament."""
-  slot = 2  # after the module and testament headers
-  for book, chapters in books:
-    slot += 1  # book header
-    for chapter, num_verses in enumerate(chapters, start=1):
-      yield slot, f"{book}.{chapter}"
-      slot += 1
-      for verse in range(1, num_verses + 1):
-        yield slot, f"{book}.{chapter}.{verse}"
-        slot += 1
+    """Yields (slot, 'Book.chapter.verse' or None for a chapter header) for one testament."""
+    slot = 2  # after the module and testament headers
+    for book, chapters in books:
+        slot += 1  # book header
+        for chapter, num_verses in enumerate(chapters, start=1):
+            yield slot, f"{book}.{chapter}"
+            slot += 1
+            for verse in range(1, num_verses + 1):
+                yield slot, f"{book}.{chapter}.{verse}"
+                slot += 1
 
 
 def read_module(module_dir: str) -> dict[str, str]:
-  """{'Gen.1.1': 'In the beginning God created ...', ...}: every verse of a KJV-versified module.
+    """{'Gen.1.1': 'In the beginning God created ...', ...}: every verse of a KJV-versified module.
 
-  Args:
-    module_dir: the folder holding ot.bzs/.bzv/.bzz and nt.*, e.g.
-      /usr/share/sword/modules/texts/ztext/engKJV2006eb.
+    Args:
+      module_dir: the folder holding ot.bzs/.bzv/.bzz and nt.*, e.g.
+        /usr/share/sword/modules/texts/ztext/engKJV2006eb.
 
-  Verses the module leaves empty map to ''. Raises ValueError if the module's own chapter markers
-  disagree with the KJV versification (a module with another versification).
-  """
-  verses = {}
-  for testament, books in (("ot", versification.OT_BOOKS), ("nt", versification.NT_BOOKS)):
-    entries = _read_testament(os.path.join(module_dir, testament))
-    for slot, reference in _verse_slots(books):
-      if slot >= len(entries):
-        raise ValueError(f"{module_dir}/{testament}.bzv has {len(entries)} entries; the KJV "
-                         f"versification needs more (at {reference}). Not a KJV-versified module.")
-      osis = entries[slot].decode("utf-8")
-      if reference.count(".") == 1:  # chapter header
-        if osis and f'osisID="{reference}"' not in osis:
-          raise ValueError(f"{module_dir}: chapter marker {osis[:80]!r} found where the KJV "
-                           f"versification puts {reference}.")
-      else:
-        verses[reference] = osis_to_text(osis)
-  return verses
+    Verses the module leaves empty map to ''. Raises ValueError if the module's own chapter markers
+    disagree with the KJV versification (a module with another versification).
+    """
+    verses = {}
+    for testament, books in (("ot", versification.OT_BOOKS), ("nt", versification.NT_BOOKS)):
+        entries = _read_testament(os.path.join(module_dir, testament))
+        for slot, reference in _verse_slots(books):
+            if slot >= len(entries):
+                raise ValueError(
+                    f"{module_dir}/{testament}.bzv has {len(entries)} entries; the KJV "
+                    f"versification needs more (at {reference}). Not a KJV-versified module."
+                )
+            osis = entries[slot].decode("utf-8")
+            if reference.count(".") == 1:  # chapter header
+                if osis and f'osisID="{reference}"' not in osis:
+                    raise ValueError(
+                        f"{module_dir}: chapter marker {osis[:80]!r} found where the KJV "
+                        f"versification puts {reference}."
+                    )
+            else:
+                verses[reference] = osis_to_text(osis)
+    return verses

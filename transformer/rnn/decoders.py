@@ -33,6 +33,7 @@ def attend(scores, states, mask):
 
 class StackedCells(nn.Module):
     """`num_layers` cells, dropout between them. The carry is a tuple with one entry per layer."""
+
     hidden_dim: int
     cell: str
     num_layers: int
@@ -51,6 +52,7 @@ class StackedCells(nn.Module):
 
 class AdditiveScore(nn.Module):
     """Parameters of v^T tanh(W_s s + W_h h); the maths is `additive_score`."""
+
     attention_dim: int
 
     @nn.compact
@@ -59,8 +61,7 @@ class AdditiveScore(nn.Module):
         init = nn.initializers.lecun_normal()
         query_weight = self.param("query_weight", init, (query.shape[-1], self.attention_dim))
         key_weight = self.param("key_weight", init, (keys.shape[-1], self.attention_dim))
-        v = self.param("v", nn.initializers.normal(self.attention_dim ** -0.5),
-                       (self.attention_dim,))
+        v = self.param("v", nn.initializers.normal(self.attention_dim**-0.5), (self.attention_dim,))
         return additive_score(query[:, None], keys, query_weight, key_weight, v)[:, 0]
 
 
@@ -69,8 +70,9 @@ class GeneralScore(nn.Module):
 
     @nn.compact
     def __call__(self, query, keys):
-        weight = self.param("weight", nn.initializers.lecun_normal(),
-                            (query.shape[-1], keys.shape[-1]))
+        weight = self.param(
+            "weight", nn.initializers.lecun_normal(), (query.shape[-1], keys.shape[-1])
+        )
         return general_score(query[:, None], keys, weight)[:, 0]
 
 
@@ -79,8 +81,10 @@ class DotScore(nn.Module):
 
     def __call__(self, query, keys):
         if query.shape[-1] != keys.shape[-1]:
-            raise ValueError(f"the 'dot' score needs decoder hidden {query.shape[-1]} == encoder "
-                             f"state width {keys.shape[-1]}; use 'general' or 'concat'.")
+            raise ValueError(
+                f"the 'dot' score needs decoder hidden {query.shape[-1]} == encoder "
+                f"state width {keys.shape[-1]}; use 'general' or 'concat'."
+            )
         return dot_score(query[:, None], keys)[:, 0]
 
 
@@ -97,6 +101,7 @@ class BottleneckDecoder(nn.Module):
 
     The whole source must squeeze through that one state: the information bottleneck.
     """
+
     hidden_dim: int
     cell: str = "lstm"
     num_layers: int = 1
@@ -107,8 +112,9 @@ class BottleneckDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, state, embedded, memory, *, train=False):
-        state, output = StackedCells(self.hidden_dim, self.cell, self.num_layers,
-                                     self.dropout_rate, name="cells")(state, embedded, train=train)
+        state, output = StackedCells(
+            self.hidden_dim, self.cell, self.num_layers, self.dropout_rate, name="cells"
+        )(state, embedded, train=train)
         return state, (output, None)
 
 
@@ -117,6 +123,7 @@ class BahdanauDecoder(nn.Module):
     the context c_i joins the input of the recurrent step, s_i = f(s_{i-1}, [y_{i-1}; c_i]);
     features = tanh(W [s_i; c_i; y_{i-1}]), a one-layer version of the paper's deep output.
     """
+
     hidden_dim: int
     cell: str = "lstm"
     num_layers: int = 1
@@ -131,11 +138,14 @@ class BahdanauDecoder(nn.Module):
         query = hidden_of(state[-1])
         scores = AdditiveScore(self.attention_dim, name="score")(query, memory.states)
         context, weights = attend(scores, memory.states, memory.mask)
-        state, output = StackedCells(self.hidden_dim, self.cell, self.num_layers,
-                                     self.dropout_rate, name="cells")(
-            state, jnp.concatenate([embedded, context], -1), train=train)
-        features = nn.tanh(nn.Dense(self.hidden_dim, name="deep_output")(
-            jnp.concatenate([output, context, embedded], -1)))
+        state, output = StackedCells(
+            self.hidden_dim, self.cell, self.num_layers, self.dropout_rate, name="cells"
+        )(state, jnp.concatenate([embedded, context], -1), train=train)
+        features = nn.tanh(
+            nn.Dense(self.hidden_dim, name="deep_output")(
+                jnp.concatenate([output, context, embedded], -1)
+            )
+        )
         return state, (features, weights)
 
 
@@ -145,6 +155,7 @@ class LuongDecoder(nn.Module):
     goes to the output layer. With input feeding, h~_{t-1} joins the next step's input.
     The state is (carries, h~_{t-1}).
     """
+
     hidden_dim: int
     cell: str = "lstm"
     num_layers: int = 1
@@ -160,18 +171,23 @@ class LuongDecoder(nn.Module):
     @nn.compact
     def __call__(self, state, embedded, memory, *, train=False):
         if self.score not in LUONG_SCORES:
-            raise ValueError(f"unknown Luong score {self.score!r}; "
-                             f"allowed: {sorted(LUONG_SCORES)}.")
+            raise ValueError(
+                f"unknown Luong score {self.score!r}; allowed: {sorted(LUONG_SCORES)}."
+            )
         carries, previous_attentional = state
         x = embedded
         if self.input_feeding:
             x = jnp.concatenate([embedded, previous_attentional], -1)
-        carries, output = StackedCells(self.hidden_dim, self.cell, self.num_layers,
-                                       self.dropout_rate, name="cells")(carries, x, train=train)
+        carries, output = StackedCells(
+            self.hidden_dim, self.cell, self.num_layers, self.dropout_rate, name="cells"
+        )(carries, x, train=train)
         scores = LUONG_SCORES[self.score](self.attention_dim, "score")(output, memory.states)
         context, weights = attend(scores, memory.states, memory.mask)
-        attentional = nn.tanh(nn.Dense(self.hidden_dim, use_bias=False, name="combine")(
-            jnp.concatenate([context, output], -1)))
+        attentional = nn.tanh(
+            nn.Dense(self.hidden_dim, use_bias=False, name="combine")(
+                jnp.concatenate([context, output], -1)
+            )
+        )
         return (carries, attentional), (attentional, weights)
 
 

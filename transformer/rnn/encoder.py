@@ -36,6 +36,7 @@ class EncoderMemory(NamedTuple):
     final: one carry per layer, each leaf `[batch, hidden]`: the state after the last real token
       (for a bidirectional layer, the forward and backward final carries concatenated).
     """
+
     states: jax.Array
     mask: jax.Array
     final: Any
@@ -49,6 +50,7 @@ class RNNEncoder(nn.Module):
     A bidirectional layer has hidden_dim // 2 units per direction, so its concatenated states
     have hidden_dim features, as in OpenNMT's `brnn`.
     """
+
     embed: nn.Module  # token ids -> `[..., embed_dim]`, shared with the caller
     hidden_dim: int
     cell: str = "lstm"
@@ -61,8 +63,10 @@ class RNNEncoder(nn.Module):
         """inputs: int `[batch, src_len]`, 0 = padding. Returns an `EncoderMemory`."""
         check_cell(self.cell)
         if self.bidirectional and self.hidden_dim % 2:
-            raise ValueError(f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
-                             "between two directions; it must be even.")
+            raise ValueError(
+                f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
+                "between two directions; it must be even."
+            )
         mask = inputs != 0
         lengths = mask.sum(axis=-1)
         x = nn.Dropout(self.dropout_rate)(self.embed(inputs), deterministic=not train)

@@ -33,6 +33,7 @@ class RNNSeq2Seq(nn.Module):
     A bidirectional encoder gives each direction hidden_dim // 2 units, so encoder states and
     the decoder are hidden_dim wide and the encoder's final carries start the decoder directly.
     """
+
     vocab_size: int
     embed_dim: int = 64
     hidden_dim: int = 128
@@ -54,18 +55,32 @@ class RNNSeq2Seq(nn.Module):
 
     def setup(self):
         self.source_embed = nn.Embed(self.vocab_size, self.embed_dim)
-        self.target_embed = (self.source_embed if self.share_embeddings
-                             else nn.Embed(self.vocab_size, self.embed_dim))
-        self.encoder = RNNEncoder(self.source_embed, self.hidden_dim, self.cell, self.num_layers,
-                                  self.bidirectional, self.dropout_rate)
-        decoder_options = dict(hidden_dim=self.hidden_dim, cell=self.cell,
-                               num_layers=self.num_layers, dropout_rate=self.dropout_rate)
+        self.target_embed = (
+            self.source_embed
+            if self.share_embeddings
+            else nn.Embed(self.vocab_size, self.embed_dim)
+        )
+        self.encoder = RNNEncoder(
+            self.source_embed,
+            self.hidden_dim,
+            self.cell,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout_rate,
+        )
+        decoder_options = dict(
+            hidden_dim=self.hidden_dim,
+            cell=self.cell,
+            num_layers=self.num_layers,
+            dropout_rate=self.dropout_rate,
+        )
         if self.attention in ("bahdanau", "luong"):
             decoder_options["attention_dim"] = self.attention_dim
         if self.attention == "luong":
             decoder_options["score"] = self.score or "general"
-            decoder_options["input_feeding"] = (True if self.input_feeding is None
-                                                else self.input_feeding)
+            decoder_options["input_feeding"] = (
+                True if self.input_feeding is None else self.input_feeding
+            )
         self.decoder = DECODERS[self.attention](**decoder_options)
         self.dropout = nn.Dropout(self.dropout_rate)
         self.output_layer = nn.Dense(self.vocab_size)
@@ -75,27 +90,34 @@ class RNNSeq2Seq(nn.Module):
             raise ValueError(f"unknown attention {self.attention!r}; allowed: {sorted(DECODERS)}.")
         check_cell(self.cell)
         if self.bidirectional and self.hidden_dim % 2:
-            raise ValueError(f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
-                             "between two directions; it must be even.")
+            raise ValueError(
+                f"a bidirectional encoder splits hidden_dim={self.hidden_dim} "
+                "between two directions; it must be even."
+            )
         if self.attention == "luong" and self.score not in (None, *LUONG_SCORES):
-            raise ValueError(f"unknown Luong score {self.score!r}; "
-                             f"allowed: {sorted(LUONG_SCORES)}.")
+            raise ValueError(
+                f"unknown Luong score {self.score!r}; allowed: {sorted(LUONG_SCORES)}."
+            )
         if self.attention != "luong" and (self.score, self.input_feeding) != (None, None):
-            raise ValueError("score and input_feeding apply to attention='luong' only; got "
-                             f"attention={self.attention!r}, score={self.score!r}, "
-                             f"input_feeding={self.input_feeding!r}.")
-        if self.max_len is not None and not (isinstance(self.max_len, int)
-                                             and self.max_len >= 1):
+            raise ValueError(
+                "score and input_feeding apply to attention='luong' only; got "
+                f"attention={self.attention!r}, score={self.score!r}, "
+                f"input_feeding={self.input_feeding!r}."
+            )
+        if self.max_len is not None and not (isinstance(self.max_len, int) and self.max_len >= 1):
             raise ValueError(f"max_len must be a positive integer or None; got {self.max_len!r}.")
         if not 0 < self.bos_id < self.vocab_size:
-            raise ValueError(f"bos_id must be in [1, vocab_size={self.vocab_size}) (0 is padding); "
-                             f"got {self.bos_id}.")
+            raise ValueError(
+                f"bos_id must be in [1, vocab_size={self.vocab_size}) (0 is padding); "
+                f"got {self.bos_id}."
+            )
 
     def encode(self, inputs, *, train=False):
         """inputs: int `[batch, src_len]` -> `EncoderMemory`."""
         if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-            raise ValueError(f"inputs must be int [batch, src_len]; got {inputs.dtype} "
-                             f"{inputs.shape}.")
+            raise ValueError(
+                f"inputs must be int [batch, src_len]; got {inputs.dtype} {inputs.shape}."
+            )
         return self.encoder(inputs, train=train)
 
     def logits(self, features, *, train=False):
@@ -113,19 +135,25 @@ class RNNSeq2Seq(nn.Module):
             return decoder(state, embedded_t, memory, train=train)
 
         # One set of parameters for every step, fresh dropout masks at each.
-        scan = nn.scan(step, variable_broadcast="params",
-                       split_rngs={"params": False, "dropout": True},
-                       in_axes=(1, nn.broadcast), out_axes=1)
-        _, (features, weights) = scan(self.decoder, self.decoder.initial_state(memory),
-                                      embedded, memory)
+        scan = nn.scan(
+            step,
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=(1, nn.broadcast),
+            out_axes=1,
+        )
+        _, (features, weights) = scan(
+            self.decoder, self.decoder.initial_state(memory), embedded, memory
+        )
         return self.logits(features, train=train), weights
 
     def __call__(self, inputs, targets, *, train=False, return_attention=False):
         if return_attention and self.attention == "none":
             raise ValueError("attention='none' has no attention weights to return.")
         if targets.ndim != 2 or not jnp.issubdtype(targets.dtype, jnp.integer):
-            raise ValueError(f"targets must be int [batch, tgt_len]; got {targets.dtype} "
-                             f"{targets.shape}.")
+            raise ValueError(
+                f"targets must be int [batch, tgt_len]; got {targets.dtype} {targets.shape}."
+            )
         memory = self.encode(inputs, train=train)
         logits, weights = self.decode(memory, shift_right(targets, self.bos_id), train=train)
         return (logits, weights) if return_attention else logits
@@ -146,7 +174,8 @@ class RNNSeq2Seq(nn.Module):
     def decode_step(self, state, token, *, train=False):
         """token: int `[batch]`, the previous target token -> (logits `[batch, vocab]`, state)."""
         decoder_state, (features, _) = self.decoder(
-            state["decoder"], self.target_embed(token), state["memory"], train=train)
+            state["decoder"], self.target_embed(token), state["memory"], train=train
+        )
         return self.logits(features, train=train), {**state, "decoder": decoder_state}
 
 
