@@ -71,7 +71,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after flags: JAX reads its own
 
-    from transformer import host_allocator, parallel, sweep, train
+    from transformer.training import host_allocator, loop, parallel, sweep
 
     if FLAGS.cpu_collectives:
         parallel.enable_cpu_collectives()
@@ -90,7 +90,7 @@ def main(argv):
         with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
             print(f.read())
         return
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if result.summary["status"] != "completed":
         logging.warning(
             "stopped at step %d; run the same command again to resume.", result.summary["step"]
@@ -101,7 +101,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from transformer.host_allocator import restart_with_tcmalloc
+    from transformer.training.host_allocator import restart_with_tcmalloc
 
     restart_with_tcmalloc()  # XLA:CPU's buffers kept between steps: 1.1-1.25x faster on CPU
     app.run(main)

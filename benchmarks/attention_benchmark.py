@@ -2,8 +2,9 @@
 
 Batch 1, 8 heads, head dim 64, float32. For each length one fresh process compiles every
 (pattern, implementation) that applies and times them alternately (the fastest of `--repeats`
-runs: other load on the machine only ever adds time), so they are compared under the same load; each (implementation, pattern, length) then
-gets its own fresh process for peak memory (max RSS), so runs do not pollute each other. The
+runs: other load on the machine only ever adds time), so they are compared under the same load;
+each (implementation, pattern, length) then gets its own fresh process for peak memory (max RSS),
+so runs do not pollute each other. The
 matmul peak (a 2048^2 float32 product) is timed in the same alternation, and achieved FLOP/s
 (over the pattern's allowed pairs) are reported as a fraction of it.
 
@@ -403,7 +404,7 @@ def _table(rows):
 
 
 if __name__ == "__main__":
-    from transformer.host_allocator import restart_with_tcmalloc
+    from transformer.training.host_allocator import restart_with_tcmalloc
 
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.attention import block_sparse
+from transformer.attention.block_sparse import plan as block_plan
+from transformer.attention.block_sparse import xla_schedules
 from transformer.attention.chunked import chunked_attention
 
 
@@ -29,7 +31,7 @@ def _logits(q, k, allowed):
 def _rows_forward(q, k, v, allowed):
     """q `[heads, items, block, d]`; k, v `[heads, items, keys, d]`; allowed `[items, block,
     keys]` -> out, log-sum-exp, by block_sparse's own softmax."""
-    return block_sparse.softmax_rows(_logits(q, k, allowed), v)
+    return xla_schedules.softmax_rows(_logits(q, k, allowed), v)
 
 
 def _rows_backward(q, k, v, allowed, out, lse, d_out):
@@ -46,9 +48,9 @@ def _rows_backward(q, k, v, allowed, out, lse, d_out):
 
 
 def _split(x, axis=1):
-    """The step's items in two halves, as `block_sparse._halves` splits them."""
+    """The step's items in two halves, as `xla_schedules._halves` splits them."""
     half = x.shape[axis] // 2
-    if x.shape[axis] < 2 * block_sparse._ROWS_PER_CHAIN:
+    if x.shape[axis] < 2 * block_plan._ROWS_PER_CHAIN:
         return [x]
     return [
         jax.lax.slice_in_dim(x, 0, half, axis=axis),
@@ -75,7 +77,7 @@ def _scheduled_rows_forward(q, k, v, allowed):
 
     _, halves = jax.lax.scan(step, None, (q, k, v, allowed))
     out = jnp.concatenate([o for o, _ in halves], axis=2)
-    lse = jnp.concatenate([l for _, l in halves], axis=2)
+    lse = jnp.concatenate([part for _, part in halves], axis=2)
     return out, (q, k, v, allowed, out, lse)
 
 
@@ -92,7 +94,7 @@ _scheduled_rows.defvjp(_scheduled_rows_forward, _scheduled_rows_backward)
 
 
 def make_step(pattern, q, k, v, block):
-    """(jitted fwd+bwd of the products alone, its contiguous inputs) for `[1, length, h, d]` q, k, v.
+    """(jitted fwd+bwd of the products alone, its contiguous inputs) for q, k, v `[1, length, h, d]`.
 
     Call it as `step(layouts, masks, q, k, v)`; q, k and v feed the dense rows only.
 
@@ -107,13 +109,13 @@ def make_step(pattern, q, k, v, block):
             "BigBird) only; this pattern's plan has row pieces."
         )
     scale = dim**-0.5
-    blocks = lambda x: np.asarray(block_sparse._to_blocks(x, plan.num_q_blocks, block))[0]
+    blocks = lambda x: np.asarray(xla_schedules._to_blocks(x, plan.num_q_blocks, block))[0]
     q_blocks, k_blocks, v_blocks = blocks(q * scale), blocks(k), blocks(v)  # [h, n, block, d]
     layouts, masks = [], []
     for schedule in plan.schedules:
         rows = np.minimum(schedule.q_block, plan.num_q_blocks - 1)  # [steps, items]
         kv = schedule.kv_block  # [steps, items, slots]
-        contiguous = lambda x: np.moveaxis(x[:, kv], 0, 1).reshape(
+        contiguous = lambda x, kv=kv: np.moveaxis(x[:, kv], 0, 1).reshape(
             kv.shape[0], heads, kv.shape[1], -1, dim
         )
         # [steps, items, block, slots * block]: the block masks side by side, as logits are.
@@ -126,7 +128,7 @@ def make_step(pattern, q, k, v, block):
         masks.append(allowed)
     layouts, masks = jax.device_put((layouts, masks))
     dense_rows = (
-        block_sparse._row_positions(plan.dense_q_blocks, block, length)
+        block_sparse.attention._row_positions(plan.dense_q_blocks, block, length)
         if len(plan.dense_q_blocks)
         else None
     )

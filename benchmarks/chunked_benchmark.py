@@ -300,7 +300,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from transformer.host_allocator import restart_with_tcmalloc
+    from transformer.training.host_allocator import restart_with_tcmalloc
 
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     app.run(main)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import decoding
-from transformer.models import build_model
+from transformer.modules.models import build_model
 from transformer.token_ids import PAD_ID
 
 MODEL = dict(
@@ -205,7 +205,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from transformer.host_allocator import restart_with_tcmalloc
+    from transformer.training.host_allocator import restart_with_tcmalloc
 
     restart_with_tcmalloc()  # as launch.py does, so times match training's
     main()

@@ -11,7 +11,7 @@ English to Spanish Bible verses (transformer/data/bible_en_es.py: King James / R
   transformer   an encoder-decoder transformer (Vaswani et al. 2017)
 Reported: BLEU (sacrebleu, detokenized) of the greedy (cpu) or beam (full) translations of the
 validation verses, overall and by source length in words, as Figure 2 of Bahdanau et al. plots
-it (transformer/translation_eval.py); the models with attention over the source (the transformer:
+it (transformer/evaluation/translation.py); the models with attention over the source (the transformer:
 its last cross-attention layer, averaged over heads) also write alignment heatmaps of a few
 validation verses to runs/<variant>/seed_<seed>/alignments/.
 
@@ -29,8 +29,8 @@ model. Differences from the paper: AdamW instead of Adadelta, no maxout output l
 
 import ml_collections
 
-from transformer.config_checks import base_config
-from transformer.translation_eval import bucket_names
+from transformer.evaluation.translation import bucket_names
+from transformer.training.config_schema import base_config
 
 VARIANTS = ("no_attention", "bahdanau", "luong", "transformer")
 RNN_ATTENTION = {"no_attention": "none", "bahdanau": "bahdanau", "luong": "luong"}

@@ -30,8 +30,8 @@ full and causal patterns and block-sparse attention for the sparse ones at long 
 
 import ml_collections
 
-from transformer.config_checks import base_config
 from transformer.data.listops import Listops
+from transformer.training.config_schema import base_config
 
 
 def pattern_options(pattern, preset):

@@ -21,7 +21,7 @@ measured is how far apart a query and its pair may be for the pattern to connect
 
 import ml_collections
 
-from transformer.config_checks import base_config
+from transformer.training.config_schema import base_config
 
 # name -> (pattern, options) for transformer.patterns.build, at the cpu preset's scale (9-token
 # sequences); presets multiply the lengths by their `scale`.
@@ -170,7 +170,7 @@ def get_config(arg="cpu"):
     config.optimizer.weight_decay = 0.0
     config.sweep.seeds = preset["seeds"]
     config.sweep.variants = tuple(
-        variant_name(p, l) for l in preset["depths"] for p in preset["patterns"]
+        variant_name(p, depth) for depth in preset["depths"] for p in preset["patterns"]
     )
     points = tuple((d, f"eval_d{d}/accuracy") for d in preset["eval_distances"])
     config.sweep.metrics = tuple(key for _, key in points)

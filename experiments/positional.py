@@ -51,8 +51,8 @@ symmetry).
 
 import ml_collections
 
-from transformer.config_checks import base_config
-from transformer.positional import POSITIONAL_ENCODINGS
+from transformer.modules.positional import POSITIONAL_ENCODINGS
+from transformer.training.config_schema import base_config
 
 LENGTH_FACTORS = (1, 2, 3, 4)
 

@@ -25,7 +25,7 @@ window leaves out about 3/4 of the causal score matrix (the full preset's 256 of
 
 import ml_collections
 
-from transformer.config_checks import base_config
+from transformer.training.config_schema import base_config
 
 VARIANTS = ("full", "sliding_window", "window_anchors")
 

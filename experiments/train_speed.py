@@ -38,7 +38,7 @@ import os
 
 import ml_collections
 
-from transformer.config_checks import base_config
+from transformer.training.config_schema import base_config
 
 PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
 
@@ -228,21 +228,21 @@ def get_config(arg="cpu"):
 
 def train_step_memory_gb(config):
     """Peak memory (GB, 1e9 bytes) of the training step `config` compiles to, from XLA's memory
-    analysis: the step the training loop runs (train.programs), compiled but not run. For runs
+    analysis: the step the training loop runs (loop.programs), compiled but not run. For runs
     whose summary.json predates the loop recording it."""
     import numpy as np
 
-    from transformer import parallel, train
     from transformer.data import data_info
+    from transformer.training import loop, parallel
 
     config = config.copy_and_resolve_references()
     config.parallel = "shard_map"  # a jitted step to lower; pmap's step computes the same
     mesh = parallel.make_mesh()
-    programs = train.programs(config, train.with_data_fields(config), mesh)
+    programs = loop.programs(config, loop.with_data_fields(config), mesh)
     rows, length = config.global_batch_size, data_info(config.data).max_length
     batch = {"inputs": np.ones((rows, length), np.int32), "targets": np.zeros(rows, np.int32)}
     state = parallel.replicate(programs.init(config.seed, batch), mesh, config.parallel)
-    return train.train_step_memory_gb(
+    return loop.train_step_memory_gb(
         programs.train_step, state, parallel.global_batch(batch, mesh, config.parallel)
     )
 
@@ -255,7 +255,7 @@ def finished_runs(workdir):
     import jax
 
     from transformer.data import data_info
-    from transformer.metrics_writer import read_metrics
+    from transformer.training.metrics import read_metrics
 
     runs = []
     root = os.path.join(workdir, "runs")

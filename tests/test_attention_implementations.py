@@ -10,7 +10,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from transformer import patterns
 from transformer.attention import block_sparse, dot_product_attention
-from transformer.attention.dot_product import IMPLEMENTATIONS, choose_implementation
+from transformer.attention.auto import choose_implementation
+from transformer.attention.block_sparse import plan as block_plan
+from transformer.attention.block_sparse import xla_schedules
+from transformer.attention.dot_product import IMPLEMENTATIONS
 
 
 def reference(q, k, v, d_out, allowed, scale, slopes):
@@ -318,11 +321,11 @@ def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi, 
     """BigBird's anchor rows see every key: they go to chunked attention, or (with ALiBi, or when
     told to keep them) to the online-softmax schedule, as they are too wide for one step, while
     the other rows are computed whole; all kinds must add up to the reference."""
-    monkeypatch.setattr(block_sparse, "_ROW_SCORES_PER_STEP", 8 * 8 * 8)
+    monkeypatch.setattr(block_plan, "_ROW_SCORES_PER_STEP", 8 * 8 * 8)
     if not dense_rows_apart:
-        monkeypatch.setattr(block_sparse, "_dense_rows", lambda *args: np.zeros(0, np.int64))
+        monkeypatch.setattr(block_plan, "_dense_rows", lambda *args: np.zeros(0, np.int64))
     block_sparse.make_plan.cache_clear()
-    block_sparse._attention_fn.cache_clear()
+    xla_schedules.attention_fn.cache_clear()
     pattern = patterns.bigbird(block_size=8, seed=4)
     plan = block_sparse.make_plan(pattern, 177, 177, 8, 8, dense_rows_apart=not alibi)
     anchor_rows = [0, 1]  # two anchor blocks of 8
@@ -354,4 +357,4 @@ def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi, 
     for got, want in zip((out,) + tuple(vjp(jnp.asarray(d_out))), (expected,) + expected_grads):
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-4)
     block_sparse.make_plan.cache_clear()
-    block_sparse._attention_fn.cache_clear()
+    xla_schedules.attention_fn.cache_clear()

@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 from test_attention_implementations import composed_patterns, random_inputs, reference
 
 from transformer import patterns
-from transformer.attention import block_sparse, block_sparse_cpu
+from transformer.attention import block_sparse
+from transformer.attention.block_sparse import cpu_kernel
 
 
 def uses_kernel(fn, *args):
     """Whether the compiled computation calls the kernel's forward and backward."""
     text = jax.jit(fn).lower(*args).as_text()
-    return block_sparse_cpu._FORWARD in text, block_sparse_cpu._BACKWARD in text
+    return cpu_kernel._FORWARD in text, cpu_kernel._BACKWARD in text
 
 
 def check(pattern, inputs, block_q, block_kv, use_kernel=True):
@@ -59,7 +60,7 @@ def check(pattern, inputs, block_q, block_kv, use_kernel=True):
 
 
 def test_kernel_is_built():
-    assert block_sparse_cpu.unavailable() is None
+    assert cpu_kernel.unavailable() is None
 
 
 @settings(max_examples=30, deadline=None)
@@ -125,7 +126,7 @@ def test_bfloat16_and_unsupported_sizes():
         **options,
     )
     # bfloat16 inputs are computed in float32 by the kernel, and returned as bfloat16.
-    assert block_sparse_cpu._FORWARD in jax.jit(lambda: attend(jnp.bfloat16)).lower().as_text()
+    assert cpu_kernel._FORWARD in jax.jit(lambda: attend(jnp.bfloat16)).lower().as_text()
     low = attend(jnp.bfloat16)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), attend(jnp.float32), atol=0.05)
@@ -193,7 +194,7 @@ def test_kernel_under_vmap_shard_map_and_pmap():
     }
     for name, (fn, args) in transformed.items():
         text = fn.lower(*args).as_text()
-        assert block_sparse_cpu._FORWARD in text and block_sparse_cpu._BACKWARD in text, name
+        assert cpu_kernel._FORWARD in text and cpu_kernel._BACKWARD in text, name
         for got, want in zip(fn(*args), expected):
             np.testing.assert_allclose(
                 np.asarray(got).reshape(want.shape), want, atol=2e-5, rtol=2e-4, err_msg=name
@@ -203,13 +204,13 @@ def test_kernel_under_vmap_shard_map_and_pmap():
 @pytest.fixture
 def fresh_kernel_state(monkeypatch):
     """Forget the loaded kernel for one test, and restore it after."""
-    block_sparse_cpu._load.cache_clear()
-    block_sparse_cpu.unavailable.cache_clear()
+    cpu_kernel._load.cache_clear()
+    cpu_kernel.unavailable.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    block_sparse_cpu._load.cache_clear()
-    block_sparse_cpu.unavailable.cache_clear()
-    assert block_sparse_cpu.unavailable() is None
+    cpu_kernel._load.cache_clear()
+    cpu_kernel.unavailable.cache_clear()
+    assert cpu_kernel.unavailable() is None
 
 
 def test_without_a_compiler_block_sparse_warns_and_uses_xla(fresh_kernel_state, tmp_path):
@@ -217,7 +218,7 @@ def test_without_a_compiler_block_sparse_warns_and_uses_xla(fresh_kernel_state, 
     fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "cache"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reason = block_sparse_cpu.unavailable()
+        reason = cpu_kernel.unavailable()
     assert "no C++ compiler" in reason and "apt-get install g++" in reason
     assert any("XLA schedules" in str(w.message) for w in caught)
     inputs = random_inputs(1, 2, 50, 50, 2, head_dim=16, padding=True)
@@ -232,25 +233,25 @@ def test_a_failing_compile_names_the_error(fresh_kernel_state, tmp_path):
     fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "cache"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reason = block_sparse_cpu.unavailable()
-    assert "compiling block_sparse_cpu.cc failed" in reason and "out of cheese" in reason
+        reason = cpu_kernel.unavailable()
+    assert "compiling cpu_kernel.cc failed" in reason and "out of cheese" in reason
     assert not list((tmp_path / "cache").glob("*.so"))  # no partial library left to load
 
 
 def test_builds_into_the_cache_once(fresh_kernel_state, tmp_path):
     fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path))
-    assert block_sparse_cpu.unavailable() is None
+    assert cpu_kernel.unavailable() is None
     built = list(tmp_path.glob("block_sparse_cpu-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    block_sparse_cpu._load.cache_clear()
-    block_sparse_cpu.unavailable.cache_clear()
-    assert block_sparse_cpu.unavailable() is None
+    cpu_kernel._load.cache_clear()
+    cpu_kernel.unavailable.cache_clear()
+    assert cpu_kernel.unavailable() is None
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
 def test_disabled_by_environment(fresh_kernel_state):
     fresh_kernel_state.setenv("TRANSFORMER_CPU_KERNEL", "0")
-    assert "TRANSFORMER_CPU_KERNEL=0" in block_sparse_cpu.unavailable()
+    assert "TRANSFORMER_CPU_KERNEL=0" in cpu_kernel.unavailable()
     inputs = random_inputs(2, 1, 40, 40, 1, head_dim=16)
     assert check(patterns.sliding_window(5), inputs, 16, 16) == (False, False)

@@ -1,4 +1,4 @@
-"""BLEU by source length (transformer/translation_eval.py) and the bottleneck experiment's sweep."""
+"""BLEU by source length (transformer/evaluation/translation.py) and the bottleneck experiment's sweep."""
 
 import dataclasses
 import math
@@ -7,8 +7,9 @@ import ml_collections
 import pytest
 from experiment_files import load_experiment
 
-from transformer import sweep, translation_eval
+from transformer.evaluation import translation
 from transformer.token_ids import EOS_ID, PAD_ID
+from transformer.training import sweep
 
 SENTENCES = [  # (source length in words, reference)
     (5, "in the beginning god created the heaven and the earth"),
@@ -22,7 +23,7 @@ DISJOINT = "xx yy zz ww vv uu tt ss rr qq"
 def score(hypotheses, edges=(10, 20)):
     lengths = [length for length, _ in SENTENCES]
     references = [reference for _, reference in SENTENCES]
-    return translation_eval.bleu_by_length(hypotheses, references, lengths, edges)
+    return translation.bleu_by_length(hypotheses, references, lengths, edges)
 
 
 def test_identical_translations_score_100_in_every_bucket():
@@ -51,7 +52,7 @@ def test_buckets_partition_the_sentences_by_source_length():
 
 
 def test_bucket_names_close_with_an_open_bucket():
-    assert translation_eval.bucket_names((10, 20)) == [
+    assert translation.bucket_names((10, 20)) == [
         "bleu_len_0_10",
         "bleu_len_10_20",
         "bleu_len_20_up",
@@ -59,8 +60,8 @@ def test_bucket_names_close_with_an_open_bucket():
 
 
 def test_until_eos_keeps_the_eos_and_drops_padding():
-    assert translation_eval.until_eos([5, 6, EOS_ID, 7, PAD_ID]) == [5, 6, EOS_ID]
-    assert translation_eval.until_eos([5, 6, PAD_ID]) == [5, 6]
+    assert translation.until_eos([5, 6, EOS_ID, 7, PAD_ID]) == [5, 6, EOS_ID]
+    assert translation.until_eos([5, 6, PAD_ID]) == [5, 6]
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_until_eos_keeps_the_eos_and_drops_padding():
 )
 def test_a_wrong_translation_eval_field_is_named(fields, message):
     with pytest.raises(ValueError, match=message):
-        translation_eval.resolve(fields)
+        translation.resolve(fields)
 
 
 def test_translation_eval_needs_a_seq2seq_task():
@@ -82,14 +83,14 @@ def test_translation_eval_needs_a_seq2seq_task():
         dict(task="classification", translation_eval={"strategy": "greedy"})
     )
     with pytest.raises(ValueError, match="needs config.task='seq2seq'"):
-        translation_eval.check(config)
+        translation.check(config)
 
 
 def test_transformer_alignment_is_its_last_cross_attention_over_real_source_tokens():
     import jax
     import numpy as np
 
-    from transformer.models import EncoderDecoder, TransformerConfig
+    from transformer.modules.models import EncoderDecoder, TransformerConfig
 
     config = TransformerConfig(
         vocab_size=20,
@@ -105,7 +106,7 @@ def test_transformer_alignment_is_its_last_cross_attention_over_real_source_toke
     source = np.array([[5, 6, 7, EOS_ID, PAD_ID, PAD_ID]])
     target = np.array([[8, 9, EOS_ID]])
     params = model.init(jax.random.key(0), source, target)["params"]
-    from transformer.alignment_plot import alignment_weights
+    from transformer.evaluation.alignment import alignment_weights
 
     weights = alignment_weights(model, params, source, target)
     assert weights.shape == (3, 6)
@@ -154,9 +155,9 @@ def test_smoke_preset_sweeps_end_to_end_with_bleu_by_length(tmp_path):
 
 
 def test_only_models_with_attention_over_the_source_draw_alignments():
-    from transformer.models import EncoderDecoder, TransformerConfig
-    from transformer.rnn.seq2seq import RNNSeq2Seq
+    from transformer.modules.models import EncoderDecoder, TransformerConfig
+    from transformer.modules.rnn.seq2seq import RNNSeq2Seq
 
-    assert translation_eval.has_attention_weights(EncoderDecoder(TransformerConfig()))
-    assert translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="bahdanau"))
-    assert not translation_eval.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="none"))
+    assert translation.has_attention_weights(EncoderDecoder(TransformerConfig()))
+    assert translation.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="bahdanau"))
+    assert not translation.has_attention_weights(RNNSeq2Seq(vocab_size=8, attention="none"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_train import toy_config, use_toy_setup
 
-from transformer import tasks, train
-from transformer.checkpoints import IncompatibleCheckpointError
+from transformer.training import loop, tasks
+from transformer.training.checkpoints import IncompatibleCheckpointError
 
 
 def assert_same_params(a, b):
@@ -36,14 +36,14 @@ def test_sigterm_then_restart_ends_with_the_uninterrupted_parameters(monkeypatch
     use_toy_setup(monkeypatch)
     # Dropout is on in the toy model: the RNG must resume exactly too.
     config = toy_config()
-    uninterrupted = train.train_and_evaluate(config, str(tmp_path / "once"))
+    uninterrupted = loop.train_and_evaluate(config, str(tmp_path / "once"))
 
     with monkeypatch.context() as patch:
         sigterm_at_step(patch, 13)
-        stopped = train.train_and_evaluate(config, str(tmp_path / "twice"))
+        stopped = loop.train_and_evaluate(config, str(tmp_path / "twice"))
     assert stopped.summary["status"] == "stopped" and stopped.summary["step"] == 13
     assert not (tmp_path / "twice" / "summary.json").exists()
-    resumed = train.train_and_evaluate(config, str(tmp_path / "twice"))
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "twice"))
     assert resumed.summary["status"] == "completed"
     assert_same_params(resumed.state, uninterrupted.state)
 
@@ -53,17 +53,17 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_used(
 ):
     use_toy_setup(monkeypatch)
     config = toy_config(best_metric="")
-    reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+    reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
 
     config.num_train_steps = 20
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["10", "20"]
     for path in (checkpoints / "20" / "state").rglob("*"):  # truncate every file of step 20
         if path.is_file():
             path.write_bytes(b"")
     config.num_train_steps = 30
-    resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert "checkpoint at step 20 cannot be read" in caplog.text
     assert os.listdir(tmp_path / "run" / "checkpoints_unreadable") == ["20"]
     # Resumed from step 10, it redoes steps 11-30 exactly.
@@ -73,22 +73,22 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_used(
 def test_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
     config = toy_config(num_train_steps=10, best_metric="")
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     shutil.rmtree(tmp_path / "checkpoints" / "10" / "state")
     with pytest.raises(IncompatibleCheckpointError, match="no checkpoint in this workdir can be"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["10"]  # nothing overwritten or removed
 
 
 def test_a_changed_model_config_is_refused_naming_the_field(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
-    train.train_and_evaluate(toy_config(num_train_steps=10), str(tmp_path))
+    loop.train_and_evaluate(toy_config(num_train_steps=10), str(tmp_path))
     changed = toy_config(num_train_steps=20, **{"optimizer.learning_rate": 0.5})
     with pytest.raises(
         IncompatibleCheckpointError,
         match=r"different config \(optimizer.learning_rate: 0.03 -> 0.5\)",
     ):
-        train.train_and_evaluate(changed, str(tmp_path))
+        loop.train_and_evaluate(changed, str(tmp_path))
     # Fields that do not change what a checkpoint means may change on a restart.
     longer = toy_config(num_train_steps=20, log_every_steps=5)
-    assert train.train_and_evaluate(longer, str(tmp_path)).summary["step"] == 20
+    assert loop.train_and_evaluate(longer, str(tmp_path)).summary["step"] == 20

@@ -12,8 +12,8 @@ import os
 import pytest
 from experiment_files import EXPERIMENTS, load_experiment
 
-from transformer import config_checks, sweep, train
 from transformer.data import data_info
+from transformer.training import config_schema, loop, sweep
 
 
 def every_preset_and_variant():
@@ -27,15 +27,15 @@ def every_preset_and_variant():
 @pytest.mark.parametrize("file_name,arg", list(every_preset_and_variant()))
 def test_every_preset_and_variant_builds_its_data_and_model(file_name, arg):
     config = load_experiment(file_name).get_config(arg)
-    config_checks.validate(config)
+    config_schema.validate(config)
     for overrides in [*config.train_mixture.values(), *config.eval_data.values()]:
-        assert data_info(train.with_overrides(config.data, overrides)).task == config.task
-    model_config = train.with_data_fields(config)
-    train.build_model(model_config)
+        assert data_info(loop.with_overrides(config.data, overrides)).task == config.task
+    model_config = loop.with_data_fields(config)
+    loop.build_model(model_config)
     if config.model.get("positional") == "learned":
         # Every evaluation sequence fits the learned table: a longer one would stop the sweep.
         longest = max(
-            data_info(train.with_overrides(config.data, overrides)).max_length
+            data_info(loop.with_overrides(config.data, overrides)).max_length
             for overrides in config.eval_data.values() or [{}]
         )
         assert model_config.max_len >= longest

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from transformer.host_allocator import (
+from transformer.training.host_allocator import (
     LIBRARY,
     OPT_OUT,
     environment_with_tcmalloc,
@@ -52,7 +52,7 @@ def test_no_restart_when_it_would_change_nothing(environ, library):
 
 _PROGRAM = textwrap.dedent("""
     import os, resource, sys
-    from transformer.host_allocator import restart_with_tcmalloc
+    from transformer.training.host_allocator import restart_with_tcmalloc
     restart_with_tcmalloc()
     import jax, jax.numpy as jnp
     make = jax.jit(lambda x: jnp.broadcast_to(x, (4096, 4096)) + 1.0)  # a 64 MB result

@@ -13,7 +13,7 @@ from absl import flags
 from experiment_files import EXPERIMENTS, ROOT, load_experiment
 from ml_collections import config_flags
 
-from transformer import config_checks, sweep, train
+from transformer.training import config_schema, loop, sweep
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def data_dir(tmp_path_factory):
 def test_every_experiment_has_valid_smoke_and_sweep_configs(file_name):
     get_config = load_experiment(file_name).get_config
     smoke = get_config("smoke")
-    config_checks.validate(smoke)
+    config_schema.validate(smoke)
     assert smoke.num_train_steps <= 50, "smoke must train a handful of steps"
     for variant in smoke.sweep.variants:
-        config_checks.validate(get_config(f"smoke,{variant}"))
+        config_schema.validate(get_config(f"smoke,{variant}"))
 
 
 def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
@@ -82,7 +82,7 @@ def test_an_invalid_override_names_the_field_and_the_allowed_values():
         r"allowed: one of \['constant', 'cosine', "
         r"'inverse_sqrt'\]",
     ):
-        config_checks.validate(config)
+        config_schema.validate(config)
 
 
 def test_an_unknown_variant_names_the_allowed_ones():
@@ -132,7 +132,7 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
 
     # A second sweep only reads the summaries; a lost results file is written again.
     os.remove(tmp_path / "results.md")
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
     again = sweep.run_sweep(get_config, "smoke", str(tmp_path), overrides)
     assert [r["results"] for r in again] == [r["results"] for r in records]
     assert (tmp_path / "results.md").read_text() == table
@@ -166,7 +166,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(t
         config = get_config("smoke,full-2layers")
         config.data_dir = data_dir
         config.model.dtype = dtype
-        result = train.train_and_evaluate(config, str(tmp_path / dtype))
+        result = loop.train_and_evaluate(config, str(tmp_path / dtype))
         params = jax.tree.leaves(result.state.params)
         assert {leaf.dtype for leaf in params} == {np.dtype("float32")}
         finals[dtype] = result.summary["final"]["train/loss"]
@@ -176,7 +176,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(t
 
     # Running a finished workdir again resumes at its end: nothing is timed, and the summary
     # says so rather than claim 0 tokens/s.
-    again = train.train_and_evaluate(config, str(tmp_path / "bfloat16"))
+    again = loop.train_and_evaluate(config, str(tmp_path / "bfloat16"))
     assert again.summary["tokens_per_second"] is None
 
 

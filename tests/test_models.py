@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from transformer import patterns, token_ids
-from transformer.models import (
+from transformer.modules.models import (
     CONFIGS,
     Decoder,
     Encoder,
@@ -134,7 +134,7 @@ def test_shift_right_puts_the_start_token_first():
 
 def test_models_and_data_agree_on_the_reserved_ids():
     from transformer.data import tokenizers
-    from transformer.rnn import RNNSeq2Seq
+    from transformer.modules.rnn import RNNSeq2Seq
 
     assert (token_ids.PAD_ID, token_ids.BOS_ID, token_ids.EOS_ID, token_ids.CLS_ID) == (
         tokenizers.PAD_ID,

@@ -7,11 +7,11 @@ import pytest
 from flax import linen as nn
 
 from transformer import patterns
-from transformer.feedforward import FeedForward
-from transformer.layers import NORM_POSITIONS, DecoderLayer, EncoderLayer, LayerConfig
-from transformer.models import Encoder, TransformerConfig
-from transformer.multihead_attention import MultiHeadAttention
-from transformer.positional import POSITIONAL_ENCODINGS, alibi_slopes
+from transformer.modules.feedforward import FeedForward
+from transformer.modules.layers import NORM_POSITIONS, DecoderLayer, EncoderLayer, LayerConfig
+from transformer.modules.models import Encoder, TransformerConfig
+from transformer.modules.multihead_attention import MultiHeadAttention
+from transformer.modules.positional import POSITIONAL_ENCODINGS, alibi_slopes
 
 
 def as_f64(tree):

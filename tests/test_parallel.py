@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transformer import optim, parallel, tasks, train
+from transformer.training import loop, optimizer, parallel, tasks
 
 LOSS_TOLERANCE = dict(rtol=2e-5, atol=2e-6)  # float32: sums in a different order
 
@@ -25,7 +25,7 @@ def toy_setup(seed=0):
 
     model = ToyModel(dropout_rate=0.0)
     task = tasks.get_task("classification")
-    opt = optim.make_optimizer(
+    opt = optimizer.make_optimizer(
         ml_collections.ConfigDict(
             dict(
                 learning_rate=0.05,
@@ -46,7 +46,7 @@ def toy_setup(seed=0):
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
         batch["targets"][:3] = 0  # uneven classes, so uneven per-device losses
         batches.append(batch)
-    init = train.make_init(model, task, opt)
+    init = loop.make_init(model, task, opt)
     return model, task, opt, init(seed, batches[0]), batches
 
 
@@ -54,7 +54,7 @@ def run_steps(mode, devices):
     model, task, opt, state, batches = toy_setup()
     mesh = parallel.make_mesh(devices)
     step = parallel.distribute(
-        train.make_train_step(model, task, opt, label_smoothing=0.1), mode, mesh
+        loop.make_train_step(model, task, opt, label_smoothing=0.1), mode, mesh
     )
     state = parallel.replicate(state, mesh, mode)
     losses = []
@@ -85,7 +85,7 @@ def test_eight_devices_match_one_device(mode, one_device):
 def test_gradient_is_the_global_batch_mean_whatever_the_padding_per_device():
     """Rows of weight 0 on some devices only: the step equals one on the real rows alone."""
     model, task, opt, state, batches = toy_setup()
-    step = train.make_train_step(model, task, opt, label_smoothing=0.0)
+    step = loop.make_train_step(model, task, opt, label_smoothing=0.0)
     padded = dict(batches[0], weights=np.ones(16, np.float32))
     padded["weights"][:6] = 0  # devices 0-2 hold only padding
     real = {k: v[6:] for k, v in padded.items()}  # 10 rows: does not split over 8 devices
@@ -166,7 +166,7 @@ def _worker(port, process_id, workdir, output):
     config = toy_config(
         num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
     )
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
     flat = {
         jax.tree_util.keystr(path): value
         for path, value in jax.tree_util.tree_leaves_with_path(result.state.params)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.positional import (
+from transformer.modules.positional import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
     alibi_slopes,

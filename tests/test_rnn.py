@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from transformer import config_checks, decoding, train
-from transformer.alignment_plot import plot_alignment, translate_and_plot
-from transformer.models import build_model
-from transformer.rnn import RNNSeq2Seq, build_rnn_seq2seq
+from transformer import decoding
+from transformer.evaluation.alignment import plot_alignment, translate_and_plot
+from transformer.modules.models import build_model
+from transformer.modules.rnn import RNNSeq2Seq, build_rnn_seq2seq
+from transformer.training import config_schema, loop
 
 VOCAB = 13
 EOS = 2
@@ -341,7 +342,7 @@ def test_build_model_builds_the_rnn_from_the_registry_and_refuses_unknown_fields
 def test_trains_through_the_shared_loop_on_a_seq2seq_data_set(tmp_path):
     """train_and_evaluate builds the RNN from its config (vocab_size and max_len from the data,
     as for a transformer), calls it the seq2seq task's way, and learns."""
-    config = config_checks.base_config()
+    config = config_schema.base_config()
     config.task = "seq2seq"
     config.model = ml_collections.ConfigDict(
         dict(name="rnn_seq2seq", embed_dim=16, hidden_dim=32, attention_dim=16, attention="luong")
@@ -354,7 +355,7 @@ def test_trains_through_the_shared_loop_on_a_seq2seq_data_set(tmp_path):
     config.eval_steps = 2
     config.optimizer.learning_rate = 1e-2
     config.optimizer.warmup_steps = 0
-    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert result.summary["status"] == "completed" and result.summary["step"] == 80
     # Targets are 3 to 12 of 8 symbols, then EOS: knowing only token frequencies costs about
     # 2.2 nats per target, so less needs the source (this run: 1.42).

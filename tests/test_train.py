@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from transformer import config_checks, optim, tasks, train
-from transformer.metrics_writer import read_metrics
+from transformer.training import config_schema, loop, optimizer, tasks
+from transformer.training.metrics import read_metrics
 
 LENGTH = 8
 VOCAB = 16
@@ -83,10 +83,10 @@ def toy_model(model_config):
 
 def use_toy_setup(monkeypatch):
     """Makes `train_and_evaluate` build the toy model and read the toy data."""
-    monkeypatch.setattr(train, "build_model", toy_model)
-    monkeypatch.setattr(train, "with_data_fields", lambda config: config.model)
+    monkeypatch.setattr(loop, "build_model", toy_model)
+    monkeypatch.setattr(loop, "with_data_fields", lambda config: config.model)
     monkeypatch.setattr(
-        train,
+        loop,
         "make_iterator",
         lambda data_config, split, **kw: toy_iterator(
             data_config,
@@ -99,7 +99,7 @@ def use_toy_setup(monkeypatch):
 
 
 def toy_config(task="classification", **overrides):
-    config = config_checks.base_config()
+    config = config_schema.base_config()
     config.task = task
     config.model = ml_collections.ConfigDict(
         {"name": "toy_classifier" if task == "classification" else "toy_lm"}
@@ -121,7 +121,7 @@ def toy_config(task="classification", **overrides):
 
 def test_classification_learns_and_writes_summary(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
-    summary = train.train_and_evaluate(toy_config(), str(tmp_path)).summary
+    summary = loop.train_and_evaluate(toy_config(), str(tmp_path)).summary
     assert summary["status"] == "completed" and summary["step"] == 30
     assert summary["final"]["eval/accuracy"] > 0.8  # the larger class is 55%
     written = json.loads((tmp_path / "summary.json").read_text())
@@ -151,7 +151,7 @@ def test_classification_learns_and_writes_summary(monkeypatch, tmp_path):
 
 def test_language_modelling_counts_only_real_tokens(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
-    summary = train.train_and_evaluate(
+    summary = loop.train_and_evaluate(
         toy_config("language_modelling", num_train_steps=10), str(tmp_path)
     ).summary
     assert np.isfinite(summary["final"]["eval/loss"])
@@ -178,10 +178,10 @@ def test_label_smoothing_matches_its_definition():
     assert smoothed == pytest.approx(float(expected), rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule", sorted(optim.SCHEDULES))
+@pytest.mark.parametrize("schedule", sorted(optimizer.SCHEDULES))
 def test_schedules_warm_up_linearly_to_the_peak(schedule):
     opt = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=10, schedule=schedule))
-    lr = optim.learning_rate_schedule(opt, total_steps=100)
+    lr = optimizer.learning_rate_schedule(opt, total_steps=100)
     assert float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
     if schedule == "inverse_sqrt":
         assert float(lr(40)) == pytest.approx(0.5)
@@ -193,8 +193,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(monkeypa
     use_toy_setup(monkeypatch)
     # NaN weights in the 26th batch on poison the loss from step 26.
     config = toy_config(**{"data.nan_from_batch": 25})
-    with pytest.raises(train.NonFiniteLossError, match=r"became nan between steps 20 and 30"):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(loop.NonFiniteLossError, match=r"became nan between steps 20 and 30"):
+        loop.train_and_evaluate(config, str(tmp_path))
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept[-1] == 20
     assert not (tmp_path / "summary.json").exists()
@@ -219,7 +219,7 @@ def test_bad_config_values_are_named_with_what_is_allowed(field, value, message)
     config = toy_config()
     config.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=message):
-        config_checks.validate(config)
+        config_schema.validate(config)
 
 
 def test_unknown_config_fields_are_named_with_what_is_allowed():
@@ -231,15 +231,15 @@ def test_unknown_config_fields_are_named_with_what_is_allowed():
         match=r"unknown config field 'num_steps'; allowed: \[.*"
         r"'num_train_steps'",
     ):
-        config_checks.validate(config)
+        config_schema.validate(config)
     config = toy_config()
     with config.optimizer.unlocked():
         config.optimizer.lr = 1.0
     with pytest.raises(ValueError, match=r"unknown config field 'optimizer.lr'"):
-        config_checks.validate(config)
+        config_schema.validate(config)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
     with pytest.raises(ValueError, match=r"global_batch_size=12 does not divide across 8 devices"):
-        train.train_and_evaluate(toy_config(global_batch_size=12), str(tmp_path))
+        loop.train_and_evaluate(toy_config(global_batch_size=12), str(tmp_path))

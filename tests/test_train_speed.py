@@ -10,9 +10,10 @@ import optax
 import pytest
 from experiment_files import load_experiment
 
-from transformer import parallel, patterns, sweep, train
+from transformer import patterns
 from transformer.data import data_info
-from transformer.optim import make_optimizer
+from transformer.training import loop, parallel, sweep
+from transformer.training.optimizer import make_optimizer
 
 speed = load_experiment("train_speed.py")
 
@@ -91,7 +92,7 @@ def test_an_unknown_length_names_the_allowed_ones():
 
 def test_train_step_memory_holds_parameters_and_adam_moments_and_grows_with_length():
     config = speed.get_config("smoke,full-64")
-    programs = train.programs(config, train.with_data_fields(config), parallel.make_mesh())
+    programs = loop.programs(config, loop.with_data_fields(config), parallel.make_mesh())
     state = programs.init(
         0, {"inputs": np.ones((8, 64), np.int32), "targets": np.zeros(8, np.int32)}
     )

@@ -1,13 +1,10 @@
 """Attention as pure functions of arrays: scores, masks and `dot_product_attention`."""
 
+from transformer.attention.auto import auto_implementation, choose_implementation
 from transformer.attention.block_sparse import block_sparse_attention
 from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import alibi_bias, dense_attention
-from transformer.attention.dot_product import (
-    IMPLEMENTATIONS,
-    choose_implementation,
-    dot_product_attention,
-)
+from transformer.attention.dot_product import IMPLEMENTATIONS, dot_product_attention
 from transformer.attention.masks import (
     attention_padding_mask,
     causal_mask,

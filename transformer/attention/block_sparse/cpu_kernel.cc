@@ -2,10 +2,10 @@
 // with the scores, softmax and products of a chunk of key blocks in cache, instead of XLA's
 // separate gathers, small batched matmuls and element-wise passes.
 //
-// Built at first use by block_sparse_cpu.py (`c++ -O3 -march=native`), called through XLA's FFI.
+// Built at first use by cpu_kernel.py (`c++ -O3 -march=native`), called through XLA's FFI.
 // The vector code uses GCC vector extensions, so `-march=native` picks AVX-512, AVX2 or NEON.
 //
-// Layouts (float32, row-major), as block_sparse.py makes them:
+// Layouts (float32, row-major), as plan.py and attention.py make them:
 //   q        [bh, num_q_blocks, block_q, d]      (already scaled)
 //   k        [bh, num_kv_blocks, block_kv, d]
 //   k_t      [bh, num_kv_blocks, d, block_kv]    (k with each block transposed)

@@ -7,7 +7,7 @@
   EncoderDecoder     source tokens, target tokens -> target logits (the paper's Transformer)
 
 Build a model from a config with a `name`: `build_model({"name": "decoder_lm", ...})`; the
-registry MODELS also builds the recurrent `rnn_seq2seq` (transformer/rnn/). Token id 0 is padding
+registry MODELS also builds the recurrent `rnn_seq2seq` (transformer/modules/rnn/). Token id 0 is padding
 in every model: it is never attended to and never pooled. Decoders start from BOS_ID (1), as the
 RNN does (transformer/token_ids.py).
 """
@@ -20,9 +20,9 @@ from flax import linen as nn
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
-from transformer.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
-from transformer.positional import ADDED_POSITIONAL_ENCODINGS
-from transformer.rnn import build_rnn_seq2seq
+from transformer.modules.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
+from transformer.modules.positional import ADDED_POSITIONAL_ENCODINGS
+from transformer.modules.rnn import build_rnn_seq2seq
 from transformer.token_ids import BOS_ID, PAD_ID
 
 

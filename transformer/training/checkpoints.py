@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from transformer.config_checks import differences
+from transformer.training.config_schema import differences
 
 # Fields of the config that a checkpoint depends on. Anything else (number of steps, how often to
 # evaluate or log, parallel mode, ...) may change between a run and its restart.

@@ -76,7 +76,9 @@ class RNNEncoder(nn.Module):
                 x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
             # The cells own the parameters (named here); nn.RNN only scans them.
             if self.bidirectional:
-                make = lambda d: nn.RNN(CELLS[self.cell](self.hidden_dim // 2, name=f"{d}_{layer}"))
+                make = lambda d, layer=layer: nn.RNN(
+                    CELLS[self.cell](self.hidden_dim // 2, name=f"{d}_{layer}")
+                )
                 rnn = nn.Bidirectional(make("forward"), make("backward"))
                 (forward, backward), x = rnn(x, seq_lengths=lengths, return_carry=True)
                 final = jax.tree.map(lambda f, b: jnp.concatenate([f, b], -1), forward, backward)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.optim import smooth_labels
+from transformer.training.optimizer import smooth_labels
 
 
 @dataclasses.dataclass(frozen=True)

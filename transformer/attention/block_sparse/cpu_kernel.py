@@ -1,4 +1,4 @@
-"""The fused CPU kernel of block-sparse attention (`block_sparse_cpu.cc`), built at first use.
+"""The fused CPU kernel of block-sparse attention (`cpu_kernel.cc`), built at first use.
 
 XLA runs block-sparse attention as gathers, small batched matmuls and element-wise passes, each a
 separate pass over memory; on CPU its 64-row matmuls reach about a quarter of the large-matmul
@@ -29,7 +29,7 @@ import numpy as np
 
 from transformer.attention.shapes import varying_like
 
-_SOURCE = Path(__file__).with_name("block_sparse_cpu.cc")
+_SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 # FFI target names, suffixed with the kernel's version (`_target`).
 _FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
 # The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
@@ -40,7 +40,7 @@ def _cpu_signature():
     """What `-march=native` compiles for: the CPU's model and feature flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor()
@@ -210,3 +210,27 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
         heads=np.int64(q.shape[1]),
     )
     return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)
+
+
+@functools.lru_cache(maxsize=32)
+def attention_fn(plan):
+    """Like `xla_schedules.attention_fn`, with the fused CPU kernel for every row."""
+
+    @jax.custom_vjp
+    def attention(q, k, v, key_bias):
+        return forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)[0]
+
+    def attention_forward(q, k, v, key_bias):
+        out, lse = forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)
+        return out, (q, k, v, key_bias, out, lse)
+
+    def attention_backward(residuals, d_out):
+        q, k, v, key_bias, out, lse = residuals
+        delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)
+        dq, dk, dv = backward(
+            q, k, v, lse, delta, d_out, plan.row_blocks, plan.block_masks, key_bias
+        )
+        return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias)
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer.attention import additive_score, dot_score, general_score
-from transformer.rnn.encoder import CELLS, hidden_of
+from transformer.modules.rnn.encoder import CELLS, hidden_of
 
 
 def attend(scores, states, mask):

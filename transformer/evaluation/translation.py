@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 import sacrebleu
 
-from transformer import decoding, parallel
-from transformer.models import EncoderDecoder
+from transformer import decoding
+from transformer.modules.models import EncoderDecoder
 from transformer.token_ids import EOS_ID, PAD_ID
+from transformer.training import parallel
 
 DEFAULTS = dict(
     strategy="greedy",
@@ -162,7 +163,7 @@ def translate(model, params, batches, settings):
 def plot_alignments(model, params, tokenizer, sources, hypotheses, count, directory):
     """Heatmaps of the first `count` sentences of at most ALIGNMENT_MAX_SOURCE_TOKENS tokens."""
     # matplotlib only when plotting
-    from transformer.alignment_plot import alignment_weights, plot_alignment
+    from transformer.evaluation.alignment import alignment_weights, plot_alignment
 
     os.makedirs(directory, exist_ok=True)
     names = lambda ids: [tokenizer.processor.id_to_piece(i) for i in ids]

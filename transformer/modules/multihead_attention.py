@@ -18,8 +18,8 @@ from flax import linen as nn
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
-from transformer.attention.dot_product import choose_implementation
-from transformer.positional import alibi_slopes, apply_rotary, check_positional
+from transformer.attention.auto import auto_implementation
+from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
 
 
 class MultiHeadAttention(nn.Module):
@@ -112,8 +112,8 @@ class MultiHeadAttention(nn.Module):
         if implementation == "auto" and (dropout_rng is not None or self.sow_weights):
             # Only "dense" has attention dropout and weights: take it where "auto" would, and
             # let dot_product_attention refuse clearly where it would not.
-            implementation = choose_implementation(
-                self.pattern or patterns.full(), query.shape[1], key.shape[1]
+            implementation = auto_implementation(
+                query, key, value, pattern=self.pattern or patterns.full(), alibi_slopes=slopes
             )
         result = dot_product_attention(
             query,

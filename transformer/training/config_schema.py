@@ -7,15 +7,15 @@ array is built: a typo in a long TPU job should cost seconds, not hours.
 
 import ml_collections
 
-from transformer.optim import SCHEDULES
-from transformer.parallel import MODES
-from transformer.tasks import TASKS
+from transformer.training.optimizer import SCHEDULES
+from transformer.training.parallel import MODES
+from transformer.training.tasks import TASKS
 
 
 def base_config():
     """Defaults of every field the training loop reads; `model` and `data` are per experiment."""
     config = ml_collections.ConfigDict()
-    config.task = "classification"  # a name in transformer.tasks.TASKS
+    config.task = "classification"  # a name in transformer.training.tasks.TASKS
     config.model = ml_collections.ConfigDict({"name": "encoder_classifier"})  # build_model's
     config.data = ml_collections.ConfigDict({"name": ""})  # transformer.data.make_iterator's
     # Extra evaluation sets: {name: fields replacing those of `data`}; each is logged as
@@ -37,7 +37,7 @@ def base_config():
     config.best_metric = ""  # e.g. "eval/accuracy"; "" keeps no best checkpoint
     config.best_mode = "max"
     config.label_smoothing = 0.0
-    # Decode the evaluation sets and score BLEU (seq2seq): transformer/translation_eval.py's
+    # Decode the evaluation sets and score BLEU (seq2seq): transformer/evaluation/translation.py's
     # fields. Empty: no decoding.
     config.translation_eval = ml_collections.ConfigDict()
     config.parallel = "shard_map"

@@ -12,9 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from transformer.feedforward import ACTIVATIONS, FeedForward
-from transformer.multihead_attention import MultiHeadAttention
-from transformer.positional import check_positional
+from transformer.modules.feedforward import ACTIVATIONS, FeedForward
+from transformer.modules.multihead_attention import MultiHeadAttention
+from transformer.modules.positional import check_positional
 
 
 @dataclasses.dataclass(frozen=True)

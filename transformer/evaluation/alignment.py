@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transformer import decoding  # noqa: E402
-from transformer.models import EncoderDecoder  # noqa: E402
+from transformer.modules.models import EncoderDecoder  # noqa: E402
 
 
 def plot_alignment(weights, source_tokens, target_tokens, path, *, title=None, dpi=100):

@@ -1,8 +1,8 @@
 """One training loop for every task: `train_and_evaluate(config, workdir)`.
 
-The loop is the same for classification, language modelling and seq2seq; `transformer.tasks`
+The loop is the same for classification, language modelling and seq2seq; `transformer.training.tasks`
 says how a model is called on a batch and what it is scored on. The per-device step below is
-written once, pmap-style, and `transformer.parallel` runs it over all devices of all hosts.
+written once, pmap-style, and `transformer.training.parallel` runs it over all devices of all hosts.
 
 What lands in `workdir`:
   config.json        the config the run started with (a restart must match it)
@@ -30,10 +30,11 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from transformer import config_checks, parallel, tasks, translation_eval
-from transformer.checkpoints import Checkpointer, check_compatible_config
-from transformer.metrics_writer import MetricsWriter, read_metrics
-from transformer.optim import learning_rate_schedule, make_optimizer
+from transformer.evaluation import translation
+from transformer.training import config_schema, parallel, tasks
+from transformer.training.checkpoints import Checkpointer, check_compatible_config
+from transformer.training.metrics import MetricsWriter, read_metrics
+from transformer.training.optimizer import learning_rate_schedule, make_optimizer
 
 
 class TrainResult(NamedTuple):
@@ -107,7 +108,7 @@ def make_eval_step(model, task):
 
 
 def build_model(model_config):
-    from transformer.models import build_model as build  # the model zoo is imported on use
+    from transformer.modules.models import build_model as build  # the model zoo is imported on use
 
     return build(model_config)
 
@@ -378,8 +379,8 @@ def train_and_evaluate(config, workdir):
     state. Raises NonFiniteLossError when the loss becomes NaN or inf, keeping the checkpoints
     saved before. After a SIGTERM it saves a checkpoint and returns early, status "stopped".
     """
-    config_checks.validate(config)
-    translation_eval.check(config)  # a bad field fails now, not at the first evaluation
+    config_schema.validate(config)
+    translation.check(config)  # a bad field fails now, not at the first evaluation
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh()
     mode = config.parallel
@@ -430,7 +431,7 @@ def train_and_evaluate(config, workdir):
             metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
             if translator is not None:
                 metrics.update(
-                    translation_eval.evaluate_translation(
+                    translation.evaluate_translation(
                         translator,
                         state.params,
                         data_config,

@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from transformer import train
-from transformer.config_checks import differences
+from transformer.training import loop
+from transformer.training.config_schema import differences
 
 
 def run_sweep(get_config, preset, workdir, overrides=None):
@@ -53,7 +53,7 @@ def run_sweep(get_config, preset, workdir, overrides=None):
                 _check_same_config(summary["config"], config, run_dir)
             if summary is None:
                 logging.info("sweep: training %s, seed %d", variant, seed)
-                summary = train.train_and_evaluate(config, run_dir).summary
+                summary = loop.train_and_evaluate(config, run_dir).summary
                 if summary["status"] != "completed":
                     logging.warning(
                         "sweep stopped during %s seed %d; run again to resume.", variant, seed

@@ -13,8 +13,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer.rnn.decoders import DECODERS, LUONG_SCORES
-from transformer.rnn.encoder import RNNEncoder, check_cell
+from transformer.modules.rnn.decoders import DECODERS, LUONG_SCORES
+from transformer.modules.rnn.encoder import RNNEncoder, check_cell
 from transformer.token_ids import BOS_ID
 
 

@@ -1,0 +1,1 @@
+"""Evaluation beyond loss and accuracy: translation with BLEU, and alignment heatmaps."""
