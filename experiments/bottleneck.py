@@ -18,8 +18,8 @@ validation verses to runs/<variant>/seed_<seed>/alignments/.
     python launch.py --config=experiments/bottleneck.py:cpu --sweep --workdir=/tmp/bottleneck
     python launch.py --config=experiments/bottleneck.py:cpu,bahdanau --workdir=/tmp/bahdanau
 
-Presets: "smoke" (tests, seconds: Genesis only); "cpu" (2 cores, about 15 minutes for the
-sweep: small GRUs and a small transformer, short training); "full" (GPU/TPU, not run here):
+Presets: "smoke" (tests: Genesis only); "cpu" (2 cores: small GRUs and a small transformer,
+short training); "full" (GPU/TPU, not run here):
 Bahdanau et al.'s RNNsearch sizes where they apply (GRUs, 620-dim embeddings, 1000-unit decoder
 and alignment model, a bidirectional encoder, batch 80, beam search) and the transformer base
 model. Differences from the paper: AdamW instead of Adadelta, no maxout output layer, the data's
@@ -30,121 +30,148 @@ model. Differences from the paper: AdamW instead of Adadelta, no maxout output l
 import ml_collections
 
 from transformer.evaluation.translation import bucket_names
+from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
 VARIANTS = ("no_attention", "bahdanau", "luong", "transformer")
 RNN_ATTENTION = {"no_attention": "none", "bahdanau": "bahdanau", "luong": "luong"}
 
-# vocab_size None: the data config's own (tiny 600, verses 8,000 SentencePiece pieces).
-# length_buckets None: every batch padded to max_length, one shape to compile.
+# `data.builder_overrides` {}: the data config's own vocabulary (tiny 600, verses 8,000
+# SentencePiece pieces). `data.length_buckets` None: every batch padded to max_length, one shape
+# to compile. The model's fields are in RNN_MODEL and TRANSFORMER_MODEL below.
 PRESETS = {
-    "smoke": dict(
-        data_config="tiny",
-        vocab_size=None,
-        max_length=48,
-        length_buckets=None,
-        seeds=(0,),
-        steps=10,
-        batch=16,
-        embed_dim=16,
-        hidden_dim=32,
-        attention_dim=16,
-        rnn_dropout=0.0,
-        d_model=16,
-        num_heads=2,
-        d_ff=32,
-        num_layers=1,
-        transformer_dropout=0.0,
-        norm_position="pre",
-        learning_rate=3e-3,
-        strategy="greedy",
-        beam_size=1,
-        max_decode_len=16,
-        num_examples=16,
-        bucket_edges=(10, 20, 30),
-        alignment_plots=1,
-    ),
-    "cpu": dict(
-        data_config="verses",
-        vocab_size=2000,
-        max_length=96,
-        length_buckets=None,
-        seeds=(0, 1),
-        steps=400,
-        batch=32,
-        embed_dim=64,
-        hidden_dim=128,
-        attention_dim=64,
-        rnn_dropout=0.0,
-        d_model=64,
-        num_heads=4,
-        d_ff=256,
-        num_layers=2,
-        transformer_dropout=0.0,
-        norm_position="pre",
-        learning_rate=3e-3,
-        strategy="greedy",
-        beam_size=1,
-        max_decode_len=96,
-        num_examples=0,
-        bucket_edges=(10, 20, 30, 40, 50),
-        alignment_plots=3,
-    ),
+    "smoke": {
+        "data.config": "tiny",
+        "data.builder_overrides": {},
+        "data.max_length": 48,
+        "data.max_target_length": 48,
+        "data.length_buckets": None,
+        "translation_eval.strategy": "greedy",
+        "translation_eval.beam_size": 1,
+        "translation_eval.max_decode_len": 16,
+        "translation_eval.num_examples": 16,
+        "translation_eval.bucket_edges": (10, 20, 30),
+        "translation_eval.num_alignment_plots": 1,
+        "global_batch_size": 16,
+        "num_train_steps": 10,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0,),
+    },
+    "cpu": {
+        "data.config": "verses",
+        "data.builder_overrides": {"vocab_size": 2000},
+        "data.max_length": 96,
+        "data.max_target_length": 96,
+        "data.length_buckets": None,
+        "translation_eval.strategy": "greedy",
+        "translation_eval.beam_size": 1,
+        "translation_eval.max_decode_len": 96,
+        "translation_eval.num_examples": 0,
+        "translation_eval.bucket_edges": (10, 20, 30, 40, 50),
+        "translation_eval.num_alignment_plots": 3,
+        "global_batch_size": 32,
+        "num_train_steps": 400,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0, 1),
+    },
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(
-        data_config="verses",
-        vocab_size=None,
-        max_length=256,
-        length_buckets=(32, 64, 128, 256),
-        seeds=(0, 1, 2),
-        steps=100_000,
-        batch=80,
-        embed_dim=620,
-        hidden_dim=1000,
-        attention_dim=1000,
-        rnn_dropout=0.0,
-        d_model=512,
-        num_heads=8,
-        d_ff=2048,
-        num_layers=6,
-        transformer_dropout=0.1,
-        norm_position="post",
-        learning_rate=5e-4,
-        strategy="beam",
-        beam_size=10,
-        max_decode_len=256,
-        num_examples=0,
-        bucket_edges=(10, 20, 30, 40, 50),
-        alignment_plots=5,
-    ),
+    "full": {
+        "data.config": "verses",
+        "data.builder_overrides": {},
+        "data.max_length": 256,
+        "data.max_target_length": 256,
+        "data.length_buckets": (32, 64, 128, 256),
+        "translation_eval.strategy": "beam",
+        "translation_eval.beam_size": 10,
+        "translation_eval.max_decode_len": 256,
+        "translation_eval.num_examples": 0,
+        "translation_eval.bucket_edges": (10, 20, 30, 40, 50),
+        "translation_eval.num_alignment_plots": 5,
+        "global_batch_size": 80,
+        "num_train_steps": 100_000,
+        "optimizer.learning_rate": 5e-4,
+        "sweep.seeds": (0, 1, 2),
+    },
+}
+# The model fields of each preset, for the recurrent variants (`model.attention_dim`: those with
+# attention only) and for the transformer.
+RNN_MODEL = {
+    "smoke": {
+        "model.embed_dim": 16,
+        "model.hidden_dim": 32,
+        "model.attention_dim": 16,
+        "model.dropout_rate": 0.0,
+    },
+    "cpu": {
+        "model.embed_dim": 64,
+        "model.hidden_dim": 128,
+        "model.attention_dim": 64,
+        "model.dropout_rate": 0.0,
+    },
+    "full": {
+        "model.embed_dim": 620,
+        "model.hidden_dim": 1000,
+        "model.attention_dim": 1000,
+        "model.dropout_rate": 0.0,
+    },
+}
+TRANSFORMER_MODEL = {
+    "smoke": {
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.d_ff": 32,
+        "model.num_layers": 1,
+        "model.num_decoder_layers": 1,
+        "model.dropout_rate": 0.0,
+        "model.norm_position": "pre",
+    },
+    "cpu": {
+        "model.d_model": 64,
+        "model.num_heads": 4,
+        "model.d_ff": 256,
+        "model.num_layers": 2,
+        "model.num_decoder_layers": 2,
+        "model.dropout_rate": 0.0,
+        "model.norm_position": "pre",
+    },
+    "full": {
+        "model.d_model": 512,
+        "model.num_heads": 8,
+        "model.d_ff": 2048,
+        "model.num_layers": 6,
+        "model.num_decoder_layers": 6,
+        "model.dropout_rate": 0.1,
+        "model.norm_position": "post",
+    },
 }
 
 
-def model_config(variant, preset):
+def model_config(variant):
+    """The variant's model; None where RNN_MODEL or TRANSFORMER_MODEL sets the field."""
     if variant in RNN_ATTENTION:
         fields = dict(
             name="rnn_seq2seq",
             cell="gru",
             bidirectional=True,
-            embed_dim=preset["embed_dim"],
-            hidden_dim=preset["hidden_dim"],
+            embed_dim=None,
+            hidden_dim=None,
             attention=RNN_ATTENTION[variant],
-            dropout_rate=preset["rnn_dropout"],
+            dropout_rate=None,
         )
         if variant != "no_attention":
-            fields["attention_dim"] = preset["attention_dim"]
+            fields["attention_dim"] = None
         return ml_collections.ConfigDict(fields)
     return ml_collections.ConfigDict(
         dict(
             name="encoder_decoder",
-            d_model=preset["d_model"],
-            num_heads=preset["num_heads"],
-            d_ff=preset["d_ff"],
-            num_layers=preset["num_layers"],
-            num_decoder_layers=preset["num_layers"],
-            dropout_rate=preset["transformer_dropout"],
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
+            num_decoder_layers=None,
+            dropout_rate=None,
             positional="sinusoidal",
-            norm_position=preset["norm_position"],
+            norm_position=None,
             share_embeddings=True,
             tie_output_embedding=True,
             dtype="float32",
@@ -154,59 +181,57 @@ def model_config(variant, preset):
 
 def get_config(arg="cpu"):
     """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
-    preset_name, _, variant = arg.partition(",")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"unknown bottleneck variant {variant!r}; allowed: {list(VARIANTS)}.")
-    preset = PRESETS[preset_name]
+    preset, variant = experiment.split(arg, PRESETS)
     variant = variant or "bahdanau"
+    experiment.check("bottleneck variant", variant, VARIANTS)
 
     config = base_config()
     config.task = "seq2seq"
     config.data = ml_collections.ConfigDict(
         dict(
             name="bible_en_es",
-            config=preset["data_config"],
+            config=None,
             source_language="en",
-            builder_overrides=(
-                {"vocab_size": preset["vocab_size"]} if preset["vocab_size"] else {}
-            ),
-            max_length=preset["max_length"],
-            max_target_length=preset["max_length"],
-            length_buckets=preset["length_buckets"],
-            # Batches of similar lengths waste less padding, when they are padded to buckets.
-            sort_window=16 if preset["length_buckets"] else 1,
+            builder_overrides=None,
+            max_length=None,
+            max_target_length=None,
+            length_buckets=None,
+            sort_window=None,
         )
     )
-    config.model = model_config(variant, preset)
+    config.model = model_config(variant)
     config.translation_eval = ml_collections.ConfigDict(
         dict(
-            strategy=preset["strategy"],
-            beam_size=preset["beam_size"],
-            max_decode_len=preset["max_decode_len"],
-            num_examples=preset["num_examples"],
-            bucket_edges=preset["bucket_edges"],
-            num_alignment_plots=preset["alignment_plots"],
+            strategy=None,
+            beam_size=None,
+            max_decode_len=None,
+            num_examples=None,
+            bucket_edges=None,
+            num_alignment_plots=None,
         )
     )
-    config.global_batch_size = preset["batch"]
-    config.num_train_steps = preset["steps"]
-    config.eval_every_steps = preset["steps"]
-    config.checkpoint_every_steps = preset["steps"]
-    config.log_every_steps = max(preset["steps"] // 10, 1)
+    model_fields = TRANSFORMER_MODEL[preset] if variant == "transformer" else RNN_MODEL[preset]
+    if variant == "no_attention":  # no attention, no attention_dim
+        model_fields = {k: v for k, v in model_fields.items() if k != "model.attention_dim"}
+    experiment.set_fields(config, PRESETS[preset] | model_fields)  # None above: set by them
+
+    # Batches of similar lengths waste less padding, when they are padded to buckets.
+    config.data.sort_window = 16 if config.data.length_buckets else 1
+    steps = config.num_train_steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.log_every_steps = max(steps // 10, 1)
     config.eval_steps = 0  # the whole validation split
-    config.optimizer.learning_rate = preset["learning_rate"]
-    config.optimizer.warmup_steps = max(preset["steps"] // 20, 1)
-    config.sweep.seeds = preset["seeds"]
+    config.optimizer.warmup_steps = max(steps // 20, 1)
     config.sweep.variants = VARIANTS
     # The plot's lines are the variants; the sweep reads a line's name from the run's config.
     config.sweep.variant = variant
-    edges = (0,) + preset["bucket_edges"]
+    bucket_edges = config.translation_eval.bucket_edges
+    edges = (0,) + bucket_edges
     # x: the middle of each bucket; the open last one as wide as the one before it.
     middles = [(low + high) / 2 for low, high in zip(edges, edges[1:])]
     middles.append(edges[-1] + (edges[-1] - edges[-2]) / 2)
-    names = [f"eval/{name}" for name in bucket_names(preset["bucket_edges"])]
+    names = [f"eval/{name}" for name in bucket_names(bucket_edges)]
     points = tuple(zip(middles, names))
     config.sweep.metrics = ("eval/bleu",) + tuple(names) + ("eval/loss",)
     config.sweep.plot = ml_collections.ConfigDict(

@@ -9,7 +9,7 @@ anchors or random blocks relay the information.
     python launch.py --config=experiments/listops.py:cpu,bigbird --workdir=/tmp/listops_one
 
 Presets:
-  "smoke"  tests, seconds: the `tiny` data (10-60 tokens), a 1-layer model, 10 steps.
+  "smoke"  tests: the `tiny` data (10-60 tokens), a 1-layer model, 10 steps.
   "cpu"    2 cores: 20-100-token expressions (the `small` config, shortened), a 2-layer
            d_model-64 model, 250 steps of batch 32, 2 seeds; windows and blocks of 8 tokens.
   "full"   GPU/TPU, the Long Range Arena's settings (Tay et al., 2020): the `lra` data
@@ -19,7 +19,7 @@ Presets:
            The optimizer is ours (AdamW, inverse-square-root decay after 1,000 warmup steps), not
            a copy of LRA's; LRA reports test accuracy, so compare with `--config.eval_split=test`
            (the sweeps evaluate on validation).
-Variants: the patterns in PATTERNS.
+Variants: the patterns in VARIANTS; BLOCKS has each preset's window and block sizes.
 
 Reading out: [CLS] (prepended at position 0) pooling, as in LRA; [CLS] is a global token of the
 anchor and BigBird patterns. The `causal` variant reads out with learned attention pooling over
@@ -31,173 +31,167 @@ full and causal patterns and block-sparse attention for the sparse ones at long 
 import ml_collections
 
 from transformer.data.listops import Listops
+from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
+VARIANTS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
 
-def pattern_options(pattern, preset):
-    """(pattern name, options) for transformer.patterns.build at the preset's block size."""
-    block = preset["block"]
+
+def pattern_of(variant, block, random_blocks, anchor_blocks):
+    """(pattern, pattern_options) of a variant for transformer.patterns.build: windows, anchors
+    and blocks of `block` tokens."""
     return {
         "full": ("full", {}),
         "causal": ("causal", {}),
         "sliding_window": ("sliding_window", {"left": block}),
         "anchor": ("anchor", {"num_anchors": block}),
-        "random": ("random", {"num_blocks": preset["random_blocks"], "block_size": block}),
+        "random": ("random", {"num_blocks": random_blocks, "block_size": block}),
         "bigbird": (
             "bigbird",
             {
                 "block_size": block,
                 "window_blocks": 3,
-                "num_anchor_blocks": preset["anchor_blocks"],
-                "num_random_blocks": preset["random_blocks"],
+                "num_anchor_blocks": anchor_blocks,
+                "num_random_blocks": random_blocks,
             },
         ),
-    }[pattern]
+    }[variant]
 
 
-PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
+def length_buckets(*buckets):
+    """{"all": the validation split of the training data} and, for each (low, high),
+    {"len<low>_<high>": validation expressions of low to high tokens only} (a data set of its
+    own: seed 1, and no training split to speak of)."""
+    return {"all": {}} | {
+        f"len{low}_{high}": {
+            "builder_overrides": dict(min_length=low, max_length=high, num_train=1, seed=1)
+        }
+        for low, high in buckets
+    }
+
 
 PRESETS = {
-    "smoke": dict(
-        data_config="tiny",
-        data_overrides={},
-        patterns=("full", "sliding_window"),
-        seeds=(0,),
-        steps=10,
-        warmup=1,
-        schedule="cosine",
-        batch=16,
-        num_layers=1,
-        d_model=16,
-        num_heads=2,
-        d_ff=32,
-        dropout=0.0,
-        learning_rate=3e-3,
-        weight_decay=0.0,
-        block=4,
-        random_blocks=1,
-        anchor_blocks=1,
-        length_buckets=((10, 34), (35, 60)),
-    ),
-    # 8,000 training examples of 20-100 tokens: generated once (~10 s), then read from disk.
-    # Sized so that the sweep (6 patterns x 2 seeds) takes minutes on 2 cores; an earlier
-    # 30-150-token, 500-step version took 9.5 minutes for one run on a loaded machine.
-    "cpu": dict(
-        data_config="small",
-        data_overrides=dict(
+    "smoke": {
+        "data.config": "tiny",
+        "data.builder_overrides": {},
+        "eval_data": length_buckets((10, 34), (35, 60)),
+        "model.num_layers": 1,
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.d_ff": 32,
+        "model.dropout_rate": 0.0,
+        "global_batch_size": 16,
+        "num_train_steps": 10,
+        "optimizer.schedule": "cosine",
+        "optimizer.warmup_steps": 1,
+        "optimizer.learning_rate": 3e-3,
+        "optimizer.weight_decay": 0.0,
+        "sweep.seeds": (0,),
+        "sweep.variants": ("full", "sliding_window"),
+    },
+    # 8,000 training examples of 20-100 tokens, generated once and then read from disk; sized so
+    # that the sweep (6 patterns x 2 seeds) is a short run on 2 cores.
+    "cpu": {
+        "data.config": "small",
+        "data.builder_overrides": dict(
             min_length=20, max_length=100, num_train=8000, num_validation=500, num_test=500
         ),
-        patterns=PATTERNS,
-        seeds=(0, 1),
-        steps=250,
-        warmup=25,
-        schedule="cosine",
-        batch=32,
-        num_layers=2,
-        d_model=64,
-        num_heads=4,
-        d_ff=128,
-        dropout=0.0,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        block=8,
-        random_blocks=2,
-        anchor_blocks=1,
-        length_buckets=((20, 46), (47, 73), (74, 100)),
-    ),
+        "eval_data": length_buckets((20, 46), (47, 73), (74, 100)),
+        "model.num_layers": 2,
+        "model.d_model": 64,
+        "model.num_heads": 4,
+        "model.d_ff": 128,
+        "model.dropout_rate": 0.0,
+        "global_batch_size": 32,
+        "num_train_steps": 250,
+        "optimizer.schedule": "cosine",
+        "optimizer.warmup_steps": 25,
+        "optimizer.learning_rate": 1e-3,
+        "optimizer.weight_decay": 0.01,
+        "sweep.seeds": (0, 1),
+        "sweep.variants": VARIANTS,
+    },
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(
-        data_config="lra",
-        data_overrides={},
-        patterns=PATTERNS,
-        seeds=(0, 1, 2),
-        steps=5000,
-        warmup=1000,
-        schedule="inverse_sqrt",
-        batch=32,
-        num_layers=4,
-        d_model=512,
-        num_heads=8,
-        d_ff=1024,
-        dropout=0.1,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        block=64,
-        random_blocks=3,
-        anchor_blocks=2,
-        length_buckets=((500, 999), (1000, 1499), (1500, 2000)),
-    ),
+    "full": {
+        "data.config": "lra",
+        "data.builder_overrides": {},
+        "eval_data": length_buckets((500, 999), (1000, 1499), (1500, 2000)),
+        "model.num_layers": 4,
+        "model.d_model": 512,
+        "model.num_heads": 8,
+        "model.d_ff": 1024,
+        "model.dropout_rate": 0.1,
+        "global_batch_size": 32,
+        "num_train_steps": 5000,
+        "optimizer.schedule": "inverse_sqrt",
+        "optimizer.warmup_steps": 1000,
+        "optimizer.learning_rate": 1e-3,
+        "optimizer.weight_decay": 0.1,
+        "sweep.seeds": (0, 1, 2),
+        "sweep.variants": VARIANTS,
+    },
+}
+# Not config fields: the sizes pattern_of gives the sparse patterns in each preset.
+BLOCKS = {
+    "smoke": dict(block=4, random_blocks=1, anchor_blocks=1),
+    "cpu": dict(block=8, random_blocks=2, anchor_blocks=1),
+    "full": dict(block=64, random_blocks=3, anchor_blocks=2),
 }
 
 
 def get_config(arg="cpu"):
-    """arg: "<preset>" or "<preset>,<pattern>"; preset in PRESETS (default cpu)."""
-    preset_name, _, variant = arg.partition(",")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
-    if variant and variant not in PATTERNS:
-        raise ValueError(f"unknown listops variant {variant!r}; allowed: {list(PATTERNS)}.")
-    preset = PRESETS[preset_name]
-    pattern = variant or "full"
-    name, options = pattern_options(pattern, preset)
+    """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
+    preset, variant = experiment.split(arg, PRESETS)
+    variant = variant or "full"
+    experiment.check("listops variant", variant, VARIANTS)
 
     config = base_config()
     config.task = "classification"
-    # The fields the length buckets below replace must be there to be replaced: spelled out with
-    # the named config's own values (which names the prepared copy after them, same data).
-    named = Listops.builder_configs[preset["data_config"]]
-    overrides = {
-        field: getattr(named, field) for field in ("min_length", "max_length", "num_train", "seed")
-    }
     config.data = ml_collections.ConfigDict(
-        dict(
-            name="listops",
-            config=preset["data_config"],
-            add_cls=True,
-            builder_overrides={**overrides, **preset["data_overrides"]},
-        )
+        dict(name="listops", config=None, add_cls=True, builder_overrides=None)
     )
-    # "all": the validation split of the training data; "len<a>_<b>": validation expressions of
-    # a to b tokens only (a data set of its own: seed 1, and no training split to speak of).
-    config.eval_data = {"all": {}}
-    for low, high in preset["length_buckets"]:
-        config.eval_data[f"len{low}_{high}"] = {
-            "builder_overrides": dict(min_length=low, max_length=high, num_train=1, seed=1)
-        }
+    pattern, pattern_options = pattern_of(variant, **BLOCKS[preset])
     config.model = ml_collections.ConfigDict(
         dict(
             name="encoder_classifier",
-            d_model=preset["d_model"],
-            num_heads=preset["num_heads"],
-            d_ff=preset["d_ff"],
-            num_layers=preset["num_layers"],
-            pooling="attention" if pattern == "causal" else "cls",
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
+            pooling="attention" if variant == "causal" else "cls",
             positional="sinusoidal",
             norm_position="pre",
-            dropout_rate=preset["dropout"],
+            dropout_rate=None,
             # No attention dropout (LRA's is 0.1): it needs the dense implementation.
-            pattern=name,
-            pattern_options=options,
+            pattern=pattern,
+            pattern_options=pattern_options,
             implementation="auto",
             dtype="float32",
         )
     )
-    config.global_batch_size = preset["batch"]
-    config.num_train_steps = preset["steps"]
-    config.eval_every_steps = preset["steps"]
-    config.checkpoint_every_steps = preset["steps"]
-    config.log_every_steps = max(preset["steps"] // 10, 1)
+    experiment.set_fields(config, PRESETS[preset])  # None above: set by every preset
+
+    # The fields the length buckets replace must be there to be replaced: spelled out with the
+    # named data config's own values (which names the prepared copy after them, same data).
+    named = Listops.builder_configs[config.data.config]
+    config.data.builder_overrides = {
+        **{
+            field: getattr(named, field)
+            for field in ("min_length", "max_length", "num_train", "seed")
+        },
+        **config.data.builder_overrides,
+    }
+    steps = config.num_train_steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.log_every_steps = max(steps // 10, 1)
     config.eval_steps = 0  # the whole validation split of each evaluation set
-    config.optimizer.schedule = preset["schedule"]
-    config.optimizer.learning_rate = preset["learning_rate"]
-    config.optimizer.warmup_steps = preset["warmup"]
-    config.optimizer.weight_decay = preset["weight_decay"]
-    config.sweep.seeds = preset["seeds"]
-    config.sweep.variants = tuple(preset["patterns"])
-    points = tuple(
-        ((low + high) // 2, f"eval_len{low}_{high}/accuracy")
-        for low, high in preset["length_buckets"]
+    buckets = sorted(
+        (data.builder_overrides.min_length, data.builder_overrides.max_length)
+        for name, data in config.eval_data.items()
+        if name != "all"
     )
+    points = tuple(((low + high) // 2, f"eval_len{low}_{high}/accuracy") for low, high in buckets)
     config.sweep.metrics = (
         ("eval_all/accuracy", "eval_all/loss")
         + tuple(key for _, key in points)

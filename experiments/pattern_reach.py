@@ -11,8 +11,10 @@ positions away; a second layer relays; anchors (global tokens) relay everything.
     python launch.py --config=experiments/pattern_reach.py:cpu,sliding_window-2layers \
         --workdir=/tmp/reach_one
 
-Presets: "smoke" (tests, seconds), "cpu" (the README's run, minutes on 2 cores), "full"
-(GPU/TPU: 129-token sequences, more steps). Variants: "<pattern>-<layers>layers".
+Presets (PRESETS: config fields): "smoke" (tests), "cpu" (the README's run, on 2 cores: 9-token
+sequences, 800 steps), "full" (GPU/TPU: 129-token sequences, 20,000 steps; windows and blocks 8
+times longer). Variants: "<pattern>-<layers>layers", a pattern of PATTERNS in a model of that
+many layers, e.g. "sliding_window-2layers"; the sweep runs the preset's depths for each pattern.
 
 The classifier reads out with learned attention pooling over all positions (no [CLS]): the
 answer can be formed at the query or at the value (when the value sees the query), so what is
@@ -21,10 +23,11 @@ measured is how far apart a query and its pair may be for the pattern to connect
 
 import ml_collections
 
+from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
-# name -> (pattern, options) for transformer.patterns.build, at the cpu preset's scale (9-token
-# sequences); presets multiply the lengths by their `scale`.
+# name -> (pattern, pattern_options) for transformer.patterns.build, at the cpu preset's scale
+# (9-token sequences); SCALE multiplies the lengths in them.
 PATTERNS = {
     "full": ("full", {}),
     "causal": ("causal", {}),
@@ -36,90 +39,95 @@ PATTERNS = {
         {"block_size": 2, "window_blocks": 3, "num_anchor_blocks": 1, "num_random_blocks": 1},
     ),
 }
-
-PRESETS = {
-    # Sequences of 2 * num_pairs + 1 tokens; training on `train_distances` (default: every even
-    # distance 2..2 * num_pairs), evaluation at `eval_distances`.
-    "smoke": dict(
-        num_pairs=4,
-        num_keys=8,
-        num_values=4,
-        train_distances=(2, 8),
-        eval_distances=(2, 8),
-        depths=(2,),
-        patterns=("full", "sliding_window"),
-        seeds=(0,),
-        steps=10,
-        batch=16,
-        d_model=16,
-        num_heads=2,
-        num_train=64,
-        learning_rate=3e-3,
-        scale=1,
-    ),
-    "cpu": dict(
-        num_pairs=4,
-        num_keys=8,
-        num_values=4,
-        eval_distances=(2, 4, 6, 8),
-        depths=(1, 2),
-        patterns=tuple(PATTERNS),
-        seeds=(0, 1),
-        steps=800,
-        batch=128,
-        d_model=64,
-        num_heads=4,
-        num_train=4096,
-        learning_rate=3e-3,
-        scale=1,
-    ),
-    # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(
-        num_pairs=64,
-        num_keys=128,
-        num_values=16,
-        eval_distances=(2, 8, 16, 32, 64, 96, 128),
-        depths=(1, 2, 4),
-        patterns=tuple(PATTERNS),
-        seeds=(0, 1, 2),
-        steps=20_000,
-        batch=256,
-        d_model=128,
-        num_heads=4,
-        num_train=20_000,
-        learning_rate=1e-3,
-        scale=8,
-    ),
-}
+SCALED = ("left", "block_size", "num_anchors")  # the pattern_options that are lengths
 
 
 def variant_name(pattern, layers):
     return f"{pattern}-{layers}layers"
 
 
+def variants(patterns, depths):
+    return tuple(variant_name(p, depth) for depth in depths for p in patterns)
+
+
+def at_distances(*distances):
+    """{"d<distance>": the data with the queried key at that distance} for each distance."""
+    return {f"d{d}": {"builder_overrides": {"distance": d}} for d in distances}
+
+
+# Sequences of 2 * num_pairs + 1 tokens; `train_mixture`: every even distance 2..2 * num_pairs
+# except in the smoke preset; `model.num_layers`: the deepest variant's, for the default variant.
+PRESETS = {
+    "smoke": {
+        "data.builder_overrides.num_pairs": 4,
+        "data.builder_overrides.num_keys": 8,
+        "data.builder_overrides.num_values": 4,
+        "data.builder_overrides.num_train": 64,
+        "train_mixture": at_distances(2, 8),
+        "eval_data": at_distances(2, 8),
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.num_layers": 2,
+        "global_batch_size": 16,
+        "num_train_steps": 10,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0,),
+        "sweep.variants": variants(("full", "sliding_window"), depths=(2,)),
+    },
+    "cpu": {
+        "data.builder_overrides.num_pairs": 4,
+        "data.builder_overrides.num_keys": 8,
+        "data.builder_overrides.num_values": 4,
+        "data.builder_overrides.num_train": 4096,
+        "train_mixture": at_distances(*range(2, 2 * 4 + 1, 2)),
+        "eval_data": at_distances(2, 4, 6, 8),
+        "model.d_model": 64,
+        "model.num_heads": 4,
+        "model.num_layers": 2,
+        "global_batch_size": 128,
+        "num_train_steps": 800,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0, 1),
+        "sweep.variants": variants(PATTERNS, depths=(1, 2)),
+    },
+    # Sized for a GPU/TPU; not run on this machine.
+    "full": {
+        "data.builder_overrides.num_pairs": 64,
+        "data.builder_overrides.num_keys": 128,
+        "data.builder_overrides.num_values": 16,
+        "data.builder_overrides.num_train": 20_000,
+        "train_mixture": at_distances(*range(2, 2 * 64 + 1, 2)),
+        "eval_data": at_distances(2, 8, 16, 32, 64, 96, 128),
+        "model.d_model": 128,
+        "model.num_heads": 4,
+        "model.num_layers": 4,
+        "global_batch_size": 256,
+        "num_train_steps": 20_000,
+        "optimizer.learning_rate": 1e-3,
+        "sweep.seeds": (0, 1, 2),
+        "sweep.variants": variants(PATTERNS, depths=(1, 2, 4)),
+    },
+}
+# Not a config field: how much longer than PATTERNS' the preset's windows and blocks are.
+SCALE = {"smoke": 1, "cpu": 1, "full": 8}
+
+
 def parse_variant(name):
+    """(pattern, layers) of "<pattern>-<layers>layers"."""
     pattern, _, layers = name.rpartition("-")
     if pattern not in PATTERNS or not layers.endswith("layers") or not layers[:-6].isdigit():
-        raise ValueError(
-            f"unknown pattern_reach variant {name!r}; expected "
+        raise experiment.unknown(
+            "pattern_reach variant",
+            name,
             f"'<pattern>-<layers>layers' with pattern in {sorted(PATTERNS)}, e.g. "
-            f"'sliding_window-2layers'."
+            f"'sliding_window-2layers'",
         )
     return pattern, int(layers[: -len("layers")])
 
 
 def get_config(arg="cpu"):
     """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
-    preset_name, _, variant = arg.partition(",")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
-    preset = PRESETS[preset_name]
-    pattern, layers = parse_variant(variant) if variant else ("full", max(preset["depths"]))
-    name, options = PATTERNS[pattern]
-    options = {
-        k: v * preset["scale"] if k in ("left", "block_size", "num_anchors") else v
-        for k, v in options.items()
-    }
+    preset, variant = experiment.split(arg, PRESETS)
 
     config = base_config()
     config.task = "classification"
@@ -129,50 +137,50 @@ def get_config(arg="cpu"):
             config="pairs64",
             add_cls=False,
             builder_overrides=dict(
-                num_pairs=preset["num_pairs"],
-                num_keys=preset["num_keys"],
-                num_values=preset["num_values"],
+                num_pairs=None,
+                num_keys=None,
+                num_values=None,
                 distance=2,
-                num_train=preset["num_train"],
+                num_train=None,
                 num_validation=256,
                 num_test=256,
             ),
         )
     )
-    at = lambda d: {"builder_overrides": {"distance": d}}
-    train_distances = preset.get("train_distances") or range(2, 2 * preset["num_pairs"] + 1, 2)
-    config.train_mixture = {f"d{d}": at(d) for d in train_distances}
-    config.eval_data = {f"d{d}": at(d) for d in preset["eval_distances"]}
     config.model = ml_collections.ConfigDict(
         dict(
             name="encoder_classifier",
-            d_model=preset["d_model"],
-            num_heads=preset["num_heads"],
-            d_ff=2 * preset["d_model"],
-            num_layers=layers,
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
             pooling="attention",
             positional="rotary",
             norm_position="pre",
             dropout_rate=0.0,
-            pattern=name,
-            pattern_options=options,
+            pattern="full",
+            pattern_options={},
             dtype="float32",
         )
     )  # "bfloat16": compute in bfloat16, parameters stay float32
-    config.global_batch_size = preset["batch"]
-    config.num_train_steps = preset["steps"]
-    config.eval_every_steps = preset["steps"]
-    config.checkpoint_every_steps = preset["steps"]
-    config.log_every_steps = max(preset["steps"] // 4, 1)
+    experiment.set_fields(config, PRESETS[preset])  # None above: set by every preset
+
+    config.model.d_ff = 2 * config.model.d_model
+    if variant:
+        pattern, config.model.num_layers = parse_variant(variant)
+        config.model.pattern, options = PATTERNS[pattern]
+        config.model.pattern_options = {
+            k: v * SCALE[preset] if k in SCALED else v for k, v in options.items()
+        }
+    steps = config.num_train_steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.log_every_steps = max(steps // 4, 1)
     config.eval_steps = 0  # the whole validation split of each distance
-    config.optimizer.learning_rate = preset["learning_rate"]
-    config.optimizer.warmup_steps = max(preset["steps"] // 10, 1)
+    config.optimizer.warmup_steps = max(steps // 10, 1)
     config.optimizer.weight_decay = 0.0
-    config.sweep.seeds = preset["seeds"]
-    config.sweep.variants = tuple(
-        variant_name(p, depth) for depth in preset["depths"] for p in preset["patterns"]
-    )
-    points = tuple((d, f"eval_d{d}/accuracy") for d in preset["eval_distances"])
+    distances = sorted(data.builder_overrides.distance for data in config.eval_data.values())
+    points = tuple((d, f"eval_d{d}/accuracy") for d in distances)
     config.sweep.metrics = tuple(key for _, key in points)
     config.sweep.plot = ml_collections.ConfigDict(
         dict(

@@ -10,8 +10,8 @@ ListOps would mix that with harder reasoning, and copy/reverse with autoregressi
 
 Training: n pairs (2n + 1 tokens), the queried key at every even distance 2..2n from the query
 (a mixture, each batch from one distance), so the model must find the key by content.
-Evaluation: k * n pairs for k = 1, 2, 3, 4, the queried key at distance `eval_distance` (inside
-the trained range, so only the length and the absolute positions are new). Keys are drawn from
+Evaluation: k * n pairs for k = 1, 2, 3, 4, the queried key at distance n (the middle of the
+trained range, so only the length and the absolute positions are new). Keys are drawn from
 one vocabulary of `num_keys` ids (at least 4n, since keys are distinct within the longest
 sequence), the same in training and evaluation.
 
@@ -28,7 +28,7 @@ learned table does not extrapolate" means in this table. The other encodings hav
     python launch.py --config=experiments/positional.py:cpu --sweep --workdir=/tmp/positional
     python launch.py --config=experiments/positional.py:cpu,alibi --workdir=/tmp/alibi
 
-Presets: "smoke" (tests, seconds), "cpu" (2 cores: n = 4 pairs, evaluated up to 16 pairs),
+Presets: "smoke" (tests), "cpu" (2 cores: n = 4 pairs, evaluated up to 16 pairs),
 "full" (GPU/TPU: n = 32, evaluated up to 128 pairs; not run here). Variants: the encodings.
 Plot: accuracy against evaluation length / training length, one line per encoding.
 
@@ -39,8 +39,7 @@ recall rule in a CPU budget. With 4 pairs, 16 keys, 4 values and batch 128, a ro
 the training length by about step 1,100; a sinusoidal one is still at the floor at step 1,500 (and
 at step 1,125 with 3 layers) and leaves it between steps 1,500 and 2,250. Single runs, seed 0.
 At 3,000 steps (the preset before) only rotary learned the rule in the sweep; at 6,000
-sinusoidal and ALiBi learn it partly in both seeds, which shows how each extrapolates. The sweep
-takes about 13 minutes on 2 cores.
+sinusoidal and ALiBi learn it partly in both seeds, which shows how each extrapolates.
 
 ALiBi without a causal mask is symmetric here (-slope * |i - j|, transformer/attention/dense.py): a
 value's two neighbours are both keys, its own before it and the next pair's after it, and distance
@@ -52,75 +51,70 @@ symmetry).
 import ml_collections
 
 from transformer.modules.positional import POSITIONAL_ENCODINGS
+from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
 LENGTH_FACTORS = (1, 2, 3, 4)
 
+# `data.builder_overrides.num_pairs`: n, the training length; the evaluation sets have k * n.
 PRESETS = {
-    "smoke": dict(
-        num_pairs=2,
-        eval_distance=2,
-        num_keys=16,
-        num_values=4,
-        encodings=("none", "learned"),
-        seeds=(0,),
-        steps=10,
-        batch=16,
-        num_layers=1,
-        d_model=16,
-        num_heads=2,
-        num_train=64,
-        num_eval=32,
-        learning_rate=3e-3,
-    ),
-    "cpu": dict(
-        num_pairs=4,
-        eval_distance=4,
-        num_keys=16,
-        num_values=4,
-        encodings=POSITIONAL_ENCODINGS,
-        seeds=(0, 1),
-        steps=6000,
-        batch=128,
-        num_layers=2,
-        d_model=64,
-        num_heads=4,
-        num_train=4096,
-        num_eval=512,
-        learning_rate=3e-3,
-    ),
+    "smoke": {
+        "data.builder_overrides.num_pairs": 2,
+        "data.builder_overrides.num_keys": 16,
+        "data.builder_overrides.num_values": 4,
+        "data.builder_overrides.num_train": 64,
+        "data.builder_overrides.num_validation": 32,
+        "data.builder_overrides.num_test": 32,
+        "model.num_layers": 1,
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "global_batch_size": 16,
+        "num_train_steps": 10,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0,),
+        "sweep.variants": ("none", "learned"),
+    },
+    "cpu": {
+        "data.builder_overrides.num_pairs": 4,
+        "data.builder_overrides.num_keys": 16,
+        "data.builder_overrides.num_values": 4,
+        "data.builder_overrides.num_train": 4096,
+        "data.builder_overrides.num_validation": 512,
+        "data.builder_overrides.num_test": 512,
+        "model.num_layers": 2,
+        "model.d_model": 64,
+        "model.num_heads": 4,
+        "global_batch_size": 128,
+        "num_train_steps": 6000,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0, 1),
+        "sweep.variants": tuple(POSITIONAL_ENCODINGS),
+    },
     # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(
-        num_pairs=32,
-        eval_distance=32,
-        num_keys=256,
-        num_values=16,
-        encodings=POSITIONAL_ENCODINGS,
-        seeds=(0, 1, 2),
-        steps=20_000,
-        batch=256,
-        num_layers=4,
-        d_model=128,
-        num_heads=4,
-        num_train=20_000,
-        num_eval=1000,
-        learning_rate=1e-3,
-    ),
+    "full": {
+        "data.builder_overrides.num_pairs": 32,
+        "data.builder_overrides.num_keys": 256,
+        "data.builder_overrides.num_values": 16,
+        "data.builder_overrides.num_train": 20_000,
+        "data.builder_overrides.num_validation": 1000,
+        "data.builder_overrides.num_test": 1000,
+        "model.num_layers": 4,
+        "model.d_model": 128,
+        "model.num_heads": 4,
+        "global_batch_size": 256,
+        "num_train_steps": 20_000,
+        "optimizer.learning_rate": 1e-3,
+        "sweep.seeds": (0, 1, 2),
+        "sweep.variants": tuple(POSITIONAL_ENCODINGS),
+    },
 }
 
 
 def get_config(arg="cpu"):
     """arg: "<preset>" or "<preset>,<encoding>"; preset in PRESETS (default cpu)."""
-    preset_name, _, variant = arg.partition(",")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
-    if variant and variant not in POSITIONAL_ENCODINGS:
-        raise ValueError(
-            f"unknown positional variant {variant!r}; allowed: {list(POSITIONAL_ENCODINGS)}."
-        )
-    preset = PRESETS[preset_name]
-    n = preset["num_pairs"]
-    longest_pairs = max(LENGTH_FACTORS) * n
+    preset, variant = experiment.split(arg, PRESETS)
+    variant = variant or "sinusoidal"
+    experiment.check("positional variant", variant, POSITIONAL_ENCODINGS)
 
     config = base_config()
     config.task = "classification"
@@ -130,53 +124,54 @@ def get_config(arg="cpu"):
             config="pairs64",
             add_cls=False,
             builder_overrides=dict(
-                num_pairs=n,
-                num_keys=preset["num_keys"],
-                num_values=preset["num_values"],
+                num_pairs=None,
+                num_keys=None,
+                num_values=None,
                 distance=2,
-                num_train=preset["num_train"],
-                num_validation=preset["num_eval"],
-                num_test=preset["num_eval"],
+                num_train=None,
+                num_validation=None,
+                num_test=None,
             ),
         )
     )
-    config.train_mixture = {
-        f"d{d}": {"builder_overrides": {"distance": d}} for d in range(2, 2 * n + 1, 2)
-    }
-    config.eval_data = {
-        f"x{k}": {"builder_overrides": {"num_pairs": k * n, "distance": preset["eval_distance"]}}
-        for k in LENGTH_FACTORS
-    }
     config.model = ml_collections.ConfigDict(
         dict(
             name="encoder_classifier",
-            d_model=preset["d_model"],
-            num_heads=preset["num_heads"],
-            d_ff=2 * preset["d_model"],
-            num_layers=preset["num_layers"],
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
             pooling="attention",
-            positional=variant or "sinusoidal",
+            positional=variant,
             norm_position="pre",
             dropout_rate=0.0,
-            # The longest evaluation batch: 2 * 4n + 1 tokens, padded to 2 * 4n + 2 (the data
-            # leaves room for a [CLS]).
-            max_len=2 * longest_pairs + 2,
+            max_len=None,
             pattern="full",
             implementation="auto",
             dtype="float32",
         )
     )
-    config.global_batch_size = preset["batch"]
-    config.num_train_steps = preset["steps"]
-    config.eval_every_steps = preset["steps"]
-    config.checkpoint_every_steps = preset["steps"]
-    config.log_every_steps = max(preset["steps"] // 4, 1)
+    experiment.set_fields(config, PRESETS[preset])  # None above: set by every preset
+
+    n = config.data.builder_overrides.num_pairs
+    config.train_mixture = {
+        f"d{d}": {"builder_overrides": {"distance": d}} for d in range(2, 2 * n + 1, 2)
+    }
+    # Evaluated with the queried key at distance n, the middle of the trained distances.
+    config.eval_data = {
+        f"x{k}": {"builder_overrides": {"num_pairs": k * n, "distance": n}} for k in LENGTH_FACTORS
+    }
+    config.model.d_ff = 2 * config.model.d_model
+    # The longest evaluation batch: 2 * 4n + 1 tokens, padded to 2 * 4n + 2 (the data leaves
+    # room for a [CLS]).
+    config.model.max_len = 2 * max(LENGTH_FACTORS) * n + 2
+    steps = config.num_train_steps
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.log_every_steps = max(steps // 4, 1)
     config.eval_steps = 0  # the whole validation split of each length
-    config.optimizer.learning_rate = preset["learning_rate"]
-    config.optimizer.warmup_steps = max(preset["steps"] // 10, 1)
+    config.optimizer.warmup_steps = max(steps // 10, 1)
     config.optimizer.weight_decay = 0.0
-    config.sweep.seeds = preset["seeds"]
-    config.sweep.variants = tuple(preset["encodings"])
     points = tuple((k, f"eval_x{k}/accuracy") for k in LENGTH_FACTORS)
     config.sweep.metrics = tuple(key for _, key in points)
     config.sweep.plot = ml_collections.ConfigDict(

@@ -15,10 +15,10 @@ On a CPU, JAX_NUM_CPU_DEVICES=2 makes each core an XLA device and the loop data-
 them (batch 8 = 2 x 4): that ran 1.08x (full, 1,024 tokens) to 1.15x (BigBird, 4,096) faster
 here than one device for both cores. The report names the device count.
 
-Presets: "smoke" (tests, seconds), "cpu" (1,024 to 16,384 tokens on 2 cores, 11.5 minutes
-with 2 devices: every pattern at 1,024 and 4,096, full attention to 8,192, BigBird and the
-window to 16,384), "full" (GPU/TPU, 1,024 to 65,536 tokens). Variants: "<pattern>-<length>",
-e.g. "bigbird-4096". The attention
+Presets: "smoke" (tests), "cpu" (1,024 to 16,384 tokens on 2 cores: every pattern at 1,024 and
+4,096, full attention to 8,192, BigBird and the window to 16,384), "full" (GPU/TPU, 1,024 to
+65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096", the preset's
+`sweep.variants`. The attention
 implementation is "auto" (transformer/attention/dot_product.py picks one per pattern and
 length); `--config.model.implementation=<name>` measures another.
 
@@ -38,15 +38,16 @@ import os
 
 import ml_collections
 
+from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
 PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
 
 
-def pattern_options(pattern, block):
-    """(pattern name, options) for transformer.patterns.build. The sparse patterns are BigBird's
-    parts (Zaheer et al., 2020: 3 window, 2 global and 3 random blocks) measured alone and in
-    their union, so the same keys per query at every length."""
+def pattern_of(pattern, block):
+    """(pattern, pattern_options) for transformer.patterns.build. The sparse patterns are
+    BigBird's parts (Zaheer et al., 2020: 3 window, 2 global and 3 random blocks) measured alone
+    and in their union, so the same keys per query at every length."""
     return {
         "full": ("full", {}),
         "causal": ("causal", {}),
@@ -65,78 +66,72 @@ def pattern_options(pattern, block):
     }[pattern]
 
 
-# The target model (issue 7): 4 layers, d_model 256, 4 heads, FFN 1024, batch 8, post-LN.
-TARGET_MODEL = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, batch=8)
-
-PRESETS = {
-    "smoke": dict(
-        lengths=(64, 128),
-        patterns=("full", "bigbird"),
-        num_layers=2,
-        d_model=16,
-        num_heads=2,
-        d_ff=32,
-        batch=8,
-        block=16,
-        timed_tokens=2048,
-        min_timed_steps=2,
-        seeds=(0,),
-    ),
-    # Each length trains 1 + max(2, 65,536 / (8 x length)) steps: 8 timed steps at 1,024, 2 from
-    # 4,096 up. Every pattern runs at 1,024 and 4,096 tokens; full attention also at 8,192, and
-    # BigBird and the sliding window (its cheapest part) up to 16,384, which shows that training
-    # there fits in memory. All lengths for every pattern took 26 minutes on 2 cores, before
-    # chunked attention grouped the batch (transformer/attention/chunked.py); this subset 11.5
-    # minutes after it, with 2 devices. A step of full attention at 16,384 tokens took about 140 s;
-    # the full preset below has every length for every pattern.
-    "cpu": dict(
-        lengths=(1024, 4096, 8192, 16384),
-        patterns=PATTERNS,
-        longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
-        **TARGET_MODEL,
-        block=64,
-        timed_tokens=65_536,
-        min_timed_steps=2,
-        seeds=(0,),
-    ),
-    # Sized for a GPU/TPU; not run on this machine.
-    "full": dict(
-        lengths=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
-        patterns=PATTERNS,
-        **TARGET_MODEL,
-        block=64,
-        timed_tokens=1_048_576,
-        min_timed_steps=5,
-        seeds=(0,),
-    ),
-}
-
-
 def variant_name(pattern, length):
     return f"{pattern}-{length}"
 
 
-def lengths_of(pattern, preset):
-    """The preset's lengths for `pattern`: all, or up to the preset's `longest` for it."""
-    longest = preset.get("longest", {}).get(pattern, max(preset["lengths"]))
-    return [n for n in preset["lengths"] if n <= longest]
-
-
-def parse_variant(name, preset):
+def split_variant(name):
+    """(pattern, length) of "<pattern>-<length>"; length None when it is not a number."""
     pattern, _, length = name.rpartition("-")
-    if (
-        pattern not in preset["patterns"]
-        or not length.isdigit()
-        or int(length) not in lengths_of(pattern, preset)
-    ):
-        allowed = {p: lengths_of(p, preset) for p in preset["patterns"]}
-        raise ValueError(
-            f"unknown train_speed variant {name!r}; expected '<pattern>-<length>' "
-            f"with pattern in {list(preset['patterns'])} and its lengths "
-            f"{allowed}, e.g. "
-            f"{variant_name(preset['patterns'][0], preset['lengths'][0])!r}."
-        )
-    return pattern, int(length)
+    return pattern, int(length) if length.isdigit() else None
+
+
+def variants(patterns, lengths, longest=None):
+    """ "<pattern>-<length>" for each pattern and each length up to longest[pattern] (default:
+    all lengths)."""
+    longest = longest or {}
+    return tuple(
+        variant_name(p, n) for p in patterns for n in lengths if n <= longest.get(p, max(lengths))
+    )
+
+
+# The target model: 4 layers, d_model 256, 4 heads, FFN 1024, batch 8, post-LN.
+TARGET_MODEL = {
+    "model.num_layers": 4,
+    "model.d_model": 256,
+    "model.num_heads": 4,
+    "model.d_ff": 1024,
+    "global_batch_size": 8,
+}
+
+PRESETS = {
+    "smoke": {
+        "model.num_layers": 2,
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.d_ff": 32,
+        "global_batch_size": 8,
+        "sweep.seeds": (0,),
+        "sweep.variants": variants(("full", "bigbird"), (64, 128)),
+    },
+    # Every pattern runs at 1,024 and 4,096 tokens; full attention also at 8,192, and BigBird
+    # and the sliding window (its cheapest part) up to 16,384, which shows that training there
+    # fits in memory. The full preset has every length for every pattern.
+    "cpu": {
+        **TARGET_MODEL,
+        "sweep.seeds": (0,),
+        "sweep.variants": variants(
+            PATTERNS,
+            (1024, 4096, 8192, 16384),
+            longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
+        ),
+    },
+    # Sized for a GPU/TPU; not run on this machine.
+    "full": {
+        **TARGET_MODEL,
+        "sweep.seeds": (0,),
+        "sweep.variants": variants(PATTERNS, (1024, 2048, 4096, 8192, 16384, 32768, 65536)),
+    },
+}
+# Not config fields: the sparse patterns' block (tokens), and how many steps a run times: enough
+# for timed_tokens tokens, at least min_timed_steps. In the cpu preset: 1 + max(2, 65,536 /
+# (8 x length)) steps, 8 timed steps at 1,024 tokens and 2 from 4,096 up.
+BLOCK = {"smoke": 16, "cpu": 64, "full": 64}
+TIMING = {
+    "smoke": dict(timed_tokens=2048, min_timed_steps=2),
+    "cpu": dict(timed_tokens=65_536, min_timed_steps=2),
+    "full": dict(timed_tokens=1_048_576, min_timed_steps=5),
+}
 
 
 def recall_data(length, longest):
@@ -149,23 +144,54 @@ def recall_data(length, longest):
 
 def get_config(arg="cpu"):
     """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
-    preset_name, _, variant = arg.partition(",")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; allowed: {sorted(PRESETS)}.")
-    preset = PRESETS[preset_name]
-    pattern, length = (
-        parse_variant(variant, preset) if variant else (preset["patterns"][0], preset["lengths"][0])
-    )
-    name, options = pattern_options(pattern, preset["block"])
-    batch = preset["batch"]
-    timed_steps = max(
-        preset["min_timed_steps"], math.ceil(preset["timed_tokens"] / (batch * length))
-    )
-    steps = 1 + timed_steps  # the first step compiles and is not timed
+    preset, variant = experiment.split(arg, PRESETS)
 
     config = base_config()
     config.task = "classification"
-    longest, shortest = max(preset["lengths"]), min(preset["lengths"])
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="encoder_classifier",
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
+            # Mean pooling adds no token (a [CLS] vector would make the length 1 + a power of two)
+            # and treats every pattern alike (a causal [CLS] would see only itself).
+            # No dropout: its random masks would be timed too, and the target model has none.
+            pooling="mean",
+            positional="sinusoidal",
+            norm_position="post",
+            dropout_rate=0.0,
+            pattern=None,
+            pattern_options=None,
+            implementation="auto",
+            dtype="float32",
+        )
+    )
+    experiment.set_fields(config, PRESETS[preset])  # None above: set by every preset
+
+    variant = variant or config.sweep.variants[0]
+    if variant not in config.sweep.variants:
+        allowed = {}
+        for p, n in map(split_variant, config.sweep.variants):
+            allowed.setdefault(p, []).append(n)
+        raise experiment.unknown(
+            "train_speed variant",
+            variant,
+            f"'<pattern>-<length>' with these patterns and their lengths: {allowed}, e.g. "
+            f"{config.sweep.variants[0]!r}",
+        )
+    pattern, length = split_variant(variant)
+    config.model.pattern, config.model.pattern_options = pattern_of(pattern, BLOCK[preset])
+    batch = config.global_batch_size
+    timing = TIMING[preset]
+    timed_steps = max(
+        timing["min_timed_steps"], math.ceil(timing["timed_tokens"] / (batch * length))
+    )
+    steps = 1 + timed_steps  # the first step compiles and is not timed
+
+    lengths = [n for _, n in map(split_variant, config.sweep.variants)]
+    longest, shortest = max(lengths), min(lengths)
     config.data = ml_collections.ConfigDict(
         dict(
             name="associative_recall",
@@ -186,27 +212,6 @@ def get_config(arg="cpu"):
         }
     }
     config.eval_steps = 1
-    config.model = ml_collections.ConfigDict(
-        dict(
-            name="encoder_classifier",
-            d_model=preset["d_model"],
-            num_heads=preset["num_heads"],
-            d_ff=preset["d_ff"],
-            num_layers=preset["num_layers"],
-            # Mean pooling adds no token (a [CLS] vector would make the length 1 + a power of two)
-            # and treats every pattern alike (a causal [CLS] would see only itself).
-            # No dropout: its random masks would be timed too, and the issue's model names none.
-            pooling="mean",
-            positional="sinusoidal",
-            norm_position="post",
-            dropout_rate=0.0,
-            pattern=name,
-            pattern_options=options,
-            implementation="auto",
-            dtype="float32",
-        )
-    )
-    config.global_batch_size = batch
     config.num_train_steps = steps
     config.log_every_steps = 1  # every timed step is its own interval: a spread over steps
     config.eval_every_steps = steps
@@ -214,10 +219,6 @@ def get_config(arg="cpu"):
     config.keep_checkpoints = 1
     config.optimizer.schedule = "constant"
     config.optimizer.warmup_steps = 0
-    config.sweep.seeds = preset["seeds"]
-    config.sweep.variants = tuple(
-        variant_name(p, n) for p in preset["patterns"] for n in lengths_of(p, preset)
-    )
     config.sweep.metrics = ("train/tokens_per_second",)
     return config
 

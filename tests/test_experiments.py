@@ -6,6 +6,7 @@ model itself (build_model, which also builds the attention pattern).
 """
 
 import csv
+import json
 import math
 import os
 
@@ -13,7 +14,7 @@ import pytest
 from experiment_files import EXPERIMENTS, load_experiment
 
 from transformer.data import data_info
-from transformer.training import config_schema, loop, sweep
+from transformer.training import config_schema, experiment, loop, sweep
 
 
 def every_preset_and_variant():
@@ -54,6 +55,41 @@ def test_an_unknown_preset_or_variant_names_the_allowed_ones(file_name):
     # The message lists what is allowed (pattern_reach: the patterns its variant names start with).
     first_variant = get_config("smoke").sweep.variants[0]
     assert first_variant.split("-")[0] in str(error.value)
+
+
+@pytest.mark.parametrize("file_name", EXPERIMENTS)
+def test_presets_are_smoke_cpu_and_full_and_set_the_configs_own_fields(file_name):
+    module = load_experiment(file_name)
+    assert set(module.PRESETS) == {"smoke", "cpu", "full"}
+    fields = set(module.PRESETS["cpu"])
+    for preset, values in module.PRESETS.items():
+        assert set(values) == fields, preset  # every preset sets the same fields
+        config = json.loads(module.get_config(preset).to_json_best_effort())
+        for dotted, value in json.loads(json.dumps(values)).items():
+            # The preset's word is the command-line override's: --config.<dotted>=<value>.
+            got = sweep.field(config, dotted)
+            if isinstance(value, dict):  # a dict the experiment may add fields to
+                got = {k: got[k] for k in value}
+            assert got == value, (preset, dotted)
+
+
+def test_a_preset_field_the_config_lacks_is_an_error_naming_it():
+    config = config_schema.base_config()
+    experiment.set_fields(config, {"num_train_steps": 7, "optimizer.learning_rate": 0.5})
+    assert (config.num_train_steps, config.optimizer.learning_rate) == (7, 0.5)
+    for misspelt in ("num_train_step", "optimiser.learning_rate", "seed.x"):
+        with pytest.raises(ValueError, match=f"'{misspelt}'"):
+            experiment.set_fields(config, {misspelt: 1})
+
+
+def test_split_and_check_name_the_bad_value_and_the_allowed_ones():
+    presets = {"smoke": {}, "cpu": {}}
+    assert experiment.split("cpu", presets) == ("cpu", "")
+    assert experiment.split("smoke,a-2", presets) == ("smoke", "a-2")
+    with pytest.raises(ValueError, match=r"unknown preset 'gpu'; allowed: \['smoke', 'cpu'\]"):
+        experiment.split("gpu,a", presets)
+    with pytest.raises(ValueError, match=r"unknown x variant 'c'; allowed: \['a', 'b'\]"):
+        experiment.check("x variant", "c", ("a", "b"))
 
 
 @pytest.fixture(scope="module")

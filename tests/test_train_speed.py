@@ -1,4 +1,4 @@
-"""experiments/train_speed.py: the cpu preset is the issue's target model, the smoke preset
+"""experiments/train_speed.py: the cpu preset is the target model, the smoke preset
 sweeps end to end, and the report tabulates speed and memory from the sweep's runs."""
 
 import csv
@@ -69,16 +69,12 @@ def test_the_optimizer_is_adamw():
 
 
 def test_bigbird_is_the_union_of_the_other_sparse_patterns_in_every_layer():
-    block = speed.PRESETS["cpu"]["block"]
+    block = speed.BLOCK["cpu"]
     for layer in range(4):  # random blocks are drawn per layer, from the same seed in each part
-        built = {
-            p: patterns.build(
-                *speed.pattern_options(p, block)[:1],
-                layer=layer,
-                **speed.pattern_options(p, block)[1],
-            )
-            for p in ("sliding_window", "anchor", "random", "bigbird")
-        }
+        built = {}
+        for p in ("sliding_window", "anchor", "random", "bigbird"):
+            pattern, pattern_options = speed.pattern_of(p, block)
+            built[p] = patterns.build(pattern, layer=layer, **pattern_options)
         union = built["sliding_window"] | built["anchor"] | built["random"]
         np.testing.assert_array_equal(built["bigbird"].mask(1024, 1024), union.mask(1024, 1024))
 
