@@ -174,13 +174,8 @@ def get_config(arg="cpu"):
     # The fields the length buckets replace must be there to be replaced: spelled out with the
     # named data config's own values (which names the prepared copy after them, same data).
     named = Listops.builder_configs[config.data.config]
-    config.data.builder_overrides = {
-        **{
-            field: getattr(named, field)
-            for field in ("min_length", "max_length", "num_train", "seed")
-        },
-        **config.data.builder_overrides,
-    }
+    defaults = {f: getattr(named, f) for f in ("min_length", "max_length", "num_train", "seed")}
+    config.data.builder_overrides = {**defaults, **config.data.builder_overrides}
     steps = config.num_train_steps
     config.eval_every_steps = steps
     config.checkpoint_every_steps = steps
