@@ -9,12 +9,19 @@
 "full") optionally followed by ",<variant>". `--config.<field>=<value>` overrides any field.
 Running the same command again resumes from the newest checkpoint in the workdir.
 
+A mistake in the config or the command line (a misspelled field, a bad value, a missing file, an
+unknown preset or variant, a workdir that cannot be written) is reported in a few lines, with no
+traceback and exit status 2, before anything is written to the workdir. `-v 1` shows the
+libraries' own log lines, which are otherwise left out.
+
 Multi-host: pass --distributed on a Cloud TPU slice (every host runs the same command) and JAX
 finds the other processes itself; a SLURM job of several tasks is recognised without it;
 elsewhere pass --coordinator_address=host:port, --num_processes and --process_id to every
 process (add --cpu_collectives for several CPU processes).
 """
 
+import ast
+import glob
 import importlib.util
 import logging as python_logging
 import os
@@ -45,15 +52,99 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
+# Library log lines that say nothing to a user of this launcher: TFDS's note for every builder
+# config an experiment derives, the folder it then looks in, and JAX's probe for a TPU on a
+# machine without one.
+_NOISE = (
+    "Using custom data configuration",
+    "Variant folder",
+    "Unable to initialize backend",
+)
+
 
 class _QuietLibraries(python_logging.Filter):
-    """Drops the INFO chatter of Orbax and grain (one line per file written), keeps warnings."""
+    """Drops the libraries' chatter unless `-v 1` or more: their INFO lines (Orbax and grain log
+    one per file written) and the notes in _NOISE; keeps their warnings."""
 
     def filter(self, record):
+        if FLAGS.verbosity >= 1:
+            return True
+        if record.getMessage().startswith(_NOISE):
+            return False
         noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
         return record.levelno >= python_logging.WARNING or not any(
             part in record.pathname for part in noisy
         )
+
+
+def _fail(message):
+    """Ends the program with a short message: a mistake in the command, not a crash."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _message(error):
+    """An exception's own text, without the quoting that KeyError and AttributeError add."""
+    text = str(error.args[0]) if len(error.args) == 1 else str(error)
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+    return text.strip()
+
+
+def _describe(error, argv):
+    """What went wrong while parsing `argv`, naming the flag: a missing field's name, the field
+    it is in and ml_collections' "Did you mean" suggestion; or a bad value's flag and reason."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    root = chain[-1]
+    if isinstance(root, (KeyError, AttributeError)):
+        # The innermost error holds only the key; an outer one adds "Did you mean ...".
+        texts = [_message(e) for e in chain]
+        text = next((t for t in texts if "Did you mean" in t), texts[-1])
+        missing, _, hint = text.partition("\n")
+        missing = missing.strip("'\"")
+        for arg in argv:
+            name = arg.partition("=")[0]
+            path = name[len("--config.") :].split(".")
+            if name.startswith("--config.") and missing in path:
+                parent = ".".join(["config"] + path[: path.index(missing)])
+                return f"{name}: {parent} has no field {missing!r}. {hint}".strip()
+    if isinstance(error, flags.Error) and "Traceback" not in str(error):
+        return _message(error)  # absl's own text names the flag and its value
+    if isinstance(root, ValueError):
+        return _message(root)  # our configs' errors name the field and what is allowed
+    return f"{type(root).__name__}: {_message(root)}"
+
+
+def _config_path(argv):
+    for arg in argv:
+        if arg.startswith("--config="):
+            return arg[len("--config=") :].partition(":")[0]
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with config mistakes reported as a few lines instead of a traceback.
+
+    ml_collections loads the config file and applies `--config.<field>` overrides while parsing,
+    so a missing file, an unknown preset or a misspelled field surfaces here."""
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        experiments = sorted(glob.glob(os.path.join("experiments", "*.py")))
+        _fail(
+            f"--config: the file {path!r} does not exist (relative to {os.getcwd()}). "
+            f"Experiments: {', '.join(experiments) or 'none found here'}."
+        )
+    try:
+        return FLAGS(argv)
+    except Exception as error:  # whatever parsing raises is a mistake in argv
+        if isinstance(error, flags.UnrecognizedFlagError):
+            _fail(f"{_message(error)}\nPass --helpshort to see the flags.")
+        _fail(_describe(error, argv))
 
 
 def _experiment():
@@ -67,12 +158,16 @@ def _experiment():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments: {argv[1:]}; flags start with --.")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after flags: JAX reads its own
 
     from transformer.training import host_allocator, loop, parallel, sweep
 
+    if not sys.stderr.isatty():
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # one bar per split generated: noise in a log file
     if FLAGS.cpu_collectives:
         parallel.enable_cpu_collectives()
     parallel.initialize_distributed(
@@ -84,12 +179,20 @@ def main(argv):
         get_config, arg = _experiment()
         preset = arg.split(",")[0]
         overrides = config_flags.get_override_values(FLAGS["config"])
-        records = sweep.run_sweep(get_config, preset, FLAGS.workdir, overrides)
+        try:
+            runs = sweep.plan_runs(get_config, preset, FLAGS.workdir, overrides)
+        except ValueError as error:
+            _fail(str(error))
+        records = sweep.run_planned(runs, FLAGS.workdir)
         if records is None:
             sys.exit(143)  # stopped by SIGTERM: the same command resumes
         with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
             print(f.read())
         return
+    try:
+        loop.prepare(FLAGS.config, FLAGS.workdir)
+    except ValueError as error:
+        _fail(str(error))
     result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if result.summary["status"] != "completed":
         logging.warning(
@@ -103,5 +206,5 @@ def main(argv):
 if __name__ == "__main__":
     from transformer.training.host_allocator import restart_with_tcmalloc
 
-    restart_with_tcmalloc()  # XLA:CPU's buffers kept between steps: 1.1-1.25x faster on CPU
-    app.run(main)
+    restart_with_tcmalloc()  # XLA:CPU keeps its buffers between steps under tcmalloc
+    app.run(main, flags_parser=_parse_flags)

@@ -239,7 +239,8 @@ def train_step_memory_gb(config):
     config = config.copy_and_resolve_references()
     config.parallel = "shard_map"  # a jitted step to lower; pmap's step computes the same
     mesh = parallel.make_mesh()
-    programs = loop.programs(config, loop.with_data_fields(config), mesh)
+    setup = loop.prepare(config)
+    programs = loop.programs(config, setup.model, setup.task, mesh)
     rows, length = config.global_batch_size, data_info(config.data).max_length
     batch = {"inputs": np.ones((rows, length), np.int32), "targets": np.zeros(rows, np.int32)}
     state = parallel.replicate(programs.init(config.seed, batch), mesh, config.parallel)

@@ -78,12 +78,19 @@ def test_a_wrong_translation_eval_field_is_named(fields, message):
         translation.resolve(fields)
 
 
-def test_translation_eval_needs_a_seq2seq_task():
-    config = ml_collections.ConfigDict(
-        dict(task="classification", translation_eval={"strategy": "greedy"})
-    )
-    with pytest.raises(ValueError, match="needs config.task='seq2seq'"):
-        translation.check(config)
+def test_translation_eval_needs_a_data_set_with_a_sentencepiece_model():
+    data = ml_collections.ConfigDict(dict(name="copy_reverse"))
+    with pytest.raises(
+        ValueError, match=r"data set 'copy_reverse' has none. Allowed: \['bible_en_es'\]"
+    ):
+        translation.check({"strategy": "greedy"}, data)
+    settings = translation.check({"bucket_edges": (5, 10)}, dict(name="bible_en_es"))
+    assert translation.metric_names(settings) == [
+        "bleu",
+        "bleu_len_0_5",
+        "bleu_len_5_10",
+        "bleu_len_10_up",
+    ]
 
 
 def test_transformer_alignment_is_its_last_cross_attention_over_real_source_tokens():

@@ -88,7 +88,8 @@ def test_an_unknown_length_names_the_allowed_ones():
 
 def test_train_step_memory_holds_parameters_and_adam_moments_and_grows_with_length():
     config = speed.get_config("smoke,full-64")
-    programs = loop.programs(config, loop.with_data_fields(config), parallel.make_mesh())
+    setup = loop.prepare(config)
+    programs = loop.programs(config, setup.model, setup.task, parallel.make_mesh())
     state = programs.init(
         0, {"inputs": np.ones((8, 64), np.int32), "targets": np.zeros(8, np.int32)}
     )

@@ -1,7 +1,8 @@
 """BLEU of a translation model: decode an evaluation set, detokenize, score with sacrebleu.
 
-The training loop calls `evaluate_translation` after each evaluation of a seq2seq task when
-`config.translation_eval` is set, and logs what it returns beside the loss: "bleu" over the whole
+The seq2seq task's evaluator (`transformer.training.tasks`) calls `evaluate_translation` after
+each evaluation when `config.translation_eval` is set, and the loop logs what it returns beside
+the loss: "bleu" over the whole
 set and "bleu_len_<low>_<high>" for the sentences whose source has low <= words < high (the last
 bucket is "bleu_len_<low>_up"), as in Figure 2 of Bahdanau et al. (2015), which plots BLEU
 against sentence length. A bucket without sentences is left out, not scored 0.
@@ -51,15 +52,24 @@ SENTENCEPIECE_DATASETS = ("bible_en_es",)
 ALIGNMENT_MAX_SOURCE_TOKENS = 30  # longer sentences make unreadable heatmaps
 
 
-def check(config):
-    """Fails at start-up on a wrong `config.translation_eval` or a task that is not seq2seq."""
-    if not config.translation_eval:
-        return
-    if config.task != "seq2seq":
+def check(fields, data_config):
+    """`config.translation_eval` resolved, checked at start-up against the data set it decodes;
+    a ValueError names a bad field."""
+    from transformer.data import registry
+
+    settings = resolve(fields)
+    name = registry.resolve(data_config).name
+    if name not in SENTENCEPIECE_DATASETS:
         raise ValueError(
-            f"config.translation_eval needs config.task='seq2seq'; got {config.task!r}."
+            f"translation_eval detokenizes with the data's SentencePiece model; data set "
+            f"{name!r} has none. Allowed: {list(SENTENCEPIECE_DATASETS)}."
         )
-    resolve(config.translation_eval)
+    return settings
+
+
+def metric_names(settings):
+    """What `evaluate_translation` can return: "bleu" and the length buckets' names."""
+    return ["bleu"] + bucket_names(settings.bucket_edges)
 
 
 def resolve(fields):
@@ -195,14 +205,8 @@ def evaluate_translation(
     from transformer.data import make_iterator, registry
     from transformer.data.bible_en_es import tokenizer as sentencepiece_of
 
-    settings = resolve(fields)
+    settings = check(fields, data_config)
     resolved = registry.resolve(data_config)
-    if resolved.name not in SENTENCEPIECE_DATASETS:
-        raise ValueError(
-            f"translation_eval detokenizes with the data's SentencePiece model; "
-            f"data set {resolved.name!r} has none. Allowed: "
-            f"{list(SENTENCEPIECE_DATASETS)}."
-        )
     if not settings.max_decode_len:
         settings.max_decode_len = resolved.max_target_length
     tokenizer = sentencepiece_of(registry.prepare(resolved, data_dir or None))

@@ -40,10 +40,15 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def check_compatible_config(config, workdir):
-    """Writes `workdir/config.json` on the first start; on a restart, refuses a changed setup."""
+    """Writes `workdir/config.json` on the first start; on a restart, refuses a changed setup.
+
+    A workdir without checkpoints holds nothing a new config could misread, so its config.json
+    is replaced: a run that failed before its first checkpoint can be corrected and started again
+    in the same workdir.
+    """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    if os.path.exists(path) and _has_checkpoints(workdir):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         changed = differences(
@@ -53,8 +58,8 @@ def check_compatible_config(config, workdir):
         if changed:
             details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
             raise IncompatibleCheckpointError(
-                f"{workdir} holds a run with a different config ({details}). Use a new --workdir, "
-                f"or restore these fields to resume it."
+                f"{workdir} holds checkpoints of a run with a different config ({details}). Use "
+                "a new --workdir, or restore these fields to resume it."
             )
         return
     if jax.process_index() == 0:
@@ -62,6 +67,11 @@ def check_compatible_config(config, workdir):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(current, f, indent=2)
         os.replace(path + ".tmp", path)
+
+
+def _has_checkpoints(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 class Checkpointer:

@@ -1,15 +1,21 @@
 """One training loop for every task: `train_and_evaluate(config, workdir)`.
 
-The loop is the same for classification, language modelling and seq2seq; `transformer.training.tasks`
-says how a model is called on a batch and what it is scored on. The per-device step below is
-written once, pmap-style, and `transformer.training.parallel` runs it over all devices of all hosts.
+The loop is the same for every task and imports nothing task-specific: the task
+(`tasks.py`) says how a model is called on a batch, which targets count, and which evaluators
+run after each evaluation. The per-device step below is written once, pmap-style, and
+`parallel.py` runs it over all devices of all hosts.
+
+The config travels in two hops: the ConfigDict (from an experiment file and the command line) is
+checked whole by `prepare`, and `build_model(config.model)` turns its model fields into the
+model's frozen config dataclass. Nothing is written to the workdir before `prepare` passes.
 
 What lands in `workdir`:
   config.json        the config the run started with (a restart must match it)
   checkpoints/       Orbax checkpoints: train state and data-iterator position
   metrics.jsonl      train and eval metrics, one JSON object per line
   tensorboard/       the same as TensorBoard event files
-  summary.json       written at the end: config, final and best metrics, speed, sizes
+  summary.json       written at the end: config, final and best metrics, speed, sizes, and
+                     the machine and library versions (`provenance.py`)
 """
 
 import functools
@@ -30,8 +36,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from transformer.evaluation import translation
-from transformer.training import config_schema, parallel, tasks
+from transformer.training import config_schema, parallel, provenance, tasks
 from transformer.training.checkpoints import Checkpointer, check_compatible_config
 from transformer.training.metrics import MetricsWriter, read_metrics
 from transformer.training.optimizer import learning_rate_schedule, make_optimizer
@@ -238,12 +243,8 @@ class Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoothing, mode, mesh):
-    task = tasks.get_task(task_name)
-    model = build_model(ml_collections.ConfigDict(json.loads(model_json)))
-    optimizer = make_optimizer(
-        ml_collections.ConfigDict(json.loads(optimizer_json)), num_train_steps
-    )
+def _programs(model, task, optimizer_fields, num_train_steps, label_smoothing, mode, mesh):
+    optimizer = make_optimizer(ml_collections.ConfigDict(dict(optimizer_fields)), num_train_steps)
     train_step = parallel.distribute(
         make_train_step(model, task, optimizer, label_smoothing=label_smoothing),
         mode,
@@ -254,15 +255,16 @@ def _programs(model_json, task_name, optimizer_json, num_train_steps, label_smoo
     return Programs(make_init(model, task, optimizer), train_step, eval_step)
 
 
-def programs(config, model_config, mesh):
-    """The jitted init, train and eval steps for `config`, built once per setup: a sweep over
-    seeds compiles them once."""
+def programs(config, model, task, mesh):
+    """The jitted init, train and eval steps for `config`'s `model`, built once per setup: a
+    sweep over seeds compiles them once (models and tasks are frozen dataclasses, hashed by
+    value)."""
     # Only the cosine schedule depends on the run's length; the others compile once for all.
     schedule_steps = config.num_train_steps if config.optimizer.schedule == "cosine" else 0
     return _programs(
-        model_config.to_json(sort_keys=True),
-        config.task,
-        config.optimizer.to_json(sort_keys=True),
+        model,
+        task,
+        tuple(sorted(config.optimizer.items())),
         schedule_steps,
         config.label_smoothing,
         config.parallel,
@@ -367,6 +369,72 @@ class _Progress:
             self.bar.close()
 
 
+def check_workdir(workdir):
+    """A ValueError unless `workdir` is a directory this process can write, or can be made one."""
+    if not workdir:
+        raise ValueError("the workdir is empty; give a directory (it is created if missing).")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"the workdir {workdir} is a file; give a directory.")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the workdir {workdir} cannot be written: {existing} is not a writable directory."
+        )
+
+
+class Setup(NamedTuple):
+    """What a config resolves to before anything is written: the task, the model, the task's
+    evaluators."""
+
+    task: tasks.Task
+    model: Any
+    evaluators: list
+
+
+def prepare(config, workdir=None):
+    """Checks `config` whole and builds what it names, writing nothing (`workdir` is where the
+    run and its evaluators will write; None checks no workdir).
+
+    Every mistake a config can hold is found here, as a ValueError naming the field, the value
+    and what is allowed: unknown or invalid fields, a pattern or model option the model refuses,
+    a data set that is missing, evaluator settings, a batch that does not divide over the
+    devices, and a `best_metric` the run would not produce.
+    """
+    if workdir is not None:
+        check_workdir(workdir)
+    config_schema.validate(config)
+    task = tasks.get_task(config.task)
+    task_fields = {field for other in tasks.TASKS.values() for field in other.config_fields}
+    for field in sorted(task_fields):
+        if config[field] and field not in task.config_fields:
+            owners = [t.name for t in tasks.TASKS.values() if field in t.config_fields]
+            raise ValueError(
+                f"config.{field} is read only by task(s) {owners}; config.task={config.task!r}. "
+                f"Leave config.{field} empty or set config.task to one of {owners}."
+            )
+    parallel.local_batch_size(config.global_batch_size)
+    try:
+        model_config = with_data_fields(config)
+    except ValueError as error:
+        raise ValueError(f"config.data: {error}") from error
+    try:
+        model = build_model(model_config)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"config.model: {error}") from error
+    evaluators = task.make_evaluators(config, model, workdir)
+    if config.best_metric:
+        names = tasks.EVAL_METRICS + tuple(n for e in evaluators for n in e.metric_names)
+        allowed = [f"{split}/{name}" for split in eval_sets(config) for name in names]
+        if config.best_metric not in allowed:
+            raise ValueError(
+                f"config.best_metric={config.best_metric!r} is not a result this run produces; "
+                f"allowed: {', '.join(allowed)}."
+            )
+    return Setup(task, model, evaluators)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -379,16 +447,13 @@ def train_and_evaluate(config, workdir):
     state. Raises NonFiniteLossError when the loss becomes NaN or inf, keeping the checkpoints
     saved before. After a SIGTERM it saves a checkpoint and returns early, status "stopped".
     """
-    config_schema.validate(config)
-    translation.check(config)  # a bad field fails now, not at the first evaluation
-    task = tasks.get_task(config.task)
+    setup = prepare(config, workdir)
+    task, model, evaluators = setup.task, setup.model, setup.evaluators
     mesh = parallel.make_mesh()
     mode = config.parallel
-    parallel.local_batch_size(config.global_batch_size)  # fails early if it does not divide
-    check_compatible_config(config, workdir)
+    check_compatible_config(config, workdir)  # the first write into the workdir
 
-    model_config = with_data_fields(config)
-    compiled = programs(config, model_config, mesh)
+    compiled = programs(config, model, task, mesh)
     schedule = learning_rate_schedule(config.optimizer, config.num_train_steps)
     train_iter = training_data(config)
     host_state = compiled.init(config.seed, _peek(train_iter))
@@ -414,8 +479,6 @@ def train_and_evaluate(config, workdir):
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
     writer = MetricsWriter(workdir)
-    # Seq2seq evaluation may also translate the set and score BLEU (transformer/translation_eval).
-    translator = build_model(model_config) if config.translation_eval else None
 
     def run_evals(step):
         results = {}
@@ -429,18 +492,9 @@ def train_and_evaluate(config, workdir):
                 data_dir=config.data_dir,
             )
             metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
-            if translator is not None:
+            for evaluator in evaluators:
                 metrics.update(
-                    translation.evaluate_translation(
-                        translator,
-                        state.params,
-                        data_config,
-                        data_split,
-                        config.translation_eval,
-                        batch_size=config.global_batch_size,
-                        data_dir=config.data_dir,
-                        plot_dir=os.path.join(workdir, "alignments", f"{split}_step_{step}"),
-                    )
+                    evaluator.evaluate(state.params, split, data_config, data_split, step)
                 )
             writer.write(step, split, metrics)
             results.update({f"{split}/{name}": value for name, value in metrics.items()})
@@ -529,6 +583,8 @@ def train_and_evaluate(config, workdir):
         "process_count": jax.process_count(),
         "parallel": mode,
         "config": json.loads(config.to_json_best_effort()),
+        # What the numbers came from: CPU model, cores, devices and library versions.
+        "machine": provenance.machine(),
     }
     if jax.process_index() == 0 and status == "completed":
         _write_json(os.path.join(workdir, "summary.json"), summary)

@@ -17,17 +17,34 @@ crash loses at most the run in progress (which itself resumes from its last chec
 import csv
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
 
-from transformer.training import loop
+from transformer.training import loop, provenance
 from transformer.training.config_schema import differences
 
 
-def run_sweep(get_config, preset, workdir, overrides=None):
-    """Trains every (variant, seed) of `get_config(preset).sweep` into `workdir`.
+class Run(NamedTuple):
+    variant: str
+    seed: int
+    config: Any  # the run's full ConfigDict
+    run_dir: str
+
+
+class SweepPlan(NamedTuple):
+    """What a sweep will do, checked before it trains anything."""
+
+    spec: Any  # the preset's `config.sweep`: variants, seeds, metrics, plot
+    preset_json: dict  # the preset's config, against which each variant's changes are listed
+    overrides: dict  # {dotted field: value} from the command line, the same in every run
+    runs: list  # [Run] in the order they train
+
+
+def plan_runs(get_config, preset, workdir, overrides=None):
+    """Every (variant, seed) of `get_config(preset).sweep`, each config checked whole.
 
     Args:
       get_config: the experiment's `get_config(arg)`; arg is "<preset>,<variant>".
@@ -35,49 +52,74 @@ def run_sweep(get_config, preset, workdir, overrides=None):
       workdir: where the runs and the results go.
       overrides: {dotted field: value} applied to every run's config (command-line overrides).
 
-    Returns the list of per-run records (variant, seed, config, results); stops early, returning
-    None, when a run was stopped by SIGTERM (run the same command again to resume).
+    Raises a ValueError naming the first mistake (`loop.prepare` on every variant's config, and a
+    finished run whose config the experiment no longer gives) before anything is trained.
     """
+    overrides = dict(overrides or {})
     preset_config = get_config(preset)
-    plan = preset_config.sweep
-    preset_json = json.loads(preset_config.to_json_best_effort())
-    records = []
-    for variant in plan.variants:
-        for seed in plan.seeds:
+    runs = []
+    for variant in preset_config.sweep.variants:
+        for index, seed in enumerate(preset_config.sweep.seeds):
             config = get_config(f"{preset},{variant}")
-            config.update_from_flattened_dict(dict(overrides or {}))
+            config.update_from_flattened_dict(overrides)
             config.seed = seed
             run_dir = os.path.join(workdir, "runs", variant, f"seed_{seed}")
             summary = _finished_summary(run_dir)
             if summary is not None:
                 _check_same_config(summary["config"], config, run_dir)
-            if summary is None:
-                logging.info("sweep: training %s, seed %d", variant, seed)
-                summary = loop.train_and_evaluate(config, run_dir).summary
-                if summary["status"] != "completed":
-                    logging.warning(
-                        "sweep stopped during %s seed %d; run again to resume.", variant, seed
-                    )
-                    return None
-            else:
-                logging.info("sweep: %s seed %d is done already", variant, seed)
-            changes = [
-                (f, new)
-                for f, _, new in differences(preset_json, summary["config"])
-                if f != "seed" and f.split(".")[0] not in overrides_roots(overrides)
-            ]
-            records.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "config": summary["config"],
-                    "changes": changes,
-                    "results": summary["final"],
-                    "tokens_per_second": summary["tokens_per_second"],
-                }
-            )
-            write_results(records, plan, workdir)
+            elif index == 0:  # seeds change nothing that prepare checks
+                try:
+                    loop.prepare(config, run_dir)
+                except ValueError as error:
+                    raise ValueError(f"variant {variant!r}: {error}") from error
+            runs.append(Run(variant, seed, config, run_dir))
+    preset_json = json.loads(preset_config.to_json_best_effort())
+    return SweepPlan(preset_config.sweep, preset_json, overrides, runs)
+
+
+def run_planned(plan, workdir):
+    """Trains the runs of `plan` (from `plan_runs`) that are not finished, and writes the results.
+
+    Each run trains in `workdir/runs/<variant>/seed_<seed>/`. Returns the list of per-run records
+    (variant, seed, config, results); stops early, returning None, when a run was stopped by
+    SIGTERM (run the same command again to resume).
+    """
+    records = []
+    for run in plan.runs:
+        summary = _finished_summary(run.run_dir)
+        if summary is None:
+            logging.info("sweep: training %s, seed %d", run.variant, run.seed)
+            summary = loop.train_and_evaluate(run.config, run.run_dir).summary
+            if summary["status"] != "completed":
+                logging.warning(
+                    "sweep stopped during %s seed %d; run again to resume.", run.variant, run.seed
+                )
+                return None
+        else:
+            logging.info("sweep: %s seed %d is done already", run.variant, run.seed)
+        changes = [
+            (f, new)
+            for f, _, new in differences(plan.preset_json, summary["config"])
+            if f != "seed" and f.split(".")[0] not in overrides_roots(plan.overrides)
+        ]
+        records.append(
+            {
+                "variant": run.variant,
+                "seed": run.seed,
+                "config": summary["config"],
+                "changes": changes,
+                "results": summary["final"],
+                "tokens_per_second": summary["tokens_per_second"],
+                "machine": summary.get("machine"),
+            }
+        )
+        write_results(records, plan.spec, workdir)
     return records
+
+
+def run_sweep(get_config, preset, workdir, overrides=None):
+    """`plan_runs` then `run_planned`: checks every run's config, then trains them."""
+    return run_planned(plan_runs(get_config, preset, workdir, overrides), workdir)
 
 
 def overrides_roots(overrides):
@@ -150,23 +192,38 @@ def write_results(records, plan, workdir):
     with _replacing(os.path.join(workdir, "results.csv")) as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["variant", "seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+            ["variant", "seeds"]
+            + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+            + ["machines"]
         )
         for row in rows:
+            runs = [r for r in records if r["variant"] == row["variant"]]
             writer.writerow(
-                [row["variant"], row["n"]] + [f"{v:.6g}" for m in metrics for v in row[m]]
+                [row["variant"], row["n"]]
+                + [f"{v:.6g}" for m in metrics for v in row[m]]
+                + [" | ".join(machines(runs))]
             )
     with _replacing(os.path.join(workdir, "runs.csv")) as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "seed", "tokens_per_second"] + metrics)
+        writer.writerow(["variant", "seed", "tokens_per_second"] + metrics + ["machine"])
         for r in records:
             speed = r["tokens_per_second"]  # None when the run was not timed (resumed at its end)
             writer.writerow(
                 [r["variant"], r["seed"], "" if speed is None else f"{speed:.1f}"]
                 + [f"{r['results'].get(m, np.nan):.6g}" for m in metrics]
+                + machines([r])
             )
     if "plot" in plan and plan.plot:
         plot(records, plan.plot, os.path.join(workdir, "plot.png"))
+
+
+def machines(records):
+    """The distinct machines (`provenance.describe`) that the records' runs trained on."""
+    described = [
+        provenance.describe(r["machine"]) if r.get("machine") else "machine not recorded"
+        for r in records
+    ]
+    return list(dict.fromkeys(described))
 
 
 def markdown_table(rows, metrics, plan, records):
@@ -186,6 +243,8 @@ def markdown_table(rows, metrics, plan, records):
         changes = next(r["changes"] for r in records if r["variant"] == variant)
         text = ", ".join(f"{f}={v!r}" for f, v in changes) or "nothing"
         lines.append(f"- {variant}: {text}")
+    lines += ["", "Trained on (CPU, cores, devices; library versions):", ""]
+    lines += [f"- {machine}" for machine in machines(records)]
     return "\n".join(lines) + "\n"
 
 

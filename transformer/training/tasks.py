@@ -1,41 +1,77 @@
-"""What differs between tasks: how a model is called on a batch, the loss and the metrics.
+"""What differs between tasks: how a model is called on a batch, the loss, metrics, evaluators.
 
 A task sees one device's share of a batch. Its loss and metrics are returned as *sums* with their
 counts, so that the training loop can add them up across devices and batches before dividing:
 the mean over the global batch is then exactly the mean one device would compute.
 
-Batches (NumPy or jax arrays; id 0 is padding):
+Batches (NumPy or jax arrays; id 0 is padding), as the data sets of each task make them:
   classification  {"inputs": [batch, length], "targets": [batch]}; target -1 marks padding rows
   language_modelling {"inputs": [batch, length], "targets": [batch, length]}
   seq2seq         {"inputs": [batch, src_length], "targets": [batch, tgt_length]}
 Any batch may carry "weights", `[batch]` or shaped like "targets", to leave rows or positions
 out, e.g. the padding rows of a last evaluation batch.
+
+A task may also bring evaluators: metrics beyond loss and accuracy that need more than one
+forward pass, such as BLEU of translations decoded token by token. The training loop runs them
+after each evaluation and knows nothing of what they compute; this is where a new metric plugs
+in.
 """
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.data import spec
+from transformer.evaluation import translation
 from transformer.training.optimizer import smooth_labels
+
+# What `finalize` reports for every evaluation set, before any evaluator's metrics.
+EVAL_METRICS = ("loss", "accuracy", "perplexity", "bits_per_target")
+
+
+class Evaluator:
+    """A metric computed after each evaluation of a data set.
+
+    metric_names: the names `evaluate` returns (logged as "<eval set>/<name>"), known before
+      training so that `config.best_metric` can be checked at start-up.
+    evaluate(params, eval_set, data_config, split, step) -> {name: value}: params are the
+      replicated parameters; eval_set the name of the set in the logs ("eval", "eval_d8").
+    """
+
+    def __init__(self, metric_names, evaluate):
+        self.metric_names = tuple(metric_names)
+        self.evaluate = evaluate
+
+
+def no_evaluators(config, model, workdir):
+    del config, model, workdir
+    return []
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """How to call a model on a batch, and which targets count.
+    """How to call a model on a batch, which targets count, and what else to evaluate.
 
     model_inputs(batch) -> the positional arguments of `model.apply` / `model.init` after the
       variables; the model returns logits `[..., classes]` matching "targets".
     weights(batch) -> float weights shaped like "targets".
     targets_are_tokens: targets are tokens the model reads too (seq2seq), so tokens/s counts them.
+    make_evaluators(config, model, workdir) -> [Evaluator]: called once at start-up, before
+      anything is written, so it checks its config fields there.
+    config_fields: top-level config fields that only this task reads (its evaluators'); setting
+      one for another task is an error, not silently ignored.
     """
 
     name: str
     model_inputs: Callable
     weights: Callable
     targets_are_tokens: bool = False
+    make_evaluators: Callable = no_evaluators
+    config_fields: tuple = ()
 
 
 def _inputs(batch):
@@ -64,10 +100,40 @@ def _token_weights(batch):
     return weights
 
 
+def translation_evaluators(config, model, workdir):
+    """BLEU by source length (`transformer.evaluation.translation`) when config.translation_eval
+    asks for it; alignment heatmaps go to workdir/alignments/<eval set>_step_<step>/."""
+    if not config.translation_eval:
+        return []
+    settings = translation.check(config.translation_eval, config.data)
+
+    def evaluate(params, eval_set, data_config, split, step):
+        return translation.evaluate_translation(
+            model,
+            params,
+            data_config,
+            split,
+            settings,
+            batch_size=config.global_batch_size,
+            data_dir=config.data_dir,
+            plot_dir=os.path.join(workdir, "alignments", f"{eval_set}_step_{step}"),
+        )
+
+    return [Evaluator(translation.metric_names(settings), evaluate)]
+
+
+# Keyed by the task names the data sets declare (`transformer.data.spec`).
 TASKS = {
-    "classification": Task("classification", _inputs, _example_weights),
-    "language_modelling": Task("language_modelling", _inputs, _token_weights),
-    "seq2seq": Task("seq2seq", _inputs_and_targets, _token_weights, targets_are_tokens=True),
+    spec.CLASSIFICATION: Task(spec.CLASSIFICATION, _inputs, _example_weights),
+    spec.LANGUAGE_MODELLING: Task(spec.LANGUAGE_MODELLING, _inputs, _token_weights),
+    spec.SEQ2SEQ: Task(
+        spec.SEQ2SEQ,
+        _inputs_and_targets,
+        _token_weights,
+        targets_are_tokens=True,
+        make_evaluators=translation_evaluators,
+        config_fields=("translation_eval",),
+    ),
 }
 
 
