@@ -243,3 +243,53 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
     with pytest.raises(ValueError, match=r"global_batch_size=12 does not divide across 8 devices"):
         loop.train_and_evaluate(toy_config(global_batch_size=12), str(tmp_path))
+
+
+def test_a_task_brings_its_evaluators_and_the_loop_logs_them(monkeypatch, tmp_path):
+    """The loop runs whatever evaluators the task makes, knowing nothing of them, and a metric
+    they declare may be the best metric."""
+    use_toy_setup(monkeypatch)
+    calls = []
+
+    def make_evaluators(config, model, workdir):
+        def evaluate(params, eval_set, data_config, split, step):
+            calls.append((eval_set, split, step, workdir))
+            return {"parameter_count": float(sum(np.size(p) for p in jax.tree.leaves(params)))}
+
+        return [tasks.Evaluator(["parameter_count"], evaluate)]
+
+    task = tasks.TASKS["classification"]
+    with_evaluator = tasks.Task(
+        task.name, task.model_inputs, task.weights, make_evaluators=make_evaluators
+    )
+    monkeypatch.setitem(tasks.TASKS, "classification", with_evaluator)
+    config = toy_config(num_train_steps=20, best_metric="eval/parameter_count")
+    summary = loop.train_and_evaluate(config, str(tmp_path)).summary
+    assert calls == [
+        ("eval", "validation", 10, str(tmp_path)),
+        ("eval", "validation", 20, str(tmp_path)),
+    ]
+    assert summary["final"]["eval/parameter_count"] > 0
+    assert summary["best"]["metric"] == "eval/parameter_count"
+    assert [r["parameter_count"] for r in read_metrics(tmp_path, "eval")] == [
+        summary["final"]["eval/parameter_count"]
+    ] * 2
+
+
+def test_a_best_metric_nobody_produces_is_refused_before_training(monkeypatch, tmp_path):
+    use_toy_setup(monkeypatch)
+    with pytest.raises(
+        ValueError, match=r"'eval/bleu' is not a result this run produces; allowed: eval/loss"
+    ):
+        loop.train_and_evaluate(toy_config(best_metric="eval/bleu"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_loop_imports_nothing_task_specific():
+    """BLEU, decoding and data sets reach the loop only through a task."""
+    source = open(loop.__file__, encoding="utf-8").read()
+    imports = [
+        line for line in source.splitlines() if line.lstrip().startswith(("import ", "from "))
+    ]
+    for name in ("evaluation", "translation", "decoding", "sacrebleu", "sentencepiece"):
+        assert not any(name in line for line in imports), name

@@ -2,10 +2,10 @@
 
 XLA:CPU allocates every step's buffers with malloc. glibc serves each allocation above 32 MB with
 a fresh `mmap` and unmaps it when it is freed, so every training step faults its whole working
-set back in, 4 KB at a time, and the kernel zeroes every page: about a million page faults and
-1.8 s of system time per 5.1 s step of train_speed's BigBird model at 4,096 tokens. tcmalloc keeps
-freed memory for the next step (a few hundred faults per step). `LD_PRELOAD` is read only when a
-process starts, hence the restart. The effect is measured in README.md ("Training speed").
+set back in, 4 KB at a time, and the kernel zeroes every page: for a long-sequence model, a large
+share of each step is spent in the kernel. tcmalloc keeps freed memory for the next step. The
+`LD_PRELOAD` variable is read only when a process starts, hence the restart. The page faults and
+the speed with and without it are measured in docs/training.md ("Host memory on CPU").
 
 tcmalloc comes from the system: `apt-get install libtcmalloc-minimal4` on Debian and Ubuntu. Set
 `TRANSFORMER_MALLOC=system` to keep the C library's allocator. Accelerator memory is not
@@ -20,7 +20,7 @@ LIBRARY = "tcmalloc_minimal"
 OPT_OUT = "TRANSFORMER_MALLOC"
 INSTALL_HINT = (
     "tcmalloc is not installed, so XLA:CPU's buffers are page-faulted back in on "
-    "every step (1.1-1.25x slower training on CPU, README.md); install it with `apt-get "
+    "every step, which slows training on CPU (docs/training.md); install it with `apt-get "
     f"install libtcmalloc-minimal4`, or set {OPT_OUT}=system to silence this."
 )
 
