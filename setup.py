@@ -5,7 +5,9 @@ from setuptools import find_packages, setup
 setup(
     name="transformer",
     version="0.1.0",
-    description="Attention as it is taught, and attention patterns that really skip work, in JAX/Flax.",
+    description=(
+        "Attention as it is taught, and attention patterns that really skip work, in JAX/Flax."
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
@@ -28,7 +30,11 @@ setup(
         "sacrebleu>=2.4,<3",  # BLEU of the translation experiment
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        "dev": [
+            "pytest>=8,<10",
+            "hypothesis>=6.100,<7",
+            "ruff>=0.17,<0.18",  # the one formatter and linter (ruff.toml); minor versions reformat
+        ],
         "tpu": ["jax[tpu]>=0.10.0,<0.11"],
         "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
     },
