@@ -69,3 +69,12 @@ def test_snippet_runs(code, tmp_path):
         f"the snippet exited with {result.returncode}:\n{code}\n--- stderr ---\n{result.stderr}"
     )
     assert result.stdout.strip(), f"the snippet printed nothing:\n{code}"
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    """CI (.ci/run) runs the README's test command word for word."""
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in ci_lines if line.startswith("apt-get ") and "pytest" in line]
+    assert len(commands) == 1, commands
+    assert f"```bash\n{commands[0]}\n```" in readme
