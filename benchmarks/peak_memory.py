@@ -5,8 +5,8 @@ def peak_rss_bytes():
     """This process's peak resident set size (Linux: VmHWM in /proc/self/status).
 
     Not getrusage's ru_maxrss: Linux keeps that across exec, so a worker forked from a large
-    parent reports the parent's peak as its own (attention_benchmark's parent reaches 4.4 GB
-    planning the block layouts of 64K tokens). VmHWM starts afresh at exec.
+    parent reports the parent's peak as its own (attention_benchmark's parent plans the block
+    layouts of the longest length, gigabytes at 64K tokens). VmHWM starts afresh at exec.
     """
     with open("/proc/self/status") as status:
         for line in status:

@@ -293,7 +293,7 @@ def test_transformer_base_parameter_count():
     shapes = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)
     count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
     assert count == expected_transformer_base_parameters() == 63_082_496
-    # The paper reports about 65M (Table 3); see the README for the 3% difference.
+    # The paper reports about 65M (Table 3); docs/models.md explains the 3% difference.
     assert abs(count - 65e6) / 65e6 < 0.05
 
 

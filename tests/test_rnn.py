@@ -43,8 +43,8 @@ def make(name, **overrides):
     """A model and random parameters of the shapes `init` gives.
 
     The properties tested here hold for any parameters. Drawing them directly skips compiling
-    Flax's orthogonal initialiser (a QR per recurrent kernel, seconds of XLA compile each
-    model); the overfitting test below uses the real `init`.
+    Flax's orthogonal initialiser (a QR per recurrent kernel, compiled by XLA for each model);
+    the overfitting test below uses the real `init`.
     """
     model = RNNSeq2Seq(
         vocab_size=VOCAB,

@@ -9,7 +9,7 @@ A model plugs in through a state and a step function:
 
 An RNN's state is its carry (plus the encoder memory it attends to); a transformer's is its
 key/value cache. Every function here is pure and built from `lax` loops, so the caller jits it
-with the model's parameters as traced arguments (see `generate`, and the README).
+with the model's parameters as traced arguments (see `generate`, and docs/decoding.md).
 
 Outputs are `[batch, max_len]` generated tokens, without the start token; a sequence that emits
 `eos_id` keeps it and is padded with `pad_id` after it. `eos_id=None` never stops early. The

@@ -454,7 +454,7 @@ def build(name, *, layer=0, **options):
     return constructor(**options)
 
 
-# What the README pictures: every named pattern, plus the compositions used most.
+# What docs/patterns.md pictures: every named pattern, plus the compositions used most.
 EXAMPLES = {
     "full": full(),
     "causal": causal(),

@@ -11,23 +11,22 @@ import jax
 from transformer import patterns
 from transformer.attention.block_sparse import cpu_kernel
 
-# Measured on CPU (the minimum of 30 alternated runs, forward+backward, 8 heads of 64): from 64 x
-# 64 (query, key) pairs up, chunked and block-sparse attention beat the dense reference for every
-# pattern, by 1.2x at 64 tokens and 1.5-2x at 128-512; only single-query steps (decoding with a
-# cache) and the like stay dense.
+# Dense only where the score matrix is tiny: from 64 x 64 (query, key) pairs up, chunked and
+# block-sparse attention beat the dense reference for every pattern on CPU (forward+backward,
+# docs/benchmarks.md, "Short sequences"; benchmarks/results/short). Single-query steps (decoding
+# with a cache) and the like stay dense.
 DENSE_MAX_PAIRS = 32 * 32
 # Without block-sparse's fused CPU kernel: causal lengths [low, high) where block-sparse beats
-# chunked attention, whose 512-query tiles compute much of the masked half at these lengths. At
-# 512 tokens XLA's block-sparse schedules won in three runs (12.3 against 13.5 ms, 8.8 against
-# 10.6, 11.3 against 15.3; fwd+bwd), and in benchmarks/results/short's block_sparse_xla column
-# (9.3 against 11.3); at 640 in benchmarks/results/causal_mid (13 against 17 ms); from 768 on
-# chunked wins (18 against 19 ms at 768, 22 against 26 at 896). Below 512, chunked attention's
-# one small tile beats the schedules (64-256 tokens: 0.30-2.46 ms against 0.40-3.02 ms).
+# chunked attention, whose 512-query tiles compute much of the masked half at these lengths.
+# Below 512, chunked attention's one small tile beats XLA's block-sparse schedules; from 768 on,
+# chunked attention wins again (docs/benchmarks.md, "Short sequences" and "Causal attention from
+# 640 to 896 tokens"; benchmarks/results/short and benchmarks/results/causal_mid).
 BLOCK_SPARSE_CAUSAL_LENGTHS = (512, 768)
 # Block-sparse attention's block size (queries and keys) behind "block_sparse" and "auto".
 BLOCK_SIZE = 64
 # The longest length at which block-sparse's CPU kernel was measured against chunked attention
-# on full and causal attention (benchmarks/results/full_causal_long: 1.04x at 16,384 for full).
+# on full and causal attention; its lead shrinks with length and is gone for full attention at
+# 64K (docs/benchmarks.md; benchmarks/results/full_causal_long and memory_16k_64k).
 KERNEL_MEASURED_LENGTH = 16384
 
 

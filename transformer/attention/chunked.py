@@ -30,7 +30,8 @@ DEFAULT_QUERY_CHUNK = 512
 DEFAULT_KEY_CHUNK = 256
 # Logits per tile on CPU, over the batch elements and heads it holds: 512 x 256 for 4 heads,
 # the tile of one element of experiments/train_speed.py's model. Shorter sequences put several
-# batch elements in a tile, as one element per tile ran slower at batch 64 x 128 tokens.
+# batch elements in a tile, as one element per tile ran slower with many short sequences
+# (batch 64 x 128 tokens).
 _TILE_ELEMENTS = 4 * 512 * 256
 
 
@@ -108,9 +109,9 @@ def chunked_attention(
     if group == batch:
         out = _attention(config, q, k, v, key_valid, alibi_slopes)
     else:
-        # A few batch elements at a time, so each tile stays cache-sized whatever the batch: in
-        # experiments/train_speed.py's model (batch 8 x 4 heads) training ran 1.44x faster at
-        # 4,096 tokens and 1.20x at 1,024 than with the whole batch in every tile (README).
+        # A few batch elements at a time, so each tile stays cache-sized whatever the batch: the
+        # train_speed experiment's model (batch 8 x 4 heads) trained faster at 1,024 and 4,096
+        # tokens this way than with the whole batch in every tile (CHANGELOG.md, 2026-11-22).
         def grouped(x):
             return None if x is None else x.reshape(batch // group, group, *x.shape[1:])
 
@@ -347,8 +348,8 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
     row_dot = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_out = d_out.astype(v.dtype)
     # dK^T = Q^T dS and dV^T = dO^T P are plain [dim, Cq] x [Cq, Ck] products when Q and dO are
-    # stored as [.., dim, length]: on XLA's CPU backend that is about 1.5x faster than asking
-    # for P^T dO, and a transpose of q and dO once costs only O(length * dim).
+    # stored as [.., dim, length]: XLA's CPU backend runs those faster than P^T dO, which
+    # contracts the rows, and transposing q and dO once costs only O(length * dim).
     q_scaled_t = jnp.swapaxes(q_scaled, 2, 3)
     d_out_t = jnp.swapaxes(d_out, 2, 3)
 

@@ -23,8 +23,8 @@ Fields (every other field is an error naming the allowed ones):
   read_threads           threads of the main process that read examples ahead. Default 0: read
                          when a batch is asked for; JAX's asynchronous dispatch already overlaps
                          that with the device's step, and grain's default (16 threads filling
-                         a 500-element buffer) starved small models of the CPU: the pattern-reach
-                         sweep took 6x longer.
+                         a 500-element buffer) starved small models of the CPU and slowed the
+                         pattern-reach sweep several times over (CHANGELOG.md, 2026-11-22).
   plus any field a data set declares (`DatasetSpec.pipeline_fields`), e.g. bible_en_es's
   source_language ('en' or 'es') and sword_dir.
 """

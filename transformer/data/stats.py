@@ -3,7 +3,7 @@
     python -m transformer.data.stats                       # the default configs below
     python -m transformer.data.stats --datasets=listops:tiny,bbc_news --data_dir=/tmp/tfds
 
-Data are prepared on first use (ListOps 'lra' generates 100,000 expressions: minutes).
+Data are prepared on first use, which for ListOps 'lra' means generating 100,000 expressions.
 Lengths are in tokens after encoding, as the model sees them before padding or cutting
 ([CLS] and EOS included); for language modelling, the tokens of the split's packed stream.
 """

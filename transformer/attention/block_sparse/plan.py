@@ -30,7 +30,7 @@ from transformer.patterns import EMPTY, FULL
 # per step to amortise the loop, little enough to stay in cache-friendly sizes.
 _SCORES_PER_STEP = 256 * 1024
 # The same for steps of whole rows, which keep no accumulators between steps: small enough that a
-# step's scores stay in cache (on CPU, 1M-element steps ran at half the FLOP rate of these).
+# step's scores stay in cache (on CPU, steps of 1M elements ran at a markedly lower FLOP rate).
 _ROW_SCORES_PER_STEP = 64 * 1024
 # A step of at least twice this many rows is computed as two independent halves (`_halves`).
 _ROWS_PER_CHAIN = 1
