@@ -7,7 +7,6 @@ from typing import Any
 CLASSIFICATION = "classification"  # {"inputs": int32 [B, L], "targets": int32 [B]}
 LANGUAGE_MODELLING = "language_modelling"  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
 SEQ2SEQ = "seq2seq"  # {"inputs": int32 [B, Ls], "targets": int32 [B, Lt]}
-TASK_NAMES = (CLASSIFICATION, LANGUAGE_MODELLING, SEQ2SEQ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +15,8 @@ class DatasetSpec:
 
     Attributes:
       builder: the `tfds.core.GeneratorBasedBuilder` subclass.
-      task: one of TASK_NAMES: the task whose batches it makes (`transformer.training.tasks`).
+      task: CLASSIFICATION, LANGUAGE_MODELLING or SEQ2SEQ: the task whose batches it makes
+        (`transformer.training.tasks`).
       make_encoder: (prepared builder, data_config) -> a function from a stored example (as
         `tfds.data_source` returns it: text as bytes) to a dict of int32 arrays. Classification:
         {"inputs": [L], "targets": []}; seq2seq: {"inputs": [Ls], "targets": [Lt]}; language

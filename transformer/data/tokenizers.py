@@ -20,13 +20,6 @@ def encode_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32) + NUM_RESERVED
 
 
-def decode_bytes(ids) -> bytes:
-    """Inverse of `encode_bytes`; reserved ids (padding, BOS, EOS, CLS) are dropped."""
-    ids = np.asarray(ids)
-    ids = ids[ids >= NUM_RESERVED]
-    return (ids - NUM_RESERVED).astype(np.uint8).tobytes()
-
-
 def train_sentencepiece(sentences, vocab_size: int) -> bytes:
     """Trains a unigram SentencePiece model; returns the serialised model.
 

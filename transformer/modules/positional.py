@@ -15,8 +15,6 @@ import numpy as np
 from flax import linen as nn
 
 POSITIONAL_ENCODINGS = ("none", "sinusoidal", "learned", "rotary", "alibi")
-# The encodings that act inside attention rather than on the embeddings.
-ATTENTION_POSITIONAL_ENCODINGS = ("rotary", "alibi")
 
 
 def check_positional(name):
