@@ -14,7 +14,10 @@ matmul peak (a 2048^2 float32 product) is timed in the same alternation, and ach
 `--pairs full:chunked,bigbird:block_sparse` runs only those pairs (the block-sparse speed target).
 
 Writes `<out>/attention_benchmark.csv`, `<out>/time.png` and `<out>/memory.png`, and prints a
-table. Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
+table. Every row ends with the machine that timed it (`machine.py`: CPU model, cores, devices,
+library versions), and the table starts with `provenance.describe()` of it.
+
+Baselines: "jax.nn" is `jax.nn.dot_product_attention` with a dense mask, "flax" is
 `flax.linen.MultiHeadDotProductAttention` with a dense mask (its projections included).
 "block_sparse_xla" is block_sparse without its fused CPU kernel (`use_kernel=False`): XLA's
 schedules, as on GPU. "block_products" is not an implementation but the floor under those
@@ -29,6 +32,10 @@ import os
 import subprocess
 import sys
 import time
+
+import machine  # this directory's
+
+from transformer.training import provenance
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 64
 IMPLEMENTATIONS = (
@@ -47,7 +54,8 @@ DENSE_IMPLEMENTATIONS = ("dense", "jax.nn", "flax")  # materialise [heads, q_len
 def make_pattern(name):
     from transformer import patterns
 
-    # BigBird as the target: block 64, a window of 3 blocks, 2 anchor and 3 random blocks.
+    # BigBird as docs/benchmarks.md measures it: block 64, a window of 3 blocks, 2 anchor and 3
+    # random blocks.
     named = {
         "sliding_window": lambda: patterns.sliding_window(256),
         "causal_window": lambda: patterns.sliding_window(256) & patterns.causal(),
@@ -81,7 +89,7 @@ def work(pattern, length):
     # Every non-empty block scheduled (none left to chunked attention), so their masks count all.
     plan = block_sparse.make_plan(pattern, length, length, BLOCK, BLOCK, dense_rows_apart=False)
     # Allowed pairs per distinct block mask, times its uses: indexing the masks by every block
-    # would build [blocks, 64, 64] (4.4 GB for full attention at 65,536 tokens).
+    # would build [blocks, 64, 64] (4.3 GB of booleans for full attention at 65,536 tokens).
     pairs = int(plan.block_masks.sum((1, 2), dtype=np.int64)[plan.mask_id].sum())
     return pairs, plan.computed_blocks / (plan.num_q_blocks * plan.num_kv_blocks)
 
@@ -166,6 +174,7 @@ def worker_time(args):
             times[combination].append(time.perf_counter() - start)
     result = {combination: min(t) for combination, t in times.items()}
     result["matmul"] = 2 * n**3 / min(times["matmul"])  # FLOP/s
+    result["machine"] = provenance.machine()  # of the process that timed them
     print(json.dumps(result))
 
 
@@ -290,6 +299,7 @@ def main(argv=None):
         )
 
     rows = []
+    record = None  # provenance.machine() of the first timing worker
     for length in map(int, args.lengths.split(",")):
         combinations = [
             (p, n)
@@ -307,6 +317,9 @@ def main(argv=None):
             repeats=args.repeats,
             implementations=",".join(f"{p}:{n}" for p, n in combinations),
         )
+        if times and record is None:
+            record = times["machine"]
+            print(provenance.describe(record), flush=True)
         for pattern_name, name in combinations:
             pairs, block_fraction = work(make_pattern(pattern_name), length)
             row = {
@@ -345,6 +358,10 @@ def main(argv=None):
             print(_format(row), flush=True)
 
     _add_speedups(rows)
+    # No timing worker succeeded: this process runs on the same machine.
+    record = record or provenance.machine()
+    for row in rows:
+        row.update(machine.columns(record))
     path = os.path.join(args.out, "attention_benchmark.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -352,6 +369,7 @@ def main(argv=None):
         writer.writerows(rows)
     plot(rows, args.out)
     print()
+    print(provenance.describe(record))
     print(_table(rows))
     print(f"\nwrote {path}, {args.out}/time.png, {args.out}/memory.png")
 

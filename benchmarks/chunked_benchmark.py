@@ -15,6 +15,10 @@ implementation. The chunked backward also recomputes q.k, which this count leave
 real FLOP rate is 3.5/3 times the one reported. Full attention has q_len * kv_len pairs, causal
 L (L + 1) / 2.
 
+Writes `chunked_time.csv`, `chunked_memory.csv` and `chunked_benchmark.png` to --out_dir. Every
+CSV row ends with the machine it ran on (`machine.py`: CPU model, cores, devices, library
+versions), and the printed tables start with `provenance.describe()`.
+
   python benchmarks/chunked_benchmark.py --out_dir=/tmp/chunked_bench
   python benchmarks/chunked_benchmark.py --lengths=8192 --memory_lengths=16384,32768,65536
 """
@@ -28,11 +32,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine  # this directory's
 import numpy as np
 from absl import app, flags
 from peak_memory import peak_rss_bytes  # this directory's
 
 from transformer.attention.chunked import chunked_attention
+from transformer.training import provenance
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/chunked_benchmark", "Where CSV and PNG go.")
 _LENGTHS = flags.DEFINE_list(
@@ -163,7 +169,7 @@ def measure_memory_here(spec):
     )
 
 
-def plot(rows, memory_rows, load_average, path):
+def plot(rows, memory_rows, load_average, cores, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +191,7 @@ def plot(rows, memory_rows, load_average, path):
     ax_time.set(
         yscale="log",
         ylabel="forward+backward seconds",
-        title=f"Time (median; load average {load_average:.1f} on 2 cores)",
+        title=f"Time (median; load average {load_average:.1f} on {cores} cores)",
     )
     ax_memory.set(ylabel="GB", title="Peak memory of one forward+backward")
     for ax, table in ((ax_time, rows), (ax_memory, memory_rows)):
@@ -213,10 +219,8 @@ def main(argv):
         return
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     load_average = os.getloadavg()[0]
-    print(
-        f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-        f"load average {load_average:.1f}; chunk_size={chunk_size()}"
-    )
+    print(provenance.describe())
+    print(f"load average {load_average:.1f}; chunk_size={chunk_size()}")
     rows = []
     header = (
         f"{'implementation':16s} {'tokens':>7s} {'seconds':>9s} {'GFLOP/s':>8s} "
@@ -291,11 +295,11 @@ def main(argv):
         if table:
             written.append(os.path.join(_OUT_DIR.value, name))
             with open(written[-1], "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer = csv.DictWriter(f, fieldnames=[*table[0], *machine.columns()])
                 writer.writeheader()
-                writer.writerows(table)
+                writer.writerows({**row, **machine.columns()} for row in table)
     written.append(os.path.join(_OUT_DIR.value, "chunked_benchmark.png"))
-    plot(rows, memory_rows, load_average, written[-1])
+    plot(rows, memory_rows, load_average, provenance.machine()["cpu_cores"], written[-1])
     print("wrote", ", ".join(written))
 
 

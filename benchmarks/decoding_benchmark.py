@@ -19,6 +19,10 @@ Uncached steps all cost the same (the buffer has one shape), so at long lengths 
 tokens of both ways are compared (the uncached ones against the cached prefix). Timings
 alternate cached and uncached, --repeats times each, and the table shows the medians and their
 ratio: on a shared machine, the ratio of one run is what to read.
+
+Writes `<out>/decoding_benchmark.csv`, whose rows end with the machine they ran on
+(`machine.py`: CPU model, cores, devices, library versions); the printed table starts with
+`provenance.describe()`.
 """
 
 import argparse
@@ -29,11 +33,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine  # this directory's
 import numpy as np
 
 from transformer import decoding
 from transformer.modules.models import build_model
 from transformer.token_ids import PAD_ID
+from transformer.training import provenance
 
 MODEL = dict(
     vocab_size=1024,
@@ -93,21 +99,13 @@ def uncached_greedy(logits_fn, num_tokens, num_steps):
 def programs(kind, num_tokens, num_steps):
     """(cached, uncached): jitted functions of (variables, source) -> tokens."""
     if kind == "decoder_lm":
-        model = build_model(dict(name="decoder_lm", num_layers=4, max_len=num_tokens, **MODEL))
+        model = decoder_lm(num_tokens)
         start_token = model.config.vocab_size - 1  # any real token can start a language model
 
         def full_logits(variables, source, buffer):
             return model.apply(variables, buffer.at[:, 0].set(start_token))
     else:
-        model = build_model(
-            dict(
-                name="encoder_decoder",
-                num_layers=4,
-                num_decoder_layers=4,
-                max_len=num_tokens,
-                **MODEL,
-            )
-        )
+        model = encoder_decoder(num_tokens)
         start_token = model.bos_id
 
         def full_logits(variables, source, buffer):
@@ -187,18 +185,19 @@ def main():
         "uncached_steps",
         "same_tokens",
     )
+    print(provenance.describe())
     print(" | ".join(columns), flush=True)
     for kind in args.models.split(","):
         if kind not in ("decoder_lm", "encoder_decoder"):
             raise ValueError(f"unknown model {kind!r}; allowed: decoder_lm, encoder_decoder.")
         for num_tokens in (int(n) for n in args.lengths.split(",")):
             row = measure(kind, num_tokens, min(num_tokens, args.uncached_steps), args.repeats)
-            rows.append(row)
+            rows.append({**row, **machine.columns()})
             print(" | ".join(str(row[c]) for c in columns), flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "decoding_benchmark.csv")
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""The attention benchmark runs end to end, and its block-products floor computes attention."""
+"""The benchmarks run end to end and record their machine, and the block-products floor computes
+attention."""
 
 import csv
 import os
@@ -16,8 +17,37 @@ from transformer.attention import block_sparse, dot_product_attention
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import block_products  # noqa: E402  (benchmarks/ is not a package)
+import machine  # noqa: E402
+
+from transformer.training import provenance  # noqa: E402
 
 BIGBIRD = patterns.bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2, num_random_blocks=3)
+
+
+def run(program, *args):
+    """Runs benchmarks/<program> with `args`; returns its stdout."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, program), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def assert_records_this_machine(rows, stdout):
+    """Every row names this machine's CPU, cores, devices and versions; the tables are captioned
+    with `provenance.describe()`."""
+    expected = {key: str(value) for key, value in machine.columns().items()}
+    assert rows and all({key: row[key] for key in expected} == expected for row in rows), rows[0]
+    assert expected["versions"].startswith("jax ") and int(expected["cpu_cores"]) > 0
+    assert provenance.describe() in stdout
 
 
 def test_block_products_compute_the_scheduled_rows_of_attention():
@@ -51,27 +81,11 @@ def test_block_products_refuses_row_pieces():
 
 def test_attention_benchmark_writes_its_table(tmp_path):
     pairs = "full:chunked,bigbird:block_sparse,bigbird:block_products"
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCHMARKS, "attention_benchmark.py"),
-            "--lengths",
-            "512",
-            "--pairs",
-            pairs,
-            "--repeats",
-            "1",
-            "--no-memory",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    stdout = run(
+        "attention_benchmark.py",
+        *("--lengths", 512, "--pairs", pairs, "--repeats", 1, "--no-memory", "--out", tmp_path),
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "attention_benchmark.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(tmp_path / "attention_benchmark.csv")
     assert [(r["pattern"], r["implementation"]) for r in rows] == [
         tuple(pair.split(":")) for pair in pairs.split(",")
     ]
@@ -79,6 +93,32 @@ def test_attention_benchmark_writes_its_table(tmp_path):
     assert all(r["peak_gb"] == "" and r["xla_gb"] == "" for r in rows)  # --no-memory
     assert float(rows[1]["block_fraction"]) < 1.0
     assert (tmp_path / "time.png").exists()
+    assert_records_this_machine(rows, stdout)
+
+
+def test_chunked_benchmark_records_its_machine(tmp_path):
+    stdout = run(
+        "chunked_benchmark.py",
+        *("--lengths=256", "--memory_lengths=256", "--implementations=chunked,xla"),
+        *("--repeats=1", "--heads=2", "--head_dim=16", f"--out_dir={tmp_path}"),
+    )
+    time_rows = read_csv(tmp_path / "chunked_time.csv")
+    memory_rows = read_csv(tmp_path / "chunked_memory.csv")
+    assert [r["implementation"] for r in time_rows] == ["chunked", "xla"]
+    assert all(float(r["seconds"]) > 0 for r in time_rows)
+    assert float(memory_rows[0]["peak_gb"]) > 0
+    assert_records_this_machine(time_rows + memory_rows, stdout)
+
+
+def test_decoding_benchmark_records_its_machine(tmp_path):
+    stdout = run(
+        "decoding_benchmark.py",
+        *("--lengths", 8, "--models", "decoder_lm", "--uncached_steps", 4, "--repeats", 1),
+        *("--out", tmp_path),
+    )
+    (row,) = read_csv(tmp_path / "decoding_benchmark.csv")
+    assert (row["model"], row["tokens"], row["same_tokens"]) == ("decoder_lm", "8", "4/4")
+    assert_records_this_machine([row], stdout)
 
 
 def test_block_products_gradients_match_autodiff():
