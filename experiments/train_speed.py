@@ -12,15 +12,14 @@ the length asked for, 2 * num_pairs + 1 tokens plus [CLS].
     python launch.py --config=experiments/train_speed.py:cpu,bigbird-4096 --workdir=/tmp/one
 
 On a CPU, JAX_NUM_CPU_DEVICES=2 makes each core an XLA device and the loop data-parallel over
-them (batch 8 = 2 x 4): that ran 1.08x (full, 1,024 tokens) to 1.15x (BigBird, 4,096) faster
-here than one device for both cores. The report names the device count.
+them (batch 8 = 2 x 4): one device for both cores leaves part of them idle. The report names the
+device count.
 
 Presets: "smoke" (tests), "cpu" (1,024 to 16,384 tokens on 2 cores: every pattern at 1,024 and
 4,096, full attention to 8,192, BigBird and the window to 16,384), "full" (GPU/TPU, 1,024 to
 65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096", the preset's
-`sweep.variants`. The attention
-implementation is "auto" (transformer/attention/dot_product.py picks one per pattern and
-length); `--config.model.implementation=<name>` measures another.
+`sweep.variants`. The attention implementation is "auto" (transformer/attention/auto.py picks
+one per pattern and length); `--config.model.implementation=<name>` measures another.
 
 Speed: the loop leaves the first step (compilation) out of tokens/s and, with log_every_steps 1,
 logs every later step on its own, so the report gives mean ± sample standard deviation over the
