@@ -177,6 +177,14 @@ def test_dense_xla_and_auto_match_reference(pattern, length, padding, alibi, imp
     check_against_reference(implementation, pattern, inputs)
 
 
+def test_xla_native_window_and_causal_with_padding_at_one_token():
+    """A composed native pattern with key padding: its rows' "has a key" test must not trace
+    the pattern's NumPy predicate (found by the property test above)."""
+    pattern = patterns.causal() & patterns.sliding_window(0, 0)
+    inputs = random_inputs(0, 2, 1, 1, 2, padding=True, alibi=False)
+    check_against_reference("xla", pattern, inputs)
+
+
 @pytest.mark.parametrize("pattern", [patterns.full(), patterns.causal()], ids=str)
 @pytest.mark.parametrize("length", [1, 37])
 def test_chunked_matches_reference(pattern, length):

@@ -60,14 +60,12 @@ def _jax_nn_attention(
     if key_valid is None:
         has_key = jnp.asarray(pattern.mask(q_len, kv_len).any(-1))[None, :]
     else:
-        allowed = (
-            mask[:, 0]
-            if arguments is None
-            else pattern.allows(
-                jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :], q_len, kv_len
-            )
-            & key_mask[:, 0]
+        # The pattern's own mask is NumPy, built at trace time: `allows` on traced positions
+        # would fail for composed patterns, which combine their parts with NumPy.
+        pattern_allows = (
+            mask[:, 0] if arguments is None else jnp.asarray(pattern.mask(q_len, kv_len))
         )
+        allowed = pattern_allows & key_mask[:, 0]
         has_key = jnp.any(allowed, axis=-1)
     return jnp.where(has_key[:, :, None, None], out, 0.0).astype(query.dtype)
 
