@@ -170,9 +170,12 @@ def main(argv):
         tfds.disable_progress_bar()  # one bar per split generated: noise in a log file
     if FLAGS.cpu_collectives:
         parallel.enable_cpu_collectives()
-    parallel.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
-    )
+    try:
+        parallel.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed
+        )
+    except ValueError as error:
+        _fail(str(error))
     if jax.default_backend() == "cpu" and host_allocator.install_hint_needed():
         logging.warning(host_allocator.INSTALL_HINT)
     if FLAGS.sweep:

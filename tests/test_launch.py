@@ -164,6 +164,30 @@ def test_a_corrected_command_runs_in_the_workdir_of_a_failed_one(tmp_path, data_
     assert saved["model"]["pattern"] == "causal"
 
 
+def test_a_changed_config_in_a_workdir_with_checkpoints_is_a_short_error(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    common = ["--config=experiments/pattern_reach.py:smoke", f"--workdir={workdir}"]
+    common += [f"--config.data_dir={data_dir}", "--config.num_train_steps=2"]
+    assert _launch(*common).returncode == 0
+    saved = (workdir / "config.json").read_text()
+    completed = _launch(*common, "--config.seed=1")
+    lines = _error_lines(completed.stderr)
+    assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
+    assert "holds checkpoints of a run with a different config (seed: 0 -> 1)" in lines[0]
+    assert (workdir / "config.json").read_text() == saved
+
+
+def test_incomplete_multi_process_flags_are_a_short_error(tmp_path):
+    completed = _launch(
+        "--config=experiments/pattern_reach.py:smoke",
+        f"--workdir={tmp_path / 'run'}",
+        "--coordinator_address=localhost:1234",
+    )
+    lines = _error_lines(completed.stderr)
+    assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
+    assert "--coordinator_address needs --num_processes and --process_id" in lines[0]
+
+
 def test_a_sweep_checks_every_variant_before_training_any(tmp_path):
     workdir = tmp_path / "sweep"
     completed = _launch(

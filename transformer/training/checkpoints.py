@@ -39,33 +39,41 @@ class IncompatibleCheckpointError(ValueError):
     """The workdir holds checkpoints of a different model or setup."""
 
 
-def check_compatible_config(config, workdir):
-    """Writes `workdir/config.json` on the first start; on a restart, refuses a changed setup.
+def check_resumable(config, workdir):
+    """Raises IncompatibleCheckpointError when `workdir` holds checkpoints of a run whose config
+    differs from `config` in a field they depend on. Reads only.
 
-    A workdir without checkpoints holds nothing a new config could misread, so its config.json
-    is replaced: a run that failed before its first checkpoint can be corrected and started again
-    in the same workdir.
+    A workdir without checkpoints holds nothing a new config could misread: any config may start
+    there, so a run that failed before its first checkpoint can be corrected and started again.
     """
     path = os.path.join(workdir, "config.json")
+    if not (os.path.exists(path) and _has_checkpoints(workdir)):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path) and _has_checkpoints(workdir):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        changed = differences(
-            {f: saved.get(f) for f in COMPATIBILITY_FIELDS},
-            {f: current.get(f) for f in COMPATIBILITY_FIELDS},
+    changed = differences(
+        {f: saved.get(f) for f in COMPATIBILITY_FIELDS},
+        {f: current.get(f) for f in COMPATIBILITY_FIELDS},
+    )
+    if changed:
+        details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
+        raise IncompatibleCheckpointError(
+            f"{workdir} holds checkpoints of a run with a different config ({details}). Use "
+            "a new --workdir, or restore these fields to resume it."
         )
-        if changed:
-            details = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
-            raise IncompatibleCheckpointError(
-                f"{workdir} holds checkpoints of a run with a different config ({details}). Use "
-                "a new --workdir, or restore these fields to resume it."
-            )
+
+
+def check_compatible_config(config, workdir):
+    """`check_resumable`, then writes `workdir/config.json` unless checkpoints already hold it."""
+    check_resumable(config, workdir)
+    if _has_checkpoints(workdir) and os.path.exists(os.path.join(workdir, "config.json")):
         return
     if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
         os.makedirs(workdir, exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2)
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
         os.replace(path + ".tmp", path)
 
 

@@ -5,7 +5,7 @@ a fresh `mmap` and unmaps it when it is freed, so every training step faults its
 set back in, 4 KB at a time, and the kernel zeroes every page: for a long-sequence model, a large
 share of each step is spent in the kernel. tcmalloc keeps freed memory for the next step. The
 `LD_PRELOAD` variable is read only when a process starts, hence the restart. The page faults and
-the speed with and without it are measured in docs/training.md ("Host memory on CPU").
+the speed with and without it are measured in docs/experiments.md ("The allocator's share").
 
 tcmalloc comes from the system: `apt-get install libtcmalloc-minimal4` on Debian and Ubuntu. Set
 `TRANSFORMER_MALLOC=system` to keep the C library's allocator. Accelerator memory is not
@@ -20,7 +20,7 @@ LIBRARY = "tcmalloc_minimal"
 OPT_OUT = "TRANSFORMER_MALLOC"
 INSTALL_HINT = (
     "tcmalloc is not installed, so XLA:CPU's buffers are page-faulted back in on "
-    "every step, which slows training on CPU (docs/training.md); install it with `apt-get "
+    "every step, which slows training on CPU (docs/experiments.md); install it with `apt-get "
     f"install libtcmalloc-minimal4`, or set {OPT_OUT}=system to silence this."
 )
 

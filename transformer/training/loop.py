@@ -37,7 +37,11 @@ from absl import logging
 from jax import lax
 
 from transformer.training import config_schema, parallel, provenance, tasks
-from transformer.training.checkpoints import Checkpointer, check_compatible_config
+from transformer.training.checkpoints import (
+    Checkpointer,
+    check_compatible_config,
+    check_resumable,
+)
 from transformer.training.metrics import MetricsWriter, read_metrics
 from transformer.training.optimizer import learning_rate_schedule, make_optimizer
 
@@ -400,11 +404,14 @@ def prepare(config, workdir=None):
     Every mistake a config can hold is found here, as a ValueError naming the field, the value
     and what is allowed: unknown or invalid fields, a pattern or model option the model refuses,
     a data set that is missing, evaluator settings, a batch that does not divide over the
-    devices, and a `best_metric` the run would not produce.
+    devices, a `best_metric` the run would not produce, and a workdir whose checkpoints belong
+    to another config.
     """
     if workdir is not None:
         check_workdir(workdir)
     config_schema.validate(config)
+    if workdir is not None:
+        check_resumable(config, workdir)
     task = tasks.get_task(config.task)
     task_fields = {field for other in tasks.TASKS.values() for field in other.config_fields}
     for field in sorted(task_fields):
