@@ -92,3 +92,53 @@ def test_a_changed_model_config_is_refused_naming_the_field(monkeypatch, tmp_pat
     # Fields that do not change what a checkpoint means may change on a restart.
     longer = toy_config(num_train_steps=20, log_every_steps=5)
     assert loop.train_and_evaluate(longer, str(tmp_path)).summary["step"] == 20
+
+
+def _change_a_stored_array(state_dir, state):
+    """Rewrites the checkpoint's "state" item with one parameter changed, leaving its digests as
+    saved: the files are well-formed and read without error, as after a bit flip in a value."""
+    import orbax.checkpoint as ocp
+
+    host = jax.tree.map(np.asarray, state)
+    changed = host.replace(
+        params={**host.params, "Dense_0": {**host.params["Dense_0"]}},
+    )
+    changed.params["Dense_0"]["bias"] = changed.params["Dense_0"]["bias"] + 1.0
+    shutil.rmtree(state_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(state_dir, changed)
+    checkpointer.wait_until_finished()
+    return "['Dense_0']['bias']"
+
+
+def test_a_damaged_checkpoint_fails_its_digests_is_set_aside_and_the_previous_one_used(
+    monkeypatch, tmp_path, caplog
+):
+    use_toy_setup(monkeypatch)
+    config = toy_config(best_metric="")
+    reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
+
+    config.num_train_steps = 20
+    at_20 = loop.train_and_evaluate(config, str(tmp_path / "run")).state
+    damaged = _change_a_stored_array(tmp_path / "run" / "checkpoints" / "20" / "state", at_20)
+    config.num_train_steps = 30
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert f"array .params{damaged} does not match the digest" in caplog.text
+    assert os.listdir(tmp_path / "run" / "checkpoints_unreadable") == ["20"]
+    assert_same_params(resumed.state, reference.state)  # redone from step 10, exactly
+
+
+def test_a_nan_right_after_a_restore_names_the_checkpoint(monkeypatch, tmp_path):
+    use_toy_setup(monkeypatch)
+    loop.train_and_evaluate(toy_config(num_train_steps=10), str(tmp_path))
+    # Every batch after the restore makes the loss NaN, as a damaged state would.
+    make_iterator = loop.make_iterator
+
+    def poisoned(data_config, split, **kwargs):
+        data_config = data_config.copy_and_resolve_references()
+        data_config.nan_from_batch = 1  # batch indices continue from the restored position
+        return make_iterator(data_config, split, **kwargs)
+
+    monkeypatch.setattr(loop, "make_iterator", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match=r"after resuming from the checkpoint at"):
+        loop.train_and_evaluate(toy_config(num_train_steps=20), str(tmp_path))

@@ -1,16 +1,21 @@
 """Checkpoints with Orbax: the train state and the data iterator's position, saved together.
 
-`workdir/checkpoints/<step>/` holds "state" (parameters, optimizer state, step, RNG key) and
-"data" (one JSON file per process with its grain iterator's position). Orbax writes each
-checkpoint into a temporary directory and renames it when complete, so a crash mid-save leaves the
-previous checkpoints untouched. We keep the last `keep` checkpoints and the best one by a metric.
+`workdir/checkpoints/<step>/` holds "state" (parameters, optimizer state, step, RNG key),
+"data" (one JSON file per process with its grain iterator's position) and "digests" (the SHA-256
+of every array of "state", with its dtype and shape). Orbax writes each checkpoint into a
+temporary directory and renames it when complete, so a crash mid-save leaves the previous
+checkpoints untouched. A restore recomputes the digests: a checkpoint whose arrays changed on disk
+counts as unreadable, is moved aside, and the one before it is used. We keep the last `keep`
+checkpoints and the best one by a metric.
 
 `workdir/config.json` records the config a run started with; a restart whose config changes what
 the checkpoints mean (model, task, data, optimizer, ...) is refused.
 """
 
+import hashlib
 import json
 import os
+import tempfile
 
 import grain
 import jax
@@ -37,6 +42,52 @@ COMPATIBILITY_FIELDS = (
 
 class IncompatibleCheckpointError(ValueError):
     """The workdir holds checkpoints of a different model or setup."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's arrays do not match the digests recorded when it was saved."""
+
+
+def digests(state):
+    """{tree path: "sha256:<hex> <dtype> <shape>"} of every array of a host (NumPy) state."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest = hashlib.sha256(array.tobytes()).hexdigest()
+        out[jax.tree_util.keystr(path)] = f"sha256:{digest} {array.dtype} {list(array.shape)}"
+    return out
+
+
+def verify(state, recorded, step):
+    """Raises CorruptCheckpointError naming the first array of `state` whose digest differs."""
+    found = digests(state)
+    if found.keys() != recorded.keys():
+        missing = sorted(set(recorded) ^ set(found))[:3]
+        raise CorruptCheckpointError(
+            f"the checkpoint at step {step} holds other arrays than its digests list ({missing})"
+        )
+    for path, digest in found.items():
+        if digest != recorded[path]:
+            raise CorruptCheckpointError(
+                f"the checkpoint at step {step} is damaged: array {path} does not match the "
+                "digest recorded when it was saved"
+            )
+
+
+def write_json_atomically(path, data):
+    """Writes `data` as JSON to `path` through a uniquely named temporary file and a rename, so
+    a reader sees the old file or the new one, never a part, and two writers never share a
+    temporary file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def check_resumable(config, workdir):
@@ -70,11 +121,10 @@ def check_compatible_config(config, workdir):
     if _has_checkpoints(workdir) and os.path.exists(os.path.join(workdir, "config.json")):
         return
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(
+            os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
+        )
 
 
 def _has_checkpoints(workdir):
@@ -104,7 +154,7 @@ class Checkpointer:
         )
         self._directory = epath.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self._directory, item_names=("state", "data"), options=options
+            self._directory, item_names=("state", "data", "digests"), options=options
         )
 
     def all_steps(self):
@@ -114,7 +164,9 @@ class Checkpointer:
     def save(self, step, state, data_iterator, metrics=None):
         """Starts saving; returns before the arrays are written when saving asynchronously."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            digests=ocp.args.JsonSave(digests(state)),
         )
         self._manager.save(int(step), args=args, metrics=metrics, force=True)
 
@@ -147,7 +199,13 @@ class Checkpointer:
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
                 continue
             _check_shapes(abstract_state, restored["state"], step)
-            logging.info("resumed from the checkpoint at step %d", step)
+            try:
+                self._verify(step, restored["state"])
+            except CorruptCheckpointError as error:
+                logging.error("%s; trying the one before it.", error)
+                errors.append(f"step {step}: {error}")
+                continue
+            logging.info("resumed from the checkpoint at step %d (digests verified)", step)
             self._set_aside([s for s in steps if s > step])
             return restored["state"]
         if errors:
@@ -155,6 +213,20 @@ class Checkpointer:
                 "no checkpoint in this workdir can be restored:\n  " + "\n  ".join(errors)
             )
         return None
+
+    def _verify(self, step, state):
+        """Checks `state` against the digests saved with checkpoint `step`."""
+        if not (self._directory / str(step) / "digests").exists():
+            logging.warning(
+                "the checkpoint at step %d carries no digests (saved by an older version): its "
+                "arrays cannot be verified.",
+                step,
+            )
+            return
+        recorded = self._manager.restore(
+            step, args=ocp.args.Composite(digests=ocp.args.JsonRestore())
+        )["digests"]
+        verify(state, recorded, step)
 
     def _set_aside(self, steps):
         """Moves unreadable checkpoints to `<directory>_unreadable/`, out of the way of new saves
@@ -165,8 +237,13 @@ class Checkpointer:
             aside = self._directory.parent / (self._directory.name + "_unreadable")
             aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                logging.error("moving the unreadable checkpoint %d to %s", step, aside)
-                (self._directory / str(step)).rename(aside / str(step))
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():  # set aside before, by an earlier restart
+                    target = aside / f"{step}.{suffix}"
+                    suffix += 1
+                logging.error("moving the unreadable checkpoint %d to %s", step, target)
+                (self._directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -482,6 +482,7 @@ def train_and_evaluate(config, workdir):
     )
     restored = checkpointer.restore_latest(jax.tree.map(np.asarray, host_state), train_iter)
     host_state = host_state if restored is None else restored
+    resumed_at = None if restored is None else int(host_state.step)
     state = parallel.replicate(host_state, mesh, mode)
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
@@ -526,7 +527,7 @@ def train_and_evaluate(config, workdir):
                 speed.add(metrics, tasks.num_tokens(task, batch) * jax.process_count())
                 if step == start_step + 1:
                     # The first step includes compilation: keep it out of the speed measurement.
-                    _check_finite(parallel.fetch(metrics), step, start_step)
+                    _check_finite(parallel.fetch(metrics), step, start_step, resumed_at)
                     peak_memory_gb = train_step_memory_gb(train_step, state, device_batch)
                     speed.reset()
 
@@ -540,7 +541,7 @@ def train_and_evaluate(config, workdir):
                     continue
                 if speed.steps:
                     sums, seconds, steps, tokens = speed.take()
-                    _check_finite(sums, step, speed.last_good_step)
+                    _check_finite(sums, step, speed.last_good_step, resumed_at)
                     last_train = tasks.finalize(sums)
                     last_train["learning_rate"] = float(schedule(step))
                     last_train["steps_per_second"] = steps / seconds
@@ -642,14 +643,28 @@ class _Speed:
         return sums, seconds, self.steps, self.tokens
 
 
-def _check_finite(sums, step, last_good_step):
+def _check_finite(sums, step, last_good_step, resumed_at=None):
+    """Raises NonFiniteLossError when the summed loss is NaN or inf, with advice for the case:
+    right after a restore, the restored checkpoint is the first suspect."""
     loss = sums["loss"][0]
-    if not np.isfinite(loss):
+    if np.isfinite(loss):
+        return
+    if resumed_at is not None and last_good_step == resumed_at:
         raise NonFiniteLossError(
-            f"the training loss became {loss} between steps {last_good_step} and {step}. "
-            f"Training stopped; the checkpoints up to step {last_good_step} are kept. Try a "
-            "lower learning rate, more warmup, gradient clipping or float32 compute."
+            f"the training loss became {loss} between steps {resumed_at} and {step}, the first "
+            f"steps after resuming from the checkpoint at step {resumed_at}: that checkpoint is "
+            "the first suspect. A checkpoint is restored only when its arrays match the "
+            "digests saved with it, so it holds what training had reached: the run may have "
+            "been diverging before it was saved. To go "
+            f"back further, move checkpoints/{resumed_at} into checkpoints_unreadable/ and run "
+            "the same command again; it resumes from the checkpoint before it. Then try a lower "
+            "learning rate, more warmup, gradient clipping or float32 compute."
         )
+    raise NonFiniteLossError(
+        f"the training loss became {loss} between steps {last_good_step} and {step}. "
+        f"Training stopped; the checkpoints up to step {last_good_step} are kept. Try a "
+        "lower learning rate, more warmup, gradient clipping or float32 compute."
+    )
 
 
 def _update_best(best, results, step, config):
