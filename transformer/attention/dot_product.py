@@ -10,6 +10,8 @@ for a query that has no allowed key. "dense" is the reference; "auto" picks one.
 """
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from transformer import patterns
 from transformer.attention.auto import BLOCK_SIZE, auto_implementation
@@ -95,12 +97,17 @@ def pattern_mask(pattern, q_len, kv_len, key_valid=None):
     return mask
 
 
-def _check_shapes(query, key, value, mask, bias):
+def _check_inputs(query, key, value, mask, bias, alibi_slopes, dropout_rate):
+    """Raises a ValueError or TypeError naming the argument before anything is computed."""
     check_query_key_value(query, key, value)
     full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     for name, array in (("mask", mask), ("bias", bias)):
         if array is None:
             continue
+        if not isinstance(array, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a jax or NumPy array or None; got {type(array).__name__}."
+            )
         if array.ndim != 4 or any(a not in (1, f) for a, f in zip(array.shape, full)):
             raise ValueError(
                 f"{name} of shape {array.shape} does not broadcast to "
@@ -108,6 +115,20 @@ def _check_shapes(query, key, value, mask, bias):
             )
     if mask is not None and mask.dtype != bool:
         raise ValueError(f"mask must be boolean (True = may attend); got dtype {mask.dtype}.")
+    if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise TypeError(f"bias must have a floating dtype; got {bias.dtype}.")
+    if alibi_slopes is not None and np.shape(alibi_slopes) != (query.shape[2],):
+        # Slopes of another length would broadcast against the heads, or fail deep inside.
+        raise ValueError(
+            f"alibi_slopes must have shape [heads] = ({query.shape[2]},), one slope per head; "
+            f"got shape {np.shape(alibi_slopes)}."
+        )
+    if (
+        isinstance(dropout_rate, bool)
+        or not isinstance(dropout_rate, (int, float, np.integer, np.floating))
+        or not 0.0 <= dropout_rate < 1.0
+    ):
+        raise ValueError(f"dropout_rate must be a number in [0, 1); got {dropout_rate!r}.")
 
 
 def _key_valid(mask, batch, implementation):
@@ -142,6 +163,7 @@ def dot_product_attention(
 
     Args:
       query: `[batch, q_len, heads, head_dim]` (the layout of `jax.nn.dot_product_attention`).
+        query, key and value are jax or NumPy arrays of a floating dtype, no dimension empty.
       key: `[batch, kv_len, heads, head_dim]`.
       value: `[batch, kv_len, heads, value_dim]`.
       mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True where a query may
@@ -157,13 +179,19 @@ def dot_product_attention(
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
         reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
         "auto" picks one by the rule in `transformer/attention/auto.py`.
-      dropout_rate, dropout_rng: dropout on the attention weights ("dense" only).
+      dropout_rate, dropout_rng: dropout on the attention weights ("dense" only); the rate is
+        in [0, 1).
       return_weights: also return the weights `[batch, heads, q_len, kv_len]` ("dense" only).
 
     Returns:
       `[batch, q_len, heads, value_dim]`, and the weights when `return_weights`.
+
+    Raises:
+      TypeError or ValueError naming the argument, before any computation, for inputs that are
+      not arrays, not floating, empty or of mismatched shapes, and for a bad mask, bias,
+      alibi_slopes, dropout_rate, pattern or implementation.
     """
-    _check_shapes(query, key, value, mask, bias)
+    _check_inputs(query, key, value, mask, bias, alibi_slopes, dropout_rate)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; allowed: {sorted(IMPLEMENTATIONS)}."

@@ -1,15 +1,41 @@
 """What every implementation shares about its arrays: the q/k/v layout, and loop carry types."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NAMES = ("query", "key", "value")
+_AXES = {"query": "q_len", "key": "kv_len", "value": "kv_len"}
 
 
 def check_query_key_value(query, key, value):
-    """Raises a ValueError naming the mismatch unless q, k, v are consistent 4-D arrays."""
+    """Raises before any computation unless q, k, v are consistent floating 4-D arrays.
+
+    query `[batch, q_len, heads, head_dim]`, key `[batch, kv_len, heads, head_dim]` and value
+    `[batch, kv_len, heads, value_dim]` must be jax or NumPy arrays (a TypeError otherwise: a
+    list is not converted, so that what reaches the kernels is what the caller built), of a
+    floating dtype (a TypeError otherwise: integer inputs would give integer, truncated
+    outputs), with no empty dimension: a length of 0 is a ValueError in every implementation,
+    as the patterns refuse it too. Mismatched shapes are a ValueError naming the mismatch.
+    """
+    arrays = dict(zip(_NAMES, (query, key, value)))
+    for name, array in arrays.items():
+        if not isinstance(array, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a jax or NumPy array; got {type(array).__name__}. Convert it "
+                "with jnp.asarray first."
+            )
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
             "query, key and value must be [batch, length, heads, head_dim]; got shapes "
             f"{query.shape}, {key.shape}, {value.shape}."
         )
+    for name, array in arrays.items():
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must have a floating dtype (float32, bfloat16, float16, float64, ...); "
+                f"got {array.dtype}. Cast it with .astype(jnp.float32)."
+            )
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(
             f"key {key.shape} and value {value.shape} must agree on [batch, kv_len, heads]."
@@ -18,6 +44,14 @@ def check_query_key_value(query, key, value):
         raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
     if query.shape[3] != key.shape[3]:
         raise ValueError(f"query head_dim {query.shape[3]} != key head_dim {key.shape[3]}.")
+    for name, array in arrays.items():
+        axes = ("batch", _AXES[name], "heads", "value_dim" if name == "value" else "head_dim")
+        for axis, size in zip(axes, array.shape):
+            if size < 1:
+                raise ValueError(
+                    f"{name} {axis} must be at least 1; got {name} of shape {array.shape}. "
+                    "Empty inputs are refused by every implementation."
+                )
 
 
 def varying_like(arrays, *inits):

@@ -32,17 +32,36 @@ class AssociativeRecallConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def validate(self):
+        spec.check_int_fields(
+            "associative_recall",
+            self,
+            {
+                "num_pairs": 1,
+                "distance": 2,
+                "num_keys": 1,
+                "num_values": 1,
+                **generation.SPLIT_FIELD_MINIMUMS,
+            },
+        )
         if self.num_keys < self.num_pairs:
             raise ValueError(
-                f"associative_recall needs num_keys >= num_pairs (keys are distinct "
-                f"within a sequence), got num_keys={self.num_keys}, "
-                f"num_pairs={self.num_pairs}."
+                f"associative_recall needs num_keys >= num_pairs (keys are distinct within a "
+                f"sequence); got num_keys={self.num_keys}, num_pairs={self.num_pairs}: "
+                f"num_pairs must be <= {self.num_keys} for these keys, or num_keys >= "
+                f"{self.num_pairs} for these pairs."
             )
-        if self.distance % 2 or not 2 <= self.distance <= 2 * self.num_pairs:
+        if self.distance % 2:
             raise ValueError(
-                f"associative_recall distance must be even and in [2, 2 * num_pairs] = "
-                f"[2, {2 * self.num_pairs}] (a key sits at an even distance from the "
-                f"query), got {self.distance}."
+                f"associative_recall distance must be even (a key sits at an even distance "
+                f"from the query); got {self.distance}."
+            )
+        if self.distance > 2 * self.num_pairs:
+            # Either field may be the one set on purpose: say what each would need.
+            raise ValueError(
+                f"associative_recall needs distance <= 2 * num_pairs (the queried key must be "
+                f"one of the pairs); got distance={self.distance}, num_pairs={self.num_pairs}: "
+                f"num_pairs must be >= {self.distance // 2} for this distance, or distance an "
+                f"even number in [2, {2 * self.num_pairs}] for these pairs."
             )
 
 

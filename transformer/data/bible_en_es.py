@@ -99,8 +99,7 @@ class BibleConfig(tfds.core.BuilderConfig):
     vocab_size: int = 8000
 
     def validate(self):
-        if self.vocab_size < 100:
-            raise ValueError(f"bible_en_es vocab_size must be >= 100, got {self.vocab_size}.")
+        spec.check_int_fields("bible_en_es", self, {"vocab_size": 100})
 
 
 class BibleEnEs(tfds.core.GeneratorBasedBuilder):

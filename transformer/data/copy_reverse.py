@@ -33,6 +33,11 @@ class CopyReverseConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def validate(self):
+        spec.check_int_fields(
+            "copy_reverse",
+            self,
+            {"min_length": 1, "max_length": 1, "num_symbols": 2, **generation.SPLIT_FIELD_MINIMUMS},
+        )
         if not 1 <= self.min_length <= self.max_length:
             raise ValueError(
                 f"copy_reverse needs 1 <= min_length <= max_length, got "

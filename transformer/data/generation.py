@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 SPLITS_IN_ORDER = ("test", "validation", "train")
+# The smallest allowed value of the split sizes and seed every generated data set's config has.
+SPLIT_FIELD_MINIMUMS = {"num_train": 1, "num_validation": 1, "num_test": 1, "seed": 0}
 
 
 def split_examples(

@@ -106,6 +106,17 @@ class ListOpsConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def validate(self):
+        spec.check_int_fields(
+            "listops",
+            self,
+            {
+                "min_length": 1,
+                "max_length": 1,
+                "max_depth": 1,
+                "max_args": 2,
+                **generation.SPLIT_FIELD_MINIMUMS,
+            },
+        )
         if not 1 <= self.min_length <= self.max_length:
             raise ValueError(
                 f"listops needs 1 <= min_length <= max_length, got {self.min_length}, "

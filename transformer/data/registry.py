@@ -131,7 +131,18 @@ def builder_config(data_config) -> tfds.core.BuilderConfig:
         suffix = "-".join(f"{k}={_name_part(v)}" for k, v in sorted(overrides.items()))
         config = dataclasses.replace(config, name=f"{name}-{suffix}", **overrides)
     if hasattr(config, "validate"):
-        config.validate()
+        try:
+            config.validate()
+        except ValueError as error:
+            if not overrides:
+                raise
+            # The check that failed may name a field the user left alone (whose allowed range
+            # an override moved): say which fields were set, and where the others came from.
+            set_fields = ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items()))
+            raise ValueError(
+                f"{error} (builder_overrides set {set_fields}; the other fields are those of "
+                f"{fields['name']}'s config {name!r}.)"
+            ) from None
     return config
 
 

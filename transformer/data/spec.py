@@ -1,6 +1,7 @@
 """What the pipeline needs to know about a data set, beyond its TFDS builder."""
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -39,3 +40,15 @@ class DatasetSpec:
     max_target_length: Callable[..., int] | None = None
     pipeline_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     choices: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+
+def check_int_fields(dataset: str, config, minimums: dict[str, int]) -> None:
+    """Raises a ValueError naming the first field of `config` that is not an int >= its minimum.
+
+    Run before the checks that relate fields to each other, so that a bad value is blamed on
+    its own field rather than on another field whose allowed range it sets.
+    """
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"{dataset} {name} must be an integer >= {minimum}; got {value!r}.")

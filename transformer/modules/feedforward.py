@@ -6,6 +6,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from transformer.modules.checks import check_positive_int, check_rate
+
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
@@ -32,6 +34,8 @@ class FeedForward(nn.Module):
             raise ValueError(
                 f"unknown activation {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}."
             )
+        check_positive_int("d_ff", self.d_ff)
+        check_rate("dropout_rate", self.dropout_rate)
         d_model = inputs.shape[-1]
         hidden = nn.Dense(
             self.d_ff,

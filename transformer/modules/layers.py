@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
 from transformer.modules.multihead_attention import MultiHeadAttention
 from transformer.modules.positional import check_positional
@@ -23,14 +24,16 @@ class LayerConfig:
 
     Attributes:
       d_model: width of the residual stream.
-      num_heads, head_dim: attention heads (head_dim defaults to d_model / num_heads).
+      num_heads, head_dim: attention heads (head_dim, a positive int, defaults to
+        d_model / num_heads).
       d_ff, activation: the feed-forward block.
-      dropout_rate: on each sublayer's output before the residual sum (and on the embeddings).
-      attention_dropout_rate: on the attention weights.
+      dropout_rate: on each sublayer's output before the residual sum (and on the embeddings);
+        in [0, 1).
+      attention_dropout_rate: on the attention weights; in [0, 1).
       norm_position: "post" or "pre" (see the module docstring).
-      layer_norm_epsilon: LayerNorm's epsilon.
+      layer_norm_epsilon: LayerNorm's epsilon, > 0.
       positional: the model's positional encoding; "rotary" and "alibi" act in self-attention.
-      rotary_base: RoPE's base.
+      rotary_base: RoPE's base, > 0.
       implementation: the `dot_product_attention` implementation ("auto" picks by backend,
         pattern and length). Attention dropout and sown weights need "dense".
       sow_attention_weights: store attention weights in "intermediates" (dense only).
@@ -65,11 +68,12 @@ class LayerConfig:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
         for name in ("d_model", "num_heads", "d_ff"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}.")
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("head_dim", self.head_dim, allow_none=True)
         for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}.")
+            check_rate(name, getattr(self, name))
+        check_positive_number("layer_norm_epsilon", self.layer_norm_epsilon)
+        check_positive_number("rotary_base", self.rotary_base)
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model {self.d_model} is not divisible by num_heads "

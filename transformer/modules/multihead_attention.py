@@ -19,6 +19,7 @@ from flax import linen as nn
 from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.attention.auto import auto_implementation
+from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
 
 
@@ -61,6 +62,11 @@ class MultiHeadAttention(nn.Module):
 
     def setup(self):
         check_positional(self.positional)
+        check_positive_int("num_heads", self.num_heads)
+        check_positive_int("features", self.features)
+        check_positive_int("head_dim", self.head_dim, allow_none=True)
+        check_rate("dropout_rate", self.dropout_rate)
+        check_positive_number("rotary_base", self.rotary_base)
         if self.head_dim is None and self.features % self.num_heads:
             raise ValueError(
                 f"features {self.features} is not divisible by num_heads "

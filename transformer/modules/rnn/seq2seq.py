@@ -13,6 +13,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer.modules.checks import check_positive_int, check_rate
 from transformer.modules.rnn.decoders import DECODERS, LUONG_SCORES
 from transformer.modules.rnn.encoder import RNNEncoder, check_cell
 from transformer.token_ids import BOS_ID
@@ -86,6 +87,9 @@ class RNNSeq2Seq(nn.Module):
         self.output_layer = nn.Dense(self.vocab_size)
 
     def _check_config(self):
+        for name in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "attention_dim"):
+            check_positive_int(name, getattr(self, name))
+        check_rate("dropout_rate", self.dropout_rate)
         if self.attention not in DECODERS:
             raise ValueError(f"unknown attention {self.attention!r}; allowed: {sorted(DECODERS)}.")
         check_cell(self.cell)
