@@ -162,7 +162,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after flags: JAX reads its own
 
-    from transformer.training import host_allocator, loop, parallel, sweep
+    from transformer.training import host_allocator, loop, parallel, sweep, workdir_lock
 
     if not sys.stderr.isatty():
         import tensorflow_datasets as tfds
@@ -186,7 +186,7 @@ def main(argv):
             runs = sweep.plan_runs(get_config, preset, FLAGS.workdir, overrides)
         except ValueError as error:
             _fail(str(error))
-        records = sweep.run_planned(runs, FLAGS.workdir)
+        records = sweep.run_planned(runs, FLAGS.workdir)  # shares busy runs with other sweeps
         if records is None:
             sys.exit(143)  # stopped by SIGTERM: the same command resumes
         with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
@@ -196,7 +196,10 @@ def main(argv):
         loop.prepare(FLAGS.config, FLAGS.workdir)
     except ValueError as error:
         _fail(str(error))
-    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except workdir_lock.WorkdirBusyError as error:
+        _fail(str(error))
     if result.summary["status"] != "completed":
         logging.warning(
             "stopped at step %d; run the same command again to resume.", result.summary["step"]

@@ -177,6 +177,21 @@ def test_a_changed_config_in_a_workdir_with_checkpoints_is_a_short_error(tmp_pat
     assert (workdir / "config.json").read_text() == saved
 
 
+def test_a_busy_workdir_is_a_short_error_naming_the_holder(tmp_path):
+    from transformer.training import workdir_lock
+
+    holder = workdir_lock.acquire(str(tmp_path / "run"))
+    try:
+        completed = _launch(
+            "--config=experiments/pattern_reach.py:smoke", f"--workdir={tmp_path / 'run'}"
+        )
+    finally:
+        workdir_lock.release(holder)
+    lines = _error_lines(completed.stderr)
+    assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
+    assert f"is in use by process {os.getpid()} on " in lines[0]
+
+
 def test_incomplete_multi_process_flags_are_a_short_error(tmp_path):
     completed = _launch(
         "--config=experiments/pattern_reach.py:smoke",

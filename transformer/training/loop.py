@@ -36,11 +36,12 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from transformer.training import config_schema, parallel, provenance, tasks
+from transformer.training import config_schema, parallel, provenance, tasks, workdir_lock
 from transformer.training.checkpoints import (
     Checkpointer,
     check_compatible_config,
     check_resumable,
+    write_json_atomically,
 )
 from transformer.training.metrics import MetricsWriter, read_metrics
 from transformer.training.optimizer import learning_rate_schedule, make_optimizer
@@ -453,8 +454,17 @@ def train_and_evaluate(config, workdir):
     summary (also written to `workdir/summary.json` when training completes) and the final
     state. Raises NonFiniteLossError when the loss becomes NaN or inf, keeping the checkpoints
     saved before. After a SIGTERM it saves a checkpoint and returns early, status "stopped".
+
+    The run holds `workdir`'s lock throughout: a second process on the same workdir gets a
+    WorkdirBusyError naming this one. A workdir whose run completed is left as it is, and its
+    summary returned.
     """
     setup = prepare(config, workdir)
+    with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, setup)
+
+
+def _train_and_evaluate(config, workdir, setup):
     task, model, evaluators = setup.task, setup.model, setup.evaluators
     mesh = parallel.make_mesh()
     mode = config.parallel
@@ -483,10 +493,16 @@ def train_and_evaluate(config, workdir):
     restored = checkpointer.restore_latest(jax.tree.map(np.asarray, host_state), train_iter)
     host_state = host_state if restored is None else restored
     resumed_at = None if restored is None else int(host_state.step)
+    finished = _completed_summary(workdir, resumed_at, config.num_train_steps)
+    if finished is not None:
+        checkpointer.close()
+        logging.info("%s holds a completed run; its summary.json is kept as it is.", workdir)
+        return TrainResult(finished, host_state)
     state = parallel.replicate(host_state, mesh, mode)
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
-    writer = MetricsWriter(workdir)
+    # The log keeps no rows past the restored step: the steps after it are trained again.
+    writer = MetricsWriter(workdir, resume_step=resumed_at or 0)
 
     def run_evals(step):
         results = {}
@@ -595,8 +611,23 @@ def train_and_evaluate(config, workdir):
         "machine": provenance.machine(),
     }
     if jax.process_index() == 0 and status == "completed":
-        _write_json(os.path.join(workdir, "summary.json"), summary)
+        write_json_atomically(os.path.join(workdir, "summary.json"), summary)
     return TrainResult(summary, parallel.fetch(state))
+
+
+def _completed_summary(workdir, resumed_at, num_train_steps):
+    """The summary of a run that completed in `workdir` at `num_train_steps`, or None."""
+    path = os.path.join(workdir, "summary.json")
+    if resumed_at != num_train_steps or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None  # damaged: evaluate again and write a new one
+    if summary.get("status") == "completed" and summary.get("step") == num_train_steps:
+        return summary
+    return None
 
 
 def train_step_memory_gb(train_step, state, batch):
@@ -699,9 +730,3 @@ def _format(results):
     return ", ".join(
         f"{k} {v:.4g}" for k, v in results.items() if k.endswith(("/accuracy", "/loss", "/bleu"))
     )
-
-
-def _write_json(path, data):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)

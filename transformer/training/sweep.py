@@ -17,13 +17,15 @@ crash loses at most the run in progress (which itself resumes from its last chec
 import csv
 import json
 import os
+import tempfile
+import time
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
 
-from transformer.training import loop, provenance
+from transformer.training import loop, provenance, workdir_lock
 from transformer.training.config_schema import differences
 
 
@@ -80,23 +82,75 @@ def plan_runs(get_config, preset, workdir, overrides=None):
 def run_planned(plan, workdir):
     """Trains the runs of `plan` (from `plan_runs`) that are not finished, and writes the results.
 
-    Each run trains in `workdir/runs/<variant>/seed_<seed>/`. Returns the list of per-run records
-    (variant, seed, config, results); stops early, returning None, when a run was stopped by
-    SIGTERM (run the same command again to resume).
+    Each run trains in `workdir/runs/<variant>/seed_<seed>/`, holding that run's lock. A run that
+    another process (another sweep on the same workdir) is training is left to it and read back
+    once it is done, so two sweeps share the work instead of repeating it. Returns the list of
+    per-run records (variant, seed, config, results) in the plan's order; stops early, returning
+    None, when a run was stopped by SIGTERM (run the same command again to resume).
     """
-    records = []
-    for run in plan.runs:
+    summaries = {}  # run index -> summary
+    deferred = []
+    for index, run in enumerate(plan.runs):
         summary = _finished_summary(run.run_dir)
         if summary is None:
-            logging.info("sweep: training %s, seed %d", run.variant, run.seed)
-            summary = loop.train_and_evaluate(run.config, run.run_dir).summary
-            if summary["status"] != "completed":
-                logging.warning(
-                    "sweep stopped during %s seed %d; run again to resume.", run.variant, run.seed
+            try:
+                summary = _train(run)
+            except workdir_lock.WorkdirBusyError:
+                logging.info(
+                    "sweep: %s seed %d is being trained by another process; later",
+                    run.variant,
+                    run.seed,
                 )
+                deferred.append(index)
+                continue
+            if summary is None:
                 return None
         else:
             logging.info("sweep: %s seed %d is done already", run.variant, run.seed)
+        summaries[index] = summary
+        write_results(_records(plan, summaries), plan.spec, workdir)
+    for index in deferred:
+        run = plan.runs[index]
+        # Wait for the other process to finish (or die), then read its result, or train the run
+        # here if it stopped before completing.
+        summary = _finished_summary(run.run_dir)
+        while summary is None:
+            try:
+                summary = _train(run)
+            except workdir_lock.WorkdirBusyError:
+                time.sleep(_BUSY_POLL_SECONDS)
+                summary = _finished_summary(run.run_dir)
+                continue
+            if summary is None:
+                return None
+        summaries[index] = summary
+        write_results(_records(plan, summaries), plan.spec, workdir)
+    return _records(plan, summaries)
+
+
+# How often a sweep looks again at a run that another process is training.
+_BUSY_POLL_SECONDS = 5.0
+
+
+def _train(run):
+    """Trains `run`; its summary, or None when it was stopped by SIGTERM."""
+    logging.info("sweep: training %s, seed %d", run.variant, run.seed)
+    summary = loop.train_and_evaluate(run.config, run.run_dir).summary
+    if summary["status"] != "completed":
+        logging.warning(
+            "sweep stopped during %s seed %d; run again to resume.", run.variant, run.seed
+        )
+        return None
+    return summary
+
+
+def _records(plan, summaries):
+    """The per-run records of the finished runs, in the plan's order."""
+    records = []
+    for index, run in enumerate(plan.runs):
+        if index not in summaries:
+            continue
+        summary = summaries[index]
         changes = [
             (f, new)
             for f, _, new in differences(plan.preset_json, summary["config"])
@@ -113,7 +167,6 @@ def run_planned(plan, workdir):
                 "machine": summary.get("machine"),
             }
         )
-        write_results(records, plan.spec, workdir)
     return records
 
 
@@ -285,26 +338,37 @@ def plot(records, spec, path):
     axes[0][0].set_ylabel(spec.y_label)
     axes[0][-1].legend(title=spec.series.split(".")[-1], fontsize=8)
     figure.tight_layout()
-    figure.savefig(path + ".tmp.png", dpi=120)
+    handle, temporary = tempfile.mkstemp(
+        suffix=".png", prefix="plot.", dir=os.path.dirname(os.path.abspath(path))
+    )
+    os.close(handle)
+    figure.savefig(temporary, dpi=120)
     plt.close(figure)
-    os.replace(path + ".tmp.png", path)
+    os.replace(temporary, path)
 
 
 class _replacing:
-    """Opens `path + ".tmp"` for writing and renames it over `path` on success: a crash never
-    leaves a half-written results file."""
+    """Opens a uniquely named temporary file beside `path` and renames it over `path` on
+    success: a crash never leaves a half-written results file, and two writers never share a
+    temporary file."""
 
     def __init__(self, path):
         self.path = path
 
     def __enter__(self):
-        self.file = open(self.path + ".tmp", "w", encoding="utf-8", newline="")
+        directory = os.path.dirname(os.path.abspath(self.path))
+        handle, self.temporary = tempfile.mkstemp(
+            prefix=os.path.basename(self.path) + ".", dir=directory
+        )
+        self.file = os.fdopen(handle, "w", encoding="utf-8", newline="")
         return self.file
 
     def __exit__(self, exc_type, *exc):
         self.file.close()
         if exc_type is None:
-            os.replace(self.path + ".tmp", self.path)
+            os.replace(self.temporary, self.path)
+        else:
+            os.remove(self.temporary)
 
 
 def _replace(path, text):
