@@ -265,7 +265,7 @@ def test_build_model_accepts_config_dict_with_list_options():
             "takes no option(s) ['width']",
         ),
         (dict(name="decoder_lm", d_model=30, num_heads=4), "d_model 30 is not divisible"),
-        (dict(name="decoder_lm", dropout_rate=1.5), "dropout_rate must be in [0, 1)"),
+        (dict(name="decoder_lm", dropout_rate=1.5), "dropout_rate must be a number in [0, 1)"),
         (dict(name="decoder_lm", vocab_size=0), "vocab_size must be a positive integer"),
         (dict(name="encoder_decoder", target_vocab_size=9), "share_embeddings needs one vocab"),
     ],
