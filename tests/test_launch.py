@@ -332,8 +332,13 @@ def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(t
     assert finals["bfloat16"] == pytest.approx(finals["float32"], rel=0.05)
     assert finals["bfloat16"] != finals["float32"]  # the compute dtype did take effect
 
-    # Running a finished workdir again resumes at its end: nothing is timed, and the summary
-    # says so rather than claim 0 tokens/s.
+    # Running a finished workdir again leaves it as it was and returns its summary.
+    again = loop.train_and_evaluate(config, str(tmp_path / "bfloat16"))
+    assert again.summary == json.loads((tmp_path / "bfloat16" / "summary.json").read_text())
+    assert again.summary["final"] == result.summary["final"]
+    # Without its summary (lost after the last checkpoint), the run resumes at its end and
+    # evaluates again: nothing is timed, and the summary says so rather than claim 0 tokens/s.
+    os.remove(tmp_path / "bfloat16" / "summary.json")
     again = loop.train_and_evaluate(config, str(tmp_path / "bfloat16"))
     assert again.summary["tokens_per_second"] is None
 
