@@ -12,6 +12,12 @@ probabilities from them, so it too needs memory linear in length.
 
 Causal attention visits only the key chunks at or below the diagonal, so it does about half the
 work of full attention rather than masking the upper half away.
+
+Non-finite inputs follow the dense reference (`dense.py`): padded keys and values are replaced by
+zeros before anything combines them, excluded logits are selected (never added) to -inf, and in
+the tiles the causal rule cuts, the products run over the allowed pairs only
+(`dense.masked_einsum`), so a NaN or inf that the mask excludes never reaches the output or the
+gradients, while one it allows propagates (a NaN row maximum is not "no key").
 """
 
 import functools
@@ -21,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.attention.dense import masked_einsum
 from transformer.attention.shapes import check_query_key_value, varying_like
 
 # Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
@@ -75,6 +82,10 @@ def chunked_attention(
     num_q_chunks = -(-q_len // query_chunk)
     num_k_chunks = -(-kv_len // key_chunk)
 
+    if key_valid is not None:
+        # Padded keys and values become zeros: a NaN there cannot reach a product (0 * NaN).
+        valid = key_valid[:, :, None, None]
+        key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
     # [batch, heads, length, dim] once, outside the loops, so every tile is a plain batched matmul.
     q = jnp.swapaxes(query, 1, 2)
     k = jnp.swapaxes(key, 1, 2)
@@ -232,7 +243,8 @@ def _query_chunk_ranges(config, k_index):
 
 
 def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask):
-    """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend.
+    """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend,
+    and the causal rule's `[Cq, Ck]` allowed pairs (None without `causal_mask`).
 
     `q_tile` is already multiplied by the scale. `causal_mask` (static) applies the causal rule
     inside the tile; tiles wholly below the diagonal skip that work.
@@ -246,12 +258,14 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     if slopes is not None:
         distance = jnp.abs(query_pos - key_pos).astype(jnp.float32)
         logits = logits - slopes[None, :, None, None] * distance
+    allowed = None
     if causal_mask:
-        logits = jnp.where(key_pos <= query_pos, logits, -jnp.inf)
+        allowed = key_pos <= query_pos
+        logits = jnp.where(allowed, logits, -jnp.inf)
     if key_valid is not None:
         valid = _chunk(key_valid, k_index, config.key_chunk, axis=1)
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
-    return logits
+    return logits, allowed
 
 
 def _chunk(x, index, size, axis=2):
@@ -278,7 +292,7 @@ def _forward(config, q, k, v, key_valid, slopes):
 
         def key_chunk_step(k_index, carry, causal_mask):
             row_max, row_sum, acc = carry
-            logits = _tile_logits(
+            logits, allowed = _tile_logits(
                 config,
                 q_tile,
                 _chunk(k, k_index, ck),
@@ -295,12 +309,17 @@ def _forward(config, q, k, v, key_valid, slopes):
             probs = jnp.exp(logits - shift[..., None])
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + probs.sum(axis=-1)
-            acc = acc * correction[..., None] + jnp.einsum(
-                "bhqk,bhkd->bhqd",
-                probs.astype(v.dtype),
-                _chunk(v, k_index, ck),
-                preferred_element_type=jnp.float32,
-            )
+            v_tile = _chunk(v, k_index, ck)
+            if causal_mask:  # only the allowed pairs: a NaN value above the diagonal stays out
+                values = masked_einsum("bhqk,bhkd->bhqd", probs, allowed, v_tile, jnp.float32)
+            else:
+                values = jnp.einsum(
+                    "bhqk,bhkd->bhqd",
+                    probs.astype(v.dtype),
+                    v_tile,
+                    preferred_element_type=jnp.float32,
+                )
+            acc = acc * correction[..., None] + values
             return new_max, row_sum, acc
 
         init = varying_like(
@@ -362,36 +381,51 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             d_q, d_k_t, d_v_t, d_slopes = inner
             q_tile = _chunk(q_scaled, q_index, cq)
             d_out_tile = _chunk(d_out, q_index, cq)
-            logits = _tile_logits(
+            logits, allowed = _tile_logits(
                 config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask
             )
             probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
-            d_v_t = d_v_t + jnp.einsum(
-                "bhdq,bhqk->bhdk",
-                _chunk(d_out_t, q_index, cq, axis=3),
-                probs.astype(v.dtype),
-                preferred_element_type=jnp.float32,
-            )
+            if causal_mask:
+                # A NaN row's excluded probabilities are exp(-inf - NaN): they are exactly 0.
+                probs = jnp.where(allowed, probs, 0.0)
+                d_v_t = d_v_t + masked_einsum(
+                    "bhqk,bhqd->bhdk", probs, allowed, d_out_tile, jnp.float32
+                )
+            else:
+                d_v_t = d_v_t + jnp.einsum(
+                    "bhdq,bhqk->bhdk",
+                    _chunk(d_out_t, q_index, cq, axis=3),
+                    probs.astype(v.dtype),
+                    preferred_element_type=jnp.float32,
+                )
             d_probs = jnp.einsum(
                 "bhqd,bhkd->bhqk", d_out_tile, v_tile, preferred_element_type=jnp.float32
             )
             d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
+            if causal_mask:
+                d_logits = jnp.where(allowed, d_logits, 0.0)
             if slopes is not None:
                 query_pos = q_index * cq + config.offset + jnp.arange(cq)
                 key_pos = k_index * ck + jnp.arange(ck)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
-            d_logits = d_logits.astype(q.dtype)
-            d_q_tile = _chunk(d_q, q_index, cq) + jnp.einsum(
-                "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32
-            )
+            if causal_mask:  # dS K and dS^T Q over the allowed pairs only
+                d_q_items = masked_einsum("bhqk,bhkd->bhqd", d_logits, allowed, k_tile, jnp.float32)
+                d_k_items = masked_einsum("bhqk,bhqd->bhdk", d_logits, allowed, q_tile, jnp.float32)
+            else:
+                d_logits = d_logits.astype(q.dtype)
+                d_q_items = jnp.einsum(
+                    "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32
+                )
+                d_k_items = jnp.einsum(
+                    "bhdq,bhqk->bhdk",
+                    _chunk(q_scaled_t, q_index, cq, axis=3),
+                    d_logits,
+                    preferred_element_type=jnp.float32,
+                )
+            d_q_tile = _chunk(d_q, q_index, cq) + d_q_items
             d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)
-            d_k_t = d_k_t + jnp.einsum(
-                "bhdq,bhqk->bhdk",
-                _chunk(q_scaled_t, q_index, cq, axis=3),
-                d_logits,
-                preferred_element_type=jnp.float32,
-            )
+            d_k_t = d_k_t + d_k_items
             return d_q, d_k_t, d_v_t, d_slopes
 
         d_k_t, d_v_t = varying_like(

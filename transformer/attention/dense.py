@@ -2,10 +2,114 @@
 
 This is the reference every other implementation is tested against, and the only one that can
 return the attention weights (for plots) or apply dropout to them.
+
+Non-finite inputs. What the mask excludes never reaches the output or the gradients: an excluded
+pair's logit is replaced (selected, never added to) before the softmax, and the products that
+combine pairs (weights times values, and in the backward pass the logits' gradients times keys
+or queries) run over the allowed pairs only, so a NaN or inf at an excluded position is never
+multiplied by a zero weight (0 * NaN = NaN). What the mask allows propagates as IEEE arithmetic
+over the allowed pairs: a NaN logit or value gives NaN, a +inf logit gives a NaN row (inf - inf in
+the softmax), a -inf logit gets weight 0. A row with no allowed key, or whose allowed logits are
+all -inf, gets zeros and zero gradients. `masked_einsum` is that product; the other
+implementations use it too.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from transformer.attention.shapes import check_query_key_value
+
+
+def masked_einsum(spec, weights, allowed, operand, preferred_element_type=None):
+    """`einsum(spec, weights, operand)` summing over allowed pairs only.
+
+    `weights` carries the pair axes (e.g. `[.., q, k]`), `allowed` is boolean and broadcasts to
+    it, `operand` is contracted over one pair axis. An excluded pair contributes nothing, even
+    where its operand entry is NaN or inf; an allowed pair contributes weight * entry in IEEE
+    arithmetic (0 * inf = NaN). The plain product runs on the finite part of the operand; only
+    when the operand holds a non-finite entry do a few 0/1 products find where the non-finite
+    terms land (NaN, +inf, -inf), so finite inputs cost one `where` and a reduction extra.
+    """
+    weights = jnp.where(allowed, weights, 0)
+    finite = jnp.isfinite(operand)
+    product = functools.partial(jnp.einsum, spec, preferred_element_type=preferred_element_type)
+    out = product(weights, jnp.where(finite, operand, 0))
+
+    def non_finite_terms():
+        # Counts of the allowed non-finite terms per output entry, as 0/1 products (exact in
+        # float32 up to 2^24 terms).
+        allow = jnp.broadcast_to(allowed, weights.shape)
+        as_float = lambda x: x.astype(out.dtype)
+        positive, negative = as_float(allow & (weights > 0)), as_float(allow & (weights < 0))
+        zero_or_nan = as_float(allow & ~(weights > 0) & ~(weights < 0))
+        plus_inf, minus_inf = as_float(jnp.isposinf(operand)), as_float(jnp.isneginf(operand))
+        to_plus = product(positive, plus_inf) + product(negative, minus_inf)
+        to_minus = product(positive, minus_inf) + product(negative, plus_inf)
+        to_nan = product(as_float(allow), as_float(jnp.isnan(operand))) + product(
+            zero_or_nan, plus_inf + minus_inf
+        )
+        nan = (to_nan > 0) | ((to_plus > 0) & (to_minus > 0))
+        return jnp.where(
+            nan, jnp.nan, jnp.where(to_plus > 0, jnp.inf, jnp.where(to_minus > 0, -jnp.inf, 0.0))
+        ).astype(out.dtype)
+
+    return out + lax.cond(finite.all(), lambda: jnp.zeros_like(out), non_finite_terms)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _masked_values(spec, weights, allowed, values):
+    """`masked_einsum` of the weights and the values, differentiable over allowed pairs only."""
+    return masked_einsum(spec, weights, allowed, values)
+
+
+def _masked_values_fwd(spec, weights, allowed, values):
+    return _masked_values(spec, weights, allowed, values), (weights, allowed, values)
+
+
+def _masked_values_bwd(spec, residuals, d_out):
+    weights, allowed, values = residuals
+    inputs, output = spec.split("->")
+    weights_spec, values_spec = inputs.split(",")
+    # dW_ij = dO_i . V_j: one pair each, then selected; dV = W^T dO over the allowed pairs.
+    d_weights = jnp.where(
+        allowed, jnp.einsum(f"{output},{values_spec}->{weights_spec}", d_out, values), 0
+    )
+    d_values = masked_einsum(f"{weights_spec},{output}->{values_spec}", weights, allowed, d_out)
+    return d_weights.astype(weights.dtype), None, d_values.astype(values.dtype)
+
+
+_masked_values.defvjp(_masked_values_fwd, _masked_values_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _masked_logits(spec, query, key, allowed, compute_dtype):
+    """`einsum(spec, query, key)` (one logit per pair), -inf at excluded pairs; its gradients
+    (dS K and dS^T Q) sum over the allowed pairs only."""
+    logits = jnp.einsum(spec, query, key, preferred_element_type=compute_dtype)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _masked_logits_fwd(spec, query, key, allowed, compute_dtype):
+    return _masked_logits(spec, query, key, allowed, compute_dtype), (query, key, allowed)
+
+
+def _masked_logits_bwd(spec, compute_dtype, residuals, d_logits):
+    query, key, allowed = residuals
+    inputs, logits_spec = spec.split("->")
+    query_spec, key_spec = inputs.split(",")
+    d_query = masked_einsum(
+        f"{logits_spec},{key_spec}->{query_spec}", d_logits, allowed, key, compute_dtype
+    )
+    d_key = masked_einsum(
+        f"{logits_spec},{query_spec}->{key_spec}", d_logits, allowed, query, compute_dtype
+    )
+    return d_query.astype(query.dtype), d_key.astype(key.dtype), None
+
+
+_masked_logits.defvjp(_masked_logits_fwd, _masked_logits_bwd)
 
 
 def alibi_bias(slopes, q_len, kv_len, *, offset=0):
@@ -38,7 +142,8 @@ def dense_attention(
       key: `[batch, kv_len, heads, head_dim]`.
       value: `[batch, kv_len, heads, value_dim]`.
       mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True where a query may
-        attend. A query with no key left gets zeros in its output and its gradients.
+        attend. A query with no key left gets zeros in its output and its gradients. What it
+        excludes never reaches the output or gradients, even NaN or inf (module docstring).
       bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]` (ALiBi, relative
         positions).
       scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
@@ -49,29 +154,50 @@ def dense_attention(
     Returns:
       `[batch, q_len, heads, value_dim]`, and the weights when asked.
     """
+    check_query_key_value(query, key, value)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
+    if mask is None:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
+    else:
+        mask = jnp.asarray(mask).astype(bool)
+        # Selected, not added: an excluded pair's logit never enters, even when it is NaN.
+        logits = _masked_logits("bqhd,bkhd->bhqk", query, key, mask, compute_dtype)
     logits = logits * scale
     if bias is not None:
         logits = logits + bias.astype(compute_dtype)
     if alibi_slopes is not None:
         logits = logits + alibi_bias(alibi_slopes, query.shape[1], key.shape[1])
     if mask is not None:
-        # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
-        logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+        # Again after the bias: excluded pairs stay -inf whatever the bias holds there.
+        logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = logits.max(axis=-1, keepdims=True)
+    # A row with no allowed key (or only -inf logits) has max -inf: shift it by 0 so that its
+    # weights are exp(-inf) = 0, not NaN. A NaN max is not "no key": it makes the row NaN.
+    has_key = row_max != -jnp.inf
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.where(has_key, row_max, 0.0)))
+    total = weights.sum(axis=-1, keepdims=True)
+    weights = weights / jnp.where(has_key, total, 1.0)
     if mask is not None:
-        # Rows with no valid key came out uniform over the floor; make them zero instead.
+        # A NaN row's excluded weights are exp(-inf - NaN); excluded weights are exactly 0.
         weights = jnp.where(mask, weights, 0.0)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum(
-        "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=compute_dtype
-    ).astype(query.dtype)
+    if mask is None:
+        out = jnp.einsum(
+            "bhqk,bkhd->bqhd",
+            weights.astype(value.dtype),
+            value,
+            preferred_element_type=compute_dtype,
+        )
+    else:
+        out = _masked_values(
+            "bhqk,bkhd->bqhd", weights.astype(compute_dtype), mask, value.astype(compute_dtype)
+        )
+    out = out.astype(query.dtype)
     if return_weights:
         return out, weights
     return out

@@ -4,13 +4,18 @@ jax.nn expresses full, causal and sliding-window attention natively (`is_causal`
 `local_window_size`); on XLA those arguments only build a mask, so they save no work on CPU.
 Other patterns go in as a dense boolean mask ("xla" only). cuDNN's fused kernel needs a CUDA GPU
 and float16/bfloat16 inputs, and takes only the native patterns.
+
+Non-finite inputs: padded keys and values are zeroed per key first. jax.nn multiplies excluded
+pairs' zero weights by their values (0 * NaN = NaN) and differentiates through them, so when q, k
+or v hold a NaN or inf, "xla" computes the dense reference instead (`dense.py`, the same cost
+class: both materialise the scores), which keeps what the mask excludes out of the results.
 """
 
 import jax
 import jax.numpy as jnp
 
 from transformer import patterns
-from transformer.attention.dense import alibi_bias
+from transformer.attention.dense import alibi_bias, dense_attention
 
 
 def _native_arguments(pattern):
@@ -39,6 +44,40 @@ def _jax_nn_attention(
             f"sliding_window(...) & causal() only; got {pattern}. Use "
             "'block_sparse' or 'xla'."
         )
+    if key_valid is not None:
+        # Padded keys and values become zeros: a NaN there cannot reach a product (0 * NaN).
+        valid = key_valid[:, :, None, None]
+        key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
+    fused = lambda query, key, value: _fused(
+        query,
+        key,
+        value,
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        implementation=implementation,
+        arguments=arguments,
+    )
+    if implementation != "xla":
+        return fused(query, key, value)
+
+    def reference(query, key, value):
+        mask = jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]
+        out = dense_attention(query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes)
+        return out.astype(query.dtype)
+
+    finite = jnp.isfinite(query).all() & jnp.isfinite(key).all() & jnp.isfinite(value).all()
+    return jax.lax.cond(finite, fused, reference, query, key, value)
+
+
+def _fused(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, implementation, arguments
+):
+    """jax.nn's attention, with zeros for queries that have no allowed key."""
+    q_len, kv_len = query.shape[1], key.shape[1]
     mask = None if arguments is not None else jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
     if key_valid is not None:
         key_mask = key_valid[:, None, None, :]

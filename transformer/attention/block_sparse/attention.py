@@ -4,6 +4,11 @@ It asks the planner (`plan.py`) for the pattern's non-empty blocks, then compute
 fused CPU kernel (`cpu_kernel.py`) where it applies, or with XLA's schedules (`xla_schedules.py`)
 on every other backend and input. Rows whose queries see every key (BigBird's anchor rows) go to
 chunked attention on the XLA path.
+
+Non-finite inputs follow the dense reference (`dense.py`): padded keys and values are zeroed per
+key before any block combines them, and each path selects excluded logits and restricts its
+products to allowed pairs, so what the mask excludes never reaches the output or the gradients
+and what it allows propagates (NaN in, NaN out).
 """
 
 import jax
@@ -14,6 +19,7 @@ from transformer.attention.block_sparse import cpu_kernel
 from transformer.attention.block_sparse.plan import make_plan
 from transformer.attention.block_sparse.xla_schedules import _from_blocks, _to_blocks, attention_fn
 from transformer.attention.chunked import chunked_attention
+from transformer.attention.shapes import check_query_key_value
 
 
 def block_sparse_attention(
@@ -47,6 +53,7 @@ def block_sparse_attention(
     Returns:
       `[batch, q_len, heads, value_dim]`; zeros for queries with no allowed key.
     """
+    check_query_key_value(query, key, value)
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
     if key_valid is not None:
@@ -100,6 +107,10 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
     """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
     block_q, block_kv = plan.block_q, plan.block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
+    if key_valid is not None:
+        # Padded keys and values become zeros: a NaN there cannot reach a product (0 * NaN).
+        valid = key_valid[:, :, None, None]
+        key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
     dtype = jnp.promote_types(query.dtype, jnp.float32)
     q = _to_blocks(query.astype(dtype) * scale, plan.num_q_blocks, block_q)
     k = _to_blocks(key.astype(dtype), plan.num_kv_blocks, block_kv)

@@ -17,6 +17,12 @@
 //   masks    [num_masks, block_q, block_kv] uint8
 //   key_bias [batch, num_kv_blocks, block_kv] (0 or -inf; batch = bh / heads), or [0] for none
 // Rows not in `rows` get output 0 and log-sum-exp +inf (as do rows that see no key).
+//
+// Non-finite inputs follow the dense reference (dense.py): masked and padded scores are selected
+// to -inf (never added to), a NaN score makes its row NaN (a NaN row maximum is not "no key"),
+// and where a chunk has pattern-masked pairs and an operand of a product holds a NaN or inf, that
+// product runs over the allowed pairs only, so an excluded NaN is never multiplied by a zero
+// weight. Padded keys and values arrive zeroed (attention.py).
 
 #include <algorithm>
 #include <atomic>
@@ -50,9 +56,10 @@ inline void store(float* p, vec x) { *reinterpret_cast<vec_u*>(p) = x; }
 inline vec splat(float x) { return vec{} + x; }
 
 // exp(x) to float32 rounding: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial.
-// exp(-inf) and anything below -87.3 give exactly 0.
+// exp(-inf) and anything below -87.3 give exactly 0; NaN gives NaN.
 inline vec vexp(vec x) {
   vec t = x * 1.44269504f;
+  t = t == t ? t : splat(0.0f);  // NaN lanes: a defined conversion below, NaN restored at the end
   t = t > 127.0f ? splat(127.0f) : t;
   vec too_small = t < -126.0f ? splat(1.0f) : splat(0.0f);
   t = t < -126.0f ? splat(-126.0f) : t;
@@ -70,7 +77,14 @@ inline vec vexp(vec x) {
   ivec bits = (n + 127) << 23;
   vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return too_small > 0.0f ? splat(0.0f) : p * scale;
+  vec result = too_small > 0.0f ? splat(0.0f) : p * scale;
+  return x == x ? result : x;
+}
+
+inline bool all_finite(const float* p, long n) {
+  for (long i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
 }
 
 // C[R, NV * 16] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any strides,
@@ -156,6 +170,15 @@ struct Layout {
   long num_rows;
 };
 
+// Whether key block `entry` of a row is partly masked by the pattern (mask id 0 = all allowed).
+inline bool masked(const Layout& lay, int entry) { return lay.mask_id[entry] != 0; }
+
+// Whether query i of the row may attend to key jj of its key block `entry` (pattern only).
+inline bool allowed(const Shapes& sh, const Layout& lay, int entry, long i, long jj) {
+  int id = lay.mask_id[entry];
+  return id == 0 || lay.masks[(id * sh.block_q + i) * sh.block_kv + jj];
+}
+
 // Scores of one chunk: s[block_q, n * block_kv] = q k^T, -inf where masked or padded.
 void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_row,
                   const float* k_t, int first, int n, float* s) {
@@ -173,8 +196,9 @@ void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_ro
     for (long i = 0; i < sh.block_q; ++i) {
       float* s_i = s + i * width + c * sh.block_kv;
       for (long j = 0; j < sh.block_kv; ++j) {
-        float x = s_i[j] + (bias ? bias[j] : 0.0f);
-        s_i[j] = (id == 0 || mask[i * sh.block_kv + j]) ? x : -kInf;
+        // Selected, not added: NaN + -inf would be NaN.
+        bool keep = (id == 0 || mask[i * sh.block_kv + j]) && !(bias && bias[j] != 0.0f);
+        s_i[j] = keep ? s_i[j] : -kInf;
       }
     }
   }
@@ -277,14 +301,23 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
       for (long i = 0; i < sh.block_q; ++i) {
         float* s_i = s + i * width;
         vec m = splat(-kInf);
+        ivec nan = {};
         for (long j = 0; j < width; j += kLanes) {
           vec x = load(s_i + j);
           m = x > m ? x : m;
+          nan |= x != x;
         }
         float new_max = row_max[i];
-        for (int l = 0; l < kLanes; ++l) new_max = std::max(new_max, m[l]);
-        // A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0.
-        float shift = std::isinf(new_max) ? 0.0f : new_max;
+        bool any_nan = std::isnan(new_max);
+        for (int l = 0; l < kLanes; ++l) {
+          new_max = std::max(new_max, m[l]);
+          any_nan |= nan[l] != 0;
+        }
+        // A NaN score makes the row NaN: the comparisons above skip it, so say so.
+        if (any_nan) new_max = std::numeric_limits<float>::quiet_NaN();
+        // A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0. A
+        // +inf or NaN max stays: exp(inf - inf) and exp(x - NaN) are NaN, as in the reference.
+        float shift = new_max == -kInf ? 0.0f : new_max;
         float rescale = std::exp(row_max[i] - shift);
         vec sum = splat(0.0f);
         for (long j = 0; j < width; j += kLanes) {
@@ -300,13 +333,30 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
           for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] *= rescale;
       }
       const float* v_seg[kChunk];
-      for (int c = 0; c < n; ++c)
+      bool exact = false;
+      for (int c = 0; c < n; ++c) {
         v_seg[c] = vb + lay.kv_block[first + c] * sh.block_kv * sh.dv;
-      matmul(sh.block_q, sh.dv, s, width, 1, v_seg, sh.block_kv, n, sh.dv, o, sh.dv,
-             first != lay.row_start[r]);
+        exact |= masked(lay, first + c) && !all_finite(v_seg[c], sh.block_kv * sh.dv);
+      }
+      if (exact) {
+        // A NaN or inf value in a partly masked block: only allowed pairs multiply it.
+        if (first == lay.row_start[r]) std::fill(o, o + sh.block_q * sh.dv, 0.0f);
+        for (long i = 0; i < sh.block_q; ++i)
+          for (int c = 0; c < n; ++c)
+            for (long jj = 0; jj < sh.block_kv; ++jj) {
+              if (!allowed(sh, lay, first + c, i, jj)) continue;
+              float w = s[i * width + c * sh.block_kv + jj];
+              const float* v_j = v_seg[c] + jj * sh.dv;
+              for (long e = 0; e < sh.dv; ++e) o[i * sh.dv + e] += w * v_j[e];
+            }
+      } else {
+        matmul(sh.block_q, sh.dv, s, width, 1, v_seg, sh.block_kv, n, sh.dv, o, sh.dv,
+               first != lay.row_start[r]);
+      }
     }
     for (long i = 0; i < sh.block_q; ++i) {
-      if (row_sum[i] > 0.0f) {
+      // Not row_sum > 0: a NaN row has keys, and its NaN output and log-sum-exp carry on.
+      if (row_max[i] != -kInf) {
         float inv = 1.0f / row_sum[i];
         for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] *= inv;
         row_lse[i] = row_max[i] + std::log(row_sum[i]);
@@ -377,17 +427,61 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
             store(ds + i * width + j, prob * (load(ds + i * width + j) - delta_i));
           }
         }
+        bool any_masked = false;
+        for (int c = 0; c < n; ++c) {
+          if (!masked(lay, first + c)) continue;
+          any_masked = true;
+          // Excluded pairs: exactly 0, even in a NaN row (exp(-inf - NaN)) or where dO V^T is
+          // NaN from an excluded value.
+          for (long i = 0; i < sh.block_q; ++i)
+            for (long jj = 0; jj < sh.block_kv; ++jj)
+              if (!allowed(sh, lay, first + c, i, jj))
+                p[i * width + c * sh.block_kv + jj] = ds[i * width + c * sh.block_kv + jj] = 0.0f;
+        }
         const float* k_seg[kChunk];
+        bool keys_finite = true;
         for (int c = 0; c < n; ++c) {
           long kb = lay.kv_block[first + c];
           k_seg[c] = k_data + (kv_base + kb * sh.block_kv) * sh.d;
+          if (masked(lay, first + c)) keys_finite &= all_finite(k_seg[c], sh.block_kv * sh.d);
+        }
+        bool rows_finite = !any_masked || (all_finite(do_row, sh.block_q * sh.dv) &&
+                                           all_finite(q_row, sh.block_q * sh.d));
+        for (int c = 0; c < n; ++c) {
+          long kb = lay.kv_block[first + c];
+          float* dv_block = dv_data + (kv_base + kb * sh.block_kv) * sh.dv;
+          float* dk_block = dk_data + (kv_base + kb * sh.block_kv) * sh.d;
+          if (!rows_finite && masked(lay, first + c)) {
+            // A NaN or inf query or output gradient: only allowed pairs multiply it.
+            for (long i = 0; i < sh.block_q; ++i)
+              for (long jj = 0; jj < sh.block_kv; ++jj) {
+                if (!allowed(sh, lay, first + c, i, jj)) continue;
+                float w_p = p[i * width + c * sh.block_kv + jj];
+                float w_s = ds[i * width + c * sh.block_kv + jj];
+                for (long e = 0; e < sh.dv; ++e) dv_block[jj * sh.dv + e] += w_p * do_row[i * sh.dv + e];
+                for (long e = 0; e < sh.d; ++e) dk_block[jj * sh.d + e] += w_s * q_row[i * sh.d + e];
+              }
+            continue;
+          }
           // dV_block += P_block^T dO and dK_block += dS_block^T Q: A is read transposed.
           matmul(sh.block_kv, sh.dv, p + c * sh.block_kv, 1, width, &do_row, sh.block_q, 1,
-                 sh.dv, dv_data + (kv_base + kb * sh.block_kv) * sh.dv, sh.dv, true);
+                 sh.dv, dv_block, sh.dv, true);
           matmul(sh.block_kv, sh.d, ds + c * sh.block_kv, 1, width, &q_row, sh.block_q, 1,
-                 sh.d, dk_data + (kv_base + kb * sh.block_kv) * sh.d, sh.d, true);
+                 sh.d, dk_block, sh.d, true);
         }
-        matmul(sh.block_q, sh.d, ds, width, 1, k_seg, sh.block_kv, n, sh.d, dq_row, sh.d, true);
+        if (keys_finite) {
+          matmul(sh.block_q, sh.d, ds, width, 1, k_seg, sh.block_kv, n, sh.d, dq_row, sh.d, true);
+        } else {
+          // A NaN or inf key in a partly masked block: only allowed pairs multiply it.
+          for (long i = 0; i < sh.block_q; ++i)
+            for (int c = 0; c < n; ++c)
+              for (long jj = 0; jj < sh.block_kv; ++jj) {
+                if (!allowed(sh, lay, first + c, i, jj)) continue;
+                float w = ds[i * width + c * sh.block_kv + jj];
+                const float* k_j = k_seg[c] + jj * sh.d;
+                for (long e = 0; e < sh.d; ++e) dq_row[i * sh.d + e] += w * k_j[e];
+              }
+        }
       }
     }
   });

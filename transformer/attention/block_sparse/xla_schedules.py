@@ -6,6 +6,10 @@ proportional to the number of non-empty blocks, memory to the length. The backwa
 the same steps, recomputing each item's probabilities from the saved log-sum-exp, so it stores
 nothing quadratic either. These schedules serve every backend; on CPU the fused kernel
 (`cpu_kernel.py`) replaces them where it applies.
+
+Non-finite inputs follow the dense reference (`dense.py`): the caller has zeroed padded keys and
+values, excluded logits are selected (never added) to -inf, and in partial blocks the products
+run over the allowed pairs only (`dense.masked_einsum`); a NaN row maximum is not "no key".
 """
 
 import functools
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer.attention.block_sparse.plan import _ROWS_PER_CHAIN
+from transformer.attention.dense import masked_einsum
 from transformer.attention.shapes import varying_like
 
 
@@ -31,21 +36,27 @@ def _from_blocks(x, length):
 
 
 def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id):
-    """Masked logits of one step's items: `[batch, heads, items, block_q, slots * block_kv]`.
+    """Masked logits of one step's items: `[batch, heads, items, block_q, slots * block_kv]`,
+    and the pattern's allowed pairs `[items, block_q, slots * block_kv]` (None if `needs_mask`
+    is False: every pair of the items is allowed by the pattern).
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, already scaled; k: like it for keys;
     key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: `[heads]` or None.
     """
     items, slots = kv_block.shape
     logits = jnp.einsum("bhiqd,bhikd->bhiqk", _take(q, q_block), _take_kv(k, kv_block))
+    allowed = None
     if needs_mask:
         # Gathered straight into [items, block_q, slots, block_kv] order: no transpose.
         rows = jnp.arange(plan.block_q)[None, :, None]
         allowed = jnp.asarray(plan.block_masks)[mask_id[:, None, :], rows]
-        logits = jnp.where(allowed.reshape(items, plan.block_q, -1), logits, -jnp.inf)
+        allowed = allowed.reshape(items, plan.block_q, -1)
+        logits = jnp.where(allowed, logits, -jnp.inf)
     if key_bias is not None:
         bias = jnp.take(key_bias, kv_block.reshape(-1), axis=1, mode="clip")
-        logits = logits + bias.reshape(key_bias.shape[0], 1, items, 1, slots * plan.block_kv)
+        # Selected, not added: NaN + -inf would be NaN.
+        padded = jnp.isneginf(bias.reshape(key_bias.shape[0], 1, items, 1, -1))
+        logits = jnp.where(padded, -jnp.inf, logits)
     if slopes is not None:
         q_pos = q_block[:, None] * plan.block_q + jnp.arange(plan.block_q)
         k_pos = (kv_block[:, :, None] * plan.block_kv + jnp.arange(plan.block_kv)).reshape(
@@ -53,7 +64,7 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
         )
         distance = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(logits.dtype)
         logits = logits - slopes[None, :, None, None, None] * distance
-    return logits
+    return logits, allowed
 
 
 def _flat_index(x, blocks):
@@ -71,6 +82,13 @@ def _take(x, blocks):
     """`x[:, :, blocks]`: `[batch, heads, *blocks.shape, ...]`; a padding index reads the last block."""
     flat = x.reshape(-1, *x.shape[3:])
     return jnp.take(flat, _flat_index(x, jnp.minimum(blocks, x.shape[2] - 1)), axis=0, mode="clip")
+
+
+def _product(spec, weights, allowed, operand):
+    """`einsum(spec, weights, operand)`, over the pattern's allowed pairs only where some are not."""
+    if allowed is None:
+        return jnp.einsum(spec, weights, operand)
+    return masked_einsum(spec, weights, allowed[None, None], operand)
 
 
 def _take_kv(x, kv_block):
@@ -146,18 +164,24 @@ def _forward(plan, q, k, v, key_bias, slopes):
     return out, lse
 
 
-def softmax_rows(logits, values):
+def softmax_rows(logits, values, allowed=None):
     """Attention over whole rows: logits `[..., q, keys]` (-inf where not allowed), values
     `[..., keys, dv]` -> output `[..., q, dv]` and log-sum-exp `[..., q]`, which is +inf where a
-    row sees no key (its output is 0)."""
+    row sees no key (its output is 0). `allowed` (broadcasting to the logits, or None for all)
+    restricts the product with the values to the allowed pairs."""
     row_max = logits.max(-1)
-    # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN.
-    shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+    # A keyless row has max -inf; shift by 0 so exp() gives 0, not NaN. A NaN max has keys.
+    has_key = ~jnp.isneginf(row_max)
+    shift = jnp.where(has_key, row_max, 0.0)
     probs = jnp.exp(logits - shift[..., None])
     row_sum = probs.sum(-1)
-    has_key = row_sum > 0
     safe_sum = jnp.where(has_key, row_sum, 1.0)
-    out = jnp.einsum("...qk,...kd->...qd", probs, values)
+    spec = "...qk,...kd->...qd"
+    out = (
+        jnp.einsum(spec, probs, values)
+        if allowed is None
+        else masked_einsum(spec, probs, allowed, values)
+    )
     return out / safe_sum[..., None], jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
 
 
@@ -165,8 +189,12 @@ def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
     """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
 
     def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
-        logits = _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id)
-        return softmax_rows(logits, _take_kv(v, kv_block))
+        logits, allowed = _item_logits(
+            plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+        )
+        return softmax_rows(
+            logits, _take_kv(v, kv_block), None if allowed is None else allowed[None, None]
+        )
 
     def step(_, items):
         return None, tuple(rows(*half) for half in _halves(items))
@@ -191,7 +219,7 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     def step(carry, items):
         row_max, row_sum, acc = carry
         q_block, kv_block, mask_id = items
-        logits = _item_logits(
+        logits, allowed = _item_logits(
             plan, schedule.needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
         )
         old_max = _take(row_max, q_block)
@@ -201,8 +229,8 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
         probs = jnp.exp(logits - shift[..., None])
         rescale = jnp.exp(old_max - shift)
         new_sum = _take(row_sum, q_block) * rescale + probs.sum(-1)
-        new_acc = _take(acc, q_block) * rescale[..., None] + jnp.einsum(
-            "bhiqk,bhikd->bhiqd", probs, _take_kv(v, kv_block)
+        new_acc = _take(acc, q_block) * rescale[..., None] + _product(
+            "bhiqk,bhikd->bhiqd", probs, allowed, _take_kv(v, kv_block)
         )
         carry = (
             _put(row_max, q_block, new_max),
@@ -212,7 +240,8 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
         return carry, None
 
     (row_max, row_sum, acc), _ = jax.lax.scan(step, init, _schedule_arrays(schedule))
-    has_key = row_sum > 0
+    # Not row_sum > 0: a NaN row (NaN or +inf logits) has keys and gives NaN, not zeros.
+    has_key = ~jnp.isneginf(row_max)
     out = jnp.where(has_key[..., None], acc / jnp.where(has_key, row_sum, 1.0)[..., None], 0.0)
     # +inf log-sum-exp makes every probability of a keyless row exactly 0 in the backward pass.
     lse = jnp.where(has_key, row_max + jnp.log(jnp.where(has_key, row_sum, 1.0)), jnp.inf)
@@ -239,15 +268,27 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
 
         def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
             """dQ of the items' query blocks; dK^T, dV^T of their key blocks `[.., slots, d, block]`."""
-            logits = _item_logits(
+            logits, allowed = _item_logits(
                 plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
             )
             probs = jnp.exp(logits - _take(lse, q_block)[..., None])
-            dv_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
             d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
             d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
-            dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
-            dk_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
+            if allowed is None:
+                dv_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
+                dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
+                dk_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(q_t, q_block), d_logits)
+            else:
+                # Over the allowed pairs only: a NaN row's excluded probabilities are
+                # exp(-inf - NaN), and a NaN key or query an excluded pair holds stays out.
+                mask = allowed[None, None]
+                probs = jnp.where(mask, probs, 0.0)
+                d_logits = jnp.where(mask, d_logits, 0.0)
+                dv_items = masked_einsum("bhiqk,bhiqd->bhidk", probs, mask, _take(d_out, q_block))
+                dq_items = masked_einsum(
+                    "bhiqk,bhikd->bhiqd", d_logits, mask, _take_kv(k, kv_block)
+                )
+                dk_items = masked_einsum("bhiqk,bhiqd->bhidk", d_logits, mask, _take(q, q_block))
             # [batch, heads, items, dim, slots * block] -> [batch, heads, items, slots, dim, block]
             to_slots = lambda x: jnp.swapaxes(
                 x.reshape(*x.shape[:4], kv_block.shape[1], plan.block_kv), 3, 4
