@@ -5,6 +5,9 @@ use head dim 8, so they exercise XLA's schedules). The test command installs g++
 kernel fails here rather than skipping.
 """
 
+import hashlib
+import stat
+import subprocess
 import warnings
 
 import jax
@@ -18,6 +21,7 @@ from test_attention_implementations import composed_patterns, random_inputs, ref
 from transformer import patterns
 from transformer.attention import block_sparse
 from transformer.attention.block_sparse import cpu_kernel
+from transformer.attention.dense import dense_attention
 
 
 def uses_kernel(fn, *args):
@@ -239,10 +243,15 @@ def test_a_failing_compile_names_the_error(fresh_kernel_state, tmp_path):
 
 
 def test_builds_into_the_cache_once(fresh_kernel_state, tmp_path):
-    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path))
+    cache = tmp_path / "new" / "cache"
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(cache))
     assert cpu_kernel.unavailable() is None
-    built = list(tmp_path.glob("block_sparse_cpu-*.so"))
+    built = list(cache.glob("block_sparse_cpu-*.so"))
     assert len(built) == 1
+    # A private directory, and the library's digest recorded next to it.
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    recorded = (cache / (built[0].name + ".sha256")).read_text().strip()
+    assert recorded == hashlib.sha256(built[0].read_bytes()).hexdigest()
     stamp = built[0].stat().st_mtime_ns
     cpu_kernel._load.cache_clear()
     cpu_kernel.unavailable.cache_clear()
@@ -255,3 +264,94 @@ def test_disabled_by_environment(fresh_kernel_state):
     assert "TRANSFORMER_CPU_KERNEL=0" in cpu_kernel.unavailable()
     inputs = random_inputs(2, 1, 40, 40, 1, head_dim=16)
     assert check(patterns.sliding_window(5), inputs, 16, 16) == (False, False)
+
+
+# A library with a constructor that leaves a marker file when it is loaded: what an attacker
+# would plant in a cache directory they can write to.
+PLANTED_SOURCE = r"""
+#include <cstdio>
+__attribute__((constructor)) static void planted() {
+  if (FILE* f = std::fopen(MARKER, "w")) std::fclose(f);
+}
+"""
+
+
+def plant_library(cache, marker, *, digest):
+    """Compiles the planted library under the kernel's expected name in `cache`; `digest` is
+    "right" (its SHA-256), "wrong" or None (no digest file)."""
+    source = cache.parent / "planted.cc"
+    source.write_text(PLANTED_SOURCE)
+    library = cache / f"block_sparse_cpu-{cpu_kernel._version()}.so"
+    subprocess.run(
+        ["c++", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o", str(library)],
+        check=True,
+    )
+    if digest is not None:
+        value = cpu_kernel._sha256(library) if digest == "right" else "0" * 64
+        (cache / (library.name + ".sha256")).write_text(value + "\n")
+    return library
+
+
+def falls_back(reason_part):
+    """Asks for the kernel, expecting a warning naming `reason_part` and the XLA fallback."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reason = cpu_kernel.unavailable()
+    assert reason is not None and reason_part in reason, reason
+    assert any("XLA schedules" in str(w.message) for w in caught)
+    q, k, v = (jnp.asarray(x) for x in random_inputs(3, 1, 32, 32, 1, head_dim=16)[:3])
+    attend = lambda q, k, v: block_sparse.block_sparse_attention(
+        q, k, v, pattern=patterns.sliding_window(5), block_q=16
+    )
+    assert uses_kernel(attend, q, k, v) == (False, False)
+    mask = jnp.asarray(patterns.sliding_window(5).mask(32, 32))
+    want = dense_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(attend(q, k, v), want, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_library_planted_in_a_shared_cache_is_not_loaded(fresh_kernel_state, tmp_path, mode):
+    cache, marker = tmp_path / "shared", tmp_path / "constructor-ran"
+    cache.mkdir()
+    cache.chmod(mode)
+    plant_library(cache, marker, digest="right")
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(cache))
+    falls_back("writable by group or others")
+    assert not marker.exists()
+
+
+def test_a_symlinked_cache_is_not_loaded(fresh_kernel_state, tmp_path):
+    real, marker = tmp_path / "real", tmp_path / "constructor-ran"
+    real.mkdir(mode=0o700)
+    plant_library(real, marker, digest="right")
+    (tmp_path / "link").symlink_to(real)
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(tmp_path / "link"))
+    falls_back("symlink")
+    assert not marker.exists()
+
+
+def test_a_library_whose_digest_does_not_match_is_not_loaded(fresh_kernel_state, tmp_path):
+    cache, marker = tmp_path / "cache", tmp_path / "constructor-ran"
+    cache.mkdir(mode=0o700)
+    plant_library(cache, marker, digest="wrong")
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(cache))
+    falls_back("does not match the digest")
+    assert not marker.exists()
+
+
+def test_a_library_without_a_digest_is_rebuilt_not_loaded(fresh_kernel_state, tmp_path):
+    cache, marker = tmp_path / "cache", tmp_path / "constructor-ran"
+    cache.mkdir(mode=0o700)
+    library = plant_library(cache, marker, digest=None)
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(cache))
+    assert cpu_kernel.unavailable() is None
+    assert not marker.exists()
+    assert (cache / (library.name + ".sha256")).read_text().strip() == cpu_kernel._sha256(library)
+
+
+def test_a_library_without_the_kernel_symbols_falls_back(fresh_kernel_state, tmp_path):
+    cache, marker = tmp_path / "cache", tmp_path / "constructor-ran"
+    cache.mkdir(mode=0o700)
+    plant_library(cache, marker, digest="right")  # trusted: this user's, with its digest
+    fresh_kernel_state.setenv("TRANSFORMER_KERNEL_CACHE", str(cache))
+    falls_back("lacks a symbol")

@@ -11,6 +11,15 @@ compiler (`c++ -O3 -march=native`) into a cache directory (`$TRANSFORMER_KERNEL_
 `~/.cache/transformer-attention`), keyed by the source, the JAX version and the CPU. Without a
 compiler, `block_sparse` falls back to its XLA schedules, with the same results; `unavailable()`
 says why.
+
+Loading a shared library runs its code, and the library's name is predictable, so the cache is
+trusted only as far as this process can vouch for it: the directory (created with mode 0o700)
+must be a real directory, not a symlink, owned by the current user and not writable by group or
+others; the library must be a regular file, not a symlink, owned by the user, and its SHA-256
+must equal the digest written next to it (`<library>.sha256`) when this user built it (a library
+with no digest is rebuilt). A cache that fails a check is never loaded: `unavailable()` gives the
+reason (warned about), and block_sparse uses its XLA schedules. So does a library that lacks the
+kernel's symbols.
 """
 
 import ctypes
@@ -18,6 +27,7 @@ import functools
 import hashlib
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -51,6 +61,76 @@ def _cache_dir():
     return Path(os.environ.get("TRANSFORMER_KERNEL_CACHE", default))
 
 
+class UntrustedCache(RuntimeError):
+    """The kernel cache or a library in it fails a check: it is not loaded."""
+
+
+def _check_private_directory(directory):
+    """Raises UntrustedCache unless `directory` is a real directory that only this user can
+    write to (others could plant a library there)."""
+    try:
+        info = os.lstat(directory)
+    except OSError as error:
+        raise UntrustedCache(f"cannot inspect kernel cache {directory}: {error}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UntrustedCache(f"kernel cache {directory} is a symlink or not a directory")
+    if info.st_uid != os.geteuid():
+        raise UntrustedCache(f"kernel cache {directory} is owned by another user")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedCache(
+            f"kernel cache {directory} is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):o}); `chmod go-w` it or choose another "
+            "$TRANSFORMER_KERNEL_CACHE"
+        )
+
+
+def _private_cache_dir():
+    """The cache directory, created with mode 0o700 if missing, after its checks."""
+    directory = _cache_dir()
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise UntrustedCache(f"cannot create kernel cache {directory}: {error}") from None
+    _check_private_directory(directory)
+    return directory
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _digest_file(library):
+    return library.with_name(library.name + ".sha256")
+
+
+def _check_library(library):
+    """Raises UntrustedCache unless `library` is this user's regular file, with the digest
+    recorded when it was built."""
+    info = os.lstat(library)
+    if not stat.S_ISREG(info.st_mode):
+        raise UntrustedCache(f"kernel library {library} is a symlink or not a regular file")
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedCache(
+            f"kernel library {library} is owned by another user or writable by others"
+        )
+    digest = _digest_file(library)
+    try:
+        digest_info = os.lstat(digest)
+        if not stat.S_ISREG(digest_info.st_mode) or digest_info.st_uid != os.geteuid():
+            raise UntrustedCache(f"kernel digest {digest} is not this user's regular file")
+        recorded = digest.read_text().strip()
+    except FileNotFoundError:
+        raise UntrustedCache(
+            f"kernel library {library} has no recorded digest ({digest.name})"
+        ) from None
+    if _sha256(library) != recorded:
+        raise UntrustedCache(
+            f"kernel library {library} does not match the digest recorded when it was built"
+        )
+
+
 def _compile(library):
     compiler = os.environ.get("CXX", "c++")
     command = [
@@ -65,7 +145,6 @@ def _compile(library):
         str(_SOURCE),
         "-o",
     ]
-    library.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name, then rename: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
@@ -78,6 +157,11 @@ def _compile(library):
             ) from None
         if result.returncode:
             raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        # The digest first, both atomically: a library is never in place without its digest,
+        # and a reader sees a whole digest or none.
+        digest = Path(tmp) / "digest"
+        digest.write_text(_sha256(partial) + "\n")
+        os.replace(digest, _digest_file(library))
         os.replace(partial, library)
 
 
@@ -96,10 +180,13 @@ def _target(prefix):
 
 
 def _build():
-    """The kernel's shared library, compiled into the cache unless it is there already."""
-    library = _cache_dir() / f"block_sparse_cpu-{_version()}.so"
-    if not library.exists():
+    """The kernel's shared library, compiled into the cache unless it is there already, and
+    checked (`_check_library`) before anyone loads it."""
+    library = _private_cache_dir() / f"block_sparse_cpu-{_version()}.so"
+    # A library without a digest (built before digests were recorded) is rebuilt, never loaded.
+    if not os.path.lexists(library) or not os.path.lexists(_digest_file(library)):
         _compile(library)
+    _check_library(library)
     return library
 
 
@@ -112,12 +199,12 @@ def _load():
     """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
+        handlers = ((_FORWARD, lib.BlockSparseForward), (_BACKWARD, lib.BlockSparseBackward))
     except (RuntimeError, OSError) as error:
         return f"the fused CPU kernel is unavailable: {error}"
-    for prefix, handler in (
-        (_FORWARD, lib.BlockSparseForward),
-        (_BACKWARD, lib.BlockSparseBackward),
-    ):
+    except AttributeError as error:
+        return f"the fused CPU kernel is unavailable: its library lacks a symbol ({error})"
+    for prefix, handler in handlers:
         if _target(prefix) not in _registered:
             jax.ffi.register_ffi_target(_target(prefix), jax.ffi.pycapsule(handler), platform="cpu")
             _registered.add(_target(prefix))
