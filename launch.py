@@ -25,7 +25,9 @@ import glob
 import importlib.util
 import logging as python_logging
 import os
+import re
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -72,9 +74,65 @@ class _QuietLibraries(python_logging.Filter):
         if record.getMessage().startswith(_NOISE):
             return False
         noisy = ("/orbax/", "/grain/", "/tensorflow_datasets/")
-        return record.levelno >= python_logging.WARNING or not any(
-            part in record.pathname for part in noisy
-        )
+        if not any(part in record.pathname for part in noisy):
+            return True
+        # A library's error stays one line: the launcher reports the cause itself, once.
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= python_logging.WARNING
+
+
+class _WithoutFollowOnTracebacks:
+    """sys.stderr, less the tracebacks that end in "RuntimeError: Event loop is closed".
+
+    After a failed write, TensorStore's callbacks keep arriving at the asyncio loops Orbax has
+    already shut down, and TensorStore prints each one's traceback from C++ (no Python hook sees
+    them): a hundred tracebacks that say nothing about the cause, which the launcher reports
+    once. A traceback is held back until its last line shows what it is; every other text passes
+    through unchanged.
+    """
+
+    FOLLOW_ON = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self._stream = stream
+        # Per thread: the text after its last newline (tracebacks arrive in pieces), and the
+        # lines of the traceback it is printing, if any. Several threads print at once.
+        self._partial = {}
+        self._held = {}
+        self._lock = threading.Lock()
+
+    def write(self, text):
+        thread = threading.get_ident()
+        with self._lock:
+            lines = (self._partial.pop(thread, "") + text).splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                self._partial[thread] = lines.pop()
+            for line in lines:
+                self._line(thread, line)
+        return len(text)
+
+    def _line(self, thread, line):
+        held = self._held.get(thread)
+        if held is None and line.startswith("Traceback (most recent call last):"):
+            self._held[thread] = [line]
+        elif held is not None:
+            held.append(line)
+            if line.strip() and not line[0].isspace():  # the exception line ends it
+                if not line.startswith(self.FOLLOW_ON):
+                    self._stream.write("".join(held))
+                del self._held[thread]
+        else:
+            self._stream.write(line)
+
+    def flush(self):
+        thread = threading.get_ident()
+        with self._lock:
+            if thread in self._partial and thread not in self._held:
+                self._stream.write(self._partial.pop(thread))  # a progress bar: no newline
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _fail(message):
@@ -120,6 +178,39 @@ def _describe(error, argv):
     return f"{type(root).__name__}: {_message(root)}"
 
 
+def _os_error(error):
+    """The first failed read or write in `error`'s chain, as an OSError: Python's own, or
+    TensorStore's (Orbax's array store), which reports one as a ValueError whose text holds the
+    path and an `os_error_code`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code:
+            path = re.search(r'Failed (?:writing|reading|opening)[^"]*"([^"]+)"', str(error))
+            errno = int(code.group(1))
+            return OSError(errno, os.strerror(errno), path.group(1) if path else None)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fail_on_os_error(error, workdir):
+    """Reports a failed read or write in one message and ends the process at once: background
+    threads (Orbax's saves, grain's readers) would otherwise print tracebacks as they fail in
+    turn. What was written before stays, and the same command resumes once the cause is fixed."""
+    path = error.filename or workdir
+    print(
+        f"error: {error.strerror} ({path}). Training stopped; the checkpoints and logs written "
+        "before are kept, and the same command resumes once this is fixed.",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(74)  # EX_IOERR
+
+
 def _config_path(argv):
     for arg in argv:
         if arg.startswith("--config="):
@@ -160,6 +251,8 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {argv[1:]}; flags start with --.")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if FLAGS.verbosity < 1:
+        sys.stderr = _WithoutFollowOnTracebacks(sys.stderr)
     import jax  # after flags: JAX reads its own
 
     from transformer.training import host_allocator, loop, parallel, sweep, workdir_lock
@@ -186,7 +279,12 @@ def main(argv):
             runs = sweep.plan_runs(get_config, preset, FLAGS.workdir, overrides)
         except ValueError as error:
             _fail(str(error))
-        records = sweep.run_planned(runs, FLAGS.workdir)  # shares busy runs with other sweeps
+        try:
+            records = sweep.run_planned(runs, FLAGS.workdir)  # shares busy runs with other sweeps
+        except Exception as error:
+            if _os_error(error) is None:
+                raise
+            _fail_on_os_error(_os_error(error), FLAGS.workdir)
         if records is None:
             sys.exit(143)  # stopped by SIGTERM: the same command resumes
         with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
@@ -200,6 +298,10 @@ def main(argv):
         result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except workdir_lock.WorkdirBusyError as error:
         _fail(str(error))
+    except Exception as error:
+        if _os_error(error) is None:
+            raise
+        _fail_on_os_error(_os_error(error), FLAGS.workdir)
     if result.summary["status"] != "completed":
         logging.warning(
             "stopped at step %d; run the same command again to resume.", result.summary["step"]

@@ -136,3 +136,40 @@ def test_two_sweeps_on_one_workdir_share_the_runs(monkeypatch, tmp_path):
     assert trained_here == ["b"]
     assert [r["variant"] for r in records] == ["a", "b"]
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name or name.count(".") > 1]
+
+
+def _limit_file_size():
+    """In the child: files may not grow past 40 KB, so the first checkpoint's array file fails
+    to write (EFBIG), as on a full disk."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+def test_a_failed_write_is_one_message_and_the_workdir_resumes(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable,
+        os.path.join(root, "launch.py"),
+        "--config=experiments/pattern_reach.py:smoke",
+        "--config.model.d_model=64",
+        "--config.model.num_heads=4",
+        "--config.num_train_steps=20",
+        f"--config.data_dir={tmp_path / 'data'}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    # The data is prepared first, without the limit: only the run's own writes fail.
+    prepare = command[:2] + ["--config=experiments/pattern_reach.py:smoke"] + command[6:7]
+    subprocess.run(prepare + [f"--workdir={tmp_path / 'other'}"], check=True, capture_output=True)
+    failed = subprocess.run(
+        command, cwd=root, capture_output=True, text=True, preexec_fn=_limit_file_size
+    )
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode == 74, failed.stderr[-3000:]
+    assert len(errors) == 1 and "File too large (" in errors[0], failed.stderr[-3000:]
+    assert str(tmp_path / "run") in errors[0]
+    assert "Traceback" not in failed.stderr
+    resumed = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 20
