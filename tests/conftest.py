@@ -10,3 +10,11 @@ from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; tests do not go through app.run.
 flags.FLAGS.mark_as_parsed()
+
+# CI explores the same examples every run (a red CI is then a change, not a draw); elsewhere
+# hypothesis draws new ones, and a failure it finds prints the example to pin as a test.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
