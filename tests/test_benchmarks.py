@@ -141,3 +141,14 @@ def test_block_products_gradients_match_autodiff():
     expected = jax.grad(lambda *x: (plain(*x) * weights).sum(), argnums=(0, 1, 2))(*layout)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_fault_injection_names_its_faults_when_given_an_unknown_one():
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "fault_injection.py"), "--faults", "meteor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "unknown faults ['meteor']; allowed: sigterm, sigkill, corrupt" in completed.stderr
