@@ -21,6 +21,7 @@ process (add --cpu_collectives for several CPU processes).
 """
 
 import ast
+import errno
 import glob
 import importlib.util
 import logging as python_logging
@@ -178,20 +179,25 @@ def _describe(error, argv):
     return f"{type(root).__name__}: {_message(root)}"
 
 
+# Failures of a read or write that libraries report as other exceptions, by their errno's text.
+_IO_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
+
+
 def _os_error(error):
-    """The first failed read or write in `error`'s chain, as an OSError: Python's own, or
-    TensorStore's (Orbax's array store), which reports one as a ValueError whose text holds the
-    path and an `os_error_code`."""
+    """The first failed read or write in `error`'s chain, as an OSError: Python's own, or one that
+    a library reports in its message: TensorStore (Orbax's array store) names the path and an
+    `os_error_code`, ArrayRecord (TFDS's files) the errno's text and the path."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno is not None:
             return error
-        code = re.search(r"os_error_code='(\d+)'", str(error))
-        if code:
-            path = re.search(r'Failed (?:writing|reading|opening)[^"]*"([^"]+)"', str(error))
-            errno = int(code.group(1))
-            return OSError(errno, os.strerror(errno), path.group(1) if path else None)
+        text = str(error)
+        code = re.search(r"os_error_code='(\d+)'", text)
+        codes = [int(code.group(1))] if code else [e for e in _IO_ERRNOS if os.strerror(e) in text]
+        if codes:
+            path = re.search(r'(?:writing|reading|opening)[^/"]*"?(/[^"\s;]+)', text)
+            return OSError(codes[0], os.strerror(codes[0]), path.group(1) if path else None)
         error = error.__cause__ or error.__context__
     return None
 

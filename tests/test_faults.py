@@ -138,38 +138,79 @@ def test_two_sweeps_on_one_workdir_share_the_runs(monkeypatch, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name or name.count(".") > 1]
 
 
-def _limit_file_size():
-    """In the child: files may not grow past 40 KB, so the first checkpoint's array file fails
-    to write (EFBIG), as on a full disk."""
-    import resource
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+# Runs the rest of its command line as a Python program whose files may not grow past 40 KB
+# (ignoring SIGXFSZ, so a write fails with EFBIG as on a full disk), by exec, without forking a
+# process that has JAX's threads.
+_WITH_FILE_SIZE_LIMIT = (
+    "import os, resource, signal, sys;"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000));"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 
 
 def test_a_failed_write_is_one_message_and_the_workdir_resumes(tmp_path):
+    """The checkpoint at step 20 cannot be written: one message, exit 74, no traceback; the same
+    command then resumes from step 10 and completes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [
-        sys.executable,
+    arguments = [
         os.path.join(root, "launch.py"),
         "--config=experiments/pattern_reach.py:smoke",
         "--config.model.d_model=64",
         "--config.model.num_heads=4",
-        "--config.num_train_steps=20",
+        "--config.checkpoint_every_steps=10",
         f"--config.data_dir={tmp_path / 'data'}",
         f"--workdir={tmp_path / 'run'}",
     ]
-    # The data is prepared first, without the limit: only the run's own writes fail.
-    prepare = command[:2] + ["--config=experiments/pattern_reach.py:smoke"] + command[6:7]
-    subprocess.run(prepare + [f"--workdir={tmp_path / 'other'}"], check=True, capture_output=True)
+    first = subprocess.run(
+        [sys.executable, *arguments, "--config.num_train_steps=10"], cwd=root, capture_output=True
+    )
+    assert first.returncode == 0  # the data and the checkpoint at step 10 are written
     failed = subprocess.run(
-        command, cwd=root, capture_output=True, text=True, preexec_fn=_limit_file_size
+        [sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, *arguments, "--config.num_train_steps=20"],
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
     assert failed.returncode == 74, failed.stderr[-3000:]
     assert len(errors) == 1 and "File too large (" in errors[0], failed.stderr[-3000:]
-    assert str(tmp_path / "run") in errors[0]
+    assert str(tmp_path / "run" / "checkpoints") in errors[0]
     assert "Traceback" not in failed.stderr
-    resumed = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, *arguments, "--config.num_train_steps=20"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint at step 10" in resumed.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 20
+
+
+def test_library_reports_of_failed_writes_are_read_as_os_errors():
+    """TensorStore and ArrayRecord report a failed write in their own exceptions' text."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("launch_module", os.path.join(root, "launch.py"))
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Failed writing: "/w/checkpoints/10/d/ab": Failed to write 12 bytes '
+        "to file 15: No space left on device [os_error_code='28']"
+    )
+    array_record = RuntimeError(
+        'Failed to finalize writing of split "test": write() failed: File too large; writing '
+        "/data/x/incomplete.1/x-test.array_record-00000-of-00001"
+    )
+    for error, code, path in [
+        (tensorstore, 28, "/w/checkpoints/10/d/ab"),
+        (array_record, 27, "/data/x/incomplete.1/x-test.array_record-00000-of-00001"),
+    ]:
+        try:
+            raise RuntimeError("during the save") from error
+        except RuntimeError as outer:
+            found = launch._os_error(outer)
+        assert (found.errno, found.filename) == (code, path)
+    assert launch._os_error(ValueError("a bad value")) is None
