@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.attention.dense import masked_einsum
+from transformer.attention.dense import all_finite, masked_einsum
 from transformer.attention.shapes import check_query_key_value, varying_like
 
 # Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
@@ -191,6 +191,9 @@ class _Config(NamedTuple):
     key_chunk: int
     num_q_chunks: int
     num_k_chunks: int
+    # Products over allowed pairs only in the causal rule's partial tiles, so that a NaN or inf
+    # the rule excludes stays out; taken only when an input holds one (`_attention`).
+    careful: bool = False
 
 
 # --- Which tiles to visit -------------------------------------------------------------------
@@ -310,7 +313,7 @@ def _forward(config, q, k, v, key_valid, slopes):
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + probs.sum(axis=-1)
             v_tile = _chunk(v, k_index, ck)
-            if causal_mask:  # only the allowed pairs: a NaN value above the diagonal stays out
+            if causal_mask and config.careful:  # a NaN value above the diagonal stays out
                 values = masked_einsum("bhqk,bhkd->bhqd", probs, allowed, v_tile, jnp.float32)
             else:
                 values = jnp.einsum(
@@ -385,7 +388,7 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                 config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask
             )
             probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
-            if causal_mask:
+            if causal_mask and config.careful:
                 # A NaN row's excluded probabilities are exp(-inf - NaN): they are exactly 0.
                 probs = jnp.where(allowed, probs, 0.0)
                 d_v_t = d_v_t + masked_einsum(
@@ -402,14 +405,14 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                 "bhqd,bhkd->bhqk", d_out_tile, v_tile, preferred_element_type=jnp.float32
             )
             d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
-            if causal_mask:
+            if causal_mask and config.careful:
                 d_logits = jnp.where(allowed, d_logits, 0.0)
             if slopes is not None:
                 query_pos = q_index * cq + config.offset + jnp.arange(cq)
                 key_pos = k_index * ck + jnp.arange(ck)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
-            if causal_mask:  # dS K and dS^T Q over the allowed pairs only
+            if causal_mask and config.careful:  # dS K and dS^T Q over the allowed pairs only
                 d_q_items = masked_einsum("bhqk,bhkd->bhqd", d_logits, allowed, k_tile, jnp.float32)
                 d_k_items = masked_einsum("bhqk,bhqd->bhdk", d_logits, allowed, q_tile, jnp.float32)
             else:
@@ -467,20 +470,39 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
 # --- Custom VJP -----------------------------------------------------------------------------
 
 
+# Finite inputs take the plain tiles: a product's excluded pairs have weight exactly 0, and
+# 0 * finite = 0, so nothing excluded can reach the results. Inputs holding a NaN or inf take
+# the careful tiles instead (`_Config.careful`); one check, linear in length, picks.
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(config, q, k, v, key_valid, slopes):
-    out, _ = _forward(config, q, k, v, key_valid, slopes)
+    out, _ = _either_forward(config, q, k, v, key_valid, slopes)
     return out
 
 
+def _either_forward(config, q, k, v, key_valid, slopes):
+    if not config.causal:  # without partial tiles the careful tiles would be the plain ones
+        return _forward(config, q, k, v, key_valid, slopes)
+    plain = functools.partial(_forward, config)
+    careful = functools.partial(_forward, config._replace(careful=True))
+    return jax.lax.cond(all_finite(q, k, v), plain, careful, q, k, v, key_valid, slopes)
+
+
 def _attention_fwd(config, q, k, v, key_valid, slopes):
-    out, lse = _forward(config, q, k, v, key_valid, slopes)
+    out, lse = _either_forward(config, q, k, v, key_valid, slopes)
     return out, (q, k, v, key_valid, slopes, out, lse)
 
 
 def _attention_bwd(config, residuals, d_out):
     q, k, v, key_valid, slopes, out, lse = residuals
-    d_q, d_k, d_v, d_slopes = _backward(config, q, k, v, key_valid, slopes, out, lse, d_out)
+    backward = functools.partial(_backward, config)
+    if config.causal:  # without partial tiles the careful tiles would be the plain ones
+        careful = functools.partial(_backward, config._replace(careful=True))
+        # d_out too: a NaN in it would reach dv through an excluded pair's zero probability.
+        finite = all_finite(q, k, v, d_out)
+        backward = functools.partial(jax.lax.cond, finite, backward, careful)
+    d_q, d_k, d_v, d_slopes = backward(q, k, v, key_valid, slopes, out, lse, d_out)
     # key_valid is boolean: its cotangent is None.
     return d_q, d_k, d_v, None, d_slopes
 

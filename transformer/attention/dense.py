@@ -157,6 +157,80 @@ def dense_attention(
     check_query_key_value(query, key, value)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    if mask is not None:
+        mask = jnp.asarray(mask).astype(bool)
+    arguments = dict(
+        mask=mask,
+        bias=bias,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        return_weights=return_weights,
+    )
+    # Finite inputs cannot carry a NaN or inf from an excluded position into a product (an
+    # excluded weight is 0 and 0 * finite = 0), so they take the plain path; only inputs that hold
+    # a NaN or inf pay for the careful one. One check over q, k and v, linear in length.
+    return jax.lax.cond(
+        all_finite(query, key, value),
+        functools.partial(_plain, **arguments),
+        jax.checkpoint(functools.partial(careful_dense_attention, **arguments)),
+        query,
+        key,
+        value,
+    )
+
+
+def all_finite(*arrays):
+    """Whether every entry of every array is finite: one scalar for a `lax.cond`."""
+    return functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in arrays])
+
+
+def _plain(
+    query, key, value, *, mask, bias, scale, alibi_slopes, dropout_rate, dropout_rng, return_weights
+):
+    """`dense_attention` for finite q, k and v."""
+    # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
+    compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.astype(compute_dtype)
+    if alibi_slopes is not None:
+        logits = logits + alibi_bias(alibi_slopes, query.shape[1], key.shape[1])
+    if mask is not None:
+        # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
+        logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        # Rows with no valid key came out uniform over the floor; make them zero instead.
+        weights = jnp.where(mask, weights, 0.0)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=compute_dtype
+    ).astype(query.dtype)
+    if return_weights:
+        return out, weights
+    return out
+
+
+def careful_dense_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    scale=None,
+    alibi_slopes=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    return_weights=False,
+):
+    """`dense_attention` for any q, k and v: what the mask excludes never reaches the results,
+    even NaN or inf (module docstring). `scale` must be given."""
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
     if mask is None:

@@ -5,17 +5,19 @@ jax.nn expresses full, causal and sliding-window attention natively (`is_causal`
 Other patterns go in as a dense boolean mask ("xla" only). cuDNN's fused kernel needs a CUDA GPU
 and float16/bfloat16 inputs, and takes only the native patterns.
 
-Non-finite inputs: padded keys and values are zeroed per key first. jax.nn multiplies excluded
-pairs' zero weights by their values (0 * NaN = NaN) and differentiates through them, so when q, k
-or v hold a NaN or inf, "xla" computes the dense reference instead (`dense.py`, the same cost
-class: both materialise the scores), which keeps what the mask excludes out of the results.
+Non-finite inputs: jax.nn multiplies excluded pairs' zero weights by their values (0 * NaN =
+NaN) and differentiates through them, so when q, k or v hold a NaN or inf, "xla" computes the
+careful dense reference instead (`dense.py`, the same cost class: both materialise the
+scores), which keeps what the mask excludes out of the results.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from transformer import patterns
-from transformer.attention.dense import alibi_bias, dense_attention
+from transformer.attention.dense import alibi_bias, all_finite, careful_dense_attention
 
 
 def _native_arguments(pattern):
@@ -44,14 +46,8 @@ def _jax_nn_attention(
             f"sliding_window(...) & causal() only; got {pattern}. Use "
             "'block_sparse' or 'xla'."
         )
-    if key_valid is not None:
-        # Padded keys and values become zeros: a NaN there cannot reach a product (0 * NaN).
-        valid = key_valid[:, :, None, None]
-        key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
-    fused = lambda query, key, value: _fused(
-        query,
-        key,
-        value,
+    fused = functools.partial(
+        _fused,
         pattern=pattern,
         key_valid=key_valid,
         scale=scale,
@@ -66,11 +62,21 @@ def _jax_nn_attention(
         mask = jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
         if key_valid is not None:
             mask = mask & key_valid[:, None, None, :]
-        out = dense_attention(query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes)
+        out = careful_dense_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            scale=query.shape[-1] ** -0.5 if scale is None else scale,
+            alibi_slopes=alibi_slopes,
+        )
         return out.astype(query.dtype)
 
-    finite = jnp.isfinite(query).all() & jnp.isfinite(key).all() & jnp.isfinite(value).all()
-    return jax.lax.cond(finite, fused, reference, query, key, value)
+    # Finite inputs cannot carry a NaN or inf from an excluded pair into a product (its weight
+    # is 0, and 0 * finite = 0), so only inputs holding one pay for the reference. Rematerialised
+    # so that its residuals (the inputs) cost the plain branch nothing under differentiation.
+    reference = jax.checkpoint(reference)
+    return jax.lax.cond(all_finite(query, key, value), fused, reference, query, key, value)
 
 
 def _fused(

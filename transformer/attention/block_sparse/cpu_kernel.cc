@@ -22,7 +22,8 @@
 // to -inf (never added to), a NaN score makes its row NaN (a NaN row maximum is not "no key"),
 // and where a chunk has pattern-masked pairs and an operand of a product holds a NaN or inf, that
 // product runs over the allowed pairs only, so an excluded NaN is never multiplied by a zero
-// weight. Padded keys and values arrive zeroed (attention.py).
+// weight. Padded keys and values arrive zeroed (attention.py). All of that is taken only when
+// an input holds a NaN or inf (one check per call, `careful`): finite inputs run the plain loops.
 
 #include <algorithm>
 #include <atomic>
@@ -56,10 +57,9 @@ inline void store(float* p, vec x) { *reinterpret_cast<vec_u*>(p) = x; }
 inline vec splat(float x) { return vec{} + x; }
 
 // exp(x) to float32 rounding: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial.
-// exp(-inf) and anything below -87.3 give exactly 0; NaN gives NaN.
+// exp(-inf) and anything below -87.3 give exactly 0. Finite inputs only (see vexp_nan).
 inline vec vexp(vec x) {
   vec t = x * 1.44269504f;
-  t = t == t ? t : splat(0.0f);  // NaN lanes: a defined conversion below, NaN restored at the end
   t = t > 127.0f ? splat(127.0f) : t;
   vec too_small = t < -126.0f ? splat(1.0f) : splat(0.0f);
   t = t < -126.0f ? splat(-126.0f) : t;
@@ -77,14 +77,27 @@ inline vec vexp(vec x) {
   ivec bits = (n + 127) << 23;
   vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  vec result = too_small > 0.0f ? splat(0.0f) : p * scale;
-  return x == x ? result : x;
+  return too_small > 0.0f ? splat(0.0f) : p * scale;
 }
+
+// vexp that also takes NaN (and gives NaN): its lanes get a defined float-to-int conversion.
+inline vec vexp_nan(vec x) { return x == x ? vexp(x == x ? x : splat(0.0f)) : x; }
 
 inline bool all_finite(const float* p, long n) {
   for (long i = 0; i < n; ++i)
     if (!std::isfinite(p[i])) return false;
   return true;
+}
+
+// Whether every entry of p[n] is finite, vectorised: x * 0 is 0 unless x is NaN or inf. Run once
+// per call over the inputs, so that finite inputs (the normal case) skip every careful path.
+inline bool all_finite_fast(const float* p, long n) {
+  vec acc = splat(0.0f);
+  long i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(p + i) * 0.0f;
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total == 0.0f && all_finite(p + i, n - i);
 }
 
 // C[R, NV * 16] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any strides,
@@ -280,6 +293,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   const float* q_data = q.typed_data();
   const float* kt_data = k_t.typed_data();
   const float* v_data = v.typed_data();
+  // Finite inputs cannot carry a NaN or inf from an excluded pair into a product (0 * finite =
+  // 0), so only inputs holding one take the careful paths below.
+  const bool careful = !(all_finite_fast(q_data, q.element_count()) &&
+                         all_finite_fast(kt_data, k_t.element_count()) &&
+                         all_finite_fast(v_data, v.element_count()));
 
   parallel_for(pool, sh.bh * lay.num_rows, [&](long item) {
     long bh = item / lay.num_rows, r = item % lay.num_rows, b = bh / sh.heads;
@@ -301,29 +319,35 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
       for (long i = 0; i < sh.block_q; ++i) {
         float* s_i = s + i * width;
         vec m = splat(-kInf);
-        ivec nan = {};
         for (long j = 0; j < width; j += kLanes) {
           vec x = load(s_i + j);
           m = x > m ? x : m;
-          nan |= x != x;
         }
         float new_max = row_max[i];
-        bool any_nan = std::isnan(new_max);
-        for (int l = 0; l < kLanes; ++l) {
-          new_max = std::max(new_max, m[l]);
-          any_nan |= nan[l] != 0;
+        for (int l = 0; l < kLanes; ++l) new_max = std::max(new_max, m[l]);
+        if (careful) {
+          // A NaN score makes the row NaN: the comparisons above skip it, so say so.
+          bool any_nan = std::isnan(row_max[i]);
+          for (long j = 0; j < width; ++j) any_nan |= std::isnan(s_i[j]);
+          if (any_nan) new_max = std::numeric_limits<float>::quiet_NaN();
         }
-        // A NaN score makes the row NaN: the comparisons above skip it, so say so.
-        if (any_nan) new_max = std::numeric_limits<float>::quiet_NaN();
         // A row that has seen only masked keys keeps max -inf; shift by 0 so exp() gives 0. A
         // +inf or NaN max stays: exp(inf - inf) and exp(x - NaN) are NaN, as in the reference.
         float shift = new_max == -kInf ? 0.0f : new_max;
         float rescale = std::exp(row_max[i] - shift);
         vec sum = splat(0.0f);
-        for (long j = 0; j < width; j += kLanes) {
-          vec p = vexp(load(s_i + j) - shift);
-          store(s_i + j, p);
-          sum += p;
+        if (careful) {
+          for (long j = 0; j < width; j += kLanes) {
+            vec p = vexp_nan(load(s_i + j) - shift);
+            store(s_i + j, p);
+            sum += p;
+          }
+        } else {
+          for (long j = 0; j < width; j += kLanes) {
+            vec p = vexp(load(s_i + j) - shift);
+            store(s_i + j, p);
+            sum += p;
+          }
         }
         float chunk_sum = 0.0f;
         for (int l = 0; l < kLanes; ++l) chunk_sum += sum[l];
@@ -336,7 +360,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
       bool exact = false;
       for (int c = 0; c < n; ++c) {
         v_seg[c] = vb + lay.kv_block[first + c] * sh.block_kv * sh.dv;
-        exact |= masked(lay, first + c) && !all_finite(v_seg[c], sh.block_kv * sh.dv);
+        exact |= careful && masked(lay, first + c) && !all_finite(v_seg[c], sh.block_kv * sh.dv);
       }
       if (exact) {
         // A NaN or inf value in a partly masked block: only allowed pairs multiply it.
@@ -389,6 +413,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
               *vt_data = v_t.typed_data(), *do_data = d_out.typed_data(),
               *lse_data = lse.typed_data(), *delta_data = delta.typed_data();
   float *dq_data = dq->typed_data(), *dk_data = dk->typed_data(), *dv_data = dv->typed_data();
+  // As in the forward pass; a NaN in dO would reach dV through an excluded pair's zero weight.
+  const bool careful = !(all_finite_fast(q_data, q.element_count()) &&
+                         all_finite_fast(k_data, k.element_count()) &&
+                         all_finite_fast(vt_data, v_t.element_count()) &&
+                         all_finite_fast(do_data, d_out.element_count()));
 
   // One (batch, head) per task: its rows share key blocks, whose dK and dV they accumulate.
   parallel_for(pool, sh.bh, [&](long bh) {
@@ -422,13 +451,14 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
           vec lse_i = splat(row_lse[i]), delta_i = splat(row_delta[i]);
           for (long j = 0; j < width; j += kLanes) {
             // +inf log-sum-exp (a row with no key) gives probabilities exactly 0.
-            vec prob = vexp(load(p + i * width + j) - lse_i);
+            vec x = load(p + i * width + j) - lse_i;
+            vec prob = careful ? vexp_nan(x) : vexp(x);
             store(p + i * width + j, prob);
             store(ds + i * width + j, prob * (load(ds + i * width + j) - delta_i));
           }
         }
         bool any_masked = false;
-        for (int c = 0; c < n; ++c) {
+        for (int c = 0; c < n && careful; ++c) {
           if (!masked(lay, first + c)) continue;
           any_masked = true;
           // Excluded pairs: exactly 0, even in a NaN row (exp(-inf - NaN)) or where dO V^T is
@@ -443,7 +473,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         for (int c = 0; c < n; ++c) {
           long kb = lay.kv_block[first + c];
           k_seg[c] = k_data + (kv_base + kb * sh.block_kv) * sh.d;
-          if (masked(lay, first + c)) keys_finite &= all_finite(k_seg[c], sh.block_kv * sh.d);
+          if (careful && masked(lay, first + c))
+            keys_finite &= all_finite(k_seg[c], sh.block_kv * sh.d);
         }
         bool rows_finite = !any_masked || (all_finite(do_row, sh.block_q * sh.dv) &&
                                            all_finite(q_row, sh.block_q * sh.d));
