@@ -214,3 +214,26 @@ def test_library_reports_of_failed_writes_are_read_as_os_errors():
             found = launch._os_error(outer)
         assert (found.errno, found.filename) == (code, path)
     assert launch._os_error(ValueError("a bad value")) is None
+
+
+def test_two_writers_of_one_results_file_never_collide(tmp_path):
+    """Each write goes through its own temporary file: two sweeps rewriting results.md at once
+    never remove each other's temporary file, and the file always holds one whole version."""
+    path = str(tmp_path / "results.md")
+    errors = []
+
+    def write_many(text):
+        try:
+            for _ in range(150):
+                sweep._replace(path, text)
+        except OSError as error:  # a shared temporary name fails here
+            errors.append(error)
+
+    writers = [threading.Thread(target=write_many, args=(f"{name}\n" * 200,)) for name in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert not errors
+    assert (tmp_path / "results.md").read_text() in ("a\n" * 200, "b\n" * 200)
+    assert os.listdir(tmp_path) == ["results.md"]
