@@ -123,7 +123,7 @@ def composed_patterns():
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     pattern=composed_patterns(),
     q_len=st.integers(1, 40),
