@@ -110,7 +110,7 @@ def assert_same(got, want, label):
 NAN, INF = float("nan"), float("inf")
 # (name, pattern, poisoned entries); a key or value index is [batch, position, head, dim].
 CASES = {
-    # The reproducer: NaN keys that padding excludes (batch 0) or allows (batch 1).
+    # The reported reproducer: NaN keys that padding excludes (batch 0) or allows (batch 1).
     "nan_keys_padded": ("causal", [("k", (slice(None), slice(60, None)), NAN)]),
     "nan_values_padded": ("causal", [("v", (slice(None), slice(60, None)), NAN)]),
     # A NaN an earlier row excludes by the pattern, in the same 16-block as rows that allow it.
