@@ -21,6 +21,7 @@ process (add --cpu_collectives for several CPU processes).
 """
 
 import ast
+import contextlib
 import errno
 import glob
 import importlib.util
@@ -202,19 +203,27 @@ def _os_error(error):
     return None
 
 
-def _fail_on_os_error(error, workdir):
-    """Reports a failed read or write in one message and ends the process at once: background
-    threads (Orbax's saves, grain's readers) would otherwise print tracebacks as they fail in
-    turn. What was written before stays, and the same command resumes once the cause is fixed."""
-    path = error.filename or workdir
-    print(
-        f"error: {error.strerror} ({path}). Training stopped; the checkpoints and logs written "
-        "before are kept, and the same command resumes once this is fixed.",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.stdout.flush()
-    os._exit(74)  # EX_IOERR
+@contextlib.contextmanager
+def _failed_io_reported(workdir):
+    """Runs the block; a failed read or write inside it is reported in one message and ends the
+    process at once: background threads (Orbax's saves, grain's readers) would otherwise print
+    tracebacks as they fail in turn. What was written before stays, and the same command resumes
+    once the cause is fixed. Any other exception passes through."""
+    try:
+        yield
+    except Exception as exception:
+        error = _os_error(exception)
+        if error is None:
+            raise
+        print(
+            f"error: {error.strerror} ({error.filename or workdir}). Training stopped; the "
+            "checkpoints and logs written before are kept, and the same command resumes once "
+            "this is fixed.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(74)  # EX_IOERR
 
 
 def _config_path(argv):
@@ -285,29 +294,22 @@ def main(argv):
             runs = sweep.plan_runs(get_config, preset, FLAGS.workdir, overrides)
         except ValueError as error:
             _fail(str(error))
-        try:
+        with _failed_io_reported(FLAGS.workdir):
             records = sweep.run_planned(runs, FLAGS.workdir)  # shares busy runs with other sweeps
-        except Exception as error:
-            if _os_error(error) is None:
-                raise
-            _fail_on_os_error(_os_error(error), FLAGS.workdir)
         if records is None:
             sys.exit(143)  # stopped by SIGTERM: the same command resumes
         with open(os.path.join(FLAGS.workdir, "results.md"), encoding="utf-8") as f:
             print(f.read())
         return
     try:
-        loop.prepare(FLAGS.config, FLAGS.workdir)
+        setup = loop.prepare(FLAGS.config, FLAGS.workdir)
     except ValueError as error:
         _fail(str(error))
-    try:
-        result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except workdir_lock.WorkdirBusyError as error:
-        _fail(str(error))
-    except Exception as error:
-        if _os_error(error) is None:
-            raise
-        _fail_on_os_error(_os_error(error), FLAGS.workdir)
+    with _failed_io_reported(FLAGS.workdir):
+        try:
+            result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, setup=setup)
+        except workdir_lock.WorkdirBusyError as error:
+            _fail(str(error))
     if result.summary["status"] != "completed":
         logging.warning(
             "stopped at step %d; run the same command again to resume.", result.summary["step"]

@@ -447,7 +447,7 @@ def prepare(config, workdir=None):
 # The loop.
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, setup=None):
     """Trains `config`'s model on its task, evaluating and checkpointing into `workdir`.
 
     Resumes from the newest checkpoint in `workdir` if there is one. Returns a TrainResult: the
@@ -457,9 +457,10 @@ def train_and_evaluate(config, workdir):
 
     The run holds `workdir`'s lock throughout: a second process on the same workdir gets a
     WorkdirBusyError naming this one. A workdir whose run completed is left as it is, and its
-    summary returned.
+    summary returned. `setup` is what `prepare(config, workdir)` returned, for a caller that
+    checked the config already; None prepares it here.
     """
-    setup = prepare(config, workdir)
+    setup = setup or prepare(config, workdir)
     with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
         return _train_and_evaluate(config, workdir, setup)
 

@@ -91,38 +91,24 @@ def run_planned(plan, workdir):
     summaries = {}  # run index -> summary
     deferred = []
     for index, run in enumerate(plan.runs):
-        summary = _finished_summary(run.run_dir)
+        try:
+            summary = _summary(run, wait=False)
+        except workdir_lock.WorkdirBusyError:
+            logging.info(
+                "sweep: %s seed %d is being trained by another process; later",
+                run.variant,
+                run.seed,
+            )
+            deferred.append(index)
+            continue
         if summary is None:
-            try:
-                summary = _train(run)
-            except workdir_lock.WorkdirBusyError:
-                logging.info(
-                    "sweep: %s seed %d is being trained by another process; later",
-                    run.variant,
-                    run.seed,
-                )
-                deferred.append(index)
-                continue
-            if summary is None:
-                return None
-        else:
-            logging.info("sweep: %s seed %d is done already", run.variant, run.seed)
+            return None
         summaries[index] = summary
         write_results(_records(plan, summaries), plan.spec, workdir)
     for index in deferred:
-        run = plan.runs[index]
-        # Wait for the other process to finish (or die), then read its result, or train the run
-        # here if it stopped before completing.
-        summary = _finished_summary(run.run_dir)
-        while summary is None:
-            try:
-                summary = _train(run)
-            except workdir_lock.WorkdirBusyError:
-                time.sleep(_BUSY_POLL_SECONDS)
-                summary = _finished_summary(run.run_dir)
-                continue
-            if summary is None:
-                return None
+        summary = _summary(plan.runs[index], wait=True)
+        if summary is None:
+            return None
         summaries[index] = summary
         write_results(_records(plan, summaries), plan.spec, workdir)
     return _records(plan, summaries)
@@ -132,16 +118,29 @@ def run_planned(plan, workdir):
 _BUSY_POLL_SECONDS = 5.0
 
 
-def _train(run):
-    """Trains `run`; its summary, or None when it was stopped by SIGTERM."""
-    logging.info("sweep: training %s, seed %d", run.variant, run.seed)
-    summary = loop.train_and_evaluate(run.config, run.run_dir).summary
-    if summary["status"] != "completed":
-        logging.warning(
-            "sweep stopped during %s seed %d; run again to resume.", run.variant, run.seed
-        )
-        return None
-    return summary
+def _summary(run, wait):
+    """The run's summary: read back when it finished, else trained here. None when training was
+    stopped by SIGTERM. When another process holds the run, raises WorkdirBusyError, or with
+    `wait` waits for it to finish (or die) and reads back its result, or trains what it left."""
+    while True:
+        summary = _finished_summary(run.run_dir)
+        if summary is not None:
+            logging.info("sweep: %s seed %d is done", run.variant, run.seed)
+            return summary
+        logging.info("sweep: training %s, seed %d", run.variant, run.seed)
+        try:
+            summary = loop.train_and_evaluate(run.config, run.run_dir).summary
+        except workdir_lock.WorkdirBusyError:
+            if not wait:
+                raise
+            time.sleep(_BUSY_POLL_SECONDS)
+            continue
+        if summary["status"] != "completed":
+            logging.warning(
+                "sweep stopped during %s seed %d; run again to resume.", run.variant, run.seed
+            )
+            return None
+        return summary
 
 
 def _records(plan, summaries):
