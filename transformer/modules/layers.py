@@ -177,7 +177,8 @@ class DecoderLayer(nn.Module):
         `causal()`. Cross-attention is always full (over the real encoder positions) and uses
         no positional encoding: decoder and encoder positions are not comparable.
 
-    `init_cache` and `decode_step` run the layer one position at a time with a key/value cache.
+    `init_cache` (or `prefill`, a whole prompt at once) and `decode_step` run the layer one
+    position at a time with a key/value cache.
     """
 
     config: LayerConfig
@@ -232,34 +233,52 @@ class DecoderLayer(nn.Module):
         )
 
     def init_cache(self, batch, max_len, encoded=None):
-        """An empty self-attention cache for `max_len` positions, and the cross-attention keys
-        and values of `encoded` `[batch, source_length, d_model]` (when given)."""
-        config = self.config
-        head_dim = config.head_dim or config.d_model // config.num_heads
-        empty = jnp.zeros((batch, max_len, config.num_heads, head_dim), config.dtype)
-        cache = {"self": {"key": empty, "value": empty}}
+        """An empty self-attention cache for positions up to max_len - 1, and the
+        cross-attention keys and values of `encoded` `[batch, source_length, d_model]` (when
+        given)."""
+        cache = {"self": self.self_attention.init_cache(batch, max_len)}
         if encoded is not None:
-            key, value = self.cross_attention.key_value(encoded)
-            cache["cross"] = {"key": key, "value": value}
+            cache["cross"] = self._cross_cache(encoded)
         return cache
 
-    def decode_step(self, x, cache, index, encoded_padding_mask=None):
-        """x: `[batch, q_len, d_model]` at positions index..index+q_len-1 (int32 scalar index);
-        cache from `init_cache` or the previous step. Returns the layer's output there and the
-        updated cache. No dropout."""
+    def _cross_cache(self, encoded):
+        key, value = self.cross_attention.key_value(encoded)
+        return {"key": key, "value": value}
+
+    def _cross_attend_cached(self, cache, encoded_padding_mask):
+        if "cross" not in cache:
+            return None
+        return lambda h: self.cross_attention.attend_cached(
+            h, cache["cross"]["key"], cache["cross"]["value"], key_padding_mask=encoded_padding_mask
+        )
+
+    def prefill(self, x, padding_mask, lengths, max_len, encoded=None, encoded_padding_mask=None):
+        """The full call over a prompt x `[batch, prompt_len, d_model]` (rows right-padded,
+        `lengths` `[batch]` real positions), and the cache that decoding continues from at
+        position lengths[b]. No dropout."""
+        cache = {}
+
+        def self_attend(h):
+            out, cache["self"] = self.self_attention.prefill(
+                h, lengths, max_len, key_padding_mask=padding_mask
+            )
+            return out
+
+        cross_attend = None
+        if encoded is not None:
+            cache["cross"] = self._cross_cache(encoded)
+            cross_attend = self._cross_attend_cached(cache, encoded_padding_mask)
+        return self._sublayers(x, self_attend, cross_attend, True), cache
+
+    def decode_step(self, x, cache, positions, encoded_padding_mask=None):
+        """x: `[batch, 1, d_model]` at `positions` `[batch]` int32; cache from `init_cache`,
+        `prefill` or the previous step. Returns the layer's output there and the updated cache.
+        No dropout."""
         new_cache = dict(cache)
 
         def self_attend(h):
-            out, new_cache["self"] = self.self_attention.decode_step(h, cache["self"], index)
+            out, new_cache["self"] = self.self_attention.decode_step(h, cache["self"], positions)
             return out
 
-        def cross_attend(h):
-            return self.cross_attention.attend_cached(
-                h,
-                cache["cross"]["key"],
-                cache["cross"]["value"],
-                key_padding_mask=encoded_padding_mask,
-            )
-
-        x = self._sublayers(x, self_attend, cross_attend if "cross" in cache else None, True)
-        return x, new_cache
+        cross_attend = self._cross_attend_cached(cache, encoded_padding_mask)
+        return self._sublayers(x, self_attend, cross_attend, True), new_cache

@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
+from transformer.modules import kv_cache
 from transformer.modules.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
 from transformer.modules.positional import ADDED_POSITIONAL_ENCODINGS
 from transformer.modules.rnn import build_rnn_seq2seq
@@ -191,19 +192,34 @@ class Decoder(nn.Module):
         return self._final(x)
 
     def init_cache(self, batch, max_len, encoded=None):
-        """Per layer: an empty key/value cache of `max_len` positions, and the cross-attention
-        keys and values of `encoded` `[batch, source_length, d_model]` when given."""
+        """Per layer: an empty key/value cache for positions up to max_len - 1, and the
+        cross-attention keys and values of `encoded` `[batch, source_length, d_model]` when
+        given."""
         return [layer.init_cache(batch, max_len, encoded) for layer in self.layers]
 
-    def decode_step(self, embedded, cache, index, encoded_padding_mask=None):
-        """embedded `[batch, q_len, d_model]` at positions index..index+q_len-1 (index an int32
-        scalar) -> (`[batch, q_len, d_model]`, updated cache). No dropout."""
+    def prefill(self, embedded, padding_mask, lengths, max_len):
+        """The full call over a prompt embedded `[batch, prompt_len, d_model]` (rows
+        right-padded; `lengths` `[batch]` real positions, padding_mask bool
+        `[batch, prompt_len]`) with the training path's attention, and per layer the cache that
+        decoding continues from at position lengths[b]. No dropout, no cross-attention."""
         x = embedded.astype(self.config.dtype)
         if self.positions is not None:
-            x = self.positions(x, positions=index + jnp.arange(x.shape[1]))
+            x = self.positions(x)
+        cache = []
+        for layer in self.layers:
+            x, layer_cache = layer.prefill(x, padding_mask, lengths, max_len)
+            cache.append(layer_cache)
+        return self._final(x), cache
+
+    def decode_step(self, embedded, cache, positions, encoded_padding_mask=None):
+        """embedded `[batch, 1, d_model]` at `positions` `[batch]` int32 (each row its own) ->
+        (`[batch, 1, d_model]`, updated cache). No dropout."""
+        x = embedded.astype(self.config.dtype)
+        if self.positions is not None:
+            x = self.positions(x, positions=positions[:, None])
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode_step(x, layer_cache, index, encoded_padding_mask)
+            x, layer_cache = layer.decode_step(x, layer_cache, positions, encoded_padding_mask)
             new_cache.append(layer_cache)
         return self._final(x), new_cache
 
@@ -360,20 +376,54 @@ class DecoderLM(nn.Module):
 
     def init_decode_state(self, inputs, max_decode_len=None):
         """An empty cache for the batch of `inputs` `[batch, ...]` (only its size is read),
-        holding `max_decode_len` positions (default config.max_len)."""
+        holding `max_decode_len` positions (default config.max_len; a sliding-window layer
+        keeps only its window)."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
+        batch = inputs.shape[0]
         return {
-            "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len),
-            "index": jnp.zeros((), jnp.int32),
+            "cache": self.decoder.init_cache(batch, max_decode_len),
+            "positions": jnp.zeros((batch,), jnp.int32),
         }
 
+    def prefill(self, prompt, max_decode_len=None, lengths=None):
+        """The decoding state after `prompt` int `[batch, prompt_len]`, computed in one forward
+        pass with the training path's attention (block-sparse, chunked) rather than token by
+        token. A pattern with random blocks runs that pass at the cache's length, the length its
+        blocks are drawn for.
+
+        Rows may have different lengths: `lengths` `[batch]` int32 (default prompt_len) counts
+        each row's real tokens, the rest being right padding. Row b decodes on from position
+        lengths[b]: feed it the token that follows its prompt, usually the prompt's last token
+        with `prefill(prompt, lengths=lengths - 1)`.
+        """
+        max_decode_len = check_cache_length(self.config, max_decode_len)
+        batch, prompt_len = prompt.shape
+        if prompt_len > max_decode_len:
+            raise ValueError(
+                f"a prompt of {prompt_len} tokens does not fit a cache of {max_decode_len}."
+            )
+        if lengths is None:
+            lengths = jnp.full((batch,), prompt_len, jnp.int32)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if any(
+            kv_cache.depends_on_length(layer_pattern(self.config, layer, causal=True))
+            for layer in range(self.config.num_layers)
+        ):
+            # Random blocks are drawn for the cache's length, as the decoding steps read them.
+            prompt = jnp.pad(prompt, ((0, 0), (0, max_decode_len - prompt_len)))
+            prompt_len = max_decode_len
+        real = (prompt != PAD_ID) & (jnp.arange(prompt_len)[None, :] < lengths[:, None])
+        x = embed_tokens(self.config, self.embed, prompt)
+        _, cache = self.decoder.prefill(x, real, lengths, max_decode_len)
+        return {"cache": cache, "positions": lengths}
+
     def decode_step(self, state, token):
-        """token int `[batch]` at position state["index"] -> (logits `[batch, vocab_size]`
-        float32 for the next token, the new state)."""
+        """token int `[batch]`, row b at position state["positions"][b] -> (logits
+        `[batch, vocab_size]` float32 for the next token, the new state)."""
         x = embed_tokens(self.config, self.embed, token[:, None])
-        x, cache = self.decoder.decode_step(x, state["cache"], state["index"])
+        x, cache = self.decoder.decode_step(x, state["cache"], state["positions"])
         logits = output_logits(self.embed, self.output_projection, x)[:, 0]
-        return logits, {"cache": cache, "index": state["index"] + 1}
+        return logits, {"cache": cache, "positions": state["positions"] + 1}
 
 
 def shift_right(targets):
@@ -456,17 +506,18 @@ class EncoderDecoder(nn.Module):
         encoded = self.encode(inputs)
         return {
             "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
-            "index": jnp.zeros((), jnp.int32),
+            "positions": jnp.zeros((inputs.shape[0],), jnp.int32),
             "source_mask": inputs != PAD_ID,
         }
 
     def decode_step(self, state, token):
-        """token int `[batch]` at target position state["index"] -> (logits
+        """token int `[batch]` at target position state["positions"] -> (logits
         `[batch, target_vocab_size]` float32 for the next token, the new state)."""
         x = embed_tokens(self.config, self.target_embedding, token[:, None])
-        x, cache = self.decoder.decode_step(x, state["cache"], state["index"], state["source_mask"])
+        positions = state["positions"]
+        x, cache = self.decoder.decode_step(x, state["cache"], positions, state["source_mask"])
         logits = output_logits(self.target_embedding, self.output_projection, x)[:, 0]
-        return logits, {**state, "cache": cache, "index": state["index"] + 1}
+        return logits, {**state, "cache": cache, "positions": positions + 1}
 
 
 # The TransformerConfig fields every transformer reads. Each model lists the others it reads in

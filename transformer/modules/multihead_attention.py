@@ -4,21 +4,22 @@ The module owns the parameters (W^Q, W^K, W^V, W^O) and nothing else: the attent
 pure function `transformer.attention.dot_product_attention`, so patterns and implementations
 (dense, block-sparse, ...) are chosen by argument, never re-implemented here.
 
-Besides the full call, two methods serve step-by-step decoding with a key/value cache:
-`decode_step` (self-attention: append this step's keys and values, attend over the cache) and
-`attend_cached` (cross-attention to keys and values computed once by `key_value`).
+Besides the full call, these methods serve decoding with a key/value cache: `init_cache` and
+`prefill` (a prompt through the training path's attention) make the self-attention cache,
+`decode_step` appends one position's keys and values and attends over what its pattern lets it
+see (`kv_cache`), and `attend_cached` is cross-attention to keys and values computed once by
+`key_value`.
 """
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.attention.auto import auto_implementation
+from transformer.modules import kv_cache
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
 
@@ -102,12 +103,23 @@ class MultiHeadAttention(nn.Module):
         Returns:
           `[batch, q_len, features]`.
         """
-        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        query, key, value = self._project(inputs_q, inputs_q if inputs_kv is None else inputs_kv)
+        return self._attend(query, key, value, key_padding_mask, deterministic)
+
+    def _project(self, inputs_q, inputs_kv, positions=None):
+        """Queries, keys and values `[batch, length, heads, head_dim]`, rotated when rotary
+        (at `positions` `[batch, length]`, default 0..length-1)."""
         query, key, value = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
         if self.positional == "rotary":
-            query = apply_rotary(query, base=self.rotary_base)
-            key = apply_rotary(key, base=self.rotary_base)
-        slopes = alibi_slopes(self.num_heads) if self.positional == "alibi" else None
+            query = apply_rotary(query, positions, base=self.rotary_base)
+            key = apply_rotary(key, positions, base=self.rotary_base)
+        return query, key, value
+
+    def _slopes(self):
+        return alibi_slopes(self.num_heads) if self.positional == "alibi" else None
+
+    def _attend(self, query, key, value, key_padding_mask, deterministic):
+        slopes = self._slopes()
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask[:, None, None, :].astype(bool)
@@ -150,48 +162,54 @@ class MultiHeadAttention(nn.Module):
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         return self.out(dot_product_attention(self.query(inputs_q), key, value, mask=mask))
 
-    def decode_step(self, inputs_q, cache, index):
-        """Causal self-attention for the `q_len` new positions index..index+q_len-1, given the
-        keys and values of the earlier ones.
+    def init_cache(self, batch, max_len):
+        """An empty self-attention cache for decoding up to position max_len - 1, laid out for
+        this layer's pattern (`kv_cache.plan`: a ring for windows, whatever max_len)."""
+        head_dim = self._head_dim()
+        return kv_cache.init(
+            self._cache_plan(), batch, max_len, self.num_heads, head_dim, self.dtype
+        )
+
+    def _head_dim(self):
+        return self.head_dim or self.features // self.num_heads
+
+    def _cache_plan(self):
+        return kv_cache.plan(self.pattern, self.dtype, self._head_dim())
+
+    def prefill(self, inputs, lengths, max_len, *, key_padding_mask=None):
+        """Self-attention over a whole prompt with the training path's attention, and the cache
+        that decoding continues from.
 
         Args:
-          inputs_q: `[batch, q_len, q_features]` (q_len is 1 when decoding token by token).
-          cache: {"key", "value"}: `[batch, max_len, heads, head_dim]`, filled before `index`.
-          index: int32 scalar, the position of the first new input.
+          inputs: `[batch, prompt_len, features]`, rows right-padded.
+          lengths: `[batch]` int32, the real positions of each row; decoding goes on at
+            position lengths[b].
+          max_len: the positions the cache holds (a ring holds its window whatever max_len).
+          key_padding_mask: bool `[batch, prompt_len]`, True at real tokens.
 
         Returns:
-          `[batch, q_len, features]`, and the cache with the new keys and values written in.
-          Equal to the full causal call on the whole prefix at those positions. Uses dense
-          attention (one query row over the cache) and the rows of the pattern's
-          `[max_len, max_len]` mask; a random pattern draws its blocks for that key length, so
-          it matches a full call of length max_len.
+          `[batch, prompt_len, features]` (the full call's), and the cache.
         """
-        q_len, max_len = inputs_q.shape[1], cache["key"].shape[1]
-        positions = index + jnp.arange(q_len)
-        query, key, value = self.query(inputs_q), self.key(inputs_q), self.value(inputs_q)
-        if self.positional == "rotary":
-            query = apply_rotary(query, positions, base=self.rotary_base)
-            key = apply_rotary(key, positions, base=self.rotary_base)
-        start = (0, index, 0, 0)
-        cache = {
-            "key": jax.lax.dynamic_update_slice(
-                cache["key"], key.astype(cache["key"].dtype), start
-            ),
-            "value": jax.lax.dynamic_update_slice(
-                cache["value"], value.astype(cache["value"].dtype), start
-            ),
-        }
-        key_positions = jnp.arange(max_len)
-        allowed = key_positions[None, :] <= positions[:, None]  # [q_len, max_len]
-        if self.pattern is not None:
-            pattern_rows = np.asarray(self.pattern.mask(max_len, max_len))
-            allowed &= jax.lax.dynamic_slice_in_dim(jnp.asarray(pattern_rows), index, q_len)
-        bias = None
-        if self.positional == "alibi":
-            # ALiBi as an explicit bias: the rows are at positions index.., not at 0.., here.
-            distance = jnp.abs(positions[:, None] - key_positions[None, :])
-            bias = -jnp.asarray(alibi_slopes(self.num_heads))[None, :, None, None] * distance
-        result = dot_product_attention(
-            query, cache["key"], cache["value"], mask=allowed[None, None], bias=bias
+        query, key, value = self._project(inputs, inputs)
+        out = self._attend(query, key, value, key_padding_mask, deterministic=True)
+        return out, kv_cache.from_prompt(self._cache_plan(), key, value, lengths, max_len)
+
+    def decode_step(self, inputs_q, cache, positions):
+        """Causal self-attention for one new position per row, given the cache of the earlier
+        ones.
+
+        Args:
+          inputs_q: `[batch, 1, q_features]`.
+          cache: from `init_cache`, `prefill` or the previous step.
+          positions: `[batch]` int32, each row's position of the new input.
+
+        Returns:
+          `[batch, 1, features]`, equal to the full call's at those positions, and the cache
+          with the new keys and values written in. The step reads what the pattern lets the
+          query see (module `kv_cache`), never a `[max_len, max_len]` mask.
+        """
+        query, key, value = self._project(inputs_q, inputs_q, positions[:, None])
+        result, cache = kv_cache.step(
+            self._cache_plan(), cache, query, key, value, positions, self._slopes()
         )
         return self.out(result), cache

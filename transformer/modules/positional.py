@@ -29,7 +29,8 @@ def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=No
     """`[length, d_model]` float32: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
 
     The paper's formula, with sines at even and cosines at odd feature indices, at positions
-    0..length-1 or at the `[length]` integer `positions` given (a decoding step's). Computed with
+    0..length-1 or at the integer `positions` given (a decoding step's): `[length]`, or
+    `[batch, length]` for a table `[batch, length, d_model]`. Computed with
     jnp rather than NumPy so that a 64K-token table is a few ops in the compiled program, not a
     constant of hundreds of megabytes inside it.
     """
@@ -38,19 +39,18 @@ def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=No
     if positions is None:
         positions = jnp.arange(length)
     inverse_timescales = max_timescale ** (-np.arange(0, d_model, 2) / d_model)
-    angles = (
-        jnp.asarray(positions, jnp.float32)[:, None]
-        * jnp.asarray(inverse_timescales, jnp.float32)[None, :]
-    )
+    positions = jnp.asarray(positions, jnp.float32)
+    angles = positions[..., None] * jnp.asarray(inverse_timescales, jnp.float32)
     # Interleave: [sin, cos] pairs along a new last axis, flattened to sin, cos, sin, cos, ...
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, d_model)
+    table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return table.reshape(positions.shape + (d_model,))
 
 
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoidal table to `[batch, length, d_model]` inputs. No parameters.
 
-    `positions` (`[length]` int, default 0..length-1) places the inputs elsewhere, as a decoding
-    step does.
+    `positions` (`[length]` or `[batch, length]` int, default 0..length-1) places the inputs
+    elsewhere, as a decoding step does.
     """
 
     max_timescale: float = 10_000.0
@@ -60,15 +60,15 @@ class SinusoidalPositionalEncoding(nn.Module):
         table = sinusoidal_encoding(
             length, d_model, max_timescale=self.max_timescale, positions=positions
         )
-        return inputs + table.astype(inputs.dtype)[None]
+        return inputs + jnp.broadcast_to(table.astype(inputs.dtype), inputs.shape)
 
 
 class LearnedPositionalEmbedding(nn.Module):
     """Adds a trained vector per position to `[batch, length, d_model]` inputs.
 
     Has `max_len` vectors and cannot say anything about later positions, so a longer input is an
-    error rather than a silent wrap-around or clip. `positions` (`[length]` int, default
-    0..length-1) picks the vectors of a decoding step; those are not checked (they are traced),
+    error rather than a silent wrap-around or clip. `positions` (`[length]` or `[batch, length]`
+    int, default 0..length-1) picks the vectors of a decoding step; those are not checked (they are traced),
     and a position past max_len reads NaN.
     """
 
@@ -94,7 +94,7 @@ class LearnedPositionalEmbedding(nn.Module):
         if positions is None:
             return inputs + table[None, :length].astype(inputs.dtype)
         vectors = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
-        return inputs + vectors[None].astype(inputs.dtype)
+        return inputs + jnp.broadcast_to(vectors.astype(inputs.dtype), inputs.shape)
 
 
 # The encodings that are added to the embeddings, by name; the others add nothing there.

@@ -2,6 +2,8 @@
 // with the scores, softmax and products of a chunk of key blocks in cache, instead of XLA's
 // separate gathers, small batched matmuls and element-wise passes.
 //
+// The same library holds the kernel of one cached decoding step (DecodeStep, at the end).
+//
 // Built at first use by cpu_kernel.py (`c++ -O3 -march=native`), called through XLA's FFI.
 // The vector code uses GCC vector extensions, so `-march=native` picks AVX-512, AVX2 or NEON.
 //
@@ -82,6 +84,16 @@ inline vec vexp(vec x) {
 
 // vexp that also takes NaN (and gives NaN): its lanes get a defined float-to-int conversion.
 inline vec vexp_nan(vec x) { return x == x ? vexp(x == x ? x : splat(0.0f)) : x; }
+
+// The sum of a vector's lanes, halving it three times.
+inline float hsum(vec x) {
+  typedef float half __attribute__((vector_size(kLanes * 2)));
+  typedef float quarter __attribute__((vector_size(kLanes)));
+  half a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
 
 inline bool all_finite(const float* p, long n) {
   for (long i = 0; i < n; ++i)
@@ -519,6 +531,100 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+// One cached decoding step (kv_cache.py): each (batch, head) row writes its new key and value at
+// its position p into the caches, then attends from its query over keys 0..p, reading nothing
+// past p. Layouts (float32, row-major):
+//   q, k_new [batch, heads, d] (q already scaled); v_new [batch, heads, dv]
+//   k_cache  [batch, heads, max_len, d]; v_cache [batch, heads, max_len, dv] (updated in place:
+//            the outputs alias them)
+//   positions[batch] int32; slopes [heads] (ALiBi: logit - slope * (p - j)) or [0] for none
+// A position past max_len writes nothing and reads every key; a negative one reads none. Over
+// the keys it reads a step is plain IEEE arithmetic, as the dense reference over allowed pairs:
+// a NaN logit or value gives NaN, +inf gives a NaN row, and a row whose logits are all -inf (or
+// that reads no key) gets zeros.
+ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                      ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
+                      ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
+                      ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
+                      ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+  auto kd = k_cache.dimensions();
+  if (kd.size() != 4 || v_cache.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("decode: caches must be [batch, heads, max_len, dim]");
+  const long batch = kd[0], heads = kd[1], max_len = kd[2], d = kd[3];
+  const long dv = v_cache.dimensions()[3];
+  if (d % kLanes || dv % kLanes || q.element_count() != batch * heads * d ||
+      k_new.element_count() != batch * heads * d || v_new.element_count() != batch * heads * dv ||
+      v_cache.element_count() != batch * heads * max_len * dv ||
+      positions.element_count() != batch ||
+      (slopes.element_count() != 0 && slopes.element_count() != heads))
+    return ffi::Error::InvalidArgument("decode: inconsistent shapes");
+  float* kc = k_out->typed_data();
+  float* vc = v_out->typed_data();
+  // XLA aliases the caches to the outputs; should it not, start from a copy.
+  if (kc != k_cache.typed_data())
+    std::memcpy(kc, k_cache.typed_data(), k_cache.element_count() * sizeof(float));
+  if (vc != v_cache.typed_data())
+    std::memcpy(vc, v_cache.typed_data(), v_cache.element_count() * sizeof(float));
+  const int32_t* pos = positions.typed_data();
+  const float* slope = slopes.element_count() ? slopes.typed_data() : nullptr;
+  auto row = [&](long task) {
+    long b = task / heads, h = task % heads;
+    long p = pos[b];
+    float* k_row = kc + task * max_len * d;
+    float* v_row = vc + task * max_len * dv;
+    if (p >= 0 && p < max_len) {
+      std::memcpy(k_row + p * d, k_new.typed_data() + task * d, d * sizeof(float));
+      std::memcpy(v_row + p * dv, v_new.typed_data() + task * dv, dv * sizeof(float));
+    }
+    long n = p < 0 ? 0 : std::min(p + 1, max_len);
+    float* o = out->typed_data() + task * dv;
+    for (long e = 0; e < dv; ++e) o[e] = 0.0f;
+    if (n == 0) return;
+    // Logits padded to whole vectors with -inf, which exp turns into weight 0.
+    long padded = (n + kLanes - 1) / kLanes * kLanes;
+    thread_local std::vector<float> logits;
+    logits.resize(padded);
+    const float* qr = q.typed_data() + task * d;
+    float largest = -kInf;
+    for (long j = 0; j < n; ++j) {
+      vec acc = splat(0.0f);
+      for (long e = 0; e < d; e += kLanes) acc += load(qr + e) * load(k_row + j * d + e);
+      float s = hsum(acc);
+      if (slope) s -= slope[h] * static_cast<float>(p - j);
+      logits[j] = s;
+      largest = s > largest ? s : largest;  // NaN never wins here; exp(NaN) spreads it below
+    }
+    if (largest == -kInf) return;  // all logits -inf: zeros
+    for (long j = n; j < padded; ++j) logits[j] = -kInf;
+    vec shift = splat(largest), totals = splat(0.0f);
+    bool finite = largest < kInf;
+    for (long j = 0; j < padded; j += kLanes) {
+      vec x = load(logits.data() + j) - shift;
+      // A NaN or +inf logit makes its row NaN, as in the reference.
+      vec w = finite ? vexp_nan(x) : x - x;
+      store(logits.data() + j, w);
+      totals += w;
+    }
+    float total = hsum(totals);
+    for (long j = 0; j < n; ++j) {
+      vec w = splat(logits[j]);
+      for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) + w * load(v_row + j * dv + e));
+    }
+    vec inv = splat(1.0f / total);
+    for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) * inv);
+  };
+  long tasks = batch * heads;
+  long longest = 0;
+  for (long b = 0; b < batch; ++b) longest = std::max<long>(longest, pos[b] + 1);
+  // Waking pool threads costs more than a short row: small steps run on the caller.
+  if (tasks == 1 || tasks * std::min(longest, max_len) * (d + dv) < (1 << 19)) {
+    for (long t = 0; t < tasks; ++t) row(t);
+  } else {
+    parallel_for(pool, tasks, row);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseForward, ForwardImpl,
@@ -557,3 +663,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeStep, DecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_new
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_new
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // slopes
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k_cache, in place
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v_cache, in place

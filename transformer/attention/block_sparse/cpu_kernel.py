@@ -1,4 +1,5 @@
-"""The fused CPU kernel of block-sparse attention (`cpu_kernel.cc`), built at first use.
+"""The fused CPU kernels (`cpu_kernel.cc`), built at first use: block-sparse attention, and one
+cached decoding step (`decode_step`, which `transformer.modules.kv_cache` uses on CPU).
 
 XLA runs block-sparse attention as gathers, small batched matmuls and element-wise passes, each a
 separate pass over memory; on CPU its 64-row matmuls reach about a quarter of the large-matmul
@@ -42,6 +43,7 @@ from transformer.attention.shapes import varying_like
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 # FFI target names, suffixed with the kernel's version (`_target`).
 _FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
+_DECODE = "transformer_decode_step"
 # The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
 LANES = 16
 
@@ -199,7 +201,11 @@ def _load():
     """Builds (once per machine) and registers the kernel; returns None or why it is unavailable."""
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        handlers = ((_FORWARD, lib.BlockSparseForward), (_BACKWARD, lib.BlockSparseBackward))
+        handlers = (
+            (_FORWARD, lib.BlockSparseForward),
+            (_BACKWARD, lib.BlockSparseBackward),
+            (_DECODE, lib.DecodeStep),
+        )
     except (RuntimeError, OSError) as error:
         return f"the fused CPU kernel is unavailable: {error}"
     except AttributeError as error:
@@ -239,6 +245,51 @@ def supports(block_kv, head_dim, value_dim, dtype, alibi_slopes):
         and head_dim % LANES == 0
         and value_dim % LANES == 0
         and unavailable() is None
+    )
+
+
+def supports_decode(dtype, head_dim, value_dim):
+    """Whether `decode_step` computes a cache of this dtype and head sizes on this backend."""
+    return (
+        jax.default_backend() == "cpu"
+        and jnp.dtype(dtype) == jnp.float32
+        and head_dim % LANES == 0
+        and value_dim % LANES == 0
+        and unavailable() is None
+    )
+
+
+def decode_step(query, key, value, key_cache, value_cache, positions, alibi_slopes=None):
+    """One cached decoding step: writes each row's key and value at its position, then attends
+    over keys 0..position, reading no key past it.
+
+    query, key: `[batch, heads, head_dim]` (query unscaled); value: `[batch, heads, value_dim]`;
+    key_cache / value_cache: `[batch, heads, max_len, head_dim or value_dim]`, updated in place
+    (XLA aliases them to the results); positions: `[batch]` int32; alibi_slopes: `[heads]` or
+    None. Returns (output `[batch, heads, value_dim]`, key_cache, value_cache).
+    """
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(reason)
+    slopes = (
+        jnp.zeros((0,), jnp.float32)
+        if alibi_slopes is None
+        else jnp.asarray(alibi_slopes, jnp.float32)
+    )
+    shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ffi.ffi_call(
+        _target(_DECODE),
+        (shape(value), shape(key_cache), shape(value_cache)),
+        input_output_aliases={3: 1, 4: 2},
+        vmap_method="sequential",
+    )(
+        query * query.shape[-1] ** -0.5,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        jnp.asarray(positions, jnp.int32),
+        slopes,
     )
 
 

@@ -1,0 +1,295 @@
+"""Decoding caches that follow visibility (`transformer/modules/kv_cache.py`): each layout gives
+the full call's logits at every step, holds what it promises, and builds no max_len^2 mask."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import decoding, patterns
+from transformer.attention.block_sparse import cpu_kernel
+from transformer.modules import kv_cache
+from transformer.modules.models import build_model, layer_pattern
+
+# head_dim 8: the XLA layouts; head_dim 16: full attention takes the CPU kernel.
+SMALL = dict(vocab_size=29, d_model=16, num_heads=2, d_ff=32, num_layers=2, dropout_rate=0.0)
+KERNEL_SIZED = {**SMALL, "d_model": 32}
+
+
+def random_tokens(seed, batch, length, vocab=SMALL["vocab_size"]):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 1, vocab)
+
+
+def decode_all(model, variables, tokens, max_decode_len, state=None):
+    """Logits `[batch, length, vocab]` of `decode_step` fed `tokens` one by one from `state`
+    (default: an empty cache)."""
+
+    def run(variables, tokens, state):
+        if state is None:
+            state = model.apply(variables, tokens, max_decode_len, method="init_decode_state")
+
+        def step(state, token):
+            logits, state = model.apply(variables, state, token, method="decode_step")
+            return state, logits
+
+        return jnp.swapaxes(jax.lax.scan(step, state, tokens.T)[1], 0, 1)
+
+    return jax.jit(run)(variables, tokens, state)
+
+
+# (fields, the layout the first layer's cache takes, sequence length). The lengths pass the
+# first prefix segment (128) and wrap each ring several times.
+CASES = {
+    "full, kernel": (dict(KERNEL_SIZED, positional="rotary"), "kernel", 140),
+    "full, alibi, kernel": (dict(KERNEL_SIZED, positional="alibi"), "kernel", 40),
+    "full, segments": (dict(SMALL, positional="rotary"), "prefix", 140),
+    "full, alibi, segments": (dict(SMALL, positional="alibi"), "prefix", 140),
+    "window, ring": (
+        dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 3}),
+        "ring",
+        30,
+    ),
+    "window, alibi, ring": (
+        dict(SMALL, positional="alibi", pattern="sliding_window", pattern_options={"left": 5}),
+        "ring",
+        30,
+    ),
+    "bigbird, sparse": (
+        dict(
+            SMALL,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=4, num_anchor_blocks=1, num_random_blocks=2),
+        ),
+        "sparse",
+        40,
+    ),
+    "anchors only, prefix with the pattern's row rule": (
+        dict(SMALL, positional="sinusoidal", pattern="anchor", pattern_options={"num_anchors": 3}),
+        "prefix",
+        20,
+    ),
+    "random only, prefix with the pattern's row rule": (
+        dict(
+            SMALL,
+            positional="learned",
+            max_len=24,
+            pattern="random",
+            pattern_options=dict(num_blocks=2, block_size=4),
+        ),
+        "prefix",
+        24,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_decoding_equals_the_full_call(case):
+    fields, kind, length = CASES[case]
+    if kind == "kernel" and cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    model = build_model(dict(name="decoder_lm", **fields))
+    tokens = random_tokens(0, 2, length)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    head_dim = fields["d_model"] // fields["num_heads"]
+    pattern = layer_pattern(model.config, 0, causal=True)
+    assert kv_cache.plan(pattern, jnp.float32, head_dim).kind == kind
+    full = jax.jit(model.apply)(variables, tokens)
+    cached = decode_all(model, variables, tokens, max_decode_len=length)
+    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+
+
+def test_a_window_layer_holds_its_window_only_and_wraps_around():
+    fields = dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 3})
+    model = build_model(dict(name="decoder_lm", **fields))
+    tokens = random_tokens(1, 1, 4)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    shapes = {
+        max_len: jax.eval_shape(
+            lambda v, n=max_len: model.apply(v, tokens, n, method="init_decode_state"), variables
+        )
+        for max_len in (64, 65_536)
+    }
+    leaves = {n: [leaf.shape for leaf in jax.tree.leaves(s)] for n, s in shapes.items()}
+    assert leaves[64] == leaves[65_536]
+    assert shapes[64]["cache"][0]["self"]["key"].shape == (1, 2, 4, 8)  # [batch, heads, w + 1, d]
+
+
+def compiled_step(model, variables, max_len, batch=1):
+    """The jitted decode step of `model` for a cache of max_len, lowered and compiled."""
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    state = jax.eval_shape(
+        lambda v: model.apply(v, tokens, max_len, method="init_decode_state"), variables
+    )
+    step = jax.jit(lambda v, s, t: model.apply(v, s, t, method="decode_step"))
+    return step.lower(variables, state, tokens[:, 0])
+
+
+def test_a_window_models_step_memory_does_not_grow_with_max_len():
+    """XLA's buffer analysis of the compiled step: the same bytes for a cache of 256 positions
+    and one of 65,536, since the ring holds the window only."""
+    fields = dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 7})
+    model = build_model(dict(name="decoder_lm", **fields))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    analyses = [
+        compiled_step(model, variables, n).compile().memory_analysis() for n in (256, 65_536)
+    ]
+    sizes = [(a.argument_size_in_bytes, a.temp_size_in_bytes) for a in analyses]
+    assert sizes[0] == sizes[1]
+    # and a full-attention model's grows with it (the check can fail)
+    full = build_model(dict(name="decoder_lm", **SMALL))
+    grown = [
+        compiled_step(full, variables, n).compile().memory_analysis().argument_size_in_bytes
+        for n in (256, 4096)
+    ]
+    assert grown[1] > 8 * grown[0] // 2
+
+
+def largest_constant(hlo_text):
+    """The element count of the largest array constant in StableHLO text."""
+    largest = 0
+    for line in hlo_text.splitlines():
+        if "stablehlo.constant" not in line:
+            continue
+        shape = re.search(r"tensor<([0-9x]*?)x?[a-z]+[0-9]*>\s*$", line.strip())
+        if shape and shape.group(1):
+            largest = max(largest, int(np.prod([int(n) for n in shape.group(1).split("x")])))
+    return largest
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(SMALL),
+        dict(KERNEL_SIZED),
+        dict(SMALL, pattern="sliding_window", pattern_options={"left": 16}),
+        dict(SMALL, pattern="bigbird", pattern_options=dict(block_size=16)),
+        dict(SMALL, pattern="anchor", pattern_options={"num_anchors": 4}),
+    ],
+    ids=["segments", "kernel", "ring", "sparse", "row rule"],
+)
+def test_no_step_builds_a_max_len_squared_constant(fields):
+    max_len = 1024
+    model = build_model(dict(name="decoder_lm", **fields))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    text = compiled_step(model, variables, max_len).as_text()
+    assert largest_constant(text) < max_len * 16
+    # The check sees a max_len^2 mask where one is built.
+    mask = jnp.asarray(patterns.sliding_window(3).mask(max_len, max_len))
+    assert largest_constant(jax.jit(lambda x: x & mask).lower(mask).as_text()) == max_len**2
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(KERNEL_SIZED, positional="rotary"),
+        dict(SMALL, positional="alibi"),
+        dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
+        dict(
+            SMALL,
+            positional="sinusoidal",
+            pattern="bigbird",
+            pattern_options=dict(block_size=2, num_anchor_blocks=1, num_random_blocks=1),
+        ),
+    ],
+    ids=["kernel", "segments", "ring", "sparse"],
+)
+def test_prefill_hands_over_rows_of_different_lengths(fields):
+    """A right-padded batch of prompts of 7, 3 and 1 tokens, prefilled in one forward pass,
+    then fed the rest of each row one token at a time: every step's logits equal the full call's
+    on that row."""
+    model = build_model(dict(name="decoder_lm", **fields))
+    max_len, lengths = 16, jnp.array([7, 3, 1])
+    sequences = random_tokens(2, 3, max_len)
+    variables = jax.jit(model.init)(jax.random.key(0), sequences)
+    prompt = jnp.where(jnp.arange(7)[None, :] < lengths[:, None], sequences[:, :7], 0)
+    state = jax.jit(lambda v, p: model.apply(v, p, max_len, lengths=lengths, method="prefill"))(
+        variables, prompt
+    )
+    np.testing.assert_array_equal(state["positions"], lengths)
+    steps = 8  # row 0 goes on to position 14, row 2 to 8
+    rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])
+    cached = decode_all(model, variables, rest, max_len, state=state)
+    # The full call over max_len tokens: random blocks are drawn for the cache's length.
+    full = model.apply(variables, sequences)
+    for row, n in enumerate(lengths.tolist()):
+        np.testing.assert_allclose(cached[row], full[row, n : n + steps], rtol=2e-4, atol=2e-4)
+
+
+def test_beam_search_over_a_ring_cache_keeps_each_beams_window():
+    """Beam search reorders the cache's rows at every step; with one beam it is greedy."""
+    fields = dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 2})
+    model = build_model(dict(name="encoder_decoder", num_decoder_layers=2, max_len=12, **fields))
+    source = random_tokens(3, 2, 6)
+    variables = jax.jit(model.init)(jax.random.key(0), source, source)
+    greedy = decoding.generate(model, variables, source, eos_id=None)
+    beam = decoding.generate(model, variables, source, eos_id=None, strategy="beam", beam_size=1)
+    np.testing.assert_array_equal(beam, greedy)
+    # Four beams: the best one scores at least greedy's sequence, scored by the full call.
+    tokens, scores = jax.jit(
+        lambda v, s: decoding.beam_search(
+            lambda state, token: model.apply(v, state, token, method="decode_step"),
+            model.apply(v, s, 12, method="init_decode_state"),
+            jnp.full((2,), model.bos_id, jnp.int32),
+            beam_size=4,
+            max_len=12,
+            eos_id=2,
+            alpha=0.0,
+        )
+    )(variables, source)
+
+    def log_prob(targets):
+        logits = model.apply(variables, source, targets)
+        logp = jax.nn.log_softmax(logits.at[..., 0].set(-jnp.inf))
+        picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+        ended = jnp.cumsum(targets == 2, axis=1) - (targets == 2)  # after the first EOS
+        return jnp.sum(jnp.where(ended > 0, 0.0, picked), axis=1)
+
+    np.testing.assert_allclose(scores[:, 0], log_prob(tokens[:, 0]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_step_matches_the_dense_float64_reference_with_non_finite_values():
+    """One step of the CPU kernel against softmax(q k^T) v over keys 0..p in float64, including
+    a NaN key that only some rows see, an inf value, and rows at position 0 and past max_len."""
+    if cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    batch, heads, max_len, d = 4, 2, 40, 16
+    keys = jax.random.split(jax.random.key(5), 5)
+    q, k_new, v_new = (jax.random.normal(k, (batch, heads, d)) for k in keys[:3])
+    k_cache = jax.random.normal(keys[3], (batch, heads, max_len, d))
+    v_cache = jax.random.normal(keys[4], (batch, heads, max_len, d))
+    k_cache = k_cache.at[1, :, 20].set(jnp.nan)  # row 1 at position 25 sees it
+    k_cache = k_cache.at[2, :, 30].set(jnp.nan)  # row 2 at position 10 does not
+    v_cache = v_cache.at[3, 0, 39].set(jnp.inf)  # row 3, past max_len, sees everything
+    positions = jnp.array([0, 25, 10, 45], jnp.int32)
+    slopes = jnp.array([0.5, 0.25])
+    for alibi in (None, slopes):
+        out, k_after, v_after = jax.jit(cpu_kernel.decode_step)(
+            q, k_new, v_new, k_cache, v_cache, positions, alibi
+        )
+        rows = jnp.arange(batch)
+        in_range = positions < max_len
+        expected_k = k_cache.at[rows, :, jnp.where(in_range, positions, max_len)].set(
+            k_new, mode="drop"
+        )
+        expected_v = v_cache.at[rows, :, jnp.where(in_range, positions, max_len)].set(
+            v_new, mode="drop"
+        )
+        np.testing.assert_array_equal(k_after, expected_k)
+        np.testing.assert_array_equal(v_after, expected_v)
+        k64, v64, q64 = (np.asarray(x, np.float64) for x in (expected_k, expected_v, q))
+        for b in range(batch):
+            n = min(int(positions[b]) + 1, max_len)
+            logits = np.einsum("hd,hkd->hk", q64[b], k64[b, :, :n]) / np.sqrt(d)
+            if alibi is not None:
+                distance = int(positions[b]) - np.arange(n)
+                logits = logits - np.asarray(alibi, np.float64)[:, None] * distance
+            with np.errstate(invalid="ignore", over="ignore"):
+                weights = np.exp(logits - logits.max(-1, keepdims=True))
+                reference = np.einsum(
+                    "hk,hkd->hd", weights / weights.sum(-1, keepdims=True), v64[b, :, :n]
+                )
+            np.testing.assert_allclose(out[b], reference, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert np.isnan(out[1]).all() and np.isfinite(out[2]).all()
