@@ -3,7 +3,8 @@ that `decoding_benchmark.py` runs beside this codebase when `torch` is installed
 
 It is what a PyTorch user would write: pre-LN layers, fused QKV projection, a preallocated
 `[batch, heads, max_len, head_dim]` cache written in place, `scaled_dot_product_attention` over
-the filled part (a view, no copy), tied output embedding, greedy argmax, under
+the filled part (a view, no copy; with a window, its last window + 1 keys), tied output
+embedding, greedy argmax, under
 `torch.inference_mode()`. Weights are random; only the cost is compared. Never imported by the
 package.
 """
@@ -16,9 +17,9 @@ from torch.nn import functional
 
 
 class Layer(nn.Module):
-    def __init__(self, d_model, num_heads, d_ff):
+    def __init__(self, d_model, num_heads, d_ff, window):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.window = num_heads, window
         self.attention_norm = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -31,22 +32,27 @@ class Layer(nn.Module):
         batch, length, d_model = x.shape
         head_dim = d_model // self.num_heads
         q, k, v = self.qkv(self.attention_norm(x)).split(d_model, dim=-1)
-        q, k, v = (t.view(batch, length, self.num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.view(batch, length, self.num_heads, head_dim).transpose(1, 2) for t in (q, k, v)
+        )
         key_cache[:, :, position : position + length] = k
         value_cache[:, :, position : position + length] = v
-        keys = key_cache[:, :, : position + length]
-        values = value_cache[:, :, : position + length]
+        first = 0 if self.window is None else max(0, position - self.window)
+        keys = key_cache[:, :, first : position + length]
+        values = value_cache[:, :, first : position + length]
         attended = functional.scaled_dot_product_attention(q, keys, values)
         x = x + self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
         return x + self.output(functional.relu(self.hidden(self.feed_forward_norm(x))))
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, vocab_size, d_model, num_heads, d_ff, num_layers):
+    def __init__(self, vocab_size, d_model, num_heads, d_ff, num_layers, window=None):
         super().__init__()
         self.d_model, self.num_heads = d_model, num_heads
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(Layer(d_model, num_heads, d_ff) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            Layer(d_model, num_heads, d_ff, window) for _ in range(num_layers)
+        )
         self.final_norm = nn.LayerNorm(d_model)
 
     def sinusoidal(self, position):
@@ -82,6 +88,7 @@ def greedy(model, start_token, num_tokens, *, max_len=None, start_position=0):
     return torch.stack(out, 1)
 
 
-def build(vocab_size, d_model, num_heads, d_ff, num_layers, seed=0):
+def build(vocab_size, d_model, num_heads, d_ff, num_layers, window=None, seed=0):
+    """The model with random weights; `window`: each query sees that many keys back."""
     torch.manual_seed(seed)
-    return DecoderLM(vocab_size, d_model, num_heads, d_ff, num_layers).eval()
+    return DecoderLM(vocab_size, d_model, num_heads, d_ff, num_layers, window).eval()

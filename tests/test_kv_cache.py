@@ -42,10 +42,27 @@ def decode_all(model, variables, tokens, max_decode_len, state=None):
 # (fields, the layout the first layer's cache takes, sequence length). The lengths pass the
 # first prefix segment (128) and wrap each ring several times.
 CASES = {
-    "full, kernel": (dict(KERNEL_SIZED, positional="rotary"), "kernel", 140),
-    "full, alibi, kernel": (dict(KERNEL_SIZED, positional="alibi"), "kernel", 40),
+    "full, kernel": (dict(KERNEL_SIZED, positional="rotary"), "prefix kernel", 140),
+    "full, alibi, kernel": (dict(KERNEL_SIZED, positional="alibi"), "prefix kernel", 40),
+    "window, ring kernel": (
+        dict(
+            KERNEL_SIZED, positional="alibi", pattern="sliding_window", pattern_options={"left": 4}
+        ),
+        "ring kernel",
+        30,
+    ),
     "full, segments": (dict(SMALL, positional="rotary"), "prefix", 140),
     "full, alibi, segments": (dict(SMALL, positional="alibi"), "prefix", 140),
+    "window, anchors, ring": (
+        dict(
+            KERNEL_SIZED,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=2, window_blocks=3, num_random_blocks=0),
+        ),
+        "ring",
+        30,
+    ),
     "window, ring": (
         dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 3}),
         "ring",
@@ -88,14 +105,15 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_decoding_equals_the_full_call(case):
     fields, kind, length = CASES[case]
-    if kind == "kernel" and cpu_kernel.unavailable() is not None:
+    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
         pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
     model = build_model(dict(name="decoder_lm", **fields))
     tokens = random_tokens(0, 2, length)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     head_dim = fields["d_model"] // fields["num_heads"]
     pattern = layer_pattern(model.config, 0, causal=True)
-    assert kv_cache.plan(pattern, jnp.float32, head_dim).kind == kind
+    plan = kv_cache.plan(pattern, jnp.float32, head_dim)
+    assert plan.kind + " kernel" * plan.kernel == kind
     full = jax.jit(model.apply)(variables, tokens)
     cached = decode_all(model, variables, tokens, max_decode_len=length)
     np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
@@ -188,13 +206,16 @@ def test_no_step_builds_a_max_len_squared_constant(fields):
         dict(SMALL, positional="alibi"),
         dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
         dict(
+            KERNEL_SIZED, positional="alibi", pattern="sliding_window", pattern_options={"left": 2}
+        ),
+        dict(
             SMALL,
             positional="sinusoidal",
             pattern="bigbird",
             pattern_options=dict(block_size=2, num_anchor_blocks=1, num_random_blocks=1),
         ),
     ],
-    ids=["kernel", "segments", "ring", "sparse"],
+    ids=["kernel", "segments", "ring", "ring kernel", "sparse"],
 )
 def test_prefill_hands_over_rows_of_different_lengths(fields):
     """A right-padded batch of prompts of 7, 3 and 1 tokens, prefilled in one forward pass,

@@ -4,19 +4,15 @@ A decoding step feeds one new token per batch row, each row at its own position 
 (`positions` `[batch]` int32), and attends causally. What the step stores and reads follows the
 layer's pattern, not the longest sequence the cache could hold (`max_len`):
 
-  kernel  full or causal attention on CPU (float32, head dims multiples of 16): keys and values
-          of max_len positions, and the fused CPU kernel (`block_sparse/cpu_kernel.cc`) that
-          writes a step's key and value in place and reads keys 0..p only, in one call.
-  prefix  the same elsewhere, and any pattern without a cheaper layout: keys and values
-          of max_len positions in segments [0, 128), [128, 256), [256, 512), ... (each as long
-          as all before it), of which a step reads only the segments up to the one holding the
-          furthest row's position. A step's work grows with the position (at most 2x what it
-          needs), never with max_len. Patterns other than full and causal mask what it reads
-          with their rule evaluated for row p alone (`row_allows`).
+  prefix  full or causal attention, and any pattern without a cheaper layout: keys and values
+          of max_len positions, of which a step reads keys 0..p only (XLA reads whole segments,
+          below). A step's work grows with the position, never with max_len. Patterns other
+          than full and causal mask what it reads with their rule evaluated for row p alone
+          (`row_allows`).
   ring    a sliding window `left` keys back, with or without anchor tokens: a ring of left + 1
-          slots (position p goes to slot p % (left + 1), and each slot records its position,
-          for masking and ALiBi), and the anchors in a small cache of their own. Memory and a
-          step's work are O(left + anchors), however long the sequence.
+          slots (position p goes to slot p % (left + 1); with anchors, each slot also records
+          its position), and the anchors in a small cache of their own. Memory and a step's
+          work are O(left + anchors), however long the sequence.
   sparse  a window with random blocks (BigBird), and anchors: keys and values of max_len
           positions, since a random block may lie anywhere in the past, but a step gathers and
           attends over only its window, the anchors and its row's random blocks.
@@ -24,10 +20,15 @@ layer's pattern, not the longest sequence the cache could hold (`max_len`):
 No layout builds the `[max_len, max_len]` mask: the mask of a step is one row per batch row.
 A random pattern draws its blocks for `max_len` keys, so the steps match a full call of length
 max_len. Keys are stored after rotary encoding (at their own positions), so a cache needs no
-positional encoding of its own. Caches are head-major, `[batch, heads, length, head_dim]`, and a
-prefix cache is split into whole segments rather than sliced: a step's products then run over
-contiguous keys of each head, with no transpose or copy of the cache (either costs several
-times the products themselves on a CPU).
+positional encoding of its own. Caches are head-major, `[batch, heads, length, head_dim]`.
+
+On CPU (float32, head dims multiples of 16) a prefix cache of full or causal attention, and a
+ring without anchors, take the fused kernel of `block_sparse/cpu_kernel.cc` (`plan.kernel`): it
+writes a step's key and value in place and reads the keys it may see, in one call. Elsewhere
+XLA runs the step, and a prefix cache is split into whole segments [0, 128), [128, 256),
+[256, 512), ... (each as long as all before it), of which a step reads only those up to the
+furthest row's position (at most 2x the keys it needs): slicing a buffer would copy it, and a
+transposed read costs several times the products themselves on a CPU.
 
 Pure functions over dicts of arrays (a Flax module keeps the dict in its decoding state):
 `plan(pattern, dtype, head_dim)` -> `CachePlan`; `init` for an empty cache, `from_prompt` for
@@ -53,12 +54,13 @@ FIRST_SEGMENT = 128
 class CachePlan:
     """How a layer with this pattern caches keys and values (see the module docstring).
 
-    kind: "kernel", "prefix", "ring" or "sparse".
+    kind: "prefix", "ring" or "sparse".
     pattern: the pattern without its causal part (None for full): the rule a prefix cache
       evaluates per row.
     left: how many keys back the window reaches (ring and sparse).
     anchors: sorted anchor positions (ring and sparse).
     random: the RandomBlocks part (sparse).
+    kernel: the step runs the fused CPU kernel (full or causal prefix, ring without anchors).
     """
 
     kind: str
@@ -66,6 +68,7 @@ class CachePlan:
     left: int = 0
     anchors: tuple = ()
     random: patterns.RandomBlocks | None = None
+    kernel: bool = False
 
 
 def _without_causal(pattern):
@@ -93,11 +96,10 @@ def depends_on_length(pattern):
 def plan(pattern, dtype=jnp.float32, head_dim=64):
     """The cache layout for a causal decoder layer with `pattern` (None: full attention) and
     keys and values of `dtype` and `head_dim` features per head."""
+    kernel = cpu_kernel.supports_decode(dtype, head_dim, head_dim)
     core = _without_causal(pattern)
     if core is None:
-        return CachePlan(
-            "kernel" if cpu_kernel.supports_decode(dtype, head_dim, head_dim) else "prefix"
-        )
+        return CachePlan("prefix", kernel=kernel)
     parts = core.parts if isinstance(core, patterns.Union) else (core,)
     windows = [p for p in parts if isinstance(p, patterns.SlidingWindow)]
     anchors = [p for p in parts if isinstance(p, patterns.Anchor)]
@@ -110,8 +112,9 @@ def plan(pattern, dtype=jnp.float32, head_dim=64):
         # them only if every position before the window of a is itself an anchor; otherwise
         # keep everything.
         if all(np.searchsorted(positions, max(a - left, 0)) >= a - left for a in positions):
-            kind = "sparse" if randoms else "ring"
-            return CachePlan(kind, left=left, anchors=positions, random=(randoms or [None])[0])
+            if randoms:
+                return CachePlan("sparse", left=left, anchors=positions, random=randoms[0])
+            return CachePlan("ring", left=left, anchors=positions, kernel=kernel and not anchors)
     return CachePlan("prefix", pattern=core)
 
 
@@ -123,16 +126,15 @@ def init(cache_plan, batch, max_len, heads, head_dim, dtype):
 
     if cache_plan.kind == "ring":
         size = cache_plan.left + 1
-        cache = {
-            "key": buffer(size),
-            "value": buffer(size),
-            "position": jnp.full((batch, size), -1, jnp.int32),  # -1: empty
-        }
+        cache = {"key": buffer(size), "value": buffer(size)}
+        if cache_plan.kernel:  # the kernel knows each slot's position from the step's
+            return cache
+        cache["position"] = jnp.full((batch, size), -1, jnp.int32)  # -1: empty
         if cache_plan.anchors:
             cache["anchor_key"] = buffer(len(cache_plan.anchors))
             cache["anchor_value"] = buffer(len(cache_plan.anchors))
         return cache
-    if cache_plan.kind == "prefix":
+    if cache_plan.kind == "prefix" and not cache_plan.kernel:
         sizes = np.diff(segment_bounds(max_len))
         return {"key": [buffer(n) for n in sizes], "value": [buffer(n) for n in sizes]}
     return {"key": buffer(max_len), "value": buffer(max_len)}
@@ -143,7 +145,7 @@ def step(cache_plan, cache, query, key, value, positions, alibi_slopes=None):
     per row, at `positions` `[batch]` int32. Returns the attention output
     `[batch, 1, heads, head_dim]` over every key the pattern lets that position see (its own
     included), and the cache with the new key and value in it."""
-    if cache_plan.kind == "kernel":
+    if cache_plan.kernel:
         out, key_cache, value_cache = cpu_kernel.decode_step(
             query[:, 0],
             key[:, 0],
@@ -152,6 +154,7 @@ def step(cache_plan, cache, query, key, value, positions, alibi_slopes=None):
             cache["value"],
             positions,
             alibi_slopes,
+            ring=cache_plan.kind == "ring",
         )
         return out[:, None], {"key": key_cache, "value": value_cache}
     cache = _write(cache_plan, cache, key[:, 0], value[:, 0], positions)
@@ -407,12 +410,12 @@ def from_prompt(cache_plan, key, value, lengths, max_len):
     """
     batch, prompt_len, heads, head_dim = key.shape
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
-    if cache_plan.kind in ("kernel", "prefix", "sparse"):
+    if cache_plan.kind != "ring":
         if prompt_len > max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens does not fit a cache of {max_len}.")
         padding = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
         key, value = jnp.pad(key, padding), jnp.pad(value, padding)
-        if cache_plan.kind != "prefix":
+        if cache_plan.kind == "sparse" or cache_plan.kernel:
             return {"key": key, "value": value}
         bounds = segment_bounds(max_len)
         return {
@@ -424,11 +427,10 @@ def from_prompt(cache_plan, key, value, lengths, max_len):
     # Slot s holds the latest real position q <= last with q % size == s (or nothing, -1).
     slot_positions = last - (last - jnp.arange(size)[None, :]) % size
     slot_positions = jnp.where(slot_positions >= 0, slot_positions, -1).astype(jnp.int32)
-    cache = {
-        "key": _gather(key, slot_positions),
-        "value": _gather(value, slot_positions),
-        "position": slot_positions,
-    }
+    cache = {"key": _gather(key, slot_positions), "value": _gather(value, slot_positions)}
+    if cache_plan.kernel:  # which it tells from the step's position
+        return cache
+    cache["position"] = slot_positions
     if cache_plan.anchors:
         anchors = jnp.asarray(cache_plan.anchors, jnp.int32)
         in_prompt = (anchors < prompt_len)[None, None, :, None]

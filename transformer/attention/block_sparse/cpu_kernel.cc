@@ -532,13 +532,17 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 }
 
 // One cached decoding step (kv_cache.py): each (batch, head) row writes its new key and value at
-// its position p into the caches, then attends from its query over keys 0..p, reading nothing
-// past p. Layouts (float32, row-major):
+// its position p into the caches, then attends from its query over the keys it may see. Layouts
+// (float32, row-major):
 //   q, k_new [batch, heads, d] (q already scaled); v_new [batch, heads, dv]
-//   k_cache  [batch, heads, max_len, d]; v_cache [batch, heads, max_len, dv] (updated in place:
-//            the outputs alias them)
+//   k_cache  [batch, heads, slots, d]; v_cache [batch, heads, slots, dv] (updated in place: the
+//            outputs alias them)
 //   positions[batch] int32; slopes [heads] (ALiBi: logit - slope * (p - j)) or [0] for none
-// A position past max_len writes nothing and reads every key; a negative one reads none. Over
+// ring == 0: slot j holds position j; a step writes slot p and reads slots 0..p, nothing past p.
+//   A position past `slots` writes nothing and reads every key; a negative one reads none.
+// ring == 1: a sliding window of slots - 1 keys back; slot s holds the latest position
+//   q <= p with q % slots == s (the ring is written in order), and a step writes slot p % slots,
+//   then reads every slot whose q >= 0. Over
 // the keys it reads a step is plain IEEE arithmetic, as the dense reference over allowed pairs:
 // a NaN logit or value gives NaN, +inf gives a NaN row, and a row whose logits are all -inf (or
 // that reads no key) gets zeros.
@@ -546,7 +550,8 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
                       ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
                       ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
-                      ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+                      ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out,
+                      int64_t ring) {
   auto kd = k_cache.dimensions();
   if (kd.size() != 4 || v_cache.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("decode: caches must be [batch, heads, max_len, dim]");
@@ -572,11 +577,14 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     long p = pos[b];
     float* k_row = kc + task * max_len * d;
     float* v_row = vc + task * max_len * dv;
-    if (p >= 0 && p < max_len) {
-      std::memcpy(k_row + p * d, k_new.typed_data() + task * d, d * sizeof(float));
-      std::memcpy(v_row + p * dv, v_new.typed_data() + task * dv, dv * sizeof(float));
+    long slot = ring ? (p % max_len + max_len) % max_len : p;
+    if (p >= 0 && slot < max_len) {
+      std::memcpy(k_row + slot * d, k_new.typed_data() + task * d, d * sizeof(float));
+      std::memcpy(v_row + slot * dv, v_new.typed_data() + task * dv, dv * sizeof(float));
     }
-    long n = p < 0 ? 0 : std::min(p + 1, max_len);
+    // Ring: the keys of slots 0..n-1, at positions key_position(j).
+    long n = p < 0 ? 0 : ring ? max_len : std::min(p + 1, max_len);
+    auto key_position = [&](long j) { return ring ? p - ((slot - j) % max_len + max_len) % max_len : j; };
     float* o = out->typed_data() + task * dv;
     for (long e = 0; e < dv; ++e) o[e] = 0.0f;
     if (n == 0) return;
@@ -587,10 +595,15 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     const float* qr = q.typed_data() + task * d;
     float largest = -kInf;
     for (long j = 0; j < n; ++j) {
+      long at = key_position(j);
+      if (at < 0) {  // a ring slot not written yet
+        logits[j] = -kInf;
+        continue;
+      }
       vec acc = splat(0.0f);
       for (long e = 0; e < d; e += kLanes) acc += load(qr + e) * load(k_row + j * d + e);
       float s = hsum(acc);
-      if (slope) s -= slope[h] * static_cast<float>(p - j);
+      if (slope) s -= slope[h] * static_cast<float>(p - at);
       logits[j] = s;
       largest = s > largest ? s : largest;  // NaN never wins here; exp(NaN) spreads it below
     }
@@ -607,6 +620,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     }
     float total = hsum(totals);
     for (long j = 0; j < n; ++j) {
+      if (key_position(j) < 0) continue;  // an unwritten slot: its value is not a key's
       vec w = splat(logits[j]);
       for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) + w * load(v_row + j * dv + e));
     }
@@ -676,4 +690,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeStep, DecodeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // slopes
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // k_cache, in place
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // v_cache, in place
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_cache, in place
+                                  .Attr<int64_t>("ring"));

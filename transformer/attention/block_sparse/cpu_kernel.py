@@ -259,12 +259,16 @@ def supports_decode(dtype, head_dim, value_dim):
     )
 
 
-def decode_step(query, key, value, key_cache, value_cache, positions, alibi_slopes=None):
+def decode_step(
+    query, key, value, key_cache, value_cache, positions, alibi_slopes=None, *, ring=False
+):
     """One cached decoding step: writes each row's key and value at its position, then attends
-    over keys 0..position, reading no key past it.
+    over keys 0..position, reading no key past it; with `ring`, the caches are a ring of
+    `slots` = window + 1 positions (slot p % slots), written in order, and a step attends over
+    the window.
 
     query, key: `[batch, heads, head_dim]` (query unscaled); value: `[batch, heads, value_dim]`;
-    key_cache / value_cache: `[batch, heads, max_len, head_dim or value_dim]`, updated in place
+    key_cache / value_cache: `[batch, heads, slots, head_dim or value_dim]`, updated in place
     (XLA aliases them to the results); positions: `[batch]` int32; alibi_slopes: `[heads]` or
     None. Returns (output `[batch, heads, value_dim]`, key_cache, value_cache).
     """
@@ -290,6 +294,7 @@ def decode_step(query, key, value, key_cache, value_cache, positions, alibi_slop
         value_cache,
         jnp.asarray(positions, jnp.int32),
         slopes,
+        ring=np.int64(ring),
     )
 
 
