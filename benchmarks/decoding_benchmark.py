@@ -31,6 +31,7 @@ machine's columns (`machine.py`), and the printed tables start with `provenance.
 
 import argparse
 import csv
+import functools
 import os
 import statistics
 import time
@@ -150,7 +151,7 @@ def generation_rows(lengths, repeats, peer):
             state = model.apply(variables, jnp.ones((1, 1)), num_tokens, method="init_decode_state")
             generate = generate_fn(model, num_tokens, num_tokens)
             generate(variables, state).block_until_ready()  # compiles
-            functions = {"jax": lambda: timed(generate, variables, state)}
+            functions = {"jax": functools.partial(timed, generate, variables, state)}
             if peer:
                 peer.generate(pattern, 16)()  # warms up
                 functions["torch"] = peer.generate(pattern, num_tokens)
@@ -184,8 +185,8 @@ def step_cost(pattern, position, buffer, repeats, peer, steps=(16, 80)):
     short(variables, state).block_until_ready()
     long(variables, state).block_until_ready()
     functions = {
-        "jax_short": lambda: timed(short, variables, state),
-        "jax_long": lambda: timed(long, variables, state),
+        "jax_short": functools.partial(timed, short, variables, state),
+        "jax_long": functools.partial(timed, long, variables, state),
     }
     if peer:
         for name, n in zip(("torch_short", "torch_long"), steps):
@@ -274,6 +275,29 @@ def memory_rows(lengths, peer):
     return rows
 
 
+def uncached_fn(model, num_tokens, steps):
+    """Jitted variables -> the first `steps` of num_tokens greedy tokens, each by a full forward
+    over a fixed [1, num_tokens] buffer holding the prefix (padding after it, which causal
+    attention never reads): the work of a model without a cache, compiled once."""
+
+    def body(variables, i, carry):
+        buffer, out = carry
+        logits = model.apply(variables, buffer)[:, i]
+        token = jnp.argmax(logits.at[:, PAD_ID].set(-jnp.inf), axis=-1).astype(jnp.int32)
+        # Position i + 1 takes the token; the last step's token needs no position.
+        index = jnp.minimum(i + 1, num_tokens - 1)
+        buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, index))
+        return buffer, out.at[:, i].set(token)
+
+    def run(variables):
+        buffer = jnp.zeros((1, num_tokens), jnp.int32).at[:, 0].set(START_TOKEN)
+        out = jnp.zeros((1, steps), jnp.int32)
+        step = functools.partial(body, variables)
+        return jax.lax.fori_loop(0, steps, step, (buffer, out))[1]
+
+    return jax.jit(run)
+
+
 def uncached_rows(lengths, uncached_steps, repeats):
     """Cached decoding against full recomputation at every step, for the full model."""
     rows = []
@@ -283,28 +307,13 @@ def uncached_rows(lengths, uncached_steps, repeats):
         variables = variables_of(model)
         state = model.apply(variables, jnp.ones((1, 1)), num_tokens, method="init_decode_state")
         cached = generate_fn(model, num_tokens, num_tokens)
-
-        @jax.jit
-        def uncached(variables):
-            def body(i, carry):
-                buffer, out = carry
-                logits = model.apply(variables, buffer)[:, i]
-                token = jnp.argmax(logits.at[:, PAD_ID].set(-jnp.inf), axis=-1).astype(jnp.int32)
-                # Position i + 1 takes the token; the last step's token needs no position.
-                index = jnp.minimum(i + 1, num_tokens - 1)
-                buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, index))
-                return buffer, out.at[:, i].set(token)
-
-            buffer = jnp.zeros((1, num_tokens), jnp.int32).at[:, 0].set(START_TOKEN)
-            out = jnp.zeros((1, steps), jnp.int32)
-            return jax.lax.fori_loop(0, steps, body, (buffer, out))[1]
-
+        uncached = uncached_fn(model, num_tokens, steps)
         cached_tokens = np.asarray(cached(variables, state))
         uncached_tokens = np.asarray(uncached(variables))
         seconds = alternate(
             {
-                "cached": lambda: timed(cached, variables, state),
-                "uncached": lambda: timed(uncached, variables),
+                "cached": functools.partial(timed, cached, variables, state),
+                "uncached": functools.partial(timed, uncached, variables),
             },
             repeats,
         )

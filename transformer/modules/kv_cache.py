@@ -427,7 +427,12 @@ def from_prompt(cache_plan, key, value, lengths, max_len):
     # Slot s holds the latest real position q <= last with q % size == s (or nothing, -1).
     slot_positions = last - (last - jnp.arange(size)[None, :]) % size
     slot_positions = jnp.where(slot_positions >= 0, slot_positions, -1).astype(jnp.int32)
-    cache = {"key": _gather(key, slot_positions), "value": _gather(value, slot_positions)}
+    written = (slot_positions >= 0)[:, None, :, None]
+    cache = {
+        # Unwritten slots hold zeros, as in an empty cache: weight 0 times zero adds nothing.
+        name: jnp.where(written, _gather(source, slot_positions), 0).astype(source.dtype)
+        for name, source in (("key", key), ("value", value))
+    }
     if cache_plan.kernel:  # which it tells from the step's position
         return cache
     cache["position"] = slot_positions

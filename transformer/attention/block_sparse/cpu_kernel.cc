@@ -531,6 +531,37 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+// out[0..VECS*16) = sum over j < n of w[j] * v[j, :], with rows of VECS vectors, summed in
+// registers, even and odd keys apart (two chains of dependent additions instead of one). No key
+// is skipped, so 0 * NaN stays NaN, as in the reference.
+template <int VECS>
+void weighted_sum(const float* w, const float* v, long n, float* out) {
+  vec even[VECS], odd[VECS];
+  for (int c = 0; c < VECS; ++c) even[c] = odd[c] = splat(0.0f);
+  long j = 0;
+  for (; j + 2 <= n; j += 2) {
+    vec w0 = splat(w[j]), w1 = splat(w[j + 1]);
+    const float* v0 = v + j * VECS * kLanes;
+    for (int c = 0; c < VECS; ++c) {
+      even[c] += w0 * load(v0 + c * kLanes);
+      odd[c] += w1 * load(v0 + (VECS + c) * kLanes);
+    }
+  }
+  if (j < n) {
+    vec w0 = splat(w[j]);
+    for (int c = 0; c < VECS; ++c) even[c] += w0 * load(v + (j * VECS + c) * kLanes);
+  }
+  for (int c = 0; c < VECS; ++c) store(out + c * kLanes, even[c] + odd[c]);
+}
+
+void weighted_sum_any(const float* w, const float* v, long n, long dv, float* out) {
+  for (long e = 0; e < dv; ++e) out[e] = 0.0f;
+  for (long j = 0; j < n; ++j) {
+    vec wj = splat(w[j]);
+    for (long e = 0; e < dv; e += kLanes) store(out + e, load(out + e) + wj * load(v + j * dv + e));
+  }
+}
+
 // One cached decoding step (kv_cache.py): each (batch, head) row writes its new key and value at
 // its position p into the caches, then attends from its query over the keys it may see. Layouts
 // (float32, row-major):
@@ -594,16 +625,32 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     logits.resize(padded);
     const float* qr = q.typed_data() + task * d;
     float largest = -kInf;
-    for (long j = 0; j < n; ++j) {
-      long at = key_position(j);
-      if (at < 0) {  // a ring slot not written yet
-        logits[j] = -kInf;
-        continue;
+    // Four keys at a time: four independent chains of products keep the FMA units busy.
+    long j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = k_row + j * d;
+      vec a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+      for (long e = 0; e < d; e += kLanes) {
+        vec qe = load(qr + e);
+        a0 += qe * load(k0 + e);
+        a1 += qe * load(k0 + d + e);
+        a2 += qe * load(k0 + 2 * d + e);
+        a3 += qe * load(k0 + 3 * d + e);
       }
+      logits[j] = hsum(a0);
+      logits[j + 1] = hsum(a1);
+      logits[j + 2] = hsum(a2);
+      logits[j + 3] = hsum(a3);
+    }
+    for (; j < n; ++j) {
       vec acc = splat(0.0f);
       for (long e = 0; e < d; e += kLanes) acc += load(qr + e) * load(k_row + j * d + e);
-      float s = hsum(acc);
-      if (slope) s -= slope[h] * static_cast<float>(p - at);
+      logits[j] = hsum(acc);
+    }
+    for (j = 0; j < n; ++j) {
+      long at = key_position(j);
+      float s = at < 0 ? -kInf : logits[j];  // a ring slot not written yet
+      if (slope && at >= 0) s -= slope[h] * static_cast<float>(p - at);
       logits[j] = s;
       largest = s > largest ? s : largest;  // NaN never wins here; exp(NaN) spreads it below
     }
@@ -619,10 +666,14 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
       totals += w;
     }
     float total = hsum(totals);
-    for (long j = 0; j < n; ++j) {
-      if (key_position(j) < 0) continue;  // an unwritten slot: its value is not a key's
-      vec w = splat(logits[j]);
-      for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) + w * load(v_row + j * dv + e));
+    // An unwritten ring slot has weight exp(-inf) = 0 and holds zeros (kv_cache.py writes
+    // them so), so it adds nothing.
+    switch (dv / kLanes) {
+      case 1: weighted_sum<1>(logits.data(), v_row, n, o); break;
+      case 2: weighted_sum<2>(logits.data(), v_row, n, o); break;
+      case 4: weighted_sum<4>(logits.data(), v_row, n, o); break;
+      case 8: weighted_sum<8>(logits.data(), v_row, n, o); break;
+      default: weighted_sum_any(logits.data(), v_row, n, dv, o);
     }
     vec inv = splat(1.0f / total);
     for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) * inv);
