@@ -113,12 +113,22 @@ def test_chunked_benchmark_records_its_machine(tmp_path):
 def test_decoding_benchmark_records_its_machine(tmp_path):
     stdout = run(
         "decoding_benchmark.py",
-        *("--lengths", 8, "--models", "decoder_lm", "--uncached_steps", 4, "--repeats", 1),
+        *("--tables", "generation,buffers,memory,uncached", "--lengths", 8, "--buffers", "256"),
+        *("--uncached_lengths", 8, "--uncached_steps", 4, "--repeats", 1, "--no-torch"),
         *("--out", tmp_path),
     )
-    (row,) = read_csv(tmp_path / "decoding_benchmark.csv")
-    assert (row["model"], row["tokens"], row["same_tokens"]) == ("decoder_lm", "8", "4/4")
-    assert_records_this_machine([row], stdout)
+    (uncached,) = read_csv(tmp_path / "decoding_uncached.csv")
+    assert (uncached["tokens"], uncached["same_tokens"]) == ("8", "4/4")
+    generation = read_csv(tmp_path / "decoding_generation.csv")
+    assert [r["pattern"] for r in generation] == ["full", "window"]
+    assert all(float(r["jax_tokens_per_s"]) > 0 for r in generation)
+    (buffers,) = read_csv(tmp_path / "decoding_buffers.csv")
+    assert float(buffers["jax_ms_per_token"]) > 0
+    memory = {r["pattern"]: r for r in read_csv(tmp_path / "decoding_memory.csv")}
+    # 8 tokens: the window's ring (257 slots) is larger than the full model's 8 positions.
+    assert float(memory["window"]["jax_cache_mb"]) > float(memory["full"]["jax_cache_mb"]) > 0
+    assert (tmp_path / "decoding.png").exists()
+    assert_records_this_machine(generation + [buffers, uncached], stdout)
 
 
 def test_block_products_gradients_match_autodiff():

@@ -682,7 +682,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   long longest = 0;
   for (long b = 0; b < batch; ++b) longest = std::max<long>(longest, pos[b] + 1);
   // Waking pool threads costs more than a short row: small steps run on the caller.
-  if (tasks == 1 || tasks * std::min(longest, max_len) * (d + dv) < (1 << 19)) {
+  if (tasks == 1 || tasks * std::min(longest, max_len) * (d + dv) < (3 << 18)) {
     for (long t = 0; t < tasks; ++t) row(t);
   } else {
     parallel_for(pool, tasks, row);
