@@ -1,6 +1,7 @@
 """Decoding caches that follow visibility (`transformer/modules/kv_cache.py`): each layout gives
 the full call's logits at every step, holds what it promises, and builds no max_len^2 mask."""
 
+import functools
 import re
 
 import jax
@@ -119,7 +120,7 @@ def test_cached_decoding_equals_the_full_call(case):
     np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
 
 
-def test_a_window_layer_holds_its_window_only_and_wraps_around():
+def test_a_window_layer_holds_its_window_only():
     fields = dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 3})
     model = build_model(dict(name="decoder_lm", **fields))
     tokens = random_tokens(1, 1, 4)
@@ -128,11 +129,23 @@ def test_a_window_layer_holds_its_window_only_and_wraps_around():
         max_len: jax.eval_shape(
             lambda v, n=max_len: model.apply(v, tokens, n, method="init_decode_state"), variables
         )
-        for max_len in (64, 65_536)
+        for max_len in (2, 64, 65_536)
     }
     leaves = {n: [leaf.shape for leaf in jax.tree.leaves(s)] for n, s in shapes.items()}
     assert leaves[64] == leaves[65_536]
     assert shapes[64]["cache"][0]["self"]["key"].shape == (1, 2, 4, 8)  # [batch, heads, w + 1, d]
+    # A cache of fewer positions than the window holds only those.
+    assert shapes[2]["cache"][0]["self"]["key"].shape == (1, 2, 2, 8)
+
+
+def test_prefill_refuses_lengths_outside_the_prompt():
+    model = build_model(dict(name="decoder_lm", **SMALL))
+    prompt = random_tokens(1, 2, 5)
+    variables = jax.jit(model.init)(jax.random.key(0), prompt)
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, prompt_len=5\]; got \[6, 2\]"):
+        model.apply(variables, prompt, 16, lengths=jnp.array([6, 2]), method="prefill")
+    with pytest.raises(ValueError, match="does not fit a cache of 4"):
+        model.apply(variables, prompt, 4, method="prefill")
 
 
 def compiled_step(model, variables, max_len, batch=1):
@@ -191,6 +204,10 @@ def largest_constant(hlo_text):
 def test_no_step_builds_a_max_len_squared_constant(fields):
     max_len = 1024
     model = build_model(dict(name="decoder_lm", **fields))
+    head_dim = fields["d_model"] // fields["num_heads"]
+    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
+    # The kernel case is the kernel's, wherever it is built.
+    assert plan.kernel == (head_dim == 16 and cpu_kernel.unavailable() is None)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
     text = compiled_step(model, variables, max_len).as_text()
     assert largest_constant(text) < max_len * 16
@@ -199,38 +216,64 @@ def test_no_step_builds_a_max_len_squared_constant(fields):
     assert largest_constant(jax.jit(lambda x: x & mask).lower(mask).as_text()) == max_len**2
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        dict(KERNEL_SIZED, positional="rotary"),
-        dict(SMALL, positional="alibi"),
+PREFILL_CASES = {
+    "kernel": (dict(KERNEL_SIZED, positional="rotary"), 16, [7, 3, 1]),
+    "segments": (dict(SMALL, positional="alibi"), 16, [7, 3, 1]),
+    # Rows on both sides of the first segment's end (128), one crossing it while decoding.
+    "segments, past 128": (dict(SMALL, positional="rotary"), 144, [131, 124, 3]),
+    "ring": (
         dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
+        16,
+        [7, 3, 1],
+    ),
+    "ring kernel": (
         dict(
             KERNEL_SIZED, positional="alibi", pattern="sliding_window", pattern_options={"left": 2}
         ),
+        16,
+        [7, 3, 1],
+    ),
+    "ring with anchors": (
+        dict(
+            SMALL,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=2, window_blocks=3, num_random_blocks=0),
+        ),
+        16,
+        [7, 3, 1],
+    ),
+    "sparse": (
         dict(
             SMALL,
             positional="sinusoidal",
             pattern="bigbird",
             pattern_options=dict(block_size=2, num_anchor_blocks=1, num_random_blocks=1),
         ),
-    ],
-    ids=["kernel", "segments", "ring", "ring kernel", "sparse"],
-)
-def test_prefill_hands_over_rows_of_different_lengths(fields):
-    """A right-padded batch of prompts of 7, 3 and 1 tokens, prefilled in one forward pass,
-    then fed the rest of each row one token at a time: every step's logits equal the full call's
-    on that row."""
+        16,
+        [7, 3, 1],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_hands_over_rows_of_different_lengths(case):
+    """A right-padded batch of prompts of different lengths, prefilled in one forward pass, then
+    fed the rest of each row one token at a time: every step's logits equal the full call's on
+    that row."""
+    fields, max_len, lengths = PREFILL_CASES[case]
     model = build_model(dict(name="decoder_lm", **fields))
-    max_len, lengths = 16, jnp.array([7, 3, 1])
+    lengths = jnp.array(lengths)
+    prompt_len = int(lengths.max())
     sequences = random_tokens(2, 3, max_len)
     variables = jax.jit(model.init)(jax.random.key(0), sequences)
-    prompt = jnp.where(jnp.arange(7)[None, :] < lengths[:, None], sequences[:, :7], 0)
+    real = jnp.arange(prompt_len)[None, :] < lengths[:, None]
+    prompt = jnp.where(real, sequences[:, :prompt_len], 0)
     state = jax.jit(lambda v, p: model.apply(v, p, max_len, lengths=lengths, method="prefill"))(
         variables, prompt
     )
     np.testing.assert_array_equal(state["positions"], lengths)
-    steps = 8  # row 0 goes on to position 14, row 2 to 8
+    steps = 8
     rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])
     cached = decode_all(model, variables, rest, max_len, state=state)
     # The full call over max_len tokens: random blocks are drawn for the cache's length.
@@ -248,7 +291,7 @@ def test_beam_search_over_a_ring_cache_keeps_each_beams_window():
     greedy = decoding.generate(model, variables, source, eos_id=None)
     beam = decoding.generate(model, variables, source, eos_id=None, strategy="beam", beam_size=1)
     np.testing.assert_array_equal(beam, greedy)
-    # Four beams: the best one scores at least greedy's sequence, scored by the full call.
+    # Four beams: the best one's score is its log-probability under the full call.
     tokens, scores = jax.jit(
         lambda v, s: decoding.beam_search(
             lambda state, token: model.apply(v, state, token, method="decode_step"),
@@ -271,46 +314,82 @@ def test_beam_search_over_a_ring_cache_keeps_each_beams_window():
     np.testing.assert_allclose(scores[:, 0], log_prob(tokens[:, 0]), rtol=1e-4, atol=1e-4)
 
 
-def test_the_kernel_step_matches_the_dense_float64_reference_with_non_finite_values():
-    """One step of the CPU kernel against softmax(q k^T) v over keys 0..p in float64, including
-    a NaN key that only some rows see, an inf value, and rows at position 0 and past max_len."""
+def kernel_reference(q, k_cache, v_cache, positions, alibi, ring):
+    """softmax(q k^T / sqrt(d) - alibi) v in float64 over the keys each row sees: keys 0..p, or
+    a ring's slots holding positions p - ((p - s) % slots) >= 0. `[batch, heads, dv]`."""
+    q, k_cache, v_cache = (np.asarray(x, np.float64) for x in (q, k_cache, v_cache))
+    batch, _, slots, d = k_cache.shape
+    out = np.zeros(q.shape[:2] + v_cache.shape[-1:])
+    for b in range(batch):
+        p = int(positions[b])
+        if ring:
+            held = p - (p - np.arange(slots)) % slots
+            slot_index, at = np.flatnonzero(held >= 0), held[held >= 0]
+        else:
+            slot_index = at = np.arange(min(p + 1, slots))
+        logits = np.einsum("hd,hkd->hk", q[b], k_cache[b][:, slot_index]) / np.sqrt(d)
+        if alibi is not None:
+            logits = logits - np.asarray(alibi, np.float64)[:, None] * (p - at)
+        with np.errstate(invalid="ignore", over="ignore"):
+            weights = np.exp(logits - logits.max(-1, keepdims=True))
+            weights = weights / weights.sum(-1, keepdims=True)
+        out[b] = np.einsum("hk,hkd->hd", weights, v_cache[b][:, slot_index])
+    return out
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["prefix", "ring"])
+def test_the_kernel_step_matches_the_dense_float64_reference_with_non_finite_values(ring):
+    """One step of the CPU kernel against softmax(q k^T) v in float64: a NaN key that only some
+    rows see, an inf value, a NaN query, a NaN new key at position 0, and (prefix) a row past
+    max_len; with and without ALiBi."""
     if cpu_kernel.unavailable() is not None:
         pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
-    batch, heads, max_len, d = 4, 2, 40, 16
+    batch, heads, slots, d = 6, 2, 40, 16
     keys = jax.random.split(jax.random.key(5), 5)
     q, k_new, v_new = (jax.random.normal(k, (batch, heads, d)) for k in keys[:3])
-    k_cache = jax.random.normal(keys[3], (batch, heads, max_len, d))
-    v_cache = jax.random.normal(keys[4], (batch, heads, max_len, d))
+    k_cache = jax.random.normal(keys[3], (batch, heads, slots, d))
+    v_cache = jax.random.normal(keys[4], (batch, heads, slots, d))
     k_cache = k_cache.at[1, :, 20].set(jnp.nan)  # row 1 at position 25 sees it
-    k_cache = k_cache.at[2, :, 30].set(jnp.nan)  # row 2 at position 10 does not
-    v_cache = v_cache.at[3, 0, 39].set(jnp.inf)  # row 3, past max_len, sees everything
-    positions = jnp.array([0, 25, 10, 45], jnp.int32)
-    slopes = jnp.array([0.5, 0.25])
-    for alibi in (None, slopes):
-        out, k_after, v_after = jax.jit(cpu_kernel.decode_step)(
+    k_cache = k_cache.at[2, :, 30].set(jnp.nan)  # row 2 at position 10 does not (prefix)
+    v_cache = v_cache.at[3, 0, 39].set(jnp.inf)  # row 3 sees it
+    q = q.at[4].set(jnp.nan)  # row 4: a NaN query
+    k_new = k_new.at[5].set(jnp.nan)  # row 5 at position 0: its only key is NaN
+    positions = jnp.array([0, 25, 10, 45 if not ring else 39, 7, 0], jnp.int32)
+    rows = jnp.arange(batch)
+    slot = positions % slots if ring else jnp.where(positions < slots, positions, slots)
+    expected_k = k_cache.at[rows, :, slot].set(k_new, mode="drop")
+    expected_v = v_cache.at[rows, :, slot].set(v_new, mode="drop")
+    for alibi in (None, jnp.array([0.5, 0.25])):
+        out, k_after, v_after = jax.jit(functools.partial(cpu_kernel.decode_step, ring=ring))(
             q, k_new, v_new, k_cache, v_cache, positions, alibi
-        )
-        rows = jnp.arange(batch)
-        in_range = positions < max_len
-        expected_k = k_cache.at[rows, :, jnp.where(in_range, positions, max_len)].set(
-            k_new, mode="drop"
-        )
-        expected_v = v_cache.at[rows, :, jnp.where(in_range, positions, max_len)].set(
-            v_new, mode="drop"
         )
         np.testing.assert_array_equal(k_after, expected_k)
         np.testing.assert_array_equal(v_after, expected_v)
-        k64, v64, q64 = (np.asarray(x, np.float64) for x in (expected_k, expected_v, q))
-        for b in range(batch):
-            n = min(int(positions[b]) + 1, max_len)
-            logits = np.einsum("hd,hkd->hk", q64[b], k64[b, :, :n]) / np.sqrt(d)
-            if alibi is not None:
-                distance = int(positions[b]) - np.arange(n)
-                logits = logits - np.asarray(alibi, np.float64)[:, None] * distance
-            with np.errstate(invalid="ignore", over="ignore"):
-                weights = np.exp(logits - logits.max(-1, keepdims=True))
-                reference = np.einsum(
-                    "hk,hkd->hd", weights / weights.sum(-1, keepdims=True), v64[b, :, :n]
-                )
-            np.testing.assert_allclose(out[b], reference, rtol=1e-5, atol=1e-5, equal_nan=True)
-        assert np.isnan(out[1]).all() and np.isfinite(out[2]).all()
+        reference = kernel_reference(q, expected_k, expected_v, positions, alibi, ring)
+        np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert np.isnan(out[1]).all() and np.isnan(out[4]).all() and np.isnan(out[5]).all()
+        assert np.isfinite(out[0]).all()
+
+
+def test_a_pattern_rule_keeps_excluded_non_finite_values_out():
+    """A prefix cache read with the pattern's row rule: a NaN value at a key the pattern
+    excludes (anchors only, a non-anchor key) leaves the output finite, as in the reference."""
+    pattern = patterns.anchor(3) & patterns.causal()
+    cache_plan = kv_cache.plan(pattern, jnp.float32, 8)
+    assert (cache_plan.kind, cache_plan.kernel) == ("prefix", False)
+    batch, heads, max_len, d = 1, 2, 16, 8
+    keys = jax.random.split(jax.random.key(6), 5)
+    q, k, v = (jax.random.normal(key, (batch, 1, heads, d)) for key in keys[:3])
+    cache = kv_cache.from_prompt(
+        cache_plan,
+        jax.random.normal(keys[3], (batch, 7, heads, d)),
+        jax.random.normal(keys[4], (batch, 7, heads, d)).at[0, 5].set(jnp.nan),
+        jnp.array([7]),
+        max_len,
+    )
+    out, _ = kv_cache.step(cache_plan, cache, q, k, v, jnp.array([7]))
+    assert np.isfinite(out).all()
+    # and a NaN value at an anchor key, which the query sees, gives NaN
+    cache["value"][0] = cache["value"][0].at[0, :, 1].set(jnp.nan)
+    out, _ = kv_cache.step(cache_plan, cache, q, k, v, jnp.array([7]))
+    assert np.isnan(out).all()

@@ -10,9 +10,9 @@ layer's pattern, not the longest sequence the cache could hold (`max_len`):
           than full and causal mask what it reads with their rule evaluated for row p alone
           (`row_allows`).
   ring    a sliding window `left` keys back, with or without anchor tokens: a ring of left + 1
-          slots (position p goes to slot p % (left + 1); with anchors, each slot also records
-          its position), and the anchors in a small cache of their own. Memory and a step's
-          work are O(left + anchors), however long the sequence.
+          slots (or max_len, if fewer; position p goes to slot p % slots; with anchors, each
+          slot also records its position), and the anchors in a small cache of their own.
+          Memory and a step's work are O(left + anchors), however long the sequence.
   sparse  a window with random blocks (BigBird), and anchors: keys and values of max_len
           positions, since a random block may lie anywhere in the past, but a step gathers and
           attends over only its window, the anchors and its row's random blocks.
@@ -44,6 +44,7 @@ import numpy as np
 
 from transformer import patterns
 from transformer.attention.block_sparse import cpu_kernel
+from transformer.attention.dense import masked_einsum
 
 # The first segment of a prefix cache; the others double the total, so a step reads at most 2x
 # the keys it needs, with log2(max_len / 128) compiled branches.
@@ -93,7 +94,14 @@ def depends_on_length(pattern):
     return False
 
 
-def plan(pattern, dtype=jnp.float32, head_dim=64):
+def _anchors_fit(anchors, left):
+    """Whether a ring reaching `left` keys back and a cache of the `anchors` hold every key an
+    anchor query sees: an anchor query at position a sees every key <= a, so every position
+    before its window, a - left, must itself be an anchor."""
+    return all(np.searchsorted(anchors, max(a - left, 0)) >= a - left for a in anchors)
+
+
+def plan(pattern, dtype, head_dim):
     """The cache layout for a causal decoder layer with `pattern` (None: full attention) and
     keys and values of `dtype` and `head_dim` features per head."""
     kernel = cpu_kernel.supports_decode(dtype, head_dim, head_dim)
@@ -108,24 +116,27 @@ def plan(pattern, dtype=jnp.float32, head_dim=64):
         # Under causality a union of windows is the one that reaches furthest back.
         left = max(w.left for w in windows)
         positions = tuple(sorted({a for part in anchors for a in part.positions}))
-        # An anchor query at position a sees every key <= a. The ring and the anchor cache hold
-        # them only if every position before the window of a is itself an anchor; otherwise
-        # keep everything.
-        if all(np.searchsorted(positions, max(a - left, 0)) >= a - left for a in positions):
+        if _anchors_fit(positions, left):  # else keep everything
             if randoms:
                 return CachePlan("sparse", left=left, anchors=positions, random=randoms[0])
             return CachePlan("ring", left=left, anchors=positions, kernel=kernel and not anchors)
     return CachePlan("prefix", pattern=core)
 
 
+def ring_size(cache_plan, max_len):
+    """Slots of a ring: the window and the query, or max_len when that is fewer (positions
+    below max_len then never wrap)."""
+    return min(cache_plan.left + 1, max_len)
+
+
 def init(cache_plan, batch, max_len, heads, head_dim, dtype):
-    """An empty cache for `batch` rows and positions `[0, max_len)` (ring: any position)."""
+    """An empty cache for `batch` rows and positions `[0, max_len)`."""
 
     def buffer(length):
         return jnp.zeros((batch, heads, length, head_dim), dtype)
 
     if cache_plan.kind == "ring":
-        size = cache_plan.left + 1
+        size = ring_size(cache_plan, max_len)
         cache = {"key": buffer(size), "value": buffer(size)}
         if cache_plan.kernel:  # the kernel knows each slot's position from the step's
             return cache
@@ -144,7 +155,8 @@ def step(cache_plan, cache, query, key, value, positions, alibi_slopes=None):
     """One decoding step: query, key and value `[batch, 1, heads, head_dim]` of one new position
     per row, at `positions` `[batch]` int32. Returns the attention output
     `[batch, 1, heads, head_dim]` over every key the pattern lets that position see (its own
-    included), and the cache with the new key and value in it."""
+    included), and the cache with the new key and value in it. Positions run from 0 to
+    max_len - 1; a negative one writes and reads nothing (zeros)."""
     if cache_plan.kernel:
         out, key_cache, value_cache = cpu_kernel.decode_step(
             query[:, 0],
@@ -181,17 +193,19 @@ def _write(cache_plan, cache, key, value, positions):
         return new
     key, value = key.astype(cache["key"].dtype), value.astype(cache["value"].dtype)
     if cache_plan.kind == "sparse":
-        return {
-            "key": cache["key"].at[rows, :, positions].set(key, mode="drop"),
-            "value": cache["value"].at[rows, :, positions].set(value, mode="drop"),
-        }
-    slot = positions % cache["key"].shape[2]
+        # A negative position writes nothing (it would index from the end).
+        slot = jnp.where(positions >= 0, positions, cache["key"].shape[2])
+    else:
+        size = cache["key"].shape[2]
+        slot = jnp.where(positions >= 0, positions % size, size)
     cache = {
         **cache,
-        "key": cache["key"].at[rows, :, slot].set(key),
-        "value": cache["value"].at[rows, :, slot].set(value),
-        "position": cache["position"].at[rows, slot].set(positions),
+        "key": cache["key"].at[rows, :, slot].set(key, mode="drop"),
+        "value": cache["value"].at[rows, :, slot].set(value, mode="drop"),
     }
+    if cache_plan.kind == "sparse":
+        return cache
+    cache["position"] = cache["position"].at[rows, slot].set(positions, mode="drop")
     if cache_plan.anchors:
         anchors = jnp.asarray(cache_plan.anchors, jnp.int32)
         index = jnp.clip(jnp.searchsorted(anchors, positions), 0, len(cache_plan.anchors) - 1)
@@ -245,8 +259,8 @@ def _partial_attention(query, key, value, key_positions, valid, positions, alibi
     exponentials, unnormalised output), for `_combine`: query `[batch, heads, 1, head_dim]`,
     key/value `[batch, heads, n, head_dim]`, key_positions and valid `[batch, n]`.
 
-    Masked keys get weight 0 (the cache holds finite keys and values: zeros where nothing was
-    written); a part with no valid key has largest logit -inf and sum 0.
+    Masked keys get weight 0 and never reach the output, whatever they hold; a part with no
+    valid key has largest logit -inf and sum 0.
     """
     logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
     logits = logits * query.shape[-1] ** -0.5
@@ -260,8 +274,14 @@ def _partial_attention(query, key, value, key_positions, valid, positions, alibi
     shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
     weights = jnp.where(valid, jnp.exp(logits - shift), 0.0)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum(
-        "bhqk,bhkd->bhqd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32
+    # Over valid keys only: a NaN or inf value of a key the pattern excludes (or of padding)
+    # must not meet its zero weight (0 * NaN = NaN), as in the dense reference.
+    out = masked_einsum(
+        "bhqk,bhkd->bhqd",
+        weights.astype(value.dtype),
+        valid,
+        value,
+        preferred_element_type=jnp.float32,
     )
     return largest, total, out
 
@@ -309,6 +329,7 @@ def _gather(buffer, index):
 
 
 def _attend_heads(cache_plan, cache, query, positions, alibi_slopes):
+    """The XLA step's attention: query `[batch, heads, 1, head_dim]` -> same shape."""
     if cache_plan.kind == "ring":
         return _attend_ring(cache_plan, cache, query, positions, alibi_slopes)
     if cache_plan.kind == "sparse":
@@ -327,7 +348,7 @@ def _attend_ring(cache_plan, cache, query, positions, alibi_slopes):
         keys.append(cache["anchor_key"])
         values.append(cache["anchor_value"])
         # Anchors inside the window are in the ring already: count each key once.
-        anchor_valid = (anchors <= p) & (anchors < p - cache_plan.left)
+        anchor_valid = anchors < p - cache_plan.left
         valid = jnp.concatenate([valid, anchor_valid], axis=1)
         key_positions = jnp.concatenate([key_positions, anchors], axis=1)
     return _attend_over(query, keys, values, key_positions, valid, positions, alibi_slopes)
@@ -338,21 +359,24 @@ def _attend_prefix(cache_plan, cache, query, positions, alibi_slopes):
     bounds = segment_bounds(sum(segment.shape[2] for segment in cache["key"]))
     parts = []
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        key_positions = jnp.arange(start, end)[None, :]
-        valid = key_positions <= positions[:, None]
-        if cache_plan.pattern is not None:
-            valid &= row_allows(cache_plan.pattern, positions[:, None], key_positions, bounds[-1])
 
-        def read(query, key, value, valid, key_positions=key_positions):
+        def read(query, key, value, positions, start=start, end=end):
+            # Inside the branch: a skipped segment costs nothing, its mask included.
+            key_positions = jnp.arange(start, end)[None, :]
+            valid = key_positions <= positions[:, None]
+            if cache_plan.pattern is not None:
+                valid &= row_allows(
+                    cache_plan.pattern, positions[:, None], key_positions, bounds[-1]
+                )
             return _partial_attention(
                 query, key, value, key_positions, valid, positions, alibi_slopes
             )
 
-        def skip(query, key, value, valid):
+        def skip(query, key, value, positions):
             batch, heads, _, head_dim = query.shape
             return (
-                jnp.full((batch, heads, 1, 1), -jnp.inf),
-                jnp.zeros((batch, heads, 1, 1)),
+                jnp.full((batch, heads, 1, 1), -jnp.inf, jnp.float32),
+                jnp.zeros((batch, heads, 1, 1), jnp.float32),
                 jnp.zeros((batch, heads, 1, head_dim), jnp.float32),
             )
 
@@ -366,7 +390,7 @@ def _attend_prefix(cache_plan, cache, query, positions, alibi_slopes):
                 query,
                 cache["key"][index],
                 cache["value"][index],
-                valid,
+                positions,
             )
         )
     return _combine(parts).astype(query.dtype)
@@ -379,7 +403,7 @@ def _attend_sparse(cache_plan, cache, query, positions, alibi_slopes):
     left = cache_plan.left
     window = p - left + jnp.arange(left + 1)[None, :]  # [batch, left + 1]
     in_window = lambda k: (k >= p - left) & (k <= p)
-    segments = [(window, (window >= 0) & (window <= p))]
+    segments = [(window, window >= 0)]
     is_anchor = np.zeros(max_len, bool)
     anchors = np.asarray([a for a in cache_plan.anchors if a < max_len], np.int32)
     if anchors.size:
@@ -422,7 +446,7 @@ def from_prompt(cache_plan, key, value, lengths, max_len):
             name: [full[:, :, start:end] for start, end in zip(bounds[:-1], bounds[1:])]
             for name, full in (("key", key), ("value", value))
         }
-    size = cache_plan.left + 1
+    size = ring_size(cache_plan, max_len)
     last = lengths[:, None] - 1
     # Slot s holds the latest real position q <= last with q % size == s (or nothing, -1).
     slot_positions = last - (last - jnp.arange(size)[None, :]) % size

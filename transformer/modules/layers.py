@@ -238,12 +238,9 @@ class DecoderLayer(nn.Module):
         given)."""
         cache = {"self": self.self_attention.init_cache(batch, max_len)}
         if encoded is not None:
-            cache["cross"] = self._cross_cache(encoded)
+            key, value = self.cross_attention.key_value(encoded)
+            cache["cross"] = {"key": key, "value": value}
         return cache
-
-    def _cross_cache(self, encoded):
-        key, value = self.cross_attention.key_value(encoded)
-        return {"key": key, "value": value}
 
     def _cross_attend_cached(self, cache, encoded_padding_mask):
         if "cross" not in cache:
@@ -252,10 +249,10 @@ class DecoderLayer(nn.Module):
             h, cache["cross"]["key"], cache["cross"]["value"], key_padding_mask=encoded_padding_mask
         )
 
-    def prefill(self, x, padding_mask, lengths, max_len, encoded=None, encoded_padding_mask=None):
-        """The full call over a prompt x `[batch, prompt_len, d_model]` (rows right-padded,
-        `lengths` `[batch]` real positions), and the cache that decoding continues from at
-        position lengths[b]. No dropout."""
+    def prefill(self, x, padding_mask, lengths, max_len):
+        """The full call of a decoder-only layer over a prompt x `[batch, prompt_len, d_model]`
+        (rows right-padded, `lengths` `[batch]` real positions), and the cache that decoding
+        continues from at position lengths[b]. No dropout."""
         cache = {}
 
         def self_attend(h):
@@ -264,11 +261,7 @@ class DecoderLayer(nn.Module):
             )
             return out
 
-        cross_attend = None
-        if encoded is not None:
-            cache["cross"] = self._cross_cache(encoded)
-            cross_attend = self._cross_attend_cached(cache, encoded_padding_mask)
-        return self._sublayers(x, self_attend, cross_attend, True), cache
+        return self._sublayers(x, self_attend, None, True), cache
 
     def decode_step(self, x, cache, positions, encoded_padding_mask=None):
         """x: `[batch, 1, d_model]` at `positions` `[batch]` int32; cache from `init_cache`,

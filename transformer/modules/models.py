@@ -15,7 +15,9 @@ RNN does (transformer/token_ids.py).
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from transformer import patterns
@@ -334,6 +336,19 @@ def output_logits(embedding, projection, x):
     return logits.astype(jnp.float32)
 
 
+def check_lengths(lengths, batch, prompt_len):
+    """Raises ValueError unless `lengths` is `[batch]` integers in [0, prompt_len]."""
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(
+            f"lengths must be [batch={batch}] integers; got shape {lengths.shape}, "
+            f"dtype {lengths.dtype}."
+        )
+    if lengths.size and (lengths.min() < 0 or lengths.max() > prompt_len):
+        raise ValueError(
+            f"lengths must be in [0, prompt_len={prompt_len}]; got {lengths.tolist()}."
+        )
+
+
 def check_cache_length(config, max_decode_len):
     """The number of positions a decoding cache holds: `max_decode_len` or config.max_len."""
     max_decode_len = config.max_len if max_decode_len is None else max_decode_len
@@ -404,6 +419,8 @@ class DecoderLM(nn.Module):
             )
         if lengths is None:
             lengths = jnp.full((batch,), prompt_len, jnp.int32)
+        if not isinstance(lengths, jax.core.Tracer):
+            check_lengths(np.asarray(lengths), batch, prompt_len)
         lengths = jnp.asarray(lengths, jnp.int32)
         if any(
             kv_cache.depends_on_length(layer_pattern(self.config, layer, causal=True))

@@ -164,7 +164,7 @@ class MultiHeadAttention(nn.Module):
 
     def init_cache(self, batch, max_len):
         """An empty self-attention cache for decoding up to position max_len - 1, laid out for
-        this layer's pattern (`kv_cache.plan`: a ring for windows, whatever max_len)."""
+        this layer's pattern (`kv_cache.plan`: a window keeps a ring of its own size)."""
         head_dim = self._head_dim()
         return kv_cache.init(
             self._cache_plan(), batch, max_len, self.num_heads, head_dim, self.dtype
@@ -184,7 +184,7 @@ class MultiHeadAttention(nn.Module):
           inputs: `[batch, prompt_len, features]`, rows right-padded.
           lengths: `[batch]` int32, the real positions of each row; decoding goes on at
             position lengths[b].
-          max_len: the positions the cache holds (a ring holds its window whatever max_len).
+          max_len: decoding goes on up to position max_len - 1.
           key_padding_mask: bool `[batch, prompt_len]`, True at real tokens.
 
         Returns:

@@ -85,14 +85,21 @@ inline vec vexp(vec x) {
 // vexp that also takes NaN (and gives NaN): its lanes get a defined float-to-int conversion.
 inline vec vexp_nan(vec x) { return x == x ? vexp(x == x ? x : splat(0.0f)) : x; }
 
-// The sum of a vector's lanes, halving it three times.
+// The sum of a vector's lanes: halving it three times where the compiler has
+// __builtin_shufflevector (GCC 12, Clang), lane by lane elsewhere.
 inline float hsum(vec x) {
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
   typedef float half __attribute__((vector_size(kLanes * 2)));
   typedef float quarter __attribute__((vector_size(kLanes)));
   half a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
            __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
   quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+#else
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += x[l];
+  return sum;
+#endif
 }
 
 inline bool all_finite(const float* p, long n) {
@@ -573,10 +580,10 @@ void weighted_sum_any(const float* w, const float* v, long n, long dv, float* ou
 //   A position past `slots` writes nothing and reads every key; a negative one reads none.
 // ring == 1: a sliding window of slots - 1 keys back; slot s holds the latest position
 //   q <= p with q % slots == s (the ring is written in order), and a step writes slot p % slots,
-//   then reads every slot whose q >= 0. Over
-// the keys it reads a step is plain IEEE arithmetic, as the dense reference over allowed pairs:
-// a NaN logit or value gives NaN, +inf gives a NaN row, and a row whose logits are all -inf (or
-// that reads no key) gets zeros.
+//   then reads every slot whose q >= 0. Negative positions write and read nothing.
+// Over the keys it reads, a step is plain IEEE arithmetic, as the dense reference over allowed
+// pairs: a NaN logit or value gives NaN, +inf gives a NaN row, and a row whose logits are all
+// -inf (or that reads no key) gets zeros.
 ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
                       ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
@@ -615,7 +622,9 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     }
     // Ring: the keys of slots 0..n-1, at positions key_position(j).
     long n = p < 0 ? 0 : ring ? max_len : std::min(p + 1, max_len);
-    auto key_position = [&](long j) { return ring ? p - ((slot - j) % max_len + max_len) % max_len : j; };
+    auto key_position = [&](long j) {
+      return ring ? p - ((slot - j) % max_len + max_len) % max_len : j;
+    };
     float* o = out->typed_data() + task * dv;
     for (long e = 0; e < dv; ++e) o[e] = 0.0f;
     if (n == 0) return;
@@ -647,12 +656,18 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
       for (long e = 0; e < d; e += kLanes) acc += load(qr + e) * load(k_row + j * d + e);
       logits[j] = hsum(acc);
     }
+    bool any_nan = false;
     for (j = 0; j < n; ++j) {
       long at = key_position(j);
       float s = at < 0 ? -kInf : logits[j];  // a ring slot not written yet
       if (slope && at >= 0) s -= slope[h] * static_cast<float>(p - at);
       logits[j] = s;
-      largest = s > largest ? s : largest;  // NaN never wins here; exp(NaN) spreads it below
+      any_nan |= s != s;
+      largest = s > largest ? s : largest;
+    }
+    if (any_nan) {  // a NaN logit makes the reference's whole row NaN
+      for (long e = 0; e < dv; ++e) o[e] = std::numeric_limits<float>::quiet_NaN();
+      return;
     }
     if (largest == -kInf) return;  // all logits -inf: zeros
     for (long j = n; j < padded; ++j) logits[j] = -kInf;
@@ -660,7 +675,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     bool finite = largest < kInf;
     for (long j = 0; j < padded; j += kLanes) {
       vec x = load(logits.data() + j) - shift;
-      // A NaN or +inf logit makes its row NaN, as in the reference.
+      // A +inf logit makes its row NaN (inf - inf), as in the reference.
       vec w = finite ? vexp_nan(x) : x - x;
       store(logits.data() + j, w);
       totals += w;
@@ -680,7 +695,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   };
   long tasks = batch * heads;
   long longest = 0;
-  for (long b = 0; b < batch; ++b) longest = std::max<long>(longest, pos[b] + 1);
+  for (long b = 0; b < batch; ++b) longest = std::max(longest, static_cast<long>(pos[b]) + 1);
   // Waking pool threads costs more than a short row: small steps run on the caller.
   if (tasks == 1 || tasks * std::min(longest, max_len) * (d + dv) < (3 << 18)) {
     for (long t = 0; t < tasks; ++t) row(t);
