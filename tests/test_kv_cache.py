@@ -393,3 +393,38 @@ def test_a_pattern_rule_keeps_excluded_non_finite_values_out():
     cache["value"][0] = cache["value"][0].at[0, :, 1].set(jnp.nan)
     out, _ = kv_cache.step(cache_plan, cache, q, k, v, jnp.array([7]))
     assert np.isnan(out).all()
+
+
+class EveryOther(patterns.Pattern):
+    """Keys at an even distance: a pattern the cache knows only through its `allows`."""
+
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        return (q_pos - k_pos) % 2 == 0
+
+    def _layout(self, q_blocks, k_blocks):
+        return np.full((q_blocks.count, k_blocks.count), patterns.PARTIAL)
+
+    def __eq__(self, other):
+        return type(other) is EveryOther
+
+    def __hash__(self):
+        return hash(EveryOther)
+
+
+class NumpyOnly(EveryOther):
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        return np.equal(np.remainder(np.subtract(q_pos, k_pos), 2), 0)
+
+
+def test_another_pattern_decodes_through_its_own_rule():
+    tokens = random_tokens(4, 2, 12)
+    for pattern, decodes in ((EveryOther(), True), (NumpyOnly(), False)):
+        model = build_model(dict(name="decoder_lm", **SMALL, pattern=pattern))
+        variables = jax.jit(model.init)(jax.random.key(0), tokens)
+        if not decodes:
+            with pytest.raises(ValueError, match="its `allows` must compute with jax arrays"):
+                decode_all(model, variables, tokens, max_decode_len=12)
+            continue
+        full = jax.jit(model.apply)(variables, tokens)
+        cached = decode_all(model, variables, tokens, max_decode_len=12)
+        np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)

@@ -218,9 +218,9 @@ def _write(cache_plan, cache, key, value, positions):
 
 def row_allows(pattern, q_pos, k_pos, max_len):
     """`pattern.allows` in JAX for traced positions: q_pos `[batch, 1]`, k_pos `[batch or 1, n]`
-    -> bool `[batch, n]`, for a query and keys in a sequence of max_len. Built from the
-    pattern's description, with constants no larger than max_len (anchors) or the random
-    blocks' table."""
+    -> bool `[batch, n]`, for a query and keys in a sequence of max_len. The named patterns are
+    built from their description, with constants no larger than max_len (anchors) or the random
+    blocks' table; any other pattern through its own `allows`, if that takes jax arrays."""
     if isinstance(pattern, patterns.Full):
         return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
     if isinstance(pattern, (patterns.Causal, patterns.SlidingWindow)):
@@ -239,11 +239,18 @@ def row_allows(pattern, q_pos, k_pos, max_len):
         for other in allowed[1:]:
             result = combine(result, other)
         return result
-    raise ValueError(
-        f"decoding has no row rule for pattern {pattern} ({type(pattern).__name__}); "
-        "it knows full, causal, sliding_window, anchor, random and their unions and "
-        "intersections."
-    )
+    # Other patterns: their own `allows`, if it computes with jax arrays as with NumPy ones.
+    try:
+        allowed = pattern.allows(q_pos, k_pos, max_len, max_len)
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        allowed = None
+    if not isinstance(allowed, jax.Array):
+        raise ValueError(
+            f"decoding needs a row rule for pattern {pattern} ({type(pattern).__name__}): "
+            "its `allows` must compute with jax arrays (decoding evaluates it for one traced "
+            "position at a time), as those of full, causal, sliding_window, anchor and random do."
+        )
+    return jnp.broadcast_to(allowed, jnp.broadcast_shapes(q_pos.shape, k_pos.shape))
 
 
 def segment_bounds(max_len):
