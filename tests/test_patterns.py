@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import time
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,27 @@ def brute_force_mask(allows, q_len, kv_len):
     return np.array([[bool(allows(i, j)) for j in range(kv_len)] for i in range(q_len)])
 
 
+# Rules for predicate(): module-level functions, so each predicate is one object (hashable, and
+# the same pattern in every hypothesis example).
+def checkerboard(i, j):
+    return (i + j) % 2 == 0
+
+
+def dilated_causal(i, j):
+    return (j <= i) & ((i - j) % 3 == 0)
+
+
+def lopsided_band(i, j):
+    return (i - j <= 4) & (j - i <= 1)
+
+
+PREDICATES = [
+    patterns.predicate(checkerboard, "checkerboard"),
+    patterns.predicate(dilated_causal, "dilated_causal"),
+    patterns.predicate(lopsided_band, "lopsided_band"),
+]
+
+
 def test_primitive_masks_match_their_definitions():
     q_len, kv_len = 13, 17
     anchors = {0, 1, 2, 9}
@@ -31,6 +54,15 @@ def test_primitive_masks_match_their_definitions():
         patterns.anchor(3): lambda i, j: i < 3 or j < 3,
         patterns.anchor(positions=anchors): lambda i, j: i in anchors or j in anchors,
         patterns.random(2, 4, seed=5): lambda i, j: j // 4 in random_table[i // 4],
+        patterns.strided(1): lambda i, j: True,
+        patterns.strided(3): lambda i, j: (i - j) % 3 == 0,
+        patterns.strided(20): lambda i, j: i == j,
+        patterns.prefix_lm(0): lambda i, j: j <= i,
+        patterns.prefix_lm(5): lambda i, j: j <= i or (i < 5 and j < 5),
+        patterns.prefix_lm(15): lambda i, j: j <= i or (i < 15 and j < 15),  # past q_len
+        PREDICATES[0]: lambda i, j: (i + j) % 2 == 0,
+        PREDICATES[1]: lambda i, j: j <= i and (i - j) % 3 == 0,
+        patterns.predicate(lambda i, j: True, "everything"): lambda i, j: True,  # a scalar
     }
     for pattern, allows in definitions.items():
         mask = pattern.mask(q_len, kv_len)
@@ -80,6 +112,9 @@ def primitive_patterns():
             st.lists(st.integers(0, 40), min_size=1, max_size=4),
         ),
         st.builds(patterns.random, st.integers(1, 3), st.integers(1, 9), st.integers(0, 99)),
+        st.builds(patterns.strided, st.integers(1, 9)),
+        st.builds(patterns.prefix_lm, st.integers(0, 40)),
+        st.sampled_from(PREDICATES),
     )
 
 
@@ -140,6 +175,100 @@ def test_causal_block_layout_is_the_lower_triangle():
     )
 
 
+def test_strided_one_is_full_and_prefix_lm_zero_is_causal():
+    for pattern, same in (
+        (patterns.strided(1), patterns.full()),
+        (patterns.prefix_lm(0), patterns.causal()),
+    ):
+        np.testing.assert_array_equal(pattern.mask(23, 19), same.mask(23, 19))
+        for block_q, block_kv in ((4, 4), (5, 3), (23, 1)):
+            np.testing.assert_array_equal(
+                pattern.block_layout(23, 19, block_q, block_kv),
+                same.block_layout(23, 19, block_q, block_kv),
+            )
+
+
+def test_strided_is_long_range_arena_local_attention():
+    """LRA's LocalAttention reshapes [length] to [block_size, num_blocks] and attends along
+    block_size: positions attend within their column, which is strided(num_blocks)."""
+    block_size, num_blocks = 6, 4
+    column = np.arange(block_size * num_blocks).reshape(block_size, num_blocks)
+    group = np.empty(block_size * num_blocks, int)
+    group[column] = np.arange(num_blocks)[None, :]
+    expected = group[:, None] == group[None, :]
+    np.testing.assert_array_equal(patterns.strided(num_blocks).mask(24, 24), expected)
+
+
+def test_strided_layout_skips_blocks_without_a_multiple_of_the_stride():
+    # Blocks of 2 queries x 2 keys, r and c apart: the differences i - j span 2(r - c) - 1 ..
+    # 2(r - c) + 1, which holds a multiple of 4 only when r - c is even.
+    layout = patterns.strided(4).block_layout(8, 8, 2)
+    np.testing.assert_array_equal(
+        layout, np.where(np.add.outer(range(4), range(4)) % 2, EMPTY, PARTIAL)
+    )
+    # One-by-one blocks are exactly the mask.
+    np.testing.assert_array_equal(
+        patterns.strided(3).block_layout(7, 9, 1),
+        np.where(patterns.strided(3).mask(7, 9), FULL, EMPTY),
+    )
+
+
+def test_prefix_lm_layout_across_the_prefix_boundary():
+    # Prefix of 6 with blocks of 4: key block 1 (keys 4..7) straddles the prefix.
+    layout = patterns.prefix_lm(6).block_layout(12, 12, 4)
+    np.testing.assert_array_equal(
+        layout,
+        [[FULL, PARTIAL, EMPTY], [FULL, PARTIAL, EMPTY], [FULL, FULL, PARTIAL]],
+    )
+
+
+def test_predicate_equals_the_pattern_it_describes():
+    rule = patterns.predicate(lambda i, j: j <= i, "causal")
+    assert str(rule) == "causal" and str(rule | patterns.anchor(1)) == "causal | anchor(1)"
+    for q_len, kv_len, block_q, block_kv in ((13, 13, 4, 4), (17, 29, 5, 3), (40, 9, 8, 8)):
+        np.testing.assert_array_equal(
+            rule.mask(q_len, kv_len), patterns.causal().mask(q_len, kv_len)
+        )
+        np.testing.assert_array_equal(
+            rule.block_layout(q_len, kv_len, block_q, block_kv),
+            patterns.causal().block_layout(q_len, kv_len, block_q, block_kv),
+        )
+    # Equal and hashed by the function object and the name.
+    assert (
+        rule == patterns.predicate(rule.fn, "causal")
+        and len({rule, patterns.predicate(rule.fn, "causal")}) == 1
+    )
+    assert rule != patterns.predicate(rule.fn, "other")
+    assert rule != patterns.predicate(lambda i, j: j <= i, "causal")
+
+
+def test_predicate_layout_at_64k_tokens_builds_no_full_mask():
+    """65,536 tokens in blocks of 512: the full mask would be 4 GiB of bools; the layout is
+    computed tile by tile with a few MB."""
+    rule = patterns.predicate(lambda i, j: j <= i, "causal")
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        layout = rule.block_layout(65536, 65536, 512)
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(layout, patterns.causal().block_layout(65536, 65536, 512))
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert seconds < 30, f"{seconds:.1f} s"
+
+
+def test_new_patterns_compute_with_jax_arrays():
+    """Decoding (kv_cache.row_allows) evaluates `allows` on traced positions."""
+    q_pos, k_pos = jnp.arange(11)[:, None], jnp.arange(13)[None, :]
+    for pattern in (patterns.strided(3), patterns.prefix_lm(4), PREDICATES[1]):
+        allowed = jax.jit(lambda q, k, p=pattern: p.allows(q, k, 11, 13))(q_pos, k_pos)
+        np.testing.assert_array_equal(
+            np.asarray(allowed), pattern.mask(11, 13), err_msg=str(pattern)
+        )
+
+
 def test_random_blocks_per_query_block_and_determinism():
     pattern = patterns.random(3, 8, seed=7)
     table = pattern.key_blocks(64, 80)
@@ -172,14 +301,17 @@ def test_build_registry_and_layer_seeds():
     )
     assert patterns.build("causal") == patterns.causal()
     assert patterns.build("sliding_window", left=4) == patterns.sliding_window(4)
+    assert patterns.build("strided", stride=4) == patterns.strided(4)
+    assert patterns.build("prefix_lm", layer=2, prefix_length=8) == patterns.prefix_lm(8)
+    assert "predicate" not in patterns.PATTERNS  # a function is not a config value
     layer0 = patterns.build("bigbird", layer=0, block_size=4)
     layer1 = patterns.build("bigbird", layer=1, block_size=4)
     assert layer0 != layer1
     assert not np.array_equal(layer0.mask(64, 64), layer1.mask(64, 64))
     assert layer0 == patterns.build("bigbird", layer=0, block_size=4)
     assert patterns.layer_seed(0, 1) != patterns.layer_seed(1, 0)
-    with pytest.raises(ValueError, match="unknown attention pattern 'strided'.*allowed"):
-        patterns.build("strided")
+    with pytest.raises(ValueError, match="unknown attention pattern 'dilated'.*allowed"):
+        patterns.build("dilated")
     with pytest.raises(ValueError, match="takes no option.*'width'.*allowed"):
         patterns.build("sliding_window", width=3)
 
@@ -195,6 +327,17 @@ def test_bad_arguments_name_the_problem():
         patterns.causal().mask(0, 3)
     with pytest.raises(ValueError, match="window_blocks must be odd"):
         patterns.bigbird(window_blocks=2)
+    for bad in (0, -2, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="stride must be an integer >= 1"):
+            patterns.strided(bad)
+    with pytest.raises(ValueError, match="stride must be an integer >= 1"):
+        patterns.build("strided", stride=0)
+    with pytest.raises(ValueError, match="prefix_length must be an integer >= 0"):
+        patterns.prefix_lm(-1)
+    with pytest.raises(TypeError, match="predicate fn must be callable"):
+        patterns.predicate(np.ones((4, 4), bool), "mask")
+    with pytest.raises(ValueError, match="predicate name must be a non-empty string"):
+        patterns.predicate(checkerboard, "")
 
 
 def test_bigbird_is_the_union_it_claims():
@@ -214,6 +357,9 @@ def test_patterns_are_static_arguments_under_jit():
     x = jnp.ones((6, 6))
     assert float(masked_sum(x, patterns.causal())) == 21.0
     assert float(masked_sum(x, patterns.sliding_window(1) & patterns.causal())) == 11.0
+    assert float(masked_sum(x, patterns.strided(2))) == 18.0
+    assert float(masked_sum(x, patterns.prefix_lm(3))) == 24.0
+    assert float(masked_sum(x, patterns.predicate(checkerboard, "checkerboard"))) == 18.0
 
 
 def test_draw_writes_a_png(tmp_path):

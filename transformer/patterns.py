@@ -218,6 +218,67 @@ class SlidingWindow(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
+class Strided(Pattern):
+    """Query i attends to keys j with (i - j) % stride == 0: the keys at its position mod stride.
+
+    The strided pattern of the Sparse Transformer (Child et al., 2019). It is also what the Long
+    Range Arena's "LocalAttention" computes: reshaping `[batch, length]` to
+    `[batch, block_size, num_blocks]` and attending along the block_size axis lets position i see
+    the positions that share i % num_blocks, so it is `strided(num_blocks)`, not a local window.
+    """
+
+    stride: int
+
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        return (q_pos - k_pos) % self.stride == 0
+
+    def _layout(self, q_blocks, k_blocks):
+        # Over a block the differences i - j are every integer in [low, high]; the block is empty
+        # iff no multiple of stride lies there, full iff every integer there is one.
+        low = q_blocks.first[:, None] - k_blocks.last[None, :]
+        high = q_blocks.last[:, None] - k_blocks.first[None, :]
+        empty = high // self.stride * self.stride < low
+        full = (low % self.stride == 0) & ((self.stride == 1) | (low == high))
+        return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL))
+
+    def __str__(self):
+        return f"strided({self.stride})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLM(Pattern):
+    """Bidirectional among the first `prefix_length` positions, causal after them.
+
+    Query i attends to key j iff j <= i, or both i and j are in the prefix (< prefix_length):
+    the prefix language model of T5 and UniLM, where a prompt sees itself whole and the
+    continuation is generated left to right. This is the attention-level pattern. A decoder
+    layer ANDs its pattern with causal() (`layer_pattern` in transformer/modules/models.py),
+    which takes the prefix's bidirectionality away again; a prefix-LM model must use this
+    pattern without that AND.
+    """
+
+    prefix_length: int
+
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        prefix = self.prefix_length
+        return (k_pos <= q_pos) | ((q_pos < prefix) & (k_pos < prefix))
+
+    def _layout(self, q_blocks, k_blocks):
+        prefix = self.prefix_length
+        q_first, q_last = q_blocks.first[:, None], q_blocks.last[:, None]
+        k_first, k_last = k_blocks.first[None, :], k_blocks.last[None, :]
+        # Full when every key is at or before every query, or every key is in the prefix (a pair
+        # with j > i then has i < j < prefix too).
+        full = (k_last <= q_first) | (k_last < prefix)
+        # Empty when every key is after every query and no (query, key) pair is in the prefix.
+        empty = (k_first > q_last) & ((q_first >= prefix) | (k_first >= prefix))
+        return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL))
+
+    def __str__(self):
+        return f"prefix_lm({self.prefix_length})"
+
+
+@dataclasses.dataclass(frozen=True)
 class Anchor(Pattern):
     """Global tokens: anchor positions attend to every key, and every query attends to them."""
 
@@ -308,6 +369,59 @@ def _random_key_blocks(num_blocks, seed, num_q_blocks, num_k_blocks):
         table[row] = np.sort(generator.choice(num_k_blocks, draws, replace=False))
     table.setflags(write=False)
     return table
+
+
+# Most (query, key) pairs a Predicate evaluates at once while computing its layout: 4M pairs,
+# a few tens of MB of temporaries, whatever the sequence length.
+_PREDICATE_TILE = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class Predicate(Pattern):
+    """Any vectorised rule `fn(q_pos, k_pos) -> bool array` as a pattern, shown as `name`.
+
+    `fn` takes integer arrays that broadcast against each other (`[n, 1]` and `[1, m]`) and
+    returns a bool array of their broadcast shape (or one that broadcasts to it), like
+    FlexAttention's mask_mod or splash attention's NumpyMask. Patterns compare and hash by `fn`'s
+    identity and `name`, so a predicate is a static argument under `jax.jit` as long as the same
+    function object is passed. Its block layout evaluates `fn` on every pair, one tile at a time.
+    Decoding calls `fn` on traced jax positions, so a predicate written with operators only
+    (`<=`, `%`, `&`, `|`) also decodes.
+    """
+
+    fn: object
+    name: str
+
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        allowed = self.fn(q_pos, k_pos)
+        # NumPy callers get a bool array; a jax bool array (decoding) is returned as it is.
+        if getattr(allowed, "dtype", None) == np.dtype(bool):
+            return allowed
+        return np.asarray(allowed, bool)
+
+    def _layout(self, q_blocks, k_blocks):
+        layout = np.empty((q_blocks.count, k_blocks.count), np.int8)
+        keys_per_tile = max(1, _PREDICATE_TILE // (q_blocks.size * k_blocks.size)) * k_blocks.size
+        for row, (q_first, q_last) in enumerate(zip(q_blocks.first, q_blocks.last)):
+            q_pos = np.arange(q_first, q_last + 1)[:, None]
+            for start in range(0, k_blocks.length, keys_per_tile):
+                k_pos = np.arange(start, min(start + keys_per_tile, k_blocks.length))[None, :]
+                allowed = np.broadcast_to(
+                    self.allows(q_pos, k_pos, q_blocks.length, k_blocks.length),
+                    (len(q_pos), k_pos.shape[1]),
+                )
+                # Reduce over the queries, then over each key block's columns.
+                starts = np.arange(0, k_pos.shape[1], k_blocks.size)
+                some = np.logical_or.reduceat(allowed.any(0), starts)
+                every = np.logical_and.reduceat(allowed.all(0), starts)
+                first_block = start // k_blocks.size
+                layout[row, first_block : first_block + len(starts)] = np.where(
+                    every, FULL, np.where(some, PARTIAL, EMPTY)
+                )
+        return layout
+
+    def __str__(self):
+        return self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +529,40 @@ def bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2, num_random_bloc
     return parts
 
 
+def strided(stride):
+    """Query i attends to keys j with (i - j) % stride == 0 (Sparse Transformer's strided part).
+
+    `strided(1)` allows every pair. The Long Range Arena's "LocalAttention" with `num_blocks`
+    blocks is `strided(num_blocks)`.
+    """
+    return Strided(_check_int("strided stride", stride, 1))
+
+
+def prefix_lm(prefix_length):
+    """Bidirectional among positions < prefix_length, causal after: j <= i or both < prefix_length.
+
+    `prefix_lm(0)` is causal. Used in a decoder, it must replace that decoder's causal mask, not
+    be ANDed with it (see `PrefixLM`).
+    """
+    return PrefixLM(_check_int("prefix_lm prefix_length", prefix_length, 0))
+
+
+def predicate(fn, name):
+    """A pattern from a vectorised NumPy rule `fn(q_pos, k_pos) -> bool array`; `str()` is `name`.
+
+    >>> predicate(lambda i, j: (j <= i) & (i - j < 3), "causal_window(2)").mask(4, 4).astype(int)
+    array([[1, 0, 0, 0],
+           [1, 1, 0, 0],
+           [1, 1, 1, 0],
+           [0, 1, 1, 1]])
+    """
+    if not callable(fn):
+        raise TypeError(f"predicate fn must be callable fn(q_pos, k_pos); got {type(fn).__name__}.")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"predicate name must be a non-empty string; got {name!r}.")
+    return Predicate(fn, name)
+
+
 PATTERNS = {
     "full": full,
     "causal": causal,
@@ -422,6 +570,8 @@ PATTERNS = {
     "anchor": anchor,
     "random": random,
     "bigbird": bigbird,
+    "strided": strided,
+    "prefix_lm": prefix_lm,
 }
 
 
@@ -464,6 +614,8 @@ EXAMPLES = {
     "random": random(2, 8, seed=0),
     "bigbird": bigbird(block_size=8),
     "causal_bigbird": bigbird(block_size=8) & causal(),
+    "strided": strided(8),
+    "prefix_lm": prefix_lm(48),
 }
 
 
