@@ -109,6 +109,9 @@ def primitive_patterns(max_block=6):
             st.integers(1, 5),
             st.integers(0, 9),
         ),
+        st.builds(patterns.strided, st.integers(1, 6)),
+        st.builds(patterns.prefix_lm, st.integers(0, 30)),
+        st.just(patterns.predicate(lambda i, j: (i + 2 * j) % 5 < 2, "(i + 2j) % 5 < 2")),
     )
 
 
@@ -197,6 +200,7 @@ def test_chunked_matches_reference(pattern, length):
     [
         (patterns.causal(), False),
         (patterns.bigbird(block_size=8, seed=1) & patterns.causal(), True),
+        (patterns.strided(4) | patterns.prefix_lm(10), True),
     ],
     ids=str,
 )
