@@ -314,6 +314,8 @@ def test_build_registry_and_layer_seeds():
         patterns.build("dilated")
     with pytest.raises(ValueError, match="takes no option.*'width'.*allowed"):
         patterns.build("sliding_window", width=3)
+    with pytest.raises(ValueError, match=r"pattern 'strided' needs option\(s\) \['stride'\]"):
+        patterns.build("strided")
 
 
 def test_bad_arguments_name_the_problem():

@@ -541,8 +541,8 @@ def strided(stride):
 def prefix_lm(prefix_length):
     """Bidirectional among positions < prefix_length, causal after: j <= i or both < prefix_length.
 
-    `prefix_lm(0)` is causal. Used in a decoder, it must replace that decoder's causal mask, not
-    be ANDed with it (see `PrefixLM`).
+    `prefix_lm(0)` has the mask and layout of causal(). Used in a decoder, it must replace that
+    decoder's causal mask, not be ANDed with it (see `PrefixLM`).
     """
     return PrefixLM(_check_int("prefix_lm prefix_length", prefix_length, 0))
 
@@ -599,12 +599,22 @@ def build(name, *, layer=0, **options):
         raise ValueError(
             f"pattern {name!r} takes no option(s) {unknown}; allowed: {list(parameters)}."
         )
+    missing = [
+        n
+        for n, p in parameters.items()
+        if p.default is inspect.Parameter.empty and n not in options
+    ]
+    if missing:
+        raise ValueError(
+            f"pattern {name!r} needs option(s) {missing} (a model config sets them in pattern_options)."
+        )
     if "seed" in parameters:
         options["seed"] = layer_seed(options.get("seed", 0), layer)
     return constructor(**options)
 
 
-# What docs/patterns.md pictures: every named pattern, plus the compositions used most.
+# What docs/patterns.md pictures: every named pattern, the compositions used most, and a
+# predicate (a dilated causal window, which no named pattern gives).
 EXAMPLES = {
     "full": full(),
     "causal": causal(),
@@ -616,6 +626,10 @@ EXAMPLES = {
     "causal_bigbird": bigbird(block_size=8) & causal(),
     "strided": strided(8),
     "prefix_lm": prefix_lm(48),
+    "predicate": predicate(
+        lambda i, j: (j <= i) & (i - j < 32) & ((i - j) % 4 == 0),
+        "(j <= i) & (i - j < 32) & ((i - j) % 4 == 0)",
+    ),
 }
 
 
