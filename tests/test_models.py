@@ -259,7 +259,7 @@ def test_build_model_accepts_config_dict_with_list_options():
         (dict(name="encoder_classifier", pooling="max"), "unknown pooling 'max'; allowed: cls"),
         (dict(name="decoder_lm", norm_position="middle"), "unknown norm_position 'middle'"),
         (dict(name="decoder_lm", activation="tanh"), "unknown activation 'tanh'"),
-        (dict(name="decoder_lm", pattern="strided"), "unknown attention pattern 'strided'"),
+        (dict(name="decoder_lm", pattern="dilated"), "unknown attention pattern 'dilated'"),
         (
             dict(name="decoder_lm", pattern="sliding_window", pattern_options=dict(width=3)),
             "takes no option(s) ['width']",
