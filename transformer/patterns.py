@@ -532,19 +532,23 @@ def bigbird(block_size=64, window_blocks=3, num_anchor_blocks=2, num_random_bloc
 def strided(stride):
     """Query i attends to keys j with (i - j) % stride == 0 (Sparse Transformer's strided part).
 
-    `strided(1)` allows every pair. The Long Range Arena's "LocalAttention" with `num_blocks`
-    blocks is `strided(num_blocks)`.
+    `strided(1)` allows every pair and is `full()`, which implementations recognise (chunked
+    attention, "auto"). The Long Range Arena's "LocalAttention" with `num_blocks` blocks is
+    `strided(num_blocks)`.
     """
-    return Strided(_check_int("strided stride", stride, 1))
+    stride = _check_int("strided stride", stride, 1)
+    return Full() if stride == 1 else Strided(stride)
 
 
 def prefix_lm(prefix_length):
     """Bidirectional among positions < prefix_length, causal after: j <= i or both < prefix_length.
 
-    `prefix_lm(0)` has the mask and layout of causal(). Used in a decoder, it must replace that
-    decoder's causal mask, not be ANDed with it (see `PrefixLM`).
+    `prefix_lm(0)` is `causal()`, which implementations recognise (chunked attention skips its
+    upper half). Used in a decoder, it must replace that decoder's causal mask, not be ANDed with
+    it (see `PrefixLM`).
     """
-    return PrefixLM(_check_int("prefix_lm prefix_length", prefix_length, 0))
+    prefix_length = _check_int("prefix_lm prefix_length", prefix_length, 0)
+    return Causal() if prefix_length == 0 else PrefixLM(prefix_length)
 
 
 def predicate(fn, name):
