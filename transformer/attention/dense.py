@@ -186,6 +186,24 @@ def all_finite(*arrays):
     return functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in arrays])
 
 
+def _with_biases(logits, bias, alibi_slopes):
+    """`[batch, heads, q_len, kv_len]` logits plus `bias` and ALiBi's penalty, when given."""
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    if alibi_slopes is not None:
+        logits = logits + alibi_bias(alibi_slopes, logits.shape[-2], logits.shape[-1])
+    return logits
+
+
+def _dropout(weights, rate, rng):
+    """Attention weights with dropout (kept ones scaled by 1 / (1 - rate)); off when rate is 0
+    or rng None."""
+    if rate > 0.0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    return weights
+
+
 def _plain(
     query, key, value, *, mask, bias, scale, alibi_slopes, dropout_rate, dropout_rng, return_weights
 ):
@@ -193,11 +211,7 @@ def _plain(
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
-    logits = logits * scale
-    if bias is not None:
-        logits = logits + bias.astype(compute_dtype)
-    if alibi_slopes is not None:
-        logits = logits + alibi_bias(alibi_slopes, query.shape[1], key.shape[1])
+    logits = _with_biases(logits * scale, bias, alibi_slopes)
     if mask is not None:
         # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
         logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
@@ -205,9 +219,7 @@ def _plain(
     if mask is not None:
         # Rows with no valid key came out uniform over the floor; make them zero instead.
         weights = jnp.where(mask, weights, 0.0)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = _dropout(weights, dropout_rate, dropout_rng)
     out = jnp.einsum(
         "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=compute_dtype
     ).astype(query.dtype)
@@ -239,11 +251,7 @@ def careful_dense_attention(
         mask = jnp.asarray(mask).astype(bool)
         # Selected, not added: an excluded pair's logit never enters, even when it is NaN.
         logits = _masked_logits("bqhd,bkhd->bhqk", query, key, mask, compute_dtype)
-    logits = logits * scale
-    if bias is not None:
-        logits = logits + bias.astype(compute_dtype)
-    if alibi_slopes is not None:
-        logits = logits + alibi_bias(alibi_slopes, query.shape[1], key.shape[1])
+    logits = _with_biases(logits * scale, bias, alibi_slopes)
     if mask is not None:
         # Again after the bias: excluded pairs stay -inf whatever the bias holds there.
         logits = jnp.where(mask, logits, -jnp.inf)
@@ -257,9 +265,7 @@ def careful_dense_attention(
     if mask is not None:
         # A NaN row's excluded weights are exp(-inf - NaN); excluded weights are exactly 0.
         weights = jnp.where(mask, weights, 0.0)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = _dropout(weights, dropout_rate, dropout_rng)
     if mask is None:
         out = jnp.einsum(
             "bhqk,bkhd->bqhd",
