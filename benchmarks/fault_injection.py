@@ -111,15 +111,21 @@ def outcome(workdir, reference):
     return "exact" if digests == reference else "differs"
 
 
-def kill_during(workdir, data_dir, sig, rng):
-    """Sends `sig` at a random moment of a run, then runs it to the end."""
+def interrupt(workdir, data_dir, sig, rng):
+    """Starts a run and sends it `sig` at a random moment of training; returns its exit code."""
     process = launch(workdir, data_dir)
     wait_for_training(workdir, process)
     time.sleep(rng.uniform(0.0, 3.0))  # anywhere in training, saves included
     process.send_signal(sig)
     process.communicate(timeout=600)
+    return process.returncode
+
+
+def kill_during(workdir, data_dir, sig, rng):
+    """Sends `sig` at a random moment of a run, then runs it to the end."""
+    first = interrupt(workdir, data_dir, sig, rng)
     codes, _ = run_to_end(workdir, data_dir)
-    return [process.returncode] + codes
+    return [first] + codes
 
 
 def trial_sigterm(workdir, data_dir, reference, rng):
@@ -133,11 +139,7 @@ def trial_sigkill(workdir, data_dir, reference, rng):
 
 
 def trial_corrupt(workdir, data_dir, reference, rng):
-    process = launch(workdir, data_dir)
-    wait_for_training(workdir, process)
-    time.sleep(rng.uniform(0.0, 3.0))
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=600)
+    interrupt(workdir, data_dir, signal.SIGKILL, rng)
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     if not steps:
         return "failed", "no checkpoint to corrupt"
@@ -167,11 +169,7 @@ def trial_corrupt(workdir, data_dir, reference, rng):
 
 
 def trial_damaged_log(workdir, data_dir, reference, rng):
-    process = launch(workdir, data_dir)
-    wait_for_training(workdir, process)
-    time.sleep(rng.uniform(0.0, 3.0))
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=600)
+    interrupt(workdir, data_dir, signal.SIGKILL, rng)
     log = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(log):
         with open(log, encoding="utf-8") as f:
