@@ -81,9 +81,10 @@ def generate_fn(model, num_tokens, max_len):
     return jax.jit(run)
 
 
-def timed(function, *args):
+def timed(function, *args, **kwargs):
+    """Seconds `function` takes, until its result (JAX arrays, or PyTorch's) is ready."""
     start = time.perf_counter()
-    jax.block_until_ready(function(*args))
+    jax.block_until_ready(function(*args, **kwargs))
     return time.perf_counter() - start
 
 
@@ -111,23 +112,21 @@ class Torch:
         }
 
     def generate(self, pattern, num_tokens, *, max_len=None, start_position=0):
-        model = self.models[pattern]
-        return lambda: _time(
-            lambda: self.decoder.greedy(
-                model, START_TOKEN, num_tokens, max_len=max_len, start_position=start_position
-            )
+        """A function of no arguments: the seconds greedy generation of num_tokens takes."""
+        return functools.partial(
+            timed,
+            self.decoder.greedy,
+            self.models[pattern],
+            START_TOKEN,
+            num_tokens,
+            max_len=max_len,
+            start_position=start_position,
         )
 
     def cache_bytes(self, max_len):
         return sum(
             t.numel() * 4 for pair in self.models["full"].empty_cache(1, max_len) for t in pair
         )
-
-
-def _time(function):
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def maybe_torch():

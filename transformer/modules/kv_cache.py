@@ -431,6 +431,12 @@ def _attend_sparse(cache_plan, cache, query, positions, alibi_slopes):
     return _attend_over(query, keys, values, key_positions, valid, positions, alibi_slopes)
 
 
+def check_prompt_fits(prompt_len, max_len):
+    """Raises ValueError when a prompt of `prompt_len` positions exceeds a cache of max_len."""
+    if prompt_len > max_len:
+        raise ValueError(f"a prompt of {prompt_len} tokens does not fit a cache of {max_len}.")
+
+
 def from_prompt(cache_plan, key, value, lengths, max_len):
     """The cache after a prompt whose keys and values `[batch, prompt_len, heads, head_dim]` a
     forward pass computed (rows right-padded: row b's first `lengths[b]` positions are real).
@@ -442,8 +448,7 @@ def from_prompt(cache_plan, key, value, lengths, max_len):
     batch, prompt_len, heads, head_dim = key.shape
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
     if cache_plan.kind != "ring":
-        if prompt_len > max_len:
-            raise ValueError(f"a prompt of {prompt_len} tokens does not fit a cache of {max_len}.")
+        check_prompt_fits(prompt_len, max_len)
         padding = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
         key, value = jnp.pad(key, padding), jnp.pad(value, padding)
         if cache_plan.kind == "sparse" or cache_plan.kernel:

@@ -242,13 +242,6 @@ class DecoderLayer(nn.Module):
             cache["cross"] = {"key": key, "value": value}
         return cache
 
-    def _cross_attend_cached(self, cache, encoded_padding_mask):
-        if "cross" not in cache:
-            return None
-        return lambda h: self.cross_attention.attend_cached(
-            h, cache["cross"]["key"], cache["cross"]["value"], key_padding_mask=encoded_padding_mask
-        )
-
     def prefill(self, x, padding_mask, lengths, max_len):
         """The full call of a decoder-only layer over a prompt x `[batch, prompt_len, d_model]`
         (rows right-padded, `lengths` `[batch]` real positions), and the cache that decoding
@@ -273,5 +266,13 @@ class DecoderLayer(nn.Module):
             out, new_cache["self"] = self.self_attention.decode_step(h, cache["self"], positions)
             return out
 
-        cross_attend = self._cross_attend_cached(cache, encoded_padding_mask)
-        return self._sublayers(x, self_attend, cross_attend, True), new_cache
+        def cross_attend(h):
+            return self.cross_attention.attend_cached(
+                h,
+                cache["cross"]["key"],
+                cache["cross"]["value"],
+                key_padding_mask=encoded_padding_mask,
+            )
+
+        x = self._sublayers(x, self_attend, cross_attend if "cross" in cache else None, True)
+        return x, new_cache

@@ -413,10 +413,7 @@ class DecoderLM(nn.Module):
         """
         max_decode_len = check_cache_length(self.config, max_decode_len)
         batch, prompt_len = prompt.shape
-        if prompt_len > max_decode_len:
-            raise ValueError(
-                f"a prompt of {prompt_len} tokens does not fit a cache of {max_decode_len}."
-            )
+        kv_cache.check_prompt_fits(prompt_len, max_decode_len)
         if lengths is None:
             lengths = jnp.full((batch,), prompt_len, jnp.int32)
         if not isinstance(lengths, jax.core.Tracer):
