@@ -1,24 +1,25 @@
 r"""Pattern reach: can a model with this attention pattern recall a value stored this far away?
 
-Associative recall (transformer/data/associative_recall.py): `k_1 v_1 ... k_n v_n q`, answer the
-value stored with key q. Each data set puts the queried key at one `distance` from the query; a
-model trains on the mixture of every even distance (each batch from one), so it must find the
-key by content, and is evaluated at each distance on its own. A token can only use what its
-pattern lets it see, layer by layer: with one sliding-window layer, nothing more than w
-positions away; a second layer relays; anchors (global tokens) relay everything.
+Associative recall with its pairs spread through filler (transformer/data/associative_recall.py,
+`length` > 0): a sequence of `length` tokens holds a few (key, value) pair tokens among filler and
+ends with a key, the query; the answer is the value stored with that key. The model trains on
+examples whose queried pair lies at any distance from the query, so it must find the pair by
+content, and is evaluated at one distance at a time. It reads its answer at the query's position
+(pooling "last"): the answer must travel from the pair to the query through the layers, and a
+token can only use what its pattern lets it see, layer by layer. One sliding-window layer reaches
+w positions and each further layer up to w more; anchors (global tokens) relay anything in two
+layers; random blocks reach what they happen to draw.
 
     python launch.py --config=experiments/pattern_reach.py:cpu --sweep --workdir=/tmp/reach
+    python launch.py --config=experiments/pattern_reach.py:grid --sweep --workdir=/tmp/reach_grid
     python launch.py --config=experiments/pattern_reach.py:cpu,sliding_window-2layers \
         --workdir=/tmp/reach_one
 
-Presets (PRESETS: config fields): "smoke" (tests), "cpu" (the README's run, on 2 cores: 9-token
-sequences, 800 steps), "full" (GPU/TPU: 129-token sequences, 20,000 steps; windows and blocks 8
-times longer). Variants: "<pattern>-<layers>layers", a pattern of PATTERNS in a model of that
-many layers, e.g. "sliding_window-2layers"; the sweep runs the preset's depths for each pattern.
-
-The classifier reads out with learned attention pooling over all positions (no [CLS]): the
-answer can be formed at the query or at the value (when the value sees the query), so what is
-measured is how far apart a query and its pair may be for the pattern to connect them.
+Presets (PRESETS: config fields): "smoke" (tests); "cpu" (the README's main job, on 2 cores:
+128 tokens, a subset of the grid that shows the staircase); "grid" (every pattern at 1 and 2
+layers and the window at 3, the same runs as "cpu" otherwise); "full" (GPU/TPU: 1,024 tokens,
+windows and blocks 8 times longer, depths 1 to 4). Variants: "<pattern>-<layers>layers", a pattern
+of PATTERNS in a model of that many layers, e.g. "sliding_window-2layers".
 """
 
 import ml_collections
@@ -27,16 +28,17 @@ from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
 # name -> (pattern, pattern_options) for transformer.patterns.build, at the cpu preset's scale
-# (9-token sequences); SCALE multiplies the lengths in them.
+# (128-token sequences); SCALE multiplies the lengths in them. Every pattern but full and causal
+# computes about a quarter to a half of the 128 x 128 scores.
 PATTERNS = {
     "full": ("full", {}),
     "causal": ("causal", {}),
-    "sliding_window": ("sliding_window", {"left": 2}),
-    "anchor": ("anchor", {"num_anchors": 1}),
-    "random": ("random", {"num_blocks": 2, "block_size": 2}),
+    "sliding_window": ("sliding_window", {"left": 32}),
+    "anchor": ("anchor", {"num_anchors": 16}),
+    "random": ("random", {"num_blocks": 2, "block_size": 16}),
     "bigbird": (
         "bigbird",
-        {"block_size": 2, "window_blocks": 3, "num_anchor_blocks": 1, "num_random_blocks": 1},
+        {"block_size": 16, "window_blocks": 3, "num_anchor_blocks": 1, "num_random_blocks": 1},
     ),
 }
 SCALED = ("left", "block_size", "num_anchors")  # the pattern_options that are lengths
@@ -51,20 +53,29 @@ def variants(patterns, depths):
 
 
 def at_distances(*distances):
-    """{"d<distance>": the data with the queried key at that distance} for each distance."""
-    return {f"d{d}": {"builder_overrides": {"distance": d}} for d in distances}
+    """{"d<distance>": the data with the queried pair at that distance} for each distance."""
+    return {
+        f"d{d}": {"builder_overrides": {"distance": d, "num_train": 1}} for d in distances
+    }  # num_train: evaluation reads only the validation split
 
 
-# Sequences of 2 * num_pairs + 1 tokens; `train_mixture`: every even distance 2..2 * num_pairs
-# except in the smoke preset; `model.num_layers`: the deepest variant's, for the default variant.
+CPU = {
+    "data.builder_overrides.length": 128,
+    "data.builder_overrides.num_train": 32_768,  # 300 steps x 64 see each example once or less
+    "eval_data": at_distances(8, 24, 40, 56, 72, 88, 104, 120),
+    "model.d_model": 64,
+    "model.num_heads": 4,
+    "model.num_layers": 2,
+    "global_batch_size": 64,
+    "num_train_steps": 300,
+    "optimizer.learning_rate": 5e-3,
+    "sweep.seeds": (0, 1, 2),
+}
 PRESETS = {
     "smoke": {
-        "data.builder_overrides.num_pairs": 4,
-        "data.builder_overrides.num_keys": 8,
-        "data.builder_overrides.num_values": 4,
+        "data.builder_overrides.length": 32,
         "data.builder_overrides.num_train": 64,
-        "train_mixture": at_distances(2, 8),
-        "eval_data": at_distances(2, 8),
+        "eval_data": at_distances(4, 24),
         "model.d_model": 16,
         "model.num_heads": 2,
         "model.num_layers": 2,
@@ -74,42 +85,39 @@ PRESETS = {
         "sweep.seeds": (0,),
         "sweep.variants": variants(("full", "sliding_window"), depths=(2,)),
     },
+    # The staircase in about 6 minutes: the window at 1 and 2 layers against full attention,
+    # and the two relays of the window (anchors, BigBird's union) at 2 layers.
     "cpu": {
-        "data.builder_overrides.num_pairs": 4,
-        "data.builder_overrides.num_keys": 8,
-        "data.builder_overrides.num_values": 4,
-        "data.builder_overrides.num_train": 4096,
-        "train_mixture": at_distances(*range(2, 2 * 4 + 1, 2)),
-        "eval_data": at_distances(2, 4, 6, 8),
-        "model.d_model": 64,
-        "model.num_heads": 4,
-        "model.num_layers": 2,
-        "global_batch_size": 128,
-        "num_train_steps": 800,
-        "optimizer.learning_rate": 3e-3,
-        "sweep.seeds": (0, 1),
-        "sweep.variants": variants(PATTERNS, depths=(1, 2)),
+        **CPU,
+        "sweep.variants": (
+            "full-1layers",
+            "sliding_window-1layers",
+            "sliding_window-2layers",
+            "anchor-2layers",
+            "bigbird-2layers",
+        ),
+    },
+    "grid": {
+        **CPU,
+        "sweep.variants": variants(PATTERNS, depths=(1, 2)) + ("sliding_window-3layers",),
     },
     # Sized for a GPU/TPU; not run on this machine.
     "full": {
-        "data.builder_overrides.num_pairs": 64,
-        "data.builder_overrides.num_keys": 128,
-        "data.builder_overrides.num_values": 16,
-        "data.builder_overrides.num_train": 20_000,
-        "train_mixture": at_distances(*range(2, 2 * 64 + 1, 2)),
-        "eval_data": at_distances(2, 8, 16, 32, 64, 96, 128),
+        "data.builder_overrides.length": 1024,
+        "data.builder_overrides.num_train": 200_000,
+        "eval_data": at_distances(*range(32, 1024, 64)),
         "model.d_model": 128,
         "model.num_heads": 4,
         "model.num_layers": 4,
         "global_batch_size": 256,
-        "num_train_steps": 20_000,
+        "num_train_steps": 5_000,
         "optimizer.learning_rate": 1e-3,
         "sweep.seeds": (0, 1, 2),
-        "sweep.variants": variants(PATTERNS, depths=(1, 2, 4)),
+        "sweep.variants": variants(PATTERNS, depths=(1, 2, 3, 4)),
     },
 }
 # Not a config field: how much longer than PATTERNS' the preset's windows and blocks are.
-SCALE = {"smoke": 1, "cpu": 1, "full": 8}
+SCALE = {"smoke": 0.25, "cpu": 1, "grid": 1, "full": 8}
 
 
 def parse_variant(name):
@@ -134,17 +142,9 @@ def get_config(arg="cpu"):
     config.data = ml_collections.ConfigDict(
         dict(
             name="associative_recall",
-            config="pairs64",
+            config="spread128",  # 4 (key, value) tokens in filler; training draws any distance
             add_cls=False,
-            builder_overrides=dict(
-                num_pairs=None,
-                num_keys=None,
-                num_values=None,
-                distance=2,
-                num_train=None,
-                num_validation=256,
-                num_test=256,
-            ),
+            builder_overrides=dict(length=None, num_train=None),
         )
     )
     config.model = ml_collections.ConfigDict(
@@ -154,7 +154,7 @@ def get_config(arg="cpu"):
             num_heads=None,
             d_ff=None,
             num_layers=None,
-            pooling="attention",
+            pooling="last",
             positional="rotary",
             norm_position="pre",
             dropout_rate=0.0,
@@ -170,7 +170,7 @@ def get_config(arg="cpu"):
         pattern, config.model.num_layers = parse_variant(variant)
         config.model.pattern, options = PATTERNS[pattern]
         config.model.pattern_options = {
-            k: v * SCALE[preset] if k in SCALED else v for k, v in options.items()
+            k: max(int(v * SCALE[preset]), 1) if k in SCALED else v for k, v in options.items()
         }
     steps = config.num_train_steps
     config.eval_every_steps = steps

@@ -2,7 +2,7 @@
 
   Encoder            bidirectional self-attention layers over embeddings
   Decoder            causal self-attention (+ cross-attention to an encoder) over embeddings
-  EncoderClassifier  tokens -> class logits, pooling by [CLS], mean or learned attention
+  EncoderClassifier  tokens -> class logits, pooling by [CLS], mean, last token or attention
   DecoderLM          tokens -> next-token logits (decoder-only language model)
   EncoderDecoder     source tokens, target tokens -> target logits (the paper's Transformer)
 
@@ -262,6 +262,16 @@ class MeanPooling(nn.Module):
         return (encoded * weights).sum(axis=1) / count
 
 
+class LastPooling(nn.Module):
+    """The output at the last real (non-padding) position, where a task puts its question: the
+    answer must reach that position through the layers' patterns, as in a decoder."""
+
+    @nn.compact
+    def __call__(self, encoded, padding_mask):
+        last = jnp.maximum(padding_mask.sum(axis=1) - 1, 0)
+        return jnp.take_along_axis(encoded, last[:, None, None], axis=1)[:, 0]
+
+
 class AttentionPooling(nn.Module):
     """Attention from one learned query to the encoder outputs: a weighted mean whose weights
     the model learns. The query starts at zero, where the weights are uniform (mean pooling)."""
@@ -282,6 +292,7 @@ class AttentionPooling(nn.Module):
 POOLINGS = {
     "cls": lambda config: ClsPooling(),
     "mean": lambda config: MeanPooling(),
+    "last": lambda config: LastPooling(),
     "attention": lambda config: AttentionPooling(param_dtype=config.param_dtype),
 }
 

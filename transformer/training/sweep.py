@@ -214,8 +214,12 @@ def field(config, dotted):
     return config
 
 
+SPEED = "train tokens/s"  # a column of every sweep table, beside the metrics
+
+
 def aggregate(records, metrics):
-    """[{variant, n, <metric>: (mean, std)}] in the order variants first appear."""
+    """[{variant, n, <metric>: (mean, std), SPEED: (mean, std)}] in the order variants first
+    appear."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     rows = []
     for variant in variants:
@@ -227,6 +231,13 @@ def aggregate(records, metrics):
             values = np.array([r["results"].get(metric, np.nan) for r in runs], np.float64)
             # Sample standard deviation over seeds (0 with a single seed).
             row[metric] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
+        # Training speed over the whole run; a run resumed at its end timed no step (None).
+        speeds = np.array([r["tokens_per_second"] for r in runs if r["tokens_per_second"]])
+        row[SPEED] = (
+            (speeds.mean(), speeds.std(ddof=1) if len(speeds) > 1 else 0.0)
+            if len(speeds)
+            else (np.nan, np.nan)
+        )
         rows.append(row)
     return rows
 
@@ -241,18 +252,19 @@ def write_results(records, plan, workdir):
     metrics = list(plan.metrics)
     rows = aggregate(records, metrics)
     _replace(os.path.join(workdir, "results.md"), markdown_table(rows, metrics, plan, records))
+    columns = metrics + [SPEED]
     with _replacing(os.path.join(workdir, "results.csv")) as f:
         writer = csv.writer(f)
         writer.writerow(
             ["variant", "seeds"]
-            + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+            + [f"{m} {s}" for m in columns for s in ("mean", "std")]
             + ["machines"]
         )
         for row in rows:
             runs = [r for r in records if r["variant"] == row["variant"]]
             writer.writerow(
                 [row["variant"], row["n"]]
-                + [f"{v:.6g}" for m in metrics for v in row[m]]
+                + [f"{v:.6g}" for m in columns for v in row[m]]
                 + [" | ".join(machines(runs))]
             )
     with _replacing(os.path.join(workdir, "runs.csv")) as f:
@@ -284,11 +296,12 @@ def markdown_table(rows, metrics, plan, records):
         f"Mean ± sample standard deviation over seeds {seeds}; every run's config is in "
         "runs/<variant>/seed_<seed>/config.json.",
         "",
-        "| variant | runs | " + " | ".join(metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
+        "| variant | runs | " + " | ".join(metrics) + f" | {SPEED} |",
+        "|---|---|" + "---|" * (len(metrics) + 1),
     ]
     for row in rows:
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in metrics]
+        cells.append(f"{row[SPEED][0]:,.0f} ± {row[SPEED][1]:,.0f}")
         lines.append(f"| {row['variant']} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "What each variant changes in the preset's config:", ""]
     for variant in dict.fromkeys(r["variant"] for r in records):
