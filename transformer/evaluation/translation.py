@@ -72,40 +72,44 @@ def metric_names(settings):
     return ["bleu"] + bucket_names(settings.bucket_edges)
 
 
-def resolve(fields):
-    """`config.translation_eval` with its defaults filled in; a ValueError names a bad field."""
+def resolve(fields, section="translation_eval", defaults=None):
+    """`config.<section>` with its defaults (DEFAULTS) filled in; a ValueError names a bad field.
+
+    Shared with the evaluators whose fields are these (transformer/evaluation/exact_match.py)."""
+    defaults = DEFAULTS if defaults is None else defaults
     if hasattr(fields, "to_dict"):
         fields = fields.to_dict()
-    unknown = sorted(set(fields) - set(DEFAULTS))
+    unknown = sorted(set(fields) - set(defaults))
     if unknown:
-        raise ValueError(
-            f"unknown translation_eval field(s) {unknown}; allowed: {sorted(DEFAULTS)}."
-        )
-    resolved = ml_collections.ConfigDict({**DEFAULTS, **fields})
+        raise ValueError(f"unknown {section} field(s) {unknown}; allowed: {sorted(defaults)}.")
+    resolved = ml_collections.ConfigDict({**defaults, **fields})
     if resolved.strategy not in STRATEGIES:
-        raise ValueError(
-            f"translation_eval.strategy={resolved.strategy!r}; allowed: {list(STRATEGIES)}."
-        )
+        raise ValueError(f"{section}.strategy={resolved.strategy!r}; allowed: {list(STRATEGIES)}.")
     edges = tuple(resolved.bucket_edges)
     if not edges or list(edges) != sorted(set(edges)) or edges[0] < 1:
         raise ValueError(
-            f"translation_eval.bucket_edges must be ascending positive word counts; got {edges}."
+            f"{section}.bucket_edges must be ascending positive source lengths; got {edges}."
         )
     resolved.bucket_edges = edges
     for name in ("beam_size",):
         if resolved[name] < 1:
-            raise ValueError(f"translation_eval.{name} must be >= 1; got {resolved[name]}.")
+            raise ValueError(f"{section}.{name} must be >= 1; got {resolved[name]}.")
     for name in ("max_decode_len", "num_examples", "num_alignment_plots"):
         if resolved[name] < 0:
-            raise ValueError(f"translation_eval.{name} must be >= 0; got {resolved[name]}.")
+            raise ValueError(f"{section}.{name} must be >= 0; got {resolved[name]}.")
     return resolved
 
 
-def bucket_names(edges):
+def bucket_names(edges, prefix="bleu_len"):
     """Metric names of the buckets [0, e1), [e1, e2), ..., [e_last, inf)."""
     lows = (0,) + tuple(edges)
     highs = tuple(str(e) for e in edges) + ("up",)
-    return [f"bleu_len_{low}_{high}" for low, high in zip(lows, highs)]
+    return [f"{prefix}_{low}_{high}" for low, high in zip(lows, highs)]
+
+
+def bucket_of(lengths, edges):
+    """Bucket index of each length: 0 for [0, e1), ..., len(edges) for [e_last, inf)."""
+    return np.searchsorted(np.asarray(edges), np.asarray(lengths), side="right")
 
 
 def bleu_by_length(hypotheses, references, source_lengths, edges):
@@ -122,10 +126,10 @@ def bleu_by_length(hypotheses, references, source_lengths, edges):
         )
     if not hypotheses:
         raise ValueError("no sentences to score.")
-    bucket_of = np.searchsorted(np.asarray(edges), np.asarray(source_lengths), side="right")
+    buckets = bucket_of(source_lengths, edges)
     scores = {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score}
     for bucket, name in enumerate(bucket_names(edges)):
-        members = np.flatnonzero(bucket_of == bucket)
+        members = np.flatnonzero(buckets == bucket)
         if members.size:
             scores[name] = sacrebleu.corpus_bleu(
                 [hypotheses[i] for i in members], [[references[i] for i in members]]
@@ -170,13 +174,14 @@ def translate(model, params, batches, settings):
     return sources, references, hypotheses
 
 
-def plot_alignments(model, params, tokenizer, sources, hypotheses, count, directory):
-    """Heatmaps of the first `count` sentences of at most ALIGNMENT_MAX_SOURCE_TOKENS tokens."""
+def plot_alignments(model, params, names, sources, hypotheses, count, directory):
+    """Heatmaps of the first `count` sentences of at most ALIGNMENT_MAX_SOURCE_TOKENS tokens.
+
+    names: maps a list of token ids to a list of strings (the labels)."""
     # matplotlib only when plotting
     from transformer.evaluation.alignment import alignment_weights, plot_alignment
 
     os.makedirs(directory, exist_ok=True)
-    names = lambda ids: [tokenizer.processor.id_to_piece(i) for i in ids]
     short = [i for i, s in enumerate(sources) if len(s) <= ALIGNMENT_MAX_SOURCE_TOKENS]
     for index in short[:count]:
         source, target = np.asarray([sources[index]]), np.asarray([hypotheses[index]])
@@ -193,6 +198,34 @@ def has_attention_weights(model):
     return isinstance(model, EncoderDecoder) or getattr(model, "attention", "none") != "none"
 
 
+def decode_split(model, host_params, resolved_data, split, settings, *, batch_size, data_dir):
+    """(sources, references, hypotheses) of `translate` over `split` of a resolved data config,
+    read once in order on this process. host_params: fetched (`parallel.fetch`)."""
+    from transformer.data import make_iterator
+
+    batches = make_iterator(
+        resolved_data,
+        split,
+        global_batch_size=batch_size,
+        seed=0,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        data_dir=data_dir or None,
+    )
+    return translate(model, host_params, batches, settings)
+
+
+def should_plot(settings, plot_dir, model):
+    """Alignment heatmaps are asked for, have somewhere to go, and the model has attention."""
+    return bool(
+        settings.num_alignment_plots
+        and plot_dir
+        and has_attention_weights(model)
+        and jax.process_index() == 0
+    )
+
+
 def evaluate_translation(
     model, params, data_config, split, fields, *, batch_size, data_dir, plot_dir=None
 ):
@@ -202,7 +235,7 @@ def evaluate_translation(
     plot_dir: where the alignment heatmaps go (when asked for and the model has attention).
     Returns {"bleu": ..., "bleu_len_<low>_<high>": ...}.
     """
-    from transformer.data import make_iterator, registry
+    from transformer.data import registry
     from transformer.data.bible_en_es import tokenizer as sentencepiece_of
 
     settings = check(fields, data_config)
@@ -211,17 +244,9 @@ def evaluate_translation(
         settings.max_decode_len = resolved.max_target_length
     tokenizer = sentencepiece_of(registry.prepare(resolved, data_dir or None))
     params = parallel.fetch(params)
-    batches = make_iterator(
-        resolved,
-        split,
-        global_batch_size=batch_size,
-        seed=0,
-        num_epochs=1,
-        process_index=0,
-        process_count=1,
-        data_dir=data_dir or None,
+    sources, references, hypotheses = decode_split(
+        model, params, resolved, split, settings, batch_size=batch_size, data_dir=data_dir
     )
-    sources, references, hypotheses = translate(model, params, batches, settings)
     source_words = [len(tokenizer.decode(s).split()) for s in sources]
     scores = bleu_by_length(
         [tokenizer.decode(h) for h in hypotheses],
@@ -229,13 +254,9 @@ def evaluate_translation(
         source_words,
         settings.bucket_edges,
     )
-    if (
-        settings.num_alignment_plots
-        and plot_dir
-        and has_attention_weights(model)
-        and jax.process_index() == 0
-    ):
+    if should_plot(settings, plot_dir, model):
+        names = lambda ids: [tokenizer.processor.id_to_piece(i) for i in ids]
         plot_alignments(
-            model, params, tokenizer, sources, hypotheses, settings.num_alignment_plots, plot_dir
+            model, params, names, sources, hypotheses, settings.num_alignment_plots, plot_dir
         )
     return scores

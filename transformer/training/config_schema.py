@@ -40,6 +40,9 @@ def base_config():
     # Decode the evaluation sets and score BLEU (seq2seq): transformer/evaluation/translation.py's
     # fields. Empty: no decoding.
     config.translation_eval = ml_collections.ConfigDict()
+    # Decode the evaluation sets and score exact match and token accuracy by source length
+    # (seq2seq): transformer/evaluation/exact_match.py's fields. Empty: no decoding.
+    config.exact_match_eval = ml_collections.ConfigDict()
     config.parallel = "shard_map"
     config.optimizer = ml_collections.ConfigDict(
         dict(
@@ -106,19 +109,28 @@ def validate(config):
         )
 
 
+# Top-level fields whose own fields are checked by what reads them, not against base_config().
+FREE_FORM_FIELDS = (
+    "model",
+    "data",
+    "eval_data",
+    "train_mixture",
+    "sweep",
+    "translation_eval",
+    "exact_match_eval",
+)
+
+
 def _check_known_fields(config, defaults, prefix):
-    """Every field of `config` must exist in `defaults`; `model`, `data`, `eval_data` and
-    `translation_eval` are free-form here (build_model, make_iterator and translation_eval check
-    their own fields)."""
+    """Every field of `config` must exist in `defaults`; `model`, `data`, `eval_data`,
+    `translation_eval` and `exact_match_eval` are free-form here (build_model, make_iterator and
+    the evaluators check their own fields)."""
     for key in config.keys():
         if key not in defaults:
             raise ValueError(
                 f"unknown config field '{prefix}{key}'; allowed: {sorted(defaults.keys())}."
             )
-        if (
-            key in ("model", "data", "eval_data", "train_mixture", "sweep", "translation_eval")
-            and not prefix
-        ):
+        if key in FREE_FORM_FIELDS and not prefix:
             continue
         if isinstance(defaults[key], ml_collections.ConfigDict):
             _check_known_fields(config[key], defaults[key], f"{prefix}{key}.")

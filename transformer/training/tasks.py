@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.data import spec
-from transformer.evaluation import translation
+from transformer.evaluation import exact_match, translation
 from transformer.training.optimizer import smooth_labels
 
 # What `finalize` reports for every evaluation set, before any evaluator's metrics.
@@ -122,6 +122,47 @@ def translation_evaluators(config, model, workdir):
     return [Evaluator(translation.metric_names(settings), evaluate)]
 
 
+def longest_training_source(config):
+    """The longest source, in tokens without its closing EOS, that training can show the model:
+    the training data's max_length (of every member of a mixture) less that EOS."""
+    from transformer.data import data_info
+    from transformer.training.loop import with_overrides  # the loop imports this module
+
+    members = [with_overrides(config.data, m) for m in config.train_mixture.values()]
+    return max(data_info(data).max_length for data in members or [config.data]) - 1
+
+
+def exact_match_evaluators(config, model, workdir):
+    """Exact match and token accuracy by source length (`transformer.evaluation.exact_match`)
+    when config.exact_match_eval asks for it; alignment heatmaps go to
+    workdir/alignments/<eval set>_step_<step>/."""
+    if not config.exact_match_eval:
+        return []
+    settings = exact_match.resolve(config.exact_match_eval)
+    longest_trained = longest_training_source(config)
+
+    def evaluate(params, eval_set, data_config, split, step):
+        return exact_match.evaluate_exact_match(
+            model,
+            params,
+            data_config,
+            split,
+            settings,
+            longest_trained=longest_trained,
+            batch_size=config.global_batch_size,
+            data_dir=config.data_dir,
+            plot_dir=os.path.join(workdir, "alignments", f"{eval_set}_step_{step}"),
+        )
+
+    return [Evaluator(exact_match.metric_names(settings), evaluate)]
+
+
+def seq2seq_evaluators(config, model, workdir):
+    return translation_evaluators(config, model, workdir) + exact_match_evaluators(
+        config, model, workdir
+    )
+
+
 # Keyed by the task names the data sets declare (`transformer.data.spec`).
 TASKS = {
     spec.CLASSIFICATION: Task(spec.CLASSIFICATION, _inputs, _example_weights),
@@ -131,8 +172,8 @@ TASKS = {
         _inputs_and_targets,
         _token_weights,
         targets_are_tokens=True,
-        make_evaluators=translation_evaluators,
-        config_fields=("translation_eval",),
+        make_evaluators=seq2seq_evaluators,
+        config_fields=("translation_eval", "exact_match_eval"),
     ),
 }
 
