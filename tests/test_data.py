@@ -134,7 +134,7 @@ def test_listops_label_is_the_value_of_its_expression(data_dir):
     depths = []
     for example in examples:
         tokens = example["expression"].decode().split()
-        assert config.min_length <= len(tokens) <= config.max_length
+        assert config.min_length < len(tokens) < config.max_length
         assert example["label"] == evaluate_listops(tokens)
         depth = max(np.cumsum([t.startswith("[") - (t == "]") for t in tokens]))
         assert depth <= config.max_depth

@@ -246,6 +246,33 @@ class Strided(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
+class LraLocal(Pattern):
+    """The Long Range Arena's "LocalAttention" with `block_size`, as its code lays positions out.
+
+    LRA pads a sequence of n tokens with `block_size - n % block_size` more (a whole block when
+    n is a multiple), reshapes the padded length to `[block_size, num_blocks]` and attends along
+    block_size, so query i sees the keys j with i = j (mod num_blocks): `strided(num_blocks)`
+    with a stride that depends on the length. This pattern is that position rule; the
+    implementation "lra_local" also reproduces how LRA masks padding.
+    """
+
+    block_size: int
+
+    def stride(self, kv_len):
+        """num_blocks of LRA's reshape for a sequence of kv_len tokens."""
+        return (kv_len + self.block_size - kv_len % self.block_size) // self.block_size
+
+    def allows(self, q_pos, k_pos, q_len, kv_len):
+        return (q_pos - k_pos) % self.stride(kv_len) == 0
+
+    def _layout(self, q_blocks, k_blocks):
+        return Strided(self.stride(k_blocks.length))._layout(q_blocks, k_blocks)
+
+    def __str__(self):
+        return f"lra_local({self.block_size})"
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefixLM(Pattern):
     """Bidirectional among the first `prefix_length` positions, causal after them.
 
@@ -540,6 +567,11 @@ def strided(stride):
     return Full() if stride == 1 else Strided(stride)
 
 
+def lra_local(block_size):
+    """The Long Range Arena's "local" attention: `strided(num_blocks)` at LRA's padded length."""
+    return LraLocal(_check_int("lra_local block_size", block_size, 1))
+
+
 def prefix_lm(prefix_length):
     """Bidirectional among positions < prefix_length, causal after: j <= i or both < prefix_length.
 
@@ -575,6 +607,7 @@ PATTERNS = {
     "random": random,
     "bigbird": bigbird,
     "strided": strided,
+    "lra_local": lra_local,
     "prefix_lm": prefix_lm,
 }
 

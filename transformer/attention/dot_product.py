@@ -18,6 +18,7 @@ from transformer.attention.auto import BLOCK_SIZE, auto_implementation
 from transformer.attention.block_sparse import block_sparse_attention
 from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import dense_attention
+from transformer.attention.lra_local import lra_local_attention
 from transformer.attention.shapes import check_query_key_value
 from transformer.attention.splash import splash_attention
 from transformer.attention.xla import cudnn_attention, xla_attention
@@ -85,6 +86,7 @@ IMPLEMENTATIONS = {
     "splash": splash_attention,
     "xla": xla_attention,
     "cudnn": cudnn_attention,
+    "lra_local": lra_local_attention,
     "auto": _auto,
 }
 
@@ -178,7 +180,8 @@ def dot_product_attention(
         attention; combined with `mask` by logical AND.
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
         reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
-        "auto" picks one by the rule in `transformer/attention/auto.py`.
+        "auto" picks one by the rule in `transformer/attention/auto.py`; "lra_local" runs
+        `patterns.lra_local` with the Long Range Arena's own padding mask (lra_local.py).
       dropout_rate, dropout_rng: dropout on the attention weights ("dense" only); the rate is
         in [0, 1).
       return_weights: also return the weights `[batch, heads, q_len, kv_len]` ("dense" only).

@@ -8,7 +8,8 @@ Operators: MIN, MAX, MED (the median, rounded down as LRA's `int(np.median(...))
 modulo 10). The label, one of 10 classes, is the value of the expression. Trees are drawn as in
 LRA's generator: a node below the maximum depth is an operator with probability 0.25, otherwise
 a digit; an operator has 2 to `max_args` arguments; expressions are redrawn until their length in
-tokens (operators, digits and closing brackets) lies in [min_length, max_length].
+tokens (operators, digits and closing brackets) lies strictly between min_length and max_length,
+both excluded as in LRA's generator (501 to 1,999 tokens at its 500 and 2,000).
 
 LRA's files also wrap every node in parentheses; they carry no information and are not tokens
 here. The vocabulary is fixed (LRA built it from the data at run time):
@@ -81,14 +82,14 @@ def _draw_tree(
 def draw_example(
     rng: random.Random, *, min_length: int, max_length: int, max_depth: int, max_args: int
 ) -> tuple[str, int]:
-    """One (expression, value) with min_length <= number of tokens <= max_length."""
+    """One (expression, value) with min_length < number of tokens < max_length."""
     while True:
         tokens = []
         try:
             value = _draw_tree(rng, 1, max_depth, max_args, max_length, tokens)
         except _TooLong:
             continue
-        if min_length <= len(tokens) <= max_length:
+        if min_length < len(tokens) < max_length:
             return " ".join(tokens), value
 
 
@@ -117,10 +118,10 @@ class ListOpsConfig(tfds.core.BuilderConfig):
                 **generation.SPLIT_FIELD_MINIMUMS,
             },
         )
-        if not 1 <= self.min_length <= self.max_length:
+        if self.max_length - self.min_length < 2:
             raise ValueError(
-                f"listops needs 1 <= min_length <= max_length, got {self.min_length}, "
-                f"{self.max_length}."
+                f"listops needs max_length >= min_length + 2 (lengths strictly between the "
+                f"two), got min_length={self.min_length}, max_length={self.max_length}."
             )
         if self.max_args < 2 or self.max_depth < 1:
             raise ValueError(
@@ -132,7 +133,11 @@ class ListOpsConfig(tfds.core.BuilderConfig):
 class Listops(tfds.core.GeneratorBasedBuilder):
     """ListOps expressions and their values, generated from a seed."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.1.0": "Lengths exclude both bounds, as LRA's generator does.",
+        "1.0.0": "Lengths included both bounds.",
+    }
     BUILDER_CONFIGS = [
         ListOpsConfig(name="lra", description="As in Long Range Arena: 500-2000 tokens."),
         ListOpsConfig(
