@@ -4,6 +4,11 @@ with layer normalisation, post-LN (as in "Attention Is All You Need") or pre-LN.
   post-LN: x = LayerNorm(x + Dropout(sublayer(x)))     the paper; needs learning-rate warmup
   pre-LN:  x = x + Dropout(sublayer(LayerNorm(x)))     trains deep stacks without warmup; the
                                                        stack then ends with a final LayerNorm
+
+Ablation switches of LayerConfig take the fixes out one at a time (docs/models.md, "Ablation
+switches"): norm_position "none" (no LayerNorm), residual=False (the sublayer's output replaces x:
+x = Dropout(sublayer(x)), normalised after when post-LN), feed_forward=False (no feed-forward
+sublayer) and scale_scores=False (scores q.k, not q.k / sqrt(d_k)).
 """
 
 import dataclasses
@@ -30,7 +35,12 @@ class LayerConfig:
       dropout_rate: on each sublayer's output before the residual sum (and on the embeddings);
         in [0, 1).
       attention_dropout_rate: on the attention weights; in [0, 1).
-      norm_position: "post" or "pre" (see the module docstring).
+      norm_position: "post", "pre" (see the module docstring) or "none" (no LayerNorm anywhere,
+        an ablation).
+      residual: True: each sublayer is added to its input; False (an ablation): its output
+        replaces the input.
+      feed_forward: False (an ablation): no feed-forward sublayer (and no parameters for it).
+      scale_scores: True: attention scores q.k / sqrt(head_dim); False (an ablation): q.k.
       layer_norm_epsilon: LayerNorm's epsilon, > 0.
       positional: the model's positional encoding; "rotary" and "alibi" act in self-attention.
       rotary_base: RoPE's base, > 0.
@@ -48,6 +58,9 @@ class LayerConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
     norm_position: str = "post"
+    residual: bool = True
+    feed_forward: bool = True
+    scale_scores: bool = True
     layer_norm_epsilon: float = 1e-6
     positional: str = "sinusoidal"
     rotary_base: float = 10_000.0
@@ -67,6 +80,8 @@ class LayerConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
+        for name in ("residual", "feed_forward", "scale_scores"):
+            check_bool(name, getattr(self, name))
         for name in ("d_model", "num_heads", "d_ff"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("head_dim", self.head_dim, allow_none=True)
@@ -82,17 +97,41 @@ class LayerConfig:
             )
 
 
-def post_ln(x, sublayer, norm, dropout):
+def check_bool(name, value):
+    """`value` is True or False: a switch from a config file, where 0 or "no" is a typo."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}.")
+
+
+def post_ln(x, sublayer, norm, dropout, residual=True):
     """LayerNorm(x + Dropout(sublayer(x))): the paper's order."""
-    return norm(x + dropout(sublayer(x)))
+    return norm(_skip(x, residual) + dropout(sublayer(x)))
 
 
-def pre_ln(x, sublayer, norm, dropout):
+def pre_ln(x, sublayer, norm, dropout, residual=True):
     """x + Dropout(sublayer(LayerNorm(x))): the residual path stays an identity."""
-    return x + dropout(sublayer(norm(x)))
+    return _skip(x, residual) + dropout(sublayer(norm(x)))
 
 
-NORM_POSITIONS = {"post": post_ln, "pre": pre_ln}
+def no_ln(x, sublayer, norm, dropout, residual=True):
+    """x + Dropout(sublayer(x)): no normalisation at all (`norm` is never called)."""
+    del norm
+    return _skip(x, residual) + dropout(sublayer(x))
+
+
+def _skip(x, residual):
+    """What the residual connection carries past the sublayer: x, or nothing without it."""
+    return x if residual else jnp.zeros_like(x)
+
+
+NORM_POSITIONS = {"post": post_ln, "pre": pre_ln, "none": no_ln}
+
+
+def sublayer_connection(config, dropout):
+    """(x, sublayer, norm) -> the layer's new x, wired as the config says: norm_position,
+    residual, and `dropout` on the sublayer's output."""
+    wire = NORM_POSITIONS[config.norm_position]
+    return lambda x, sublayer, norm: wire(x, sublayer, norm, dropout, config.residual)
 
 
 def layer_norm(config, name=None):
@@ -114,6 +153,7 @@ def attention(config, pattern, positional, name=None):
         rotary_base=config.rotary_base,
         pattern=pattern,
         implementation=config.implementation,
+        scale_scores=config.scale_scores,
         sow_weights=config.sow_attention_weights,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
@@ -149,21 +189,20 @@ class EncoderLayer(nn.Module):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`, True at real
         tokens (padding is never attended to)."""
         config = self.config
-        add = NORM_POSITIONS[config.norm_position]
-        dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
+        add = sublayer_connection(
+            config, nn.Dropout(config.dropout_rate, deterministic=deterministic)
+        )
         self_attention = attention(config, self.pattern, config.positional, "self_attention")
         x = add(
             x,
             lambda h: self_attention(h, key_padding_mask=padding_mask, deterministic=deterministic),
             layer_norm(config, "self_attention_norm"),
-            dropout,
         )
+        if not config.feed_forward:
+            return x
         ff = feed_forward(config, "feed_forward")
         return add(
-            x,
-            lambda h: ff(h, deterministic=deterministic),
-            layer_norm(config, "feed_forward_norm"),
-            dropout,
+            x, lambda h: ff(h, deterministic=deterministic), layer_norm(config, "feed_forward_norm")
         )
 
 
@@ -174,8 +213,12 @@ class DecoderLayer(nn.Module):
     Attributes:
       config: a LayerConfig.
       pattern: the self-attention pattern of this layer; a decoder passes one that includes
-        `causal()`. Cross-attention is always full (over the real encoder positions) and uses
-        no positional encoding: decoder and encoder positions are not comparable.
+        `causal()`.
+      training_pattern: the self-attention pattern in training (not deterministic), when it
+        differs from `pattern`: a decoder trained without its causal mask (an ablation) passes
+        `pattern` without `causal()`. None: `pattern`.
+      Cross-attention is always full (over the real encoder positions) and uses no positional
+      encoding: decoder and encoder positions are not comparable.
 
     `init_cache` (or `prefill`, a whole prompt at once) and `decode_step` run the layer one
     position at a time with a key/value cache.
@@ -183,6 +226,7 @@ class DecoderLayer(nn.Module):
 
     config: LayerConfig
     pattern: Any = None
+    training_pattern: Any = None
 
     def setup(self):
         config = self.config
@@ -196,19 +240,16 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def _sublayers(self, x, self_attend, cross_attend, deterministic):
-        add = NORM_POSITIONS[self.config.norm_position]
-
-        def dropout(y):
-            return self.dropout(y, deterministic=deterministic)
-
-        x = add(x, self_attend, self.self_attention_norm, dropout)
+        add = sublayer_connection(
+            self.config, lambda y: self.dropout(y, deterministic=deterministic)
+        )
+        x = add(x, self_attend, self.self_attention_norm)
         if cross_attend is not None:
-            x = add(x, cross_attend, self.cross_attention_norm, dropout)
+            x = add(x, cross_attend, self.cross_attention_norm)
+        if not self.config.feed_forward:
+            return x
         return add(
-            x,
-            lambda h: self.feed_forward(h, deterministic=deterministic),
-            self.feed_forward_norm,
-            dropout,
+            x, lambda h: self.feed_forward(h, deterministic=deterministic), self.feed_forward_norm
         )
 
     def __call__(
@@ -218,9 +259,13 @@ class DecoderLayer(nn.Module):
         encoded: `[batch, source_length, d_model]` or None (a decoder-only model);
         encoded_padding_mask: bool `[batch, source_length]`, True at real source tokens."""
 
+        pattern = self.pattern
+        if not deterministic and self.training_pattern is not None:
+            pattern = self.training_pattern
+
         def self_attend(h):
             return self.self_attention(
-                h, key_padding_mask=padding_mask, deterministic=deterministic
+                h, key_padding_mask=padding_mask, deterministic=deterministic, pattern=pattern
             )
 
         def cross_attend(h):

@@ -23,7 +23,13 @@ from flax import linen as nn
 from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.modules import kv_cache
-from transformer.modules.layers import DecoderLayer, EncoderLayer, LayerConfig, layer_norm
+from transformer.modules.layers import (
+    DecoderLayer,
+    EncoderLayer,
+    LayerConfig,
+    check_bool,
+    layer_norm,
+)
 from transformer.modules.positional import ADDED_POSITIONAL_ENCODINGS
 from transformer.modules.rnn import build_rnn_seq2seq
 from transformer.token_ids import BOS_ID, PAD_ID
@@ -49,6 +55,9 @@ class TransformerConfig(LayerConfig):
         table for source and target tokens (needs one vocabulary).
       tie_output_embedding: DecoderLM and EncoderDecoder: the output projection is the
         transposed (target) embedding, as in the paper.
+      causal_mask_in_training: DecoderLM only. False (an ablation): training attends without
+        the causal mask, so it can read the token it predicts; evaluation (train=False) and
+        decoding keep the mask.
     """
 
     vocab_size: int = 32_000
@@ -62,9 +71,11 @@ class TransformerConfig(LayerConfig):
     target_vocab_size: int | None = None
     share_embeddings: bool = True
     tie_output_embedding: bool = True
+    causal_mask_in_training: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        check_bool("causal_mask_in_training", self.causal_mask_in_training)
         for name in ("vocab_size", "num_layers", "max_len", "num_classes", "num_decoder_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -168,7 +179,13 @@ class Decoder(nn.Module):
         self.positions = positional_encoding(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.layers = [
-            DecoderLayer(config, pattern=layer_pattern(config, layer, causal=True))
+            DecoderLayer(
+                config,
+                pattern=layer_pattern(config, layer, causal=True),
+                training_pattern=None
+                if config.causal_mask_in_training
+                else layer_pattern(config, layer, causal=False),
+            )
             for layer in range(self.num_layers)
         ]
         self.final_norm = layer_norm(config)  # used (and created) only when pre-LN
@@ -387,7 +404,8 @@ class DecoderLM(nn.Module):
     """
 
     config: TransformerConfig
-    config_fields = ("num_layers", "tie_output_embedding")  # read beyond the shared ones
+    # read beyond the shared ones
+    config_fields = ("num_layers", "tie_output_embedding", "causal_mask_in_training")
 
     def setup(self):
         config = self.config

@@ -42,6 +42,8 @@ class MultiHeadAttention(nn.Module):
       implementation: passed to `dot_product_attention`: "auto" picks by backend, pattern and
         length; "dense" is the reference and the only one with attention dropout and weights.
       use_bias: biases in the four projections (the paper has them).
+      scale_scores: True: scores q.k / sqrt(head_dim), as in the paper; False: q.k unscaled (an
+        ablation: at large head_dim the softmax saturates).
       sow_weights: store the attention weights `[batch, heads, q_len, kv_len]` in the
         "intermediates" collection under "attention_weights", for plots (dense only).
       dtype: compute dtype (for example jnp.bfloat16); param_dtype: parameter dtype.
@@ -56,6 +58,7 @@ class MultiHeadAttention(nn.Module):
     pattern: Any = None
     implementation: str = "auto"
     use_bias: bool = True
+    scale_scores: bool = True
     sow_weights: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -68,6 +71,8 @@ class MultiHeadAttention(nn.Module):
         check_positive_int("head_dim", self.head_dim, allow_none=True)
         check_rate("dropout_rate", self.dropout_rate)
         check_positive_number("rotary_base", self.rotary_base)
+        if not isinstance(self.scale_scores, bool):
+            raise ValueError(f"scale_scores must be True or False; got {self.scale_scores!r}.")
         if self.head_dim is None and self.features % self.num_heads:
             raise ValueError(
                 f"features {self.features} is not divisible by num_heads "
@@ -90,7 +95,9 @@ class MultiHeadAttention(nn.Module):
         # W^O mixes the heads back into one vector per position.
         self.out = projection(self.features, axis=(-2, -1))
 
-    def __call__(self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic=True):
+    def __call__(
+        self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic=True, pattern=None
+    ):
         """Attends from `inputs_q` to `inputs_kv` (to `inputs_q` itself when omitted).
 
         Args:
@@ -99,12 +106,14 @@ class MultiHeadAttention(nn.Module):
           key_padding_mask: boolean `[batch, kv_len]`, True at real (non-padding) keys. Passed on
             as `[batch, 1, 1, kv_len]` so sparse implementations never see a full mask.
           deterministic: no attention dropout when True.
+          pattern: this call's pattern instead of the module's (None: the module's), e.g. a
+            decoder trained without its causal mask.
 
         Returns:
           `[batch, q_len, features]`.
         """
         query, key, value = self._project(inputs_q, inputs_q if inputs_kv is None else inputs_kv)
-        return self._attend(query, key, value, key_padding_mask, deterministic)
+        return self._attend(query, key, value, key_padding_mask, deterministic, pattern)
 
     def _project(self, inputs_q, inputs_kv, positions=None):
         """Queries, keys and values `[batch, length, heads, head_dim]`, rotated when rotary
@@ -118,7 +127,12 @@ class MultiHeadAttention(nn.Module):
     def _slopes(self):
         return alibi_slopes(self.num_heads) if self.positional == "alibi" else None
 
-    def _attend(self, query, key, value, key_padding_mask, deterministic):
+    def _scale(self):
+        """The attention function's `scale`: None is its default, 1/sqrt(head_dim)."""
+        return None if self.scale_scores else 1.0
+
+    def _attend(self, query, key, value, key_padding_mask, deterministic, pattern=None):
+        pattern = pattern or self.pattern
         slopes = self._slopes()
         mask = None
         if key_padding_mask is not None:
@@ -131,15 +145,16 @@ class MultiHeadAttention(nn.Module):
             # Only "dense" has attention dropout and weights: take it where "auto" would, and
             # let dot_product_attention refuse clearly where it would not.
             implementation = auto_implementation(
-                query, key, value, pattern=self.pattern or patterns.full(), alibi_slopes=slopes
+                query, key, value, pattern=pattern or patterns.full(), alibi_slopes=slopes
             )
         result = dot_product_attention(
             query,
             key,
             value,
             mask=mask,
+            scale=self._scale(),
             alibi_slopes=slopes,
-            pattern=self.pattern,
+            pattern=pattern,
             implementation=implementation,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
@@ -160,7 +175,9 @@ class MultiHeadAttention(nn.Module):
         from `key_value`; key_padding_mask bool `[batch, kv_len]`. Returns
         `[batch, q_len, features]`. Deterministic: decoding has no dropout."""
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        return self.out(dot_product_attention(self.query(inputs_q), key, value, mask=mask))
+        return self.out(
+            dot_product_attention(self.query(inputs_q), key, value, mask=mask, scale=self._scale())
+        )
 
     def init_cache(self, batch, max_len):
         """An empty self-attention cache for decoding up to position max_len - 1, laid out for
@@ -209,6 +226,9 @@ class MultiHeadAttention(nn.Module):
           query see (module `kv_cache`), never a `[max_len, max_len]` mask.
         """
         query, key, value = self._project(inputs_q, inputs_q, positions[:, None])
+        if not self.scale_scores:
+            # The cache's attention always divides by sqrt(head_dim): undo it on the query.
+            query = query * jnp.asarray(self._head_dim() ** 0.5, query.dtype)
         result, cache = kv_cache.step(
             self._cache_plan(), cache, query, key, value, positions, self._slopes()
         )
