@@ -1,0 +1,249 @@
+r"""What each fix fixes: a character language model on Shakespeare with one fix taken out at a time.
+
+The lectures add fixes to bare self-attention and say what each does. Each variant removes one
+from the full model (a pre-LN decoder-only LM, transformer/data/shakespeare.py's bytes):
+  full                 the full model
+  no_feed_forward      no feed-forward block: the non-linearity attention lacks
+  no_residual          no residual connections: the sublayer's output replaces its input
+  no_layer_norm        no LayerNorm anywhere (norm_position "none")
+  no_scale             scores q.k, not q.k / sqrt(d_k), at head_dim 64 (softmax saturates)
+  one_head             one head of width num_heads x head_dim instead of num_heads heads
+  no_causal_mask       trained without the causal mask (it can read the byte it predicts),
+                       evaluated with it: train/bits_per_target against eval/bits_per_target
+and, at depth (DEEP: a deeper, narrower model), pre-LN against post-LN:
+  deep_pre_ln          pre-LN, no learning-rate warmup
+  deep_post_ln         post-LN, no warmup
+  deep_post_ln_warmup  post-LN with warmup (a tenth of the steps)
+Reported: validation bits per character with the causal mask (`eval/bits_per_target`), and the
+training bits of the last logging interval (`train/bits_per_target`).
+
+    python launch.py --config=experiments/ablations.py:cpu --sweep --workdir=/tmp/ablations
+    python experiments/ablations.py --preset=cpu --sweep_dir=/tmp/ablations --out=docs/experiments
+
+The second command draws the sweep's bars (ablations.png) and measures the gradient norm of
+each layer at initialisation and after GRAD_STEPS steps, for the deep model pre-LN, without
+residuals, without LayerNorm and post-LN (ablations_grad_norms.png; transformer/training/
+grad_norms.py).
+
+Presets: "smoke" (tests); "cpu" (2 cores: 128-byte contexts, a 3-layer d_model-128 model with 2
+heads of 64, 200 steps of 16 x 128 bytes; DEEP: 12 layers of d_model 64, 150 steps of 8 x 128);
+"full" (GPU/TPU: 1,024-byte contexts, 8 layers of d_model 512, DEEP 24 layers; not run here).
+"""
+
+import ml_collections
+
+from transformer.training import experiment
+from transformer.training.config_schema import base_config
+
+# variant -> the config fields it changes from the full model.
+VARIANTS = {
+    "full": {},
+    "no_feed_forward": {"model.feed_forward": False},
+    "no_residual": {"model.residual": False},
+    "no_layer_norm": {"model.norm_position": "none"},
+    "no_scale": {"model.scale_scores": False},
+    "one_head": {"model.num_heads": 1},  # head_dim set in get_config: the same width
+    "no_causal_mask": {"model.causal_mask_in_training": False},
+    "deep_pre_ln": {"optimizer.warmup_steps": 0},
+    "deep_post_ln": {"model.norm_position": "post", "optimizer.warmup_steps": 0},
+    "deep_post_ln_warmup": {"model.norm_position": "post"},
+}
+
+PRESETS = {
+    "smoke": {
+        "data.max_length": 32,
+        "model.num_layers": 2,
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.head_dim": 8,
+        "model.d_ff": 32,
+        "global_batch_size": 8,
+        "num_train_steps": 6,
+        "eval_steps": 2,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0,),
+    },
+    "cpu": {
+        "data.max_length": 128,
+        "model.num_layers": 3,
+        "model.d_model": 128,
+        "model.num_heads": 2,
+        "model.head_dim": 64,
+        "model.d_ff": 256,
+        "global_batch_size": 16,
+        "num_train_steps": 200,
+        "eval_steps": 20,
+        "optimizer.learning_rate": 3e-3,
+        "sweep.seeds": (0, 1, 2),
+    },
+    # Sized for a GPU/TPU; not run on this machine.
+    "full": {
+        "data.max_length": 1024,
+        "model.num_layers": 8,
+        "model.d_model": 512,
+        "model.num_heads": 8,
+        "model.head_dim": 64,
+        "model.d_ff": 2048,
+        "global_batch_size": 64,
+        "num_train_steps": 20_000,
+        "eval_steps": 0,
+        "optimizer.learning_rate": 1e-3,
+        "sweep.seeds": (0, 1, 2),
+    },
+}
+# Not config fields: the model and batches of the deep_* variants, deeper and narrower than the
+# preset's (on CPU also smaller batches, for time).
+DEEP = {
+    "smoke": {"model.num_layers": 4, "model.d_model": 16, "model.head_dim": 8, "model.d_ff": 32},
+    "cpu": {
+        "model.num_layers": 12,
+        "model.d_model": 64,
+        "model.head_dim": 32,
+        "model.d_ff": 128,
+        "global_batch_size": 8,
+        "num_train_steps": 150,
+    },
+    "full": {
+        "model.num_layers": 24,
+        "model.d_model": 512,
+        "model.head_dim": 64,
+        "model.d_ff": 2048,
+    },
+}
+# Not a config field: the steps after which the gradient norms are measured again.
+GRAD_STEPS = {"smoke": 2, "cpu": 50, "full": 500}
+
+
+def get_config(arg="cpu"):
+    """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
+    preset, variant = experiment.split(arg, PRESETS)
+    variant = variant or "full"
+    experiment.check("ablations variant", variant, VARIANTS)
+
+    config = base_config()
+    config.task = "language_modelling"
+    config.data = ml_collections.ConfigDict(dict(name="shakespeare", max_length=None))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="decoder_lm",
+            d_model=None,
+            num_heads=None,
+            head_dim=None,
+            d_ff=None,
+            num_layers=None,
+            positional="rotary",
+            norm_position="pre",
+            residual=True,
+            feed_forward=True,
+            scale_scores=True,
+            causal_mask_in_training=True,
+            dropout_rate=0.0,
+            pattern="full",
+            implementation="auto",
+            dtype="float32",
+        )
+    )
+    experiment.set_fields(config, PRESETS[preset])  # None above: set by every preset
+    if variant.startswith("deep_"):
+        experiment.set_fields(config, DEEP[preset])
+    steps = config.num_train_steps
+    config.optimizer.warmup_steps = max(steps // 10, 1)
+    width = config.model.num_heads * config.model.head_dim
+    experiment.set_fields(config, VARIANTS[variant])
+    config.model.head_dim = width // config.model.num_heads  # one_head: one head as wide
+
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.log_every_steps = max(steps // 10, 1)
+    config.sweep.variants = tuple(VARIANTS)
+    config.sweep.metrics = ("eval/bits_per_target", "train/bits_per_target", "eval/accuracy")
+    return config
+
+
+# The deep model's variants whose gradient norms per layer are compared: the claim that
+# residuals and LayerNorm let gradients through depth, and post-LN's large gradients near the
+# output at initialisation.
+GRAD_NORM_VARIANTS = {
+    "pre-LN (full)": {},
+    "no residual": {"model.residual": False},
+    "no LayerNorm": {"model.norm_position": "none"},
+    "post-LN": {"model.norm_position": "post"},
+}
+
+
+def grad_norm_curves(preset, data_dir=""):
+    """{label: {step: [num_layers] gradient norms}} of the deep model, at initialisation and
+    after GRAD_STEPS[preset] steps of its optimizer (with warmup, as deep_post_ln_warmup)."""
+    from transformer.training import grad_norms
+
+    curves = {}
+    for label, fields in GRAD_NORM_VARIANTS.items():
+        config = get_config(f"{preset},deep_post_ln_warmup")
+        experiment.set_fields(config, {"model.norm_position": "pre", **fields})
+        config.data_dir = data_dir
+        curves[label] = grad_norms.layer_grad_norms(config, at_steps=(0, GRAD_STEPS[preset]))
+    return curves
+
+
+def plot_sweep(runs_csv, path):
+    """Bars of validation (causal) and training bits per character per variant, mean over the
+    seeds of runs.csv, each seed a dot."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    with open(runs_csv) as f:
+        rows = list(csv.DictReader(f))
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    figure, ax = plt.subplots(figsize=(10, 4))
+    for offset, (key, label) in enumerate(
+        (("eval/bits_per_target", "validation, causal"), ("train/bits_per_target", "training"))
+    ):
+        for i, variant in enumerate(variants):
+            values = [float(r[key]) for r in rows if r["variant"] == variant]
+            x = i + (offset - 0.5) * 0.4
+            ax.bar(x, np.mean(values), 0.4, color=f"C{offset}", label=label if i == 0 else None)
+            ax.plot([x] * len(values), values, "k.", markersize=4)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    ax.set_ylabel("bits per character")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main():
+    """The plots of the docs page: the sweep's bars (from --sweep_dir's runs.csv) and the
+    gradient norms per layer, into --out."""
+    import argparse
+    import os
+
+    from absl import flags
+
+    from transformer.training import grad_norms
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--sweep_dir", default="", help="a finished sweep's workdir, or ''")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--data_dir", default="")
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
+    if args.sweep_dir:
+        plot_sweep(
+            os.path.join(args.sweep_dir, "runs.csv"), os.path.join(args.out, "ablations.png")
+        )
+    curves = grad_norm_curves(args.preset, args.data_dir)
+    for label, by_step in curves.items():
+        for step, norms in by_step.items():
+            print(f"{label:>14} step {step:>4}: " + " ".join(f"{n:.3g}" for n in norms))
+    grad_norms.plot(curves, os.path.join(args.out, "ablations_grad_norms.png"), title="12-layer LM")
+
+
+if __name__ == "__main__":
+    main()
