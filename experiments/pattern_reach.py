@@ -144,7 +144,7 @@ def get_config(arg="cpu"):
             name="associative_recall",
             config="spread128",  # 4 (key, value) tokens in filler; training draws any distance
             add_cls=False,
-            builder_overrides=dict(length=None, num_train=None),
+            builder_overrides=dict(length=None, num_train=None, distance=0),
         )
     )
     config.model = ml_collections.ConfigDict(

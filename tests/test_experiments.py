@@ -60,7 +60,7 @@ def test_an_unknown_preset_or_variant_names_the_allowed_ones(file_name):
 @pytest.mark.parametrize("file_name", EXPERIMENTS)
 def test_presets_are_smoke_cpu_and_full_and_set_the_configs_own_fields(file_name):
     module = load_experiment(file_name)
-    assert set(module.PRESETS) == {"smoke", "cpu", "full"}
+    assert {"smoke", "cpu", "full"} <= set(module.PRESETS)  # and others, e.g. a CPU grid
     fields = set(module.PRESETS["cpu"])
     for preset, values in module.PRESETS.items():
         assert set(values) == fields, preset  # every preset sets the same fields

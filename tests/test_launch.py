@@ -53,7 +53,7 @@ def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["device_count"] == 2
     assert summary["config"]["model"]["pattern"] == "sliding_window"
-    assert "eval_d2/accuracy=" in completed.stdout
+    assert "eval_d4/accuracy=" in completed.stdout
     assert "step 6/6" in completed.stderr  # the plain log line when not on a terminal
     # Library chatter stays out of the log unless asked for with -v 1.
     for noise in ("Using custom data configuration", "Unable to initialize backend"):
@@ -95,7 +95,7 @@ def _error_lines(stderr):
         (
             ["--config.best_metric=eval/acuracy"],
             r"config.best_metric='eval/acuracy' is not a result this run produces; allowed: .*"
-            r"eval_d2/accuracy",
+            r"eval_d4/accuracy",
         ),
     ],
 )

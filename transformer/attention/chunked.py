@@ -245,6 +245,15 @@ def _query_chunk_ranges(config, k_index):
 # --- One tile -------------------------------------------------------------------------------
 
 
+def _einsum_f32(spec, a, b):
+    """`einsum(spec, a, b)` accumulated in float32. XLA's CPU runtime has no bfloat16 x bfloat16
+    -> float32 dot for batched operands, so on CPU the operands are widened first (exactly:
+    every bfloat16 is a float32)."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask):
     """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend,
     and the causal rule's `[Cq, Ck]` allowed pairs (None without `causal_mask`).
@@ -252,7 +261,7 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     `q_tile` is already multiplied by the scale. `causal_mask` (static) applies the causal rule
     inside the tile; tiles wholly below the diagonal skip that work.
     """
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_tile, k_tile, preferred_element_type=jnp.float32)
+    logits = _einsum_f32("bhqd,bhkd->bhqk", q_tile, k_tile)
     if causal_mask or slopes is not None:
         query_pos = (q_index * config.query_chunk + config.offset + jnp.arange(config.query_chunk))[
             :, None
@@ -316,12 +325,7 @@ def _forward(config, q, k, v, key_valid, slopes):
             if causal_mask and config.careful:  # a NaN value above the diagonal stays out
                 values = masked_einsum("bhqk,bhkd->bhqd", probs, allowed, v_tile, jnp.float32)
             else:
-                values = jnp.einsum(
-                    "bhqk,bhkd->bhqd",
-                    probs.astype(v.dtype),
-                    v_tile,
-                    preferred_element_type=jnp.float32,
-                )
+                values = _einsum_f32("bhqk,bhkd->bhqd", probs.astype(v.dtype), v_tile)
             acc = acc * correction[..., None] + values
             return new_max, row_sum, acc
 
@@ -395,15 +399,10 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                     "bhqk,bhqd->bhdk", probs, allowed, d_out_tile, jnp.float32
                 )
             else:
-                d_v_t = d_v_t + jnp.einsum(
-                    "bhdq,bhqk->bhdk",
-                    _chunk(d_out_t, q_index, cq, axis=3),
-                    probs.astype(v.dtype),
-                    preferred_element_type=jnp.float32,
+                d_v_t = d_v_t + _einsum_f32(
+                    "bhdq,bhqk->bhdk", _chunk(d_out_t, q_index, cq, axis=3), probs.astype(v.dtype)
                 )
-            d_probs = jnp.einsum(
-                "bhqd,bhkd->bhqk", d_out_tile, v_tile, preferred_element_type=jnp.float32
-            )
+            d_probs = _einsum_f32("bhqd,bhkd->bhqk", d_out_tile, v_tile)
             d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
             if causal_mask and config.careful:
                 d_logits = jnp.where(allowed, d_logits, 0.0)
@@ -417,14 +416,9 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                 d_k_items = masked_einsum("bhqk,bhqd->bhdk", d_logits, allowed, q_tile, jnp.float32)
             else:
                 d_logits = d_logits.astype(q.dtype)
-                d_q_items = jnp.einsum(
-                    "bhqk,bhkd->bhqd", d_logits, k_tile, preferred_element_type=jnp.float32
-                )
-                d_k_items = jnp.einsum(
-                    "bhdq,bhqk->bhdk",
-                    _chunk(q_scaled_t, q_index, cq, axis=3),
-                    d_logits,
-                    preferred_element_type=jnp.float32,
+                d_q_items = _einsum_f32("bhqk,bhkd->bhqd", d_logits, k_tile)
+                d_k_items = _einsum_f32(
+                    "bhdq,bhqk->bhdk", _chunk(q_scaled_t, q_index, cq, axis=3), d_logits
                 )
             d_q_tile = _chunk(d_q, q_index, cq) + d_q_items
             d_q = jax.lax.dynamic_update_slice_in_dim(d_q, d_q_tile, q_index * cq, axis=2)

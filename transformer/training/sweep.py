@@ -232,7 +232,7 @@ def aggregate(records, metrics):
             # Sample standard deviation over seeds (0 with a single seed).
             row[metric] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
         # Training speed over the whole run; a run resumed at its end timed no step (None).
-        speeds = np.array([r["tokens_per_second"] for r in runs if r["tokens_per_second"]])
+        speeds = np.array([r.get("tokens_per_second") for r in runs if r.get("tokens_per_second")])
         row[SPEED] = (
             (speeds.mean(), speeds.std(ddof=1) if len(speeds) > 1 else 0.0)
             if len(speeds)
@@ -330,6 +330,9 @@ def plot(records, spec, path):
         1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True
     )
     xs = [x for x, _ in spec.points]
+    # One colour per series value across every panel, so that one legend reads them all.
+    every_series = list(dict.fromkeys(field(r["config"], spec.series) for r in records))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(every_series)}
     for ax, panel in zip(axes[0], panels):
         runs = [r for r in records if panel is None or field(r["config"], spec.panel) == panel]
         for series in dict.fromkeys(field(r["config"], spec.series) for r in runs):
@@ -342,13 +345,20 @@ def plot(records, spec, path):
             )  # [seeds, points]
             stds = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
             ax.errorbar(
-                xs, values.mean(axis=0), yerr=stds, marker="o", capsize=3, label=str(series)
+                xs,
+                values.mean(axis=0),
+                yerr=stds,
+                marker="o",
+                capsize=3,
+                color=colours[series],
+                label=str(series),
             )
         ax.set_xlabel(spec.x_label)
         ax.set_title(f"{spec.panel.split('.')[-1]} = {panel}" if spec.panel else "")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(spec.y_label)
-    axes[0][-1].legend(title=spec.series.split(".")[-1], fontsize=8)
+    handles = [plt.Line2D([], [], color=colours[s], marker="o", label=str(s)) for s in every_series]
+    axes[0][-1].legend(handles=handles, title=spec.series.split(".")[-1], fontsize=8)
     figure.tight_layout()
     handle, temporary = tempfile.mkstemp(
         suffix=".png", prefix="plot.", dir=os.path.dirname(os.path.abspath(path))
