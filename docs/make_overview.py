@@ -4,8 +4,8 @@
     python docs/make_overview.py --out /tmp/overview.png
 
 Top row: four attention patterns (from `python -m transformer.patterns --out docs/patterns`).
-Middle: what they cost, the train_speed experiment's plot (docs/train_speed.png). Bottom: what
-they buy, the pattern_reach experiment's plot (docs/pattern_reach.png). Re-run this script after
+Middle: what they cost, the train_speed experiment's plot (docs/experiments/train_speed.png). Bottom: what
+they buy, the pattern_reach experiment's plot (docs/experiments/pattern_reach.png). Re-run this script after
 replacing either plot; docs/experiments.md says which run each plot came from.
 """
 
@@ -25,11 +25,11 @@ ROWS = (
     (
         "What it costs: training tokens/s and memory of a step against length "
         "(train_speed experiment)",
-        "train_speed.png",
+        "experiments/train_speed.png",
     ),
     (
         "What it buys: recall accuracy against distance, 1 and 2 layers (pattern_reach experiment)",
-        "pattern_reach.png",
+        "experiments/pattern_reach.png",
     ),
 )
 

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written.
+"""Every ```python block of README.md and docs/**/*.md runs as written, and every relative link
+of those pages leads to a file that exists.
 
 Each block runs on its own in a fresh Python process, with a temporary directory as its working
 directory, TMPDIR and TFDS data directory, so that whatever it writes lands there. A block passes
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 TIMEOUT_SECONDS = 120
 
@@ -78,3 +80,13 @@ def test_readme_test_command_is_the_one_ci_runs():
     commands = [line for line in ci_lines if line.startswith("apt-get ") and "pytest" in line]
     assert len(commands) == 1, commands
     assert f"```bash\n{commands[0]}\n```" in readme
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_relative_links_lead_to_files(page):
+    """A link or image path of a page, other than a web address or an anchor on the page
+    itself, names a file or folder of the repository (any #anchor dropped)."""
+    text = page.read_text(encoding="utf-8")
+    targets = [t for t in LINK.findall(text) if not t.startswith(("http://", "https://", "#"))]
+    missing = [t for t in targets if not (page.parent / t.split("#")[0]).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
