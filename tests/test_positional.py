@@ -49,6 +49,29 @@ def test_learned_embedding_adds_a_trained_vector_per_position_under_jit():
     module.apply(variables, jnp.zeros((1, 6, 8)))  # exactly max_len is fine
 
 
+def test_learned_positions_start_at_the_scale_of_the_token_embeddings():
+    """The vectors added to the tokens must not be drowned by them at initialisation."""
+    from transformer.modules import build_model
+
+    config = dict(
+        name="encoder_classifier",
+        vocab_size=100,
+        d_model=64,
+        num_heads=4,
+        d_ff=128,
+        num_layers=1,
+        num_classes=2,
+        pooling="mean",
+        positional="learned",
+        max_len=64,
+    )
+    params = build_model(config).init(jax.random.key(0), jnp.ones((1, 64), jnp.int32))["params"]
+    tokens = params["embed"]["embedding"] * 64**0.5  # as embed_tokens scales them
+    positions = params["encoder"]["LearnedPositionalEmbedding_0"]["embedding"]
+    ratio = float(jnp.std(positions) / jnp.std(tokens))
+    assert 0.5 < ratio < 2.0, ratio
+
+
 def test_learned_embedding_refuses_inputs_past_its_max_length():
     module = LearnedPositionalEmbedding(max_len=6)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 6, 8)))
