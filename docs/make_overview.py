@@ -28,7 +28,7 @@ ROWS = (
         "experiments/train_speed.png",
     ),
     (
-        "What it buys: recall accuracy against distance, 1 and 2 layers (pattern_reach experiment)",
+        "What it buys: recall accuracy at 128 tokens against distance (pattern_reach experiment)",
         "experiments/pattern_reach.png",
     ),
 )
