@@ -176,6 +176,31 @@ def test_associative_recall_places_the_pair_at_the_requested_distance(distance, 
         assert tokens[key_position + 1] - first_value == example["label"]
 
 
+@pytest.mark.parametrize("distance", [1, 5, 23, 0])
+def test_spread_recall_puts_one_pair_token_per_key_in_filler(distance, data_dir):
+    """length > 0: pair tokens (key-major ids) among filler, the query last; the queried pair
+    `distance` before it, or at any distance when 0 (and then at several across examples)."""
+    overrides = dict(length=24, num_pairs=3, num_keys=4, num_values=3, distance=distance)
+    overrides.update(num_train=60, num_validation=8, num_test=8)
+    config = dict(name="associative_recall", config="tiny", builder_overrides=overrides)
+    c = registry.builder_config(config)
+    first_pair, filler = associative_recall.first_pair_id(c), associative_recall.filler_id(c)
+    assert filler == first_pair + 4 * 3
+    distances = set()
+    for example in read_split(config, "train", data_dir):
+        tokens = np.asarray(example["tokens"])
+        assert len(tokens) == 24 and (tokens[:-1] != filler).sum() == 3
+        pairs = {
+            i: divmod(int(t) - first_pair, 3) for i, t in enumerate(tokens[:-1]) if t != filler
+        }
+        assert len({key for key, _ in pairs.values()}) == 3  # distinct keys
+        query_key = int(tokens[-1]) - tokenizers.NUM_RESERVED
+        (position,) = [i for i, (key, _) in pairs.items() if key == query_key]
+        assert pairs[position][1] == example["label"]
+        distances.add(23 - position)
+    assert distances == {distance} if distance else len(distances) > 5
+
+
 def test_translation_pairs_stay_aligned(data_dir):
     pairs = {}
     for split in SPLITS:
@@ -322,6 +347,11 @@ def test_bad_configs_fail_with_the_allowed_values(data_dir):
         data.data_info(dict(name="associative_recall", builder_overrides=dict(distanse=4)))
     with pytest.raises(ValueError, match="distance must be even"):
         data.data_info(dict(name="associative_recall", builder_overrides=dict(distance=3)))
+    spread = dict(length=16, num_pairs=4, num_keys=4, num_values=2)
+    with pytest.raises(ValueError, match=r"distance must be in \[1, length - 1\] = \[1, 15\]"):
+        data.data_info(dict(name="associative_recall", builder_overrides=dict(spread, distance=16)))
+    with pytest.raises(ValueError, match="length=4 cannot hold num_pairs=4 pair tokens"):
+        data.data_info(dict(name="associative_recall", builder_overrides=dict(spread, length=4)))
     with pytest.raises(ValueError, match="source_language"):
         data.data_info(dict(name="bible_en_es", source_language="fr"))
     with pytest.raises(ValueError, match="multiple of process_count 3"):
