@@ -316,6 +316,21 @@ def test_sweep_writes_tables_and_plot_and_never_redoes_a_finished_run(
     ):
         sweep.run_sweep(changed, "smoke", str(tmp_path), overrides)
 
+    # A field added to the code since, empty by default, keeps the finished runs; set to
+    # something, it is a change.
+    def added_field(value):
+        def get(arg):
+            config = get_config(arg)
+            with config.unlocked():
+                config.new_evaluation = value
+            return config
+
+        return get
+
+    assert len(sweep.run_sweep(added_field({}), "smoke", str(tmp_path), overrides)) == 2
+    with pytest.raises(ValueError, match=r"\(new_evaluation: None -> \{'on': True\}\)"):
+        sweep.run_sweep(added_field({"on": True}), "smoke", str(tmp_path), overrides)
+
 
 def test_bfloat16_compute_keeps_float32_parameters_and_follows_the_float32_run(tmp_path, data_dir):
     get_config = load_experiment("pattern_reach.py").get_config

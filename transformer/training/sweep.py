@@ -183,12 +183,18 @@ def _check_same_config(finished, config, run_dir):
     """A finished run is reused only if the experiment still asks for exactly its config.
 
     The sweep plan (`sweep`: which variants, seeds and metrics) is not part of what a run
-    trains, so adding or dropping variants keeps the runs already finished."""
+    trains, so adding or dropping variants keeps the runs already finished. Nor is a field that
+    the finished run's config lacks and the new one leaves empty (None, {} or []): a field added
+    to the code since, whose empty default switches nothing on."""
     wanted = json.loads(config.to_json_best_effort())
-    changed = differences(
-        {k: v for k, v in finished.items() if k != "sweep"},
-        {k: v for k, v in wanted.items() if k != "sweep"},
-    )
+    changed = [
+        (f, old, new)
+        for f, old, new in differences(
+            {k: v for k, v in finished.items() if k != "sweep"},
+            {k: v for k, v in wanted.items() if k != "sweep"},
+        )
+        if not (old is None and new in (None, {}, []) and not _has_field(finished, f))
+    ]
     if changed:
         details = "; ".join(f"{f}: {old!r} -> {new!r}" for f, old, new in changed[:5])
         raise ValueError(
@@ -196,6 +202,14 @@ def _check_same_config(finished, config, run_dir):
             f"now gives ({details}); sweep into a new --workdir, or delete that run "
             "to redo it."
         )
+
+
+def _has_field(config, dotted):
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
 
 
 def _finished_summary(run_dir):
