@@ -59,9 +59,6 @@ class AssociativeRecallConfig(tfds.core.BuilderConfig):
                 **generation.SPLIT_FIELD_MINIMUMS,
             },
         )
-        if self.length:
-            self._validate_spread()
-            return
         if self.num_keys < self.num_pairs:
             raise ValueError(
                 f"associative_recall needs num_keys >= num_pairs (keys are distinct within a "
@@ -69,6 +66,9 @@ class AssociativeRecallConfig(tfds.core.BuilderConfig):
                 f"num_pairs must be <= {self.num_keys} for these keys, or num_keys >= "
                 f"{self.num_pairs} for these pairs."
             )
+        if self.length:
+            self._validate_spread()
+            return
         if self.distance % 2:
             raise ValueError(
                 f"associative_recall distance must be even (a key sits at an even distance "
@@ -83,13 +83,7 @@ class AssociativeRecallConfig(tfds.core.BuilderConfig):
                 f"even number in [2, {2 * self.num_pairs}] for these pairs."
             )
 
-
     def _validate_spread(self):
-        if self.num_keys < self.num_pairs:
-            raise ValueError(
-                f"associative_recall needs num_keys >= num_pairs (keys are distinct within a "
-                f"sequence); got num_keys={self.num_keys}, num_pairs={self.num_pairs}."
-            )
         if self.length < self.num_pairs + 1:
             raise ValueError(
                 f"associative_recall length={self.length} cannot hold num_pairs="
