@@ -211,6 +211,7 @@ def get_config(arg="cpu"):
         + tuple(key for _, key in points)
         + ("train/tokens_per_second",)
     )
+    config.sweep.speed_plot = "eval_all/accuracy"  # speed.png: accuracy against tokens/s
     config.sweep.plot = ml_collections.ConfigDict(
         dict(
             points=points,

@@ -370,3 +370,14 @@ def test_a_metric_missing_from_a_run_aggregates_as_nan_not_a_crash():
     (row,) = sweep.aggregate(records, ["eval/accuracy", "train/tokens_per_second"])
     assert row["eval/accuracy"][0] == pytest.approx(0.6)
     assert np.isnan(row["train/tokens_per_second"][0])
+
+
+def test_speed_plot_puts_each_variant_at_its_speed_and_metric(tmp_path):
+    records = [
+        {"variant": v, "seed": seed, "results": {"eval/accuracy": acc}, "tokens_per_second": tps}
+        for v, seed, acc, tps in [("a", 0, 0.5, 100.0), ("a", 1, 0.7, 120.0), ("b", 0, 0.9, 50.0)]
+    ]
+    rows = sweep.aggregate(records, ["eval/accuracy"])
+    assert rows[0][sweep.SPEED] == pytest.approx((110.0, 14.142136))
+    sweep.speed_plot(rows, "eval/accuracy", str(tmp_path / "speed.png"))
+    assert (tmp_path / "speed.png").read_bytes().startswith(b"\x89PNG")

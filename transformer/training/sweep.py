@@ -8,6 +8,8 @@
   metrics    result keys ("eval/accuracy", ...) for the table: mean and spread over seeds
   plot       (optional) points ((x, result key), ...), series and panel (config fields of the
              runs, e.g. "model.pattern", "model.num_layers"), x_label, y_label: see `plot`.
+  speed_plot (optional) a result key: speed.png plots it against training tokens/s, one point
+             per variant, what each costs against what it buys (see `speed_plot`).
 
 Each run trains in `DIR/runs/<variant>/seed_<seed>/`. A run whose summary.json exists is not
 redone, and results.md, results.csv, runs.csv and plot.png are rewritten after every run, so a
@@ -293,6 +295,8 @@ def write_results(records, plan, workdir):
             )
     if "plot" in plan and plan.plot:
         plot(records, plan.plot, os.path.join(workdir, "plot.png"))
+    if plan.get("speed_plot"):
+        speed_plot(rows, plan.speed_plot, os.path.join(workdir, "speed.png"))
 
 
 def machines(records):
@@ -374,6 +378,35 @@ def plot(records, spec, path):
     handles = [plt.Line2D([], [], color=colours[s], marker="o", label=str(s)) for s in every_series]
     axes[0][-1].legend(handles=handles, title=spec.series.split(".")[-1], fontsize=8)
     figure.tight_layout()
+    _save(figure, path)
+
+
+def speed_plot(rows, metric, path):
+    """`metric` against training tokens/s, a point per variant (rows of `aggregate`), each with
+    its spread over seeds on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    for i, row in enumerate(rows):
+        (speed, speed_std), (value, value_std) = row[SPEED], row[metric]
+        ax.errorbar(
+            speed, value, xerr=speed_std, yerr=value_std, marker="o", capsize=3, color=f"C{i % 10}"
+        )
+        ax.annotate(row["variant"], (speed, value), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel(SPEED)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _save(figure, path):
+    """Writes the figure to `path` through a temporary file beside it (never half a PNG)."""
+    import matplotlib.pyplot as plt
+
     handle, temporary = tempfile.mkstemp(
         suffix=".png", prefix="plot.", dir=os.path.dirname(os.path.abspath(path))
     )
