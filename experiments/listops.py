@@ -206,11 +206,7 @@ def get_config(arg="cpu"):
         if name != "all"
     )
     points = tuple(((low + high) // 2, f"eval_len{low}_{high}/accuracy") for low, high in buckets)
-    config.sweep.metrics = (
-        ("eval_all/accuracy", "eval_all/loss")
-        + tuple(key for _, key in points)
-        + ("train/tokens_per_second",)
-    )
+    config.sweep.metrics = ("eval_all/accuracy", "eval_all/loss") + tuple(key for _, key in points)
     config.sweep.speed_plot = "eval_all/accuracy"  # speed.png: accuracy against tokens/s
     config.sweep.plot = ml_collections.ConfigDict(
         dict(
