@@ -110,6 +110,7 @@ def primitive_patterns(max_block=6):
             st.integers(0, 9),
         ),
         st.builds(patterns.strided, st.integers(1, 6)),
+        st.builds(patterns.lra_local, st.integers(1, 6)),
         st.builds(patterns.prefix_lm, st.integers(0, 30)),
         st.just(patterns.predicate(lambda i, j: (i + 2 * j) % 5 < 2, "(i + 2j) % 5 < 2")),
     )

@@ -57,6 +57,7 @@ def test_primitive_masks_match_their_definitions():
         patterns.strided(1): lambda i, j: True,
         patterns.strided(3): lambda i, j: (i - j) % 3 == 0,
         patterns.strided(20): lambda i, j: i == j,
+        patterns.lra_local(4): lambda i, j: (i - j) % 5 == 0,  # 17 keys padded to 20: 5 groups
         patterns.prefix_lm(0): lambda i, j: j <= i,
         patterns.prefix_lm(5): lambda i, j: j <= i or (i < 5 and j < 5),
         patterns.prefix_lm(15): lambda i, j: j <= i or (i < 15 and j < 15),  # past q_len
@@ -113,6 +114,7 @@ def primitive_patterns():
         ),
         st.builds(patterns.random, st.integers(1, 3), st.integers(1, 9), st.integers(0, 99)),
         st.builds(patterns.strided, st.integers(1, 9)),
+        st.builds(patterns.lra_local, st.integers(1, 9)),
         st.builds(patterns.prefix_lm, st.integers(0, 40)),
         st.sampled_from(PREDICATES),
     )
