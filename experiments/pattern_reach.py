@@ -85,7 +85,7 @@ PRESETS = {
         "sweep.seeds": (0,),
         "sweep.variants": variants(("full", "sliding_window"), depths=(2,)),
     },
-    # The staircase in about 6 minutes: the window at 1 and 2 layers against full attention,
+    # The staircase: the window at 1 and 2 layers against full attention,
     # and the two relays of the window (anchors, BigBird's union) at 2 layers.
     "cpu": {
         **CPU,
