@@ -33,8 +33,7 @@ from transformer.evaluation.translation import bucket_names
 from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
-VARIANTS = ("no_attention", "bahdanau", "luong", "transformer")
-RNN_ATTENTION = {"no_attention": "none", "bahdanau": "bahdanau", "luong": "luong"}
+VARIANTS = experiment.SEQ2SEQ_VARIANTS
 
 # `data.builder_overrides` {}: the data config's own vocabulary (tiny 600, verses 8,000
 # SentencePiece pieces). `data.length_buckets` None: every batch padded to max_length, one shape
@@ -146,39 +145,6 @@ TRANSFORMER_MODEL = {
 }
 
 
-def model_config(variant):
-    """The variant's model; None where RNN_MODEL or TRANSFORMER_MODEL sets the field."""
-    if variant in RNN_ATTENTION:
-        fields = dict(
-            name="rnn_seq2seq",
-            cell="gru",
-            bidirectional=True,
-            embed_dim=None,
-            hidden_dim=None,
-            attention=RNN_ATTENTION[variant],
-            dropout_rate=None,
-        )
-        if variant != "no_attention":
-            fields["attention_dim"] = None
-        return ml_collections.ConfigDict(fields)
-    return ml_collections.ConfigDict(
-        dict(
-            name="encoder_decoder",
-            d_model=None,
-            num_heads=None,
-            d_ff=None,
-            num_layers=None,
-            num_decoder_layers=None,
-            dropout_rate=None,
-            positional="sinusoidal",
-            norm_position=None,
-            share_embeddings=True,
-            tie_output_embedding=True,
-            dtype="float32",
-        )
-    )
-
-
 def get_config(arg="cpu"):
     """arg: "<preset>" or "<preset>,<variant>"; preset in PRESETS (default cpu)."""
     preset, variant = experiment.split(arg, PRESETS)
@@ -199,7 +165,7 @@ def get_config(arg="cpu"):
             sort_window=None,
         )
     )
-    config.model = model_config(variant)
+    config.model = experiment.seq2seq_model(variant)
     config.translation_eval = ml_collections.ConfigDict(
         dict(
             strategy=None,

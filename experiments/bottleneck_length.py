@@ -34,8 +34,7 @@ from transformer.evaluation.translation import bucket_names
 from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
-VARIANTS = ("no_attention", "bahdanau", "luong", "transformer")
-RNN_ATTENTION = {"no_attention": "none", "bahdanau": "bahdanau", "luong": "luong"}
+VARIANTS = experiment.SEQ2SEQ_VARIANTS
 EVAL_SET = "lengths"  # results are "eval_lengths/<metric>"
 
 
@@ -119,39 +118,6 @@ TRANSFORMER_MODEL = {
 }
 
 
-def model_config(variant):
-    """The variant's model; None where RNN_MODEL or TRANSFORMER_MODEL sets the field."""
-    if variant in RNN_ATTENTION:
-        fields = dict(
-            name="rnn_seq2seq",
-            cell="gru",
-            bidirectional=True,
-            embed_dim=None,
-            hidden_dim=None,
-            attention=RNN_ATTENTION[variant],
-            dropout_rate=0.0,
-        )
-        if variant != "no_attention":
-            fields["attention_dim"] = None
-        return ml_collections.ConfigDict(fields)
-    return ml_collections.ConfigDict(
-        dict(
-            name="encoder_decoder",
-            d_model=None,
-            num_heads=None,
-            d_ff=None,
-            num_layers=None,
-            num_decoder_layers=None,
-            dropout_rate=0.0,
-            positional="sinusoidal",
-            norm_position="pre",
-            share_embeddings=True,
-            tie_output_embedding=True,
-            dtype="float32",
-        )
-    )
-
-
 def plot_points(edges, shortest, longest):
     """((x, result key), ...): each bucket at the middle of the lengths it holds, the first from
     `shortest`, the last up to `longest`."""
@@ -174,7 +140,7 @@ def get_config(arg="cpu"):
     config.data = ml_collections.ConfigDict(
         dict(name="copy_reverse", config="reverse64", builder_overrides=None)
     )
-    config.model = model_config(variant)
+    config.model = experiment.seq2seq_model(variant, dropout_rate=0.0, norm_position="pre")
     config.exact_match_eval = ml_collections.ConfigDict(
         dict(strategy="greedy", bucket_edges=None, num_alignment_plots=None)
     )

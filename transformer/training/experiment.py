@@ -1,4 +1,5 @@
-"""What the experiment files (experiments/*.py) share: presets, variants and their errors.
+"""What the experiment files (experiments/*.py) share: presets, variants and their errors, and
+the sequence-to-sequence models the two bottleneck experiments compare.
 
 An experiment file is an ml_collections config file whose `get_config(arg)` takes "<preset>" or
 "<preset>,<variant>" (launch.py: `--config=experiments/listops.py:cpu,bigbird`; the sweep asks
@@ -15,6 +16,8 @@ A preset is a dict of dotted config fields, the words a command-line override us
         config = ...  # the experiment's config, None where every preset sets the field
         experiment.set_fields(config, PRESETS[preset])
 """
+
+import ml_collections
 
 
 def unknown(what, value, allowed):
@@ -52,3 +55,43 @@ def set_fields(config, fields):
         if parent is None or not hasattr(parent, "keys") or name not in parent:
             raise ValueError(f"a preset sets {dotted!r}, which the experiment's config lacks.")
         parent[name] = value
+
+
+# The bottleneck experiments' models: recurrent encoder-decoders without and with attention, and
+# the transformer.
+SEQ2SEQ_VARIANTS = ("no_attention", "bahdanau", "luong", "transformer")
+RNN_ATTENTION = {"no_attention": "none", "bahdanau": "bahdanau", "luong": "luong"}
+
+
+def seq2seq_model(variant, *, dropout_rate=None, norm_position=None):
+    """The model config of a variant of SEQ2SEQ_VARIANTS. None where the experiment's presets set
+    the field (sizes; and dropout_rate and the transformer's norm_position unless given)."""
+    if variant in RNN_ATTENTION:
+        fields = dict(
+            name="rnn_seq2seq",
+            cell="gru",
+            bidirectional=True,
+            embed_dim=None,
+            hidden_dim=None,
+            attention=RNN_ATTENTION[variant],
+            dropout_rate=dropout_rate,
+        )
+        if variant != "no_attention":
+            fields["attention_dim"] = None
+        return ml_collections.ConfigDict(fields)
+    return ml_collections.ConfigDict(
+        dict(
+            name="encoder_decoder",
+            d_model=None,
+            num_heads=None,
+            d_ff=None,
+            num_layers=None,
+            num_decoder_layers=None,
+            dropout_rate=dropout_rate,
+            positional="sinusoidal",
+            norm_position=norm_position,
+            share_embeddings=True,
+            tie_output_embedding=True,
+            dtype="float32",
+        )
+    )
