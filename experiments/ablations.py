@@ -30,6 +30,10 @@ heads of 64, 200 steps of 16 x 128 bytes; DEEP: 12 layers of d_model 64, 150 ste
 "full" (GPU/TPU: 1,024-byte contexts, 8 layers of d_model 512, DEEP 24 layers; not run here).
 """
 
+import functools
+import os
+import re
+
 import ml_collections
 
 from transformer.training import experiment
@@ -185,6 +189,100 @@ def grad_norm_curves(preset, data_dir=""):
     return curves
 
 
+# Generation from the sweep's models: a held-out prompt (Julius Caesar, a validation play) and
+# what each model writes after it, up to the training context.
+SAMPLE_VARIANTS = ("full", "no_causal_mask")
+PROMPT = "BRUTUS:\nWhat means this shouting? I do fear, the people\n"
+
+
+def training_words():
+    """The set of lowercase words in the training plays: the vocabulary a sample's words are
+    looked up in."""
+    from transformer.data import shakespeare
+
+    words = set()
+    for play, path in shakespeare.list_plays().items():
+        if shakespeare.split_of(play) == "train":
+            with open(path, encoding="utf-8") as f:
+                words.update(re.findall(r"[a-z]+", f.read().lower()))
+    return words
+
+
+def word_rate(text, words):
+    """The fraction of `text`'s words (runs of letters) that are in `words`; NaN for no word."""
+    found = re.findall(r"[a-z]+", text.lower())
+    return sum(w in words for w in found) / len(found) if found else float("nan")
+
+
+def sample_continuations(model, params, prompt, *, context, num_samples, temperature, seed):
+    """`[num_samples, context - len(prompt) + 1]` token ids that a DecoderLM samples after
+    `prompt` (int ids `[prompt_len]`), at `temperature`, decoding with its key/value cache."""
+    import jax
+    import numpy as np
+
+    from transformer import decoding
+
+    prompts = np.tile(prompt, (num_samples, 1))
+    lengths = np.full(num_samples, len(prompt) - 1)  # the last prompt token is fed by decoding
+
+    @jax.jit
+    def sample(params):
+        variables = {"params": params}
+        state = model.apply(variables, prompts, context, lengths, method="prefill")
+        step = functools.partial(model.apply, variables, method="decode_step")
+        return decoding.sample(
+            step,
+            state,
+            prompts[:, -1],
+            jax.random.key(seed),
+            max_len=context - len(prompt) + 1,
+            temperature=temperature,
+        )
+
+    return np.asarray(sample(params))
+
+
+def generate_samples(
+    preset, sweep_dir, *, prompt=PROMPT, num_samples=8, temperature=0.8, data_dir=""
+):
+    """{(variant, seed): [num_samples] texts}: each SAMPLE_VARIANTS run of the sweep in
+    `sweep_dir`, prompted with `prompt`, samples (at `temperature`) bytes until its context
+    (config.data.max_length) is full. Decoding always applies the causal mask: a model can only
+    read what it has written."""
+    import numpy as np
+
+    from transformer.data import tokenizers
+    from transformer.training import trained
+
+    prompt = tokenizers.encode_bytes(prompt.encode())
+    samples = {}
+    for variant in SAMPLE_VARIANTS:
+        config = get_config(f"{preset},{variant}")
+        config.data_dir = data_dir
+        context = config.data.max_length
+        if len(prompt) >= context:
+            raise ValueError(f"the prompt ({len(prompt)} bytes) fills the context ({context}).")
+        for seed in config.sweep.seeds:
+            config.seed = seed
+            run = trained.load(config, os.path.join(sweep_dir, "runs", variant, f"seed_{seed}"))
+            tokens = sample_continuations(
+                run.model,
+                run.params,
+                prompt,
+                context=context,
+                num_samples=num_samples,
+                temperature=temperature,
+                seed=seed,
+            )
+            samples[variant, seed] = [
+                bytes(
+                    (row[row >= tokenizers.NUM_RESERVED] - tokenizers.NUM_RESERVED).astype(np.uint8)
+                ).decode("utf-8", errors="replace")
+                for row in tokens
+            ]
+    return samples
+
+
 def plot_sweep(runs_csv, path):
     """Bars of validation (causal) and training bits per character per variant, mean over the
     seeds of runs.csv, each seed a dot."""
@@ -217,11 +315,30 @@ def plot_sweep(runs_csv, path):
     plt.close(figure)
 
 
+def print_samples(samples, words):
+    """Markdown: each variant's word rate (mean and std over seeds) and its first sample per
+    seed."""
+    import numpy as np
+
+    print("| variant | training words among the sampled words, per seed | mean ± std |")
+    print("|---|---|---|")
+    for variant in SAMPLE_VARIANTS:
+        rates = [
+            np.nanmean([word_rate(text, words) for text in texts])
+            for (v, _), texts in samples.items()
+            if v == variant
+        ]
+        per_seed = ", ".join(f"{r:.2f}" for r in rates)
+        print(f"| {variant} | {per_seed} | {np.mean(rates):.2f} ± {np.std(rates, ddof=1):.2f} |")
+    for (variant, seed), texts in samples.items():
+        print(f"\n{variant}, seed {seed}:\n```\n{PROMPT}{texts[0]}\n```")
+
+
 def main():
-    """The plots of the docs page: the sweep's bars (from --sweep_dir's runs.csv) and the
-    gradient norms per layer, into --out."""
+    """The figures of the docs page, into --out: the sweep's bars (from --sweep_dir's runs.csv)
+    and the gradient norms per layer; with --samples, instead, what the sweep's full and
+    no_causal_mask models generate, printed as Markdown."""
     import argparse
-    import os
 
     from absl import flags
 
@@ -232,8 +349,15 @@ def main():
     parser.add_argument("--sweep_dir", default="", help="a finished sweep's workdir, or ''")
     parser.add_argument("--out", default=".")
     parser.add_argument("--data_dir", default="")
+    parser.add_argument("--samples", action="store_true", help="generate from --sweep_dir's runs")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
+    if args.samples:
+        if not args.sweep_dir:
+            parser.error("--samples needs --sweep_dir, the workdir of a finished sweep.")
+        samples = generate_samples(args.preset, args.sweep_dir, data_dir=args.data_dir)
+        print_samples(samples, training_words())
+        return
     if args.sweep_dir:
         plot_sweep(
             os.path.join(args.sweep_dir, "runs.csv"), os.path.join(args.out, "ablations.png")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from experiment_files import load_experiment
 
-from transformer.training import grad_norms, sweep
+from transformer.data.tokenizers import BYTE_VOCAB_SIZE
+from transformer.training import grad_norms, sweep, trained
 from transformer.training.config_schema import differences
 
 ablations = load_experiment("ablations.py")
@@ -62,6 +63,33 @@ def test_smoke_sweep_trains_with_and_without_the_causal_mask(tmp_path):
     assert "| no_causal_mask | 1 | " in (tmp_path / "results.md").read_text()
     ablations.plot_sweep(str(tmp_path / "runs.csv"), str(tmp_path / "bars.png"))
     assert (tmp_path / "bars.png").stat().st_size > 1000
+
+    # Both models generate from their checkpoints, under the causal mask, to the context's end.
+    samples = ablations.generate_samples(
+        "smoke", str(tmp_path), prompt="KING:\n", num_samples=3, data_dir=str(tmp_path)
+    )
+    assert sorted(samples) == [("full", 0), ("no_causal_mask", 0)]
+    assert all(
+        len(texts) == 3 and all(isinstance(t, str) for t in texts) for texts in samples.values()
+    )
+    config = get_config("smoke,no_causal_mask")
+    config.data_dir = str(tmp_path)
+    run = trained.load(config, str(tmp_path / "runs" / "no_causal_mask" / "seed_0"))
+    context = config.data.max_length
+    prompt = np.array([10, 11, 12, 13, 14])
+    tokens = ablations.sample_continuations(
+        run.model, run.params, prompt, context=context, num_samples=3, temperature=1.0, seed=0
+    )
+    assert tokens.shape == (3, context - len(prompt) + 1)  # up to the last position the cache has
+    assert 0 < tokens.min() and tokens.max() < BYTE_VOCAB_SIZE  # padding is never generated
+    with pytest.raises(ValueError, match="fills the context"):
+        ablations.generate_samples("smoke", str(tmp_path), prompt="x" * context)
+
+
+def test_word_rate_counts_the_words_found():
+    words = {"the", "king"}
+    assert ablations.word_rate("The king, the QUEEN.", words) == 0.75
+    assert math.isnan(ablations.word_rate(" 12 ,;", words))
 
 
 def test_per_layer_takes_the_norm_of_each_layers_parameters():

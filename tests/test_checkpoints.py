@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_train import toy_config, use_toy_setup
 
-from transformer.training import loop, tasks
+from transformer.training import loop, tasks, trained
 from transformer.training.checkpoints import IncompatibleCheckpointError
 
 
@@ -92,6 +92,24 @@ def test_a_changed_model_config_is_refused_naming_the_field(monkeypatch, tmp_pat
     # Fields that do not change what a checkpoint means may change on a restart.
     longer = toy_config(num_train_steps=20, log_every_steps=5)
     assert loop.train_and_evaluate(longer, str(tmp_path)).summary["step"] == 20
+
+
+def test_a_trained_run_loads_its_final_parameters_for_analysis(monkeypatch, tmp_path):
+    use_toy_setup(monkeypatch)
+    config = toy_config(num_train_steps=20, best_metric="")
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    run = trained.load(config, str(tmp_path / "run"))
+    assert run.step == 20
+    jax.tree.map(np.testing.assert_array_equal, run.params, result.state.params)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # read only
+
+    other = toy_config(num_train_steps=20, **{"optimizer.learning_rate": 0.5})
+    with pytest.raises(IncompatibleCheckpointError, match="optimizer.learning_rate"):
+        trained.load(other, str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints/ folder"):
+        trained.load(config, str(tmp_path / "nowhere"))
 
 
 def _change_a_stored_array(state_dir, state):
