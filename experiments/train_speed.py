@@ -15,9 +15,9 @@ On a CPU, JAX_NUM_CPU_DEVICES=2 makes each core an XLA device and the loop data-
 them (batch 8 = 2 x 4): one device for both cores leaves part of them idle. The report names the
 device count.
 
-Presets: "smoke" (tests), "cpu" (1,024 to 16,384 tokens on 2 cores: every pattern at 1,024 and
-4,096, full attention to 8,192, BigBird and the window to 16,384), "full" (GPU/TPU, 1,024 to
-65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096", the preset's
+Presets: "smoke" (tests), "cpu" (1,024 to 16,384 tokens on 2 cores: every pattern at 1,024
+and 4,096, full attention and the local/global schedule to 8,192, BigBird and the window to
+16,384), "full" (GPU/TPU, 1,024 to 65,536 tokens). Variants: "<pattern>-<length>", e.g. "bigbird-4096", the preset's
 `sweep.variants`. The attention implementation is "auto" (transformer/attention/auto.py picks
 one per pattern and length); `--config.model.implementation=<name>` measures another.
 
@@ -40,14 +40,18 @@ import ml_collections
 from transformer.training import experiment
 from transformer.training.config_schema import base_config
 
-PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal")
+PATTERNS = ("full", "sliding_window", "anchor", "random", "bigbird", "causal", "local_global")
 
 
 def pattern_of(pattern, block):
-    """(pattern, pattern_options) for transformer.patterns.build. The sparse patterns are
-    BigBird's parts (Zaheer et al., 2020: 3 window, 2 global and 3 random blocks) measured alone
-    and in their union, so the same keys per query at every length."""
+    """(pattern, pattern_options) for the model config. The sparse patterns are BigBird's parts
+    (Zaheer et al., 2020: 3 window, 2 global and 3 random blocks) measured alone and in their
+    union, so the same keys per query at every length. "local_global" is a per-layer schedule
+    in the manner of Gemma 3 (five local layers to one global): three window layers, then one
+    full layer, in this 4-layer model."""
+    window = {"name": "sliding_window", "left": block}
     return {
+        "local_global": ([window] * 3 + ["full"], {}),
         "full": ("full", {}),
         "causal": ("causal", {}),
         "sliding_window": ("sliding_window", {"left": block}),
@@ -112,7 +116,13 @@ PRESETS = {
         "sweep.variants": variants(
             PATTERNS,
             (1024, 4096, 8192, 16384),
-            longest={"full": 8192, "causal": 4096, "anchor": 4096, "random": 4096},
+            longest={
+                "full": 8192,
+                "causal": 4096,
+                "anchor": 4096,
+                "random": 4096,
+                "local_global": 8192,
+            },
         ),
     },
     # Sized for a GPU/TPU; not run on this machine.
@@ -279,7 +289,7 @@ def finished_runs(workdir):
                 )
             runs.append(
                 {
-                    "pattern": config.model.pattern,
+                    "pattern": split_variant(variant)[0],
                     "seed": config.seed,
                     "length": data_info(config.data).max_length,
                     "speeds": [r["tokens_per_second"] for r in read_metrics(run_dir, "train")],

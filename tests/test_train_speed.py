@@ -12,6 +12,7 @@ from experiment_files import load_experiment
 
 from transformer import patterns
 from transformer.data import data_info
+from transformer.modules.models import layer_pattern
 from transformer.training import loop, parallel, sweep
 from transformer.training.optimizer import make_optimizer
 
@@ -32,7 +33,7 @@ def test_cpu_preset_trains_the_target_model_at_the_variants_length(variant):
     assert (model.norm_position, model.dtype, model.implementation) == ("post", "float32", "auto")
     assert config.global_batch_size == 8
     pattern, length = variant.rsplit("-", 1)
-    assert model.pattern == pattern
+    assert list(model.pattern) == list(speed.pattern_of(pattern, speed.BLOCK["cpu"])[0])
     assert data_info(config.data).max_length == int(length)  # [CLS] included, no padding
     # One vocabulary at every length, so the embedding costs the same everywhere.
     assert data_info(config.data).vocab_size == data_info(speed.get_config("cpu").data).vocab_size
@@ -49,10 +50,20 @@ def test_cpu_preset_trains_every_pattern_at_1k_and_4k_full_to_8k_and_bigbird_to_
         "random": 4096,
         "bigbird": 16384,
         "causal": 4096,
+        "local_global": 8192,
     }
     assert variants == {
         f"{p}-{n}" for p in speed.PATTERNS for n in (1024, 4096, 8192, 16384) if n <= longest[p]
     }
+
+
+def test_the_local_global_schedule_is_three_window_layers_then_one_full_layer():
+    config = speed.get_config("cpu,local_global-1024")
+    model = loop.build_model(loop.with_data_fields(config))
+    window = patterns.sliding_window(speed.BLOCK["cpu"])
+    assert [layer_pattern(model.config, i, causal=False) for i in range(4)] == [window] * 3 + [
+        patterns.full()
+    ]
 
 
 def test_the_optimizer_is_adamw():

@@ -45,10 +45,16 @@ class TransformerConfig(LayerConfig):
         (DecoderLM).
       max_len: longest input of a "learned" positional encoding, and the number of positions
         a decoding cache holds (`init_decode_state`).
-      pattern: self-attention pattern: a name in `transformer.patterns.PATTERNS` (built per layer
-        with `patterns.build(pattern, layer=i, **pattern_options)`, so random parts differ by
-        layer) or a Pattern object used in every layer. Decoders intersect it with causal().
-      pattern_options: keyword arguments of the named pattern.
+      pattern: the self-attention pattern of every layer, or a schedule of several. Decoders
+        intersect each layer's with causal(). One of:
+        - a name in `transformer.patterns.PATTERNS`, built per layer with
+          `patterns.build(pattern, layer=i, **pattern_options)`, so random parts differ by layer;
+        - a Pattern object, used in every layer;
+        - a schedule: a sequence of entries repeated to the depth, layer i taking entry
+          i % len(schedule). An entry is a name (built with pattern_options), a dict
+          {"name": name, **options} carrying its own options, or a Pattern. Gemma 3's five local
+          layers to one global: `({"name": "sliding_window", "left": 512},) * 5 + ("full",)`.
+      pattern_options: keyword arguments of a named pattern (of every name entry of a schedule).
       num_classes, pooling: EncoderClassifier only; pooling is a name in POOLINGS.
       num_decoder_layers, target_vocab_size, share_embeddings: EncoderDecoder only.
         target_vocab_size None means the source vocabulary; share_embeddings uses one embedding
@@ -88,23 +94,13 @@ class TransformerConfig(LayerConfig):
                 f"{self.target_vocab_size} != vocab_size {self.vocab_size}; set "
                 "share_embeddings=False or target_vocab_size=None."
             )
-        if isinstance(self.pattern, str):
-            # Build once now so that a bad name or option fails at start-up, not at trace time.
-            patterns.build(self.pattern, layer=0, **dict(self.pattern_options))
-        elif not isinstance(self.pattern, patterns.Pattern):
-            raise ValueError(
-                f"pattern must be a name in {sorted(patterns.PATTERNS)} or a "
-                f"Pattern; got {self.pattern!r}."
-            )
         # jax.jit(model.apply) hashes the module, hence its config: store options as tuples.
-        object.__setattr__(
-            self,
-            "pattern_options",
-            tuple(
-                (name, _hashable(value))
-                for name, value in sorted(dict(self.pattern_options).items())
-            ),
-        )
+        object.__setattr__(self, "pattern_options", _options(self.pattern_options))
+        object.__setattr__(self, "pattern", _pattern_or_schedule(self.pattern))
+        # Build each entry once now, so that a bad name or option fails at start-up, not at
+        # trace time.
+        for layer in range(len(self.pattern) if isinstance(self.pattern, tuple) else 1):
+            layer_pattern(self, layer, causal=False)
 
 
 def _hashable(value):
@@ -114,12 +110,52 @@ def _hashable(value):
     return value
 
 
+def _options(options):
+    """Pattern options as a sorted tuple of (name, value) pairs, lists made tuples."""
+    return tuple((name, _hashable(value)) for name, value in sorted(dict(options).items()))
+
+
+def _entry(entry):
+    """One pattern entry as stored: a name, a Pattern, or (name, options) from a dict."""
+    if isinstance(entry, (str, patterns.Pattern)):
+        return entry
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+        return entry[0], _options(entry[1])  # as stored already (dataclasses.replace)
+    if hasattr(entry, "items") and isinstance(dict(entry).get("name"), str):
+        options = dict(entry)
+        return options.pop("name"), _options(options)
+    raise ValueError(
+        f"a pattern entry must be a name in {sorted(patterns.PATTERNS)}, a Pattern, or a dict "
+        f'{{"name": name, **options}}; got {entry!r}.'
+    )
+
+
+def _pattern_or_schedule(pattern):
+    """`pattern` as stored: one entry, or a schedule as a non-empty tuple of entries."""
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            raise ValueError("a pattern schedule needs at least one entry; got an empty one.")
+        return tuple(_entry(entry) for entry in pattern)
+    if hasattr(pattern, "items"):
+        raise ValueError(
+            f"pattern {pattern!r}: a single pattern is a name with pattern_options, or a Pattern; "
+            "a dict of options is an entry of a schedule (a sequence)."
+        )
+    return _entry(pattern)
+
+
 def layer_pattern(config, layer, *, causal):
-    """The self-attention pattern of layer `layer`: its own random seed, causal in decoders."""
-    if isinstance(config.pattern, str):
-        pattern = patterns.build(config.pattern, layer=layer, **dict(config.pattern_options))
+    """The self-attention pattern of layer `layer`: its schedule's entry, its own random seed,
+    causal in decoders."""
+    entry = config.pattern
+    if isinstance(entry, tuple):  # a schedule
+        entry = entry[layer % len(entry)]
+    if isinstance(entry, str):
+        pattern = patterns.build(entry, layer=layer, **dict(config.pattern_options))
+    elif isinstance(entry, tuple):  # (name, its own options)
+        pattern = patterns.build(entry[0], layer=layer, **dict(entry[1]))
     else:
-        pattern = config.pattern
+        pattern = entry
     return pattern & patterns.causal() if causal else pattern
 
 
