@@ -13,7 +13,7 @@ import os
 import pytest
 from experiment_files import EXPERIMENTS, load_experiment
 
-from transformer.data import data_info
+from transformer.data import data_info, with_overrides
 from transformer.training import config_schema, experiment, loop, sweep
 
 
@@ -30,13 +30,13 @@ def test_every_preset_and_variant_builds_its_data_and_model(file_name, arg):
     config = load_experiment(file_name).get_config(arg)
     config_schema.validate(config)
     for overrides in [*config.train_mixture.values(), *config.eval_data.values()]:
-        assert data_info(loop.with_overrides(config.data, overrides)).task == config.task
+        assert data_info(with_overrides(config.data, overrides)).task == config.task
     model_config = loop.with_data_fields(config)
     loop.build_model(model_config)
     if config.model.get("positional") == "learned":
         # Every evaluation sequence fits the learned table: a longer one would stop the sweep.
         longest = max(
-            data_info(loop.with_overrides(config.data, overrides)).max_length
+            data_info(with_overrides(config.data, overrides)).max_length
             for overrides in config.eval_data.values() or [{}]
         )
         assert model_config.max_len >= longest

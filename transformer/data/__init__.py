@@ -18,5 +18,6 @@ from transformer.data.registry import (
     make_builder,
     prepare,
     resolve,
+    with_overrides,
 )
 from transformer.data.tokenizers import BOS_ID, CLS_ID, EOS_ID, PAD_ID

@@ -230,3 +230,20 @@ def prepare(data_config, data_dir: str | None = None) -> tfds.core.DatasetBuilde
     if not builder.is_prepared():
         builder.download_and_prepare()
     return builder
+
+
+def with_overrides(data_config, overrides):
+    """A copy of `data_config` with the (nested) fields of `overrides` replaced."""
+    flat = {}
+
+    def flatten(prefix, value):
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            for key, inner in value.items():
+                flatten(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = value
+
+    flatten("", overrides)
+    merged = data_config.copy_and_resolve_references()
+    merged.update_from_flattened_dict(flat)
+    return merged

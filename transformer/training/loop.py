@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from transformer.data import with_overrides
 from transformer.training import config_schema, parallel, provenance, tasks, workdir_lock
 from transformer.training.checkpoints import (
     Checkpointer,
@@ -146,23 +147,6 @@ def make_dataset(data_config, split, *, global_batch_size, seed, num_epochs, dat
 def make_iterator(data_config, split, **kwargs):
     """A checkpointable iterator over `make_dataset(data_config, split, **kwargs)`."""
     return iter(make_dataset(data_config, split, **kwargs))
-
-
-def with_overrides(data_config, overrides):
-    """A copy of `data_config` with the (nested) fields of `overrides` replaced."""
-    flat = {}
-
-    def flatten(prefix, value):
-        if isinstance(value, (dict, ml_collections.ConfigDict)):
-            for key, inner in value.items():
-                flatten(f"{prefix}{key}.", inner)
-        else:
-            flat[prefix[:-1]] = value
-
-    flatten("", overrides)
-    merged = data_config.copy_and_resolve_references()
-    merged.update_from_flattened_dict(flat)
-    return merged
 
 
 def training_data(config):

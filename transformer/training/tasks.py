@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.data import spec
+from transformer.data import data_info, spec, with_overrides
 from transformer.evaluation import exact_match, translation
 from transformer.training.optimizer import smooth_labels
 
@@ -125,9 +125,6 @@ def translation_evaluators(config, model, workdir):
 def longest_training_source(config):
     """The longest source, in tokens without its closing EOS, that training can show the model:
     the training data's max_length (of every member of a mixture) less that EOS."""
-    from transformer.data import data_info
-    from transformer.training.loop import with_overrides  # the loop imports this module
-
     members = [with_overrides(config.data, m) for m in config.train_mixture.values()]
     return max(data_info(data).max_length for data in members or [config.data]) - 1
 
