@@ -242,6 +242,14 @@ def sample_continuations(model, params, prompt, *, context, num_samples, tempera
     return np.asarray(sample(params))
 
 
+def doubled_letter_rate(text):
+    """The fraction of letters followed by the same letter ("ee" in "thee"). A model that learnt
+    to copy the byte it should predict (no_causal_mask) reads, when generating, only the byte it
+    has just written, and copies that instead."""
+    pairs = [(a, b) for a, b in zip(text, text[1:]) if a.isalpha()]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")
+
+
 def generate_samples(
     preset, sweep_dir, *, prompt=PROMPT, num_samples=8, temperature=0.8, data_dir=""
 ):
@@ -315,23 +323,41 @@ def plot_sweep(runs_csv, path):
     plt.close(figure)
 
 
-def print_samples(samples, words):
-    """Markdown: each variant's word rate (mean and std over seeds) and its first sample per
-    seed."""
+def print_samples(samples, words, reference):
+    """Markdown: per variant, the sampled words found in the training plays and the doubled
+    letters (each a mean over a seed's samples; then mean ± std over seeds), beside the same
+    measures of `reference`, held-out text; then each seed's first sample."""
     import numpy as np
 
-    print("| variant | training words among the sampled words, per seed | mean ± std |")
-    print("|---|---|---|")
+    print(
+        "| text | training words among its words, per seed | mean ± std | doubled letters, per seed | mean ± std |"
+    )
+    print("|---|---|---|---|---|")
+    print(
+        f"| held-out text (Julius Caesar) | | {word_rate(reference, words):.2f} | | "
+        f"{doubled_letter_rate(reference):.3f} |"
+    )
     for variant in SAMPLE_VARIANTS:
-        rates = [
-            np.nanmean([word_rate(text, words) for text in texts])
-            for (v, _), texts in samples.items()
-            if v == variant
-        ]
-        per_seed = ", ".join(f"{r:.2f}" for r in rates)
-        print(f"| {variant} | {per_seed} | {np.mean(rates):.2f} ± {np.std(rates, ddof=1):.2f} |")
+        texts = [t for (v, _), t in samples.items() if v == variant]
+        cells = []
+        for measure, digits in ((word_rate, 2), (doubled_letter_rate, 3)):
+            if measure is word_rate:
+                rates = [np.nanmean([measure(t, words) for t in seed]) for seed in texts]
+            else:
+                rates = [np.nanmean([measure(t) for t in seed]) for seed in texts]
+            cells.append(", ".join(f"{r:.{digits}f}" for r in rates))
+            cells.append(f"{np.mean(rates):.{digits}f} ± {np.std(rates, ddof=1):.{digits}f}")
+        print(f"| {variant} | " + " | ".join(cells) + " |")
     for (variant, seed), texts in samples.items():
         print(f"\n{variant}, seed {seed}:\n```\n{PROMPT}{texts[0]}\n```")
+
+
+def held_out_text(num_bytes=20_000):
+    """The first `num_bytes` characters of Julius Caesar, a validation play."""
+    from transformer.data import shakespeare
+
+    with open(shakespeare.list_plays()["julius-caesar"], encoding="utf-8") as f:
+        return shakespeare.markdown_to_text(f.read())[:num_bytes]
 
 
 def main():
@@ -356,7 +382,7 @@ def main():
         if not args.sweep_dir:
             parser.error("--samples needs --sweep_dir, the workdir of a finished sweep.")
         samples = generate_samples(args.preset, args.sweep_dir, data_dir=args.data_dir)
-        print_samples(samples, training_words())
+        print_samples(samples, training_words(), held_out_text())
         return
     if args.sweep_dir:
         plot_sweep(

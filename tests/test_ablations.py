@@ -92,6 +92,11 @@ def test_word_rate_counts_the_words_found():
     assert math.isnan(ablations.word_rate(" 12 ,;", words))
 
 
+def test_doubled_letter_rate_counts_letters_followed_by_themselves():
+    assert ablations.doubled_letter_rate("thee ok") == 1 / 5  # t-h, h-e, e-e, e-" ", o-k
+    assert math.isnan(ablations.doubled_letter_rate("1 2"))
+
+
 def test_per_layer_takes_the_norm_of_each_layers_parameters():
     grads = {
         "embed": {"embedding": jnp.full((3, 2), 100.0)},  # not a layer: left out
