@@ -50,13 +50,16 @@ def toy_setup(seed=0):
     return model, task, opt, init(seed, batches[0]), batches
 
 
-def run_steps(mode, devices):
+def run_steps(mode, devices, sizes=None):
+    """Losses `[3]` and final parameters of 3 steps on a mesh of `devices` with axis `sizes`."""
     model, task, opt, state, batches = toy_setup()
-    mesh = parallel.make_mesh(devices)
+    mesh = parallel.make_mesh(sizes, devices)
     step = parallel.distribute(
-        loop.make_train_step(model, task, opt, label_smoothing=0.1), mode, mesh
+        loop.make_train_step(model, task, opt, label_smoothing=0.1, mesh=mesh, mode=mode),
+        mode,
+        mesh,
     )
-    state = parallel.replicate(state, mesh, mode)
+    state = parallel.place(state, loop.state_specs(state, mesh), mesh, mode)
     losses = []
     for batch in batches:
         state, metrics = step(state, parallel.global_batch(batch, mesh, mode))
@@ -85,15 +88,15 @@ def test_eight_devices_match_one_device(mode, one_device):
 def test_gradient_is_the_global_batch_mean_whatever_the_padding_per_device():
     """Rows of weight 0 on some devices only: the step equals one on the real rows alone."""
     model, task, opt, state, batches = toy_setup()
-    step = loop.make_train_step(model, task, opt, label_smoothing=0.0)
     padded = dict(batches[0], weights=np.ones(16, np.float32))
     padded["weights"][:6] = 0  # devices 0-2 hold only padding
     real = {k: v[6:] for k, v in padded.items()}  # 10 rows: does not split over 8 devices
     new_params = []
     for batch, mesh in (
         (padded, parallel.make_mesh()),
-        (real, parallel.make_mesh(jax.devices()[:1])),
+        (real, parallel.make_mesh(devices=jax.devices()[:1])),
     ):
+        step = loop.make_train_step(model, task, opt, label_smoothing=0.0, mesh=mesh)
         new_state, _ = parallel.distribute(step, "shard_map", mesh)(
             parallel.replicate(state, mesh, "shard_map"),
             parallel.global_batch(batch, mesh, "shard_map"),
@@ -105,15 +108,15 @@ def test_gradient_is_the_global_batch_mean_whatever_the_padding_per_device():
 def test_batch_not_dividing_across_devices_names_the_sizes():
     with pytest.raises(
         ValueError,
-        match=r"global_batch_size=20 does not divide across 8 devices "
-        r"\(1 hosts x 8\); use a multiple of 8",
+        match=r"global_batch_size=20 does not divide across 8 batch shards "
+        r"\(data=8 x fsdp=1; 8 devices on 1 hosts\); use a multiple of 8",
     ):
         parallel.local_batch_size(20)
 
 
 def test_unknown_parallel_mode_is_named():
     with pytest.raises(ValueError, match=r"unknown parallel mode 'dp'; allowed: shard_map, pmap"):
-        parallel.distribute(lambda s, b, r: (s, b), "dp", parallel.make_mesh())
+        parallel.distribute(lambda s, b: (s, b), "dp", parallel.make_mesh())
 
 
 def _free_port():

@@ -241,7 +241,9 @@ def test_unknown_config_fields_are_named_with_what_is_allowed():
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(monkeypatch, tmp_path):
     use_toy_setup(monkeypatch)
-    with pytest.raises(ValueError, match=r"global_batch_size=12 does not divide across 8 devices"):
+    with pytest.raises(
+        ValueError, match=r"global_batch_size=12 does not divide across 8 batch shards"
+    ):
         loop.train_and_evaluate(toy_config(global_batch_size=12), str(tmp_path))
 
 

@@ -43,7 +43,11 @@ def base_config():
     # Decode the evaluation sets and score exact match and token accuracy by source length
     # (seq2seq): transformer/evaluation/exact_match.py's fields. Empty: no decoding.
     config.exact_match_eval = ml_collections.ConfigDict()
-    config.parallel = "shard_map"
+    config.parallel = "shard_map"  # or "pmap" (data parallelism only)
+    # Sizes of the device mesh's axes (transformer/training/parallel.py); -1 = the rest of the
+    # devices. `data` and `fsdp` split the batch; `fsdp` also shards parameters and optimizer
+    # state. `tensor` and `context` are kept for later and take 1.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.optimizer = ml_collections.ConfigDict(
         dict(
             learning_rate=1e-3,

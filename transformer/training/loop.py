@@ -2,8 +2,9 @@
 
 The loop is the same for every task and imports nothing task-specific: the task
 (`tasks.py`) says how a model is called on a batch, which targets count, and which evaluators
-run after each evaluation. The per-device step below is written once, pmap-style, and
-`parallel.py` runs it over all devices of all hosts.
+run after each evaluation. The steps below are written once: their per-device parts pmap-style,
+the optimizer update on whole arrays; `parallel.py` runs them over the mesh that `config.mesh`
+describes, data-parallel or with parameters sharded (FSDP).
 
 The config travels in two hops: the ConfigDict (from an experiment file and the command line) is
 checked whole by `prepare`, and `build_model(config.model)` turns its model fields into the
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from transformer.data import with_overrides
 from transformer.training import config_schema, parallel, provenance, tasks, workdir_lock
@@ -66,22 +68,37 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-device steps. They see one device's rows of the batch; everything they return is
-# combined over the devices with collectives, so it is the same on every device.
+# The steps. Their per-device parts see one device's rows of the batch and the whole parameters;
+# everything they return is combined over the devices with collectives (`parallel.per_device`).
 
 
-def make_train_step(model, task, optimizer, *, label_smoothing):
-    """(state, per-device batch, ()) -> (new state, {metric: (sum, count)} over the global batch)."""
+def state_specs(state, mesh):
+    """How a TrainState lies on `mesh`: parameters and optimizer state by the FSDP rule
+    (`parallel.fsdp_specs`), the step and RNG key replicated."""
+    return TrainState(
+        step=P(),
+        params=parallel.fsdp_specs(state.params, mesh),
+        opt_state=parallel.fsdp_specs(state.opt_state, mesh),
+        rng=P(),
+    )
 
-    def train_step(state, batch, _):
+
+def make_train_step(model, task, optimizer, *, label_smoothing, mesh, mode="shard_map"):
+    """(state, batch) -> (new state, {metric: (sum, count)} over the global batch).
+
+    The gradient is computed per device; the optimizer update runs on whole arrays, so under
+    FSDP each device updates its shards and the gradient norm that clipping needs is global.
+    """
+    axes = parallel.batch_axes(mode)
+
+    def gradients(params, batch, step_and_rng):
+        step, rng = step_and_rng
         # Each device draws different dropout masks, and every step different ones again.
-        rng = jax.random.fold_in(
-            jax.random.fold_in(state.rng, state.step), lax.axis_index(parallel.AXIS)
-        )
+        rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axes))
         weights = task.weights(batch)
-        # Dividing by the global weight makes the psum of per-device gradients the gradient of
+        # Dividing by the global weight makes the sum of per-device gradients the gradient of
         # the mean loss over the global batch, whatever the share of padding on each device.
-        global_weight = lax.psum(jnp.sum(weights), parallel.AXIS)
+        global_weight = lax.psum(jnp.sum(weights), axes)
 
         def loss_fn(params):
             logits = model.apply(
@@ -90,28 +107,32 @@ def make_train_step(model, task, optimizer, *, label_smoothing):
             loss, _ = tasks.loss_sum(logits, batch["targets"], weights, label_smoothing)
             return loss / jnp.maximum(global_weight, 1.0), logits
 
-        grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
-        grads = lax.psum(grads, parallel.AXIS)
+        grads, logits = jax.grad(loss_fn, has_aux=True)(params)
+        metrics = lax.psum(tasks.metric_sums(logits, batch["targets"], weights), axes)
+        return grads, metrics
+
+    per_device_gradients = parallel.per_device(gradients, mesh, mode, gradients=True)
+
+    def train_step(state, batch):
+        grads, metrics = per_device_gradients(state.params, batch, (state.step, state.rng))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-        metrics = tasks.metric_sums(logits, batch["targets"], weights)
-        metrics = lax.psum(metrics, parallel.AXIS)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        return parallel.constrain(new_state, state_specs(new_state, mesh), mesh, mode), metrics
 
     return train_step
 
 
-def make_eval_step(model, task):
-    """(params, per-device batch, ()) -> {metric: (sum, count)} over the global batch."""
+def make_eval_step(model, task, *, mesh, mode="shard_map"):
+    """(params, batch) -> {metric: (sum, count)} over the global batch."""
+    axes = parallel.batch_axes(mode)
 
-    def eval_step(params, batch, _):
+    def metrics(params, batch, _):
         logits = model.apply({"params": params}, *task.model_inputs(batch), train=False)
-        return lax.psum(
-            tasks.metric_sums(logits, batch["targets"], task.weights(batch)), parallel.AXIS
-        )
+        return lax.psum(tasks.metric_sums(logits, batch["targets"], task.weights(batch)), axes)
 
-    return eval_step
+    per_device_metrics = parallel.per_device(metrics, mesh, mode)
+    return lambda params, batch: per_device_metrics(params, batch, ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +256,14 @@ class Programs(NamedTuple):
 def _programs(model, task, optimizer_fields, num_train_steps, label_smoothing, mode, mesh):
     optimizer = make_optimizer(ml_collections.ConfigDict(dict(optimizer_fields)), num_train_steps)
     train_step = parallel.distribute(
-        make_train_step(model, task, optimizer, label_smoothing=label_smoothing),
+        make_train_step(
+            model, task, optimizer, label_smoothing=label_smoothing, mesh=mesh, mode=mode
+        ),
         mode,
         mesh,
         donate_state=True,
     )
-    eval_step = parallel.distribute(make_eval_step(model, task), mode, mesh)
+    eval_step = parallel.distribute(make_eval_step(model, task, mesh=mesh, mode=mode), mode, mesh)
     return Programs(make_init(model, task, optimizer), train_step, eval_step)
 
 
@@ -406,7 +429,8 @@ def prepare(config, workdir=None):
                 f"config.{field} is read only by task(s) {owners}; config.task={config.task!r}. "
                 f"Leave config.{field} empty or set config.task to one of {owners}."
             )
-    parallel.local_batch_size(config.global_batch_size)
+    shape = parallel.mesh_shape(config.mesh.to_dict(), mode=config.parallel)
+    parallel.local_batch_size(config.global_batch_size, shape)
     try:
         model_config = with_data_fields(config)
     except ValueError as error:
@@ -451,7 +475,7 @@ def train_and_evaluate(config, workdir, setup=None):
 
 def _train_and_evaluate(config, workdir, setup):
     task, model, evaluators = setup.task, setup.model, setup.evaluators
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.mesh.to_dict())
     mode = config.parallel
     check_compatible_config(config, workdir)  # the first write into the workdir
 
@@ -461,11 +485,12 @@ def _train_and_evaluate(config, workdir, setup):
     host_state = compiled.init(config.seed, _peek(train_iter))
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
     logging.info(
-        "model %s: %s parameters; %d devices on %d hosts, %s",
+        "model %s: %s parameters; %d devices on %d hosts, mesh %s, %s",
         config.model.name,
         f"{num_params:,}",
         jax.device_count(),
         jax.process_count(),
+        dict(mesh.shape),
         mode,
     )
 
@@ -483,7 +508,7 @@ def _train_and_evaluate(config, workdir, setup):
         checkpointer.close()
         logging.info("%s holds a completed run; its summary.json is kept as it is.", workdir)
         return TrainResult(finished, host_state)
-    state = parallel.replicate(host_state, mesh, mode)
+    state = parallel.place(host_state, state_specs(host_state, mesh), mesh, mode)
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
     # The log keeps no rows past the restored step: the steps after it are trained again.
@@ -554,8 +579,9 @@ def _train_and_evaluate(config, workdir, setup):
                     last_eval = run_evals(step)
                     best = _update_best(best, last_eval, step, config)
                 if do_save or stopping:
-                    # A host copy: orbax then writes plain NumPy (process 0, as the state is
-                    # replicated) instead of compiling device-to-host transfers for each array.
+                    # A host copy of whole arrays, however sharded: orbax then writes plain
+                    # NumPy (process 0) instead of compiling device-to-host transfers for each
+                    # array, and the checkpoint restores onto any mesh.
                     checkpointer.save(
                         step,
                         parallel.fetch(state),
@@ -591,6 +617,7 @@ def _train_and_evaluate(config, workdir, setup):
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
         "parallel": mode,
+        "mesh": dict(mesh.shape),
         "config": json.loads(config.to_json_best_effort()),
         # What the numbers came from: CPU model, cores, devices and library versions.
         "machine": provenance.machine(),

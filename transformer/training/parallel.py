@@ -1,10 +1,26 @@
-"""Data parallelism: one per-device step, run over every device of every host.
+"""Parallelism: a device mesh from the config, one per-device step, and sharding rules.
 
-A step is written once, pmap-style: it sees its device's share of the batch and combines results
-across devices with collectives (`lax.psum`, `lax.pmean`) over the axis named `AXIS`. `distribute`
-runs it either with `jax.jit` + `jax.shard_map` over a mesh of all devices (the default) or with
-`jax.pmap`. In both, the state (parameters, optimizer state) is replicated and the batch is split
-along its first dimension.
+The mesh has named axes (`AXES`): `data` and `fsdp` split the batch between them; `fsdp` also
+shards the parameters and the optimizer state (ZeRO-3 style); `tensor` and `context` are names
+kept for tensor and context parallelism and take size 1 for now. `mesh_shape` turns
+`config.mesh` into sizes, with start-up errors that name the numbers.
+
+A step is written once, in two parts:
+  * the per-device part (`per_device`, `gradients_per_device`) sees its device's rows of the
+    batch and the whole parameters, and combines results across devices with collectives
+    (`lax.psum`) over `batch_axes(mode)`. It runs under `jax.shard_map` over the mesh (the
+    default), or under `jax.pmap`. Under FSDP the parameters reach it gathered (one all-gather
+    per array, which XLA schedules next to its use), and the gradients it returns leave it
+    reduce-scattered back to their shards.
+  * the rest of the step (the optimizer update) is written on whole arrays; under `jax.jit` each
+    device updates its own shard of the parameters and optimizer state, and reductions over them
+    (the global gradient norm) are combined by XLA.
+The custom calls of the attention kernels have no sharding rule, which is one reason the model
+itself runs per device: inside `shard_map` every call sees one device's rows.
+
+Parameters and optimizer state follow `fsdp_spec`: each array is split over `fsdp` along its
+largest dimension that the fsdp size divides, or replicated when none does. The batch is split
+along its first dimension over `data` x `fsdp`.
 
 Multi-host: call `initialize_distributed` before anything else touches JAX devices. Each host then
 feeds only its own rows of the global batch (`local_batch_size`), and `global_batch` assembles
@@ -16,10 +32,18 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+AXES = ("data", "fsdp", "tensor", "context")
+AXIS = "data"  # the one axis of pmap, and of data parallelism
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both, data-major
+# Names kept for parallelism still to come: accepted with size 1 only.
+RESERVED_AXES = {
+    "tensor": "tensor parallelism (parameters split within a layer)",
+    "context": "context parallelism (each sequence split over devices)",
+}
 MODES = ("shard_map", "pmap")
 
 
@@ -67,55 +91,217 @@ def enable_cpu_collectives():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def make_mesh(devices=None):
-    """A 1-D mesh over `devices` (default: every device of every host), axis `AXIS`."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+# ---------------------------------------------------------------------------------------------
+# The mesh.
 
 
-def local_batch_size(global_batch_size):
-    """Rows of the global batch this host reads; a clear error when they cannot be split evenly."""
-    devices, hosts = jax.device_count(), jax.process_count()
-    if global_batch_size % devices:
+def mesh_shape(sizes=None, device_count=None, mode="shard_map"):
+    """`config.mesh` ({axis: size}, -1 = the rest of the devices) -> {axis: size} over `AXES`.
+
+    Missing axes are 1, except that with no -1 given `data` takes the rest. Raises ValueError
+    naming the field, the numbers and what is allowed.
+    """
+    device_count = jax.device_count() if device_count is None else device_count
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has no axis {unknown[0]!r}; allowed: {', '.join(AXES)}.")
+    for axis, size in sizes.items():
+        if not (isinstance(size, int) and not isinstance(size, bool) and (size > 0 or size == -1)):
+            raise ValueError(
+                f"config.mesh.{axis}={size!r} is invalid; allowed: a positive integer, or -1 "
+                "for the rest of the devices."
+            )
+    for axis, what in RESERVED_AXES.items():
+        if sizes.get(axis, 1) != 1:
+            raise ValueError(
+                f"config.mesh.{axis}={sizes[axis]}: {what} is not implemented yet; allowed: 1."
+            )
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
         raise ValueError(
-            f"global_batch_size={global_batch_size} does not divide across {devices} devices "
-            f"({hosts} hosts x {jax.local_device_count()}); use a multiple of {devices}."
+            f"config.mesh gives -1 for {' and '.join(rest)}; allowed: -1 for one axis at most."
+        )
+    if not rest and "data" not in sizes:
+        sizes["data"], rest = -1, ["data"]
+    shape = {axis: sizes.get(axis, 1) for axis in AXES}
+    fixed = int(np.prod([size for size in shape.values() if size != -1]))
+    described = " x ".join(f"{a}={s}" for a, s in shape.items() if s != 1)
+    if (rest and device_count % fixed) or (not rest and fixed != device_count):
+        allowed = "a product that divides" if rest else "a product equal to"
+        raise ValueError(
+            f"config.mesh ({described or 'all sizes 1'}) does not fit {device_count} devices: "
+            f"its sizes multiply to {fixed}; allowed: {allowed} {device_count}."
+        )
+    if rest:
+        shape[rest[0]] = device_count // fixed
+    if mode == "pmap" and shape["fsdp"] > 1:
+        raise ValueError(
+            f"config.parallel='pmap' runs data parallelism only, but config.mesh.fsdp="
+            f"{shape['fsdp']}; allowed: fsdp=1 with pmap, or config.parallel='shard_map'."
+        )
+    return shape
+
+
+def make_mesh(sizes=None, devices=None):
+    """A mesh with axes `AXES` over `devices` (default: every device of every host).
+
+    `sizes` is `config.mesh` (see `mesh_shape`); None puts every device on `data`.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(tuple(shape.values()), AXES, devices=devices)
+
+
+def batch_axes(mode):
+    """The axes the batch is split over, as the per-device step names them in collectives."""
+    return (AXIS,) if mode == "pmap" else BATCH_AXES
+
+
+def batch_shards(mesh):
+    """How many parts the batch is split into: data x fsdp."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def local_batch_size(global_batch_size, shape=None):
+    """Rows of the global batch this host reads; a clear error when they cannot be split evenly
+    over the batch axes (`shape` from `mesh_shape`; None: all devices on `data`)."""
+    shape = mesh_shape() if shape is None else shape
+    shards, hosts = shape["data"] * shape["fsdp"], jax.process_count()
+    if global_batch_size % shards or global_batch_size % hosts:
+        split = f"data={shape['data']} x fsdp={shape['fsdp']}"
+        raise ValueError(
+            f"global_batch_size={global_batch_size} does not divide across {shards} batch "
+            f"shards ({split}; {jax.device_count()} devices on {hosts} hosts); use a multiple "
+            f"of {np.lcm(shards, hosts)}."
         )
     return global_batch_size // hosts
 
 
-def distribute(per_device_fn, mode, mesh, donate_state=False):
-    """Runs `per_device_fn(state, batch, *replicated)` data-parallel over `mesh`.
+# ---------------------------------------------------------------------------------------------
+# Sharding rules.
 
-    `state` and the extra arguments are replicated, `batch` (a pytree of arrays with the batch as
-    first dimension) is split across devices. Every output must be replicated, i.e. already
-    combined across devices with collectives over `AXIS`.
 
-    Returns a function of the same arguments taking what `replicate` and `global_batch` produce.
+def fsdp_spec(shape, fsdp):
+    """The PartitionSpec of an array of `shape` under FSDP of size `fsdp`: its largest dimension
+    that `fsdp` divides is split over "fsdp" (the first of equals), or none: replicated."""
+    if fsdp == 1:
+        return P()
+    divisible = [(size, -dim) for dim, size in enumerate(shape) if size % fsdp == 0]
+    if not divisible:
+        return P()
+    dim = -max(divisible)[1]
+    return P(*(["fsdp" if d == dim else None for d in range(len(shape))]))
+
+
+def fsdp_specs(tree, mesh):
+    """`fsdp_spec` of every array of `tree` (arrays or anything with a `.shape`)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: fsdp_spec(np.shape(x), fsdp), tree)
+
+
+def shardings(specs, mesh):
+    """PartitionSpecs -> NamedShardings on `mesh`."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def constrain(tree, specs, mesh, mode):
+    """Inside a jitted step: `tree` laid out as `specs` (no-op under pmap, and where the layout
+    is that already)."""
+    if mode == "pmap":
+        return tree
+    return jax.sharding.reshard(tree, shardings(specs, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the per-device part of a step.
+
+
+def _gather(params, specs):
+    """Per device: sharded parameters -> whole ones (all-gather over "fsdp")."""
+
+    def gather(x, spec):
+        if "fsdp" not in spec:
+            return x
+        return lax.all_gather(x, "fsdp", axis=list(spec).index("fsdp"), tiled=True)
+
+    return jax.tree.map(gather, params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _sum_gradients(grads, specs, axes):
+    """Per device: this device's share of the gradient -> the sum over the batch axes, on the
+    parameters' shards (a reduce-scatter over "fsdp" for sharded ones)."""
+
+    def reduce(g, spec):
+        if "fsdp" not in spec:
+            return lax.psum(g, axes)
+        g = lax.psum_scatter(g, "fsdp", scatter_dimension=list(spec).index("fsdp"), tiled=True)
+        return lax.psum(g, tuple(a for a in axes if a != "fsdp"))
+
+    return jax.tree.map(reduce, grads, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def per_device(fn, mesh, mode, *, gradients=False):
+    """Global view -> per device: `run(params, batch, rest)` calls `fn(params, batch, rest)` on
+    every device with the whole `params`, this device's rows of `batch` (a pytree of arrays
+    `[batch, ...]`) and `rest` (replicated).
+
+    `fn`'s outputs must be combined over `batch_axes(mode)` already (replicated), except, with
+    `gradients=True`, the first of its two outputs: this device's share of the gradient of the
+    parameters, which `run` sums over the batch and returns laid out as the parameters are.
+    Under pmap (called inside `distribute`'s pmap) `run` is `fn`, plus the psum of gradients.
+    """
+    axes = batch_axes(mode)
+    if mode == "pmap":
+
+        def run_pmap(params, batch, rest):
+            out = fn(params, batch, rest)
+            return (lax.psum(out[0], axes), out[1]) if gradients else out
+
+        return run_pmap
+
+    def run(params, batch, rest):
+        specs = fsdp_specs(params, mesh)
+
+        def body(params, batch, rest):
+            out = fn(_gather(params, specs), batch, rest)
+            return (_sum_gradients(out[0], specs, axes), out[1]) if gradients else out
+
+        mapped = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(specs, P(axes), P()),
+            out_specs=(specs, P()) if gradients else P(),
+            check_vma=False,
+        )
+        return mapped(params, batch, rest)
+
+    return run
+
+
+def distribute(step_fn, mode, mesh, donate_state=False):
+    """Compiles `step_fn(state, batch)`, written on whole arrays with its per-device part in
+    `per_device`, for `mode`: `jax.jit` (shard_map) or `jax.pmap` (the whole step per device).
+
+    Takes what `place` and `global_batch` produce. Every output of the pmap'ed step must be
+    replicated.
     """
     if mode == "shard_map":
-        mapped = jax.shard_map(
-            per_device_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False
-        )
-        fn = jax.jit(
-            lambda state, batch, *rest: mapped(state, batch, rest),
-            donate_argnums=(0,) if donate_state else (),
-        )
-        return fn
+        return jax.jit(step_fn, donate_argnums=(0,) if donate_state else ())
     if mode == "pmap":
         # pmap gives each device a leading-axis slice; out_axes=None returns the (replicated)
-        # result once. The rest-arguments travel as one broadcast tuple.
+        # result once.
         mapped = jax.pmap(
-            lambda state, batch, rest: per_device_fn(state, batch, rest),
+            step_fn,
             axis_name=AXIS,
-            in_axes=(None, 0, None),
+            in_axes=(None, 0),
             out_axes=None,
             devices=mesh.devices.flatten().tolist(),
         )
         local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        return lambda state, batch, *rest: mapped(
-            state, _split_for_pmap(batch, local_devices), rest
-        )
+        return lambda state, batch: mapped(state, _split_for_pmap(batch, local_devices))
     raise ValueError(f"unknown parallel mode {mode!r}; allowed: {', '.join(MODES)}.")
 
 
@@ -124,36 +310,67 @@ def _split_for_pmap(batch, n):
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def replicate(tree, mesh, mode):
-    """Places a host-local pytree, equal on every host, on all devices (replicated)."""
+# ---------------------------------------------------------------------------------------------
+# Moving arrays between the host and the mesh.
+
+
+def place(tree, specs, mesh, mode):
+    """Places a host-local pytree, equal on every host, on the mesh, laid out as `specs`
+    (a pytree of PartitionSpecs, or one for all). Under pmap the tree stays on the host: pmap
+    broadcasts its in_axes=None arguments itself."""
     if mode == "pmap":
-        return tree  # pmap broadcasts its in_axes=None arguments itself.
-    sharding = NamedSharding(mesh, P())
+        return tree
+    if isinstance(specs, P):
+        specs = jax.tree.map(lambda _: specs, tree)
     return jax.tree.map(
-        lambda x: jax.make_array_from_callback(
+        lambda x, sharding: jax.make_array_from_callback(
             np.shape(x), sharding, lambda index: np.asarray(x)[index]
         ),
         tree,
+        shardings(specs, mesh),
     )
+
+
+def replicate(tree, mesh, mode):
+    """Places a host-local pytree, equal on every host, on all devices (replicated)."""
+    return place(tree, P(), mesh, mode)
 
 
 def global_batch(local_batch, mesh, mode):
     """This host's rows `[local_batch, ...]` -> the batch the distributed step takes.
 
-    Under shard_map that is one global array `[global_batch, ...]` split over all devices of all
-    hosts; under pmap it stays host-local (pmap splits it over the local devices).
+    Under shard_map that is one global array `[global_batch, ...]` split over the batch axes of
+    all hosts' devices; under pmap it stays host-local (pmap splits it over the local devices).
     """
     if mode == "pmap":
         return local_batch
-    sharding = NamedSharding(mesh, P(AXIS))
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
 
 
 def fetch(tree):
-    """Replicated device arrays -> NumPy on this host (safe on multi-host, unlike np.asarray)."""
-    return jax.tree.map(
-        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
-        tree,
-    )
+    """Device arrays -> whole NumPy arrays on this host, however they are sharded (a collective
+    across hosts for arrays split over several; safe on multi-host, unlike np.asarray)."""
+
+    def whole(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(whole, tree)
+
+
+def replicated(tree, mesh, mode):
+    """Device arrays, however sharded -> the same arrays whole on every device (for code that
+    runs on whole parameters, such as decoding evaluators)."""
+    if mode == "pmap" or mesh.shape["fsdp"] == 1:
+        return tree
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
