@@ -1,0 +1,223 @@
+"""Meshes from `config.mesh`: FSDP trains what data parallelism trains, with the parameters really
+sharded; checkpoints move between meshes; a bad mesh or batch is a clear start-up error."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from test_parallel import run_steps
+from test_train import toy_config, use_toy_setup
+
+from transformer.training import loop, optimizer, parallel, tasks
+
+# float32: the same sums in another order (gradients reduce-scattered rather than all-reduced).
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return run_steps("shard_map", jax.devices())
+
+
+@pytest.mark.parametrize("sizes", [dict(data=2, fsdp=4), dict(data=1, fsdp=8)])
+def test_each_mesh_trains_the_data_parallel_losses_and_parameters(sizes, data_parallel):
+    losses, params = run_steps("shard_map", jax.devices(), sizes)
+    np.testing.assert_allclose(losses, data_parallel[0], **TOLERANCE)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), params, data_parallel[1]
+    )
+    assert losses[-1] < losses[0]
+
+
+def transformer_setup():
+    """A 2-layer decoder LM with dropout whose causal attention runs block-sparse (the CPU
+    kernel, a custom call), its optimizer, a state and 2 batches `[16, 128]`."""
+    from transformer.modules.models import build_model
+
+    model = build_model(
+        dict(
+            name="decoder_lm",
+            vocab_size=64,
+            d_model=32,
+            num_heads=2,
+            d_ff=64,
+            num_layers=2,
+            max_len=128,
+            pattern="causal",
+            dropout_rate=0.1,
+            implementation="block_sparse",
+        )
+    )
+    task = tasks.get_task("language_modelling")
+    opt = optimizer.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(
+                learning_rate=1e-2,
+                warmup_steps=0,
+                schedule="constant",
+                weight_decay=0.01,
+                b1=0.9,
+                b2=0.98,
+                eps=1e-9,
+                grad_clip_norm=0.5,  # small enough to clip: the norm must be global
+            )
+        ),
+        total_steps=2,
+    )
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(2):
+        inputs = rng.integers(1, 64, size=(16, 128)).astype(np.int32)
+        targets = np.concatenate([inputs[:, 1:], np.zeros((16, 1), np.int32)], axis=1)
+        targets[:5, 100:] = 0  # padding, unevenly over the devices
+        batches.append({"inputs": inputs, "targets": targets})
+    state = loop.make_init(model, task, opt)(0, batches[0])
+    return model, task, opt, state, batches
+
+
+def train_transformer(sizes):
+    """(losses `[2]`, host parameters, the device state after the first step, the step)."""
+    model, task, opt, state, batches = transformer_setup()
+    mesh = parallel.make_mesh(sizes)
+    step = parallel.distribute(
+        loop.make_train_step(model, task, opt, label_smoothing=0.0, mesh=mesh), "shard_map", mesh
+    )
+    state = parallel.place(state, loop.state_specs(state, mesh), mesh, "shard_map")
+    losses, first = [], None
+    for batch in batches:
+        device_batch = parallel.global_batch(batch, mesh, "shard_map")
+        state, metrics = step(state, device_batch)
+        first = first or (state, device_batch)
+        sums = parallel.fetch(metrics)
+        losses.append(sums["loss"][0] / sums["loss"][1])
+    return np.array(losses), parallel.fetch(state.params), first, step
+
+
+def test_fsdp_trains_a_transformer_like_data_parallelism_with_its_parameters_sharded():
+    losses, params, _, _ = train_transformer(None)
+    fsdp_losses, fsdp_params, (state, batch), step = train_transformer(dict(data=2, fsdp=4))
+    np.testing.assert_allclose(fsdp_losses, losses, **TOLERANCE)
+    compared = 0
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(fsdp_params), jax.tree.leaves(params)
+    ):
+        # The key bias adds the same q.b to every score of a row, which the softmax cancels: its
+        # gradient is 0 up to rounding, and Adam scales that noise up to steps of the learning
+        # rate, different for any other order of the sums.
+        if "['key']['bias']" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+            )
+            compared += 1
+    assert compared == len(jax.tree.leaves(params)) - 2
+
+    # After a step the parameters and Adam's moments are still split 4 ways over fsdp.
+    embedding = state.params["embed"]["embedding"]
+    assert embedding.shape == (64, 32)
+    assert embedding.sharding.shard_shape(embedding.shape) == (16, 32)
+    sharded = [
+        x
+        for x in jax.tree.leaves((state.params, state.opt_state))
+        if any(size % 4 == 0 for size in x.shape)
+    ]
+    assert len(sharded) > 2 * len(jax.tree.leaves(state.params))  # parameters, mu and nu
+    for x in sharded:
+        assert np.prod(x.sharding.shard_shape(x.shape)) * 4 == x.size, x.shape
+    # Gathered for compute, gradients reduce-scattered: both collectives are in the program.
+    program = step.lower(state, batch).compile().as_text()
+    assert "all-gather" in program and "reduce-scatter" in program
+
+
+def test_fsdp_spec_splits_the_largest_dimension_it_divides():
+    assert parallel.fsdp_spec((64, 32), 4) == parallel.P("fsdp", None)
+    assert parallel.fsdp_spec((6, 32), 4) == parallel.P(None, "fsdp")
+    assert parallel.fsdp_spec((32, 32), 4) == parallel.P("fsdp", None)  # the first of equals
+    assert parallel.fsdp_spec((6, 3), 4) == parallel.P()  # none divides: replicated
+    assert parallel.fsdp_spec((), 4) == parallel.P()
+    assert parallel.fsdp_spec((64, 32), 1) == parallel.P()
+
+
+@pytest.mark.parametrize(
+    "first, second", [(dict(data=8), dict(data=2, fsdp=4)), (dict(data=2, fsdp=4), dict(data=8))]
+)
+def test_a_checkpoint_written_on_one_mesh_resumes_on_another(
+    monkeypatch, tmp_path, caplog, first, second
+):
+    use_toy_setup(monkeypatch)
+    caplog.set_level("INFO")
+    config = toy_config(num_train_steps=20, best_metric="")
+    uninterrupted = loop.train_and_evaluate(config, str(tmp_path / "once")).state
+
+    for sizes, steps in ((first, 10), (second, 20)):
+        config = toy_config(num_train_steps=steps, best_metric="")
+        config.mesh.update(dict(data=sizes["data"], fsdp=sizes.get("fsdp", 1)))
+        result = loop.train_and_evaluate(config, str(tmp_path / "moved"))
+        assert result.summary["mesh"]["fsdp"] == sizes.get("fsdp", 1)
+    assert "resumed from the checkpoint at step 10 (digests verified)" in caplog.text
+    assert int(result.state.step) == 20
+    for a, b in (
+        (result.state.params, uninterrupted.params),
+        (result.state.opt_state, uninterrupted.opt_state),
+    ):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOLERANCE), a, b)
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (
+            dict(data=3),
+            r"config.mesh \(data=3\) does not fit 8 devices: its sizes multiply to 3; "
+            r"allowed: a product equal to 8",
+        ),
+        (
+            dict(data=-1, fsdp=3),
+            r"config.mesh \(data=-1 x fsdp=3\) does not fit 8 devices: its "
+            r"sizes multiply to 3; allowed: a product that divides 8",
+        ),
+        (dict(data=-1, fsdp=-1), r"config.mesh gives -1 for data and fsdp; allowed: -1 for one"),
+        (
+            dict(data=4, context=2),
+            r"config.mesh.context=2: context parallelism \(each sequence "
+            r"split over devices\) is not implemented yet; allowed: 1",
+        ),
+        (dict(data=4, tensor=2), r"config.mesh.tensor=2: tensor parallelism .* allowed: 1"),
+        (
+            dict(data=-1, fsdp=0),
+            r"config.mesh.fsdp=0 is invalid; allowed: a positive integer, "
+            r"or -1",
+        ),
+    ],
+)
+def test_a_bad_mesh_is_refused_before_anything_is_written(monkeypatch, tmp_path, mesh, message):
+    use_toy_setup(monkeypatch)
+    config = toy_config()
+    config.mesh.update(dict(dict(data=-1, fsdp=1, tensor=1, context=1), **mesh))
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_under_pmap_and_a_batch_the_mesh_cannot_split_are_refused(monkeypatch, tmp_path):
+    use_toy_setup(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"config.parallel='pmap' runs data parallelism only, but config.mesh.fsdp=4; "
+        r"allowed: fsdp=1 with pmap, or config.parallel='shard_map'",
+    ):
+        loop.prepare(toy_config(parallel="pmap", **{"mesh.data": 2, "mesh.fsdp": 4}))
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=12 does not divide across 8 batch shards \(data=2 x fsdp=4; "
+        r"8 devices on 1 hosts\); use a multiple of 8",
+    ):
+        loop.train_and_evaluate(
+            toy_config(global_batch_size=12, **{"mesh.data": 2, "mesh.fsdp": 4}),
+            str(tmp_path / "run"),
+        )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"unknown config field 'mesh.fdsp'; allowed: \['context'"):
+        config = toy_config()
+        with config.mesh.unlocked():
+            config.mesh.fdsp = 4
+        loop.prepare(config)
