@@ -261,7 +261,8 @@ def test_auto_choice():
     assert choose_implementation(patterns.causal(), 640, 640, "cpu") == "block_sparse"
     assert choose_implementation(patterns.causal(), 768, 768, "cpu") == "chunked"
     assert choose_implementation(patterns.causal(), 1024, 1024, "cpu") == "chunked"
-    assert choose_implementation(patterns.full(), 4096, 4096, "gpu") == "chunked"
+    # GPU: cuDNN only where it applies (tests/test_soft_cap_and_sinks.py), else block-sparse.
+    assert choose_implementation(patterns.full(), 4096, 4096, "gpu") == "block_sparse"
     assert choose_implementation(patterns.causal(), 2048, 512, "cpu") == "block_sparse"  # offset
     assert choose_implementation(bigbird, 8192, 8192, "cpu") == "block_sparse"
     assert choose_implementation(bigbird, 8192, 8192, "tpu") == "splash"
@@ -276,7 +277,9 @@ def test_auto_choice():
     # Beyond what was measured: one query (padded to a block), and lengths past 16K.
     assert choose_implementation(patterns.full(), 1, 4096, "cpu", cpu_kernel=True) == "chunked"
     assert choose_implementation(patterns.full(), 32768, 32768, "cpu", cpu_kernel=True) == "chunked"
-    assert choose_implementation(patterns.full(), 4096, 4096, "gpu", cpu_kernel=True) == "chunked"
+    assert (
+        choose_implementation(patterns.full(), 4096, 4096, "gpu", cpu_kernel=True) == "block_sparse"
+    )
 
 
 def test_block_sparse_work_is_the_non_empty_blocks():

@@ -4,6 +4,7 @@ the full call's logits at every step, holds what it promises, and builds no max_
 import functools
 import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -312,9 +313,10 @@ def test_beam_search_over_a_ring_cache_keeps_each_beams_window():
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
 
 
-def kernel_reference(q, k_cache, v_cache, positions, alibi, ring):
-    """softmax(q k^T / sqrt(d) - alibi) v in float64 over the keys each row sees: keys 0..p, or
-    a ring's slots holding positions p - ((p - s) % slots) >= 0. `[batch, heads, dv]`."""
+def kernel_reference(q, k_cache, v_cache, positions, alibi, ring, cap=None, sinks=None):
+    """softmax(cap(q k^T / sqrt(d)) - alibi, with sinks) v in float64 over the keys each row
+    sees: keys 0..p, or a ring's slots holding positions p - ((p - s) % slots) >= 0.
+    `[batch, heads, dv]`."""
     q, k_cache, v_cache = (np.asarray(x, np.float64) for x in (q, k_cache, v_cache))
     batch, _, slots, d = k_cache.shape
     out = np.zeros(q.shape[:2] + v_cache.shape[-1:])
@@ -326,11 +328,20 @@ def kernel_reference(q, k_cache, v_cache, positions, alibi, ring):
         else:
             slot_index = at = np.arange(min(p + 1, slots))
         logits = np.einsum("hd,hkd->hk", q[b], k_cache[b][:, slot_index]) / np.sqrt(d)
+        if cap is not None:
+            logits = cap * np.tanh(logits / cap)
         if alibi is not None:
             logits = logits - np.asarray(alibi, np.float64)[:, None] * (p - at)
         with np.errstate(invalid="ignore", over="ignore"):
-            weights = np.exp(logits - logits.max(-1, keepdims=True))
-            weights = weights / weights.sum(-1, keepdims=True)
+            shift = logits.max(-1, keepdims=True)
+            if sinks is not None:
+                sink = np.asarray(sinks, np.float64)[:, None]
+                shift = np.maximum(shift, sink)
+            weights = np.exp(logits - shift)
+            total = weights.sum(-1, keepdims=True)
+            if sinks is not None:
+                total = total + np.exp(sink - shift)
+            weights = weights / total
         out[b] = np.einsum("hk,hkd->hd", weights, v_cache[b][:, slot_index])
     return out
 
@@ -367,6 +378,120 @@ def test_the_kernel_step_matches_the_dense_float64_reference_with_non_finite_val
         np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5, equal_nan=True)
         assert np.isnan(out[1]).all() and np.isnan(out[4]).all() and np.isnan(out[5]).all()
         assert np.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["prefix", "ring"])
+def test_the_kernel_step_with_soft_cap_and_sinks_matches_the_float64_reference(ring):
+    """One step of the CPU kernel with a soft cap (before ALiBi) and sinks, against float64;
+    with a row at position 0 (one key) and, for the prefix, one past max_len."""
+    if cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    batch, heads, slots, d = 4, 2, 40, 16
+    keys = jax.random.split(jax.random.key(8), 5)
+    q, k_new, v_new = (2 * jax.random.normal(k, (batch, heads, d)) for k in keys[:3])
+    k_cache = 2 * jax.random.normal(keys[3], (batch, heads, slots, d))
+    v_cache = jax.random.normal(keys[4], (batch, heads, slots, d))
+    positions = jnp.array([0, 25, 45 if not ring else 39, 7], jnp.int32)
+    rows = jnp.arange(batch)
+    slot = positions % slots if ring else jnp.where(positions < slots, positions, slots)
+    expected_k = k_cache.at[rows, :, slot].set(k_new, mode="drop")
+    expected_v = v_cache.at[rows, :, slot].set(v_new, mode="drop")
+    sinks = jnp.array([0.5, 3.0])
+    for alibi in (None, jnp.array([0.5, 0.25])):
+        for cap, with_sinks in ((1.5, True), (None, True), (1.5, False)):
+            step = functools.partial(
+                cpu_kernel.decode_step,
+                ring=ring,
+                logit_soft_cap=cap,
+                sinks=sinks if with_sinks else None,
+            )
+            out, _, _ = jax.jit(step)(q, k_new, v_new, k_cache, v_cache, positions, alibi)
+            reference = kernel_reference(
+                q,
+                expected_k,
+                expected_v,
+                positions,
+                alibi,
+                ring,
+                cap,
+                sinks if with_sinks else None,
+            )
+            np.testing.assert_allclose(out, reference, rtol=2e-5, atol=2e-5)
+    # The sinks change the output: the test above could not pass with them ignored.
+    plain = kernel_reference(q, expected_k, expected_v, positions, None, ring, 1.5)
+    assert (
+        np.abs(
+            plain - kernel_reference(q, expected_k, expected_v, positions, None, ring, 1.5, sinks)
+        ).max()
+        > 0.01
+    )
+
+
+def with_random_sinks(variables, seed):
+    """`variables` with every "sinks" parameter drawn from N(0, 1): a test of zeros (their
+    initial value) would not notice a step that drops the sinks' values."""
+    flat = flax.traverse_util.flatten_dict(variables)
+    rng = np.random.default_rng(seed)
+    for path, leaf in flat.items():
+        if path[-1] == "sinks":
+            flat[path] = jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype)
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+# Cached decoding with a soft cap and learned sinks: one case per kind of cache and step.
+SOFT_CAP_AND_SINKS_CASES = {
+    "full, kernel": (dict(KERNEL_SIZED, positional="rotary"), "prefix kernel", 70),
+    "window, ring kernel": (
+        dict(
+            KERNEL_SIZED, positional="alibi", pattern="sliding_window", pattern_options={"left": 4}
+        ),
+        "ring kernel",
+        30,
+    ),
+    "full, alibi, segments": (dict(SMALL, positional="alibi"), "prefix", 140),
+    "window, anchors, ring": (
+        dict(
+            KERNEL_SIZED,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=2, window_blocks=3, num_random_blocks=0),
+        ),
+        "ring",
+        30,
+    ),
+    "bigbird, sparse": (
+        dict(
+            SMALL,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=4, num_anchor_blocks=1, num_random_blocks=2),
+        ),
+        "sparse",
+        40,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFT_CAP_AND_SINKS_CASES))
+def test_cached_decoding_with_soft_cap_and_sinks_equals_the_full_call(case):
+    fields, kind, length = SOFT_CAP_AND_SINKS_CASES[case]
+    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    fields = dict(fields, logit_soft_cap=1.0, attention_sinks=True)
+    model = build_model(dict(name="decoder_lm", **fields))
+    tokens = random_tokens(3, 2, length)
+    initial = jax.jit(model.init)(jax.random.key(0), tokens)
+    variables = with_random_sinks(initial, 0)
+    head_dim = fields["d_model"] // fields["num_heads"]
+    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
+    assert plan.kind + " kernel" * plan.kernel == kind
+    full = jax.jit(model.apply)(variables, tokens)
+    cached = decode_all(model, variables, tokens, max_decode_len=length)
+    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+    # The cap and the sinks' values matter here: without either the logits differ.
+    uncapped = build_model(dict(name="decoder_lm", **dict(fields, logit_soft_cap=None)))
+    assert np.abs(jax.jit(uncapped.apply)(variables, tokens) - full).max() > 1e-3
+    assert np.abs(jax.jit(model.apply)(initial, tokens) - full).max() > 1e-3
 
 
 def test_a_pattern_rule_keeps_excluded_non_finite_values_out():

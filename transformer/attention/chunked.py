@@ -29,6 +29,8 @@ import numpy as np
 
 from transformer.attention.dense import all_finite, masked_einsum
 from transformer.attention.shapes import check_query_key_value, varying_like
+from transformer.attention.sinks import check_sinks, sink_gradient, with_sinks
+from transformer.attention.soft_cap import check_logit_soft_cap, soft_cap_with_slope
 
 # Tile sizes that used the least CPU time for forward+backward at 4K and 8K tokens on a 2-core
 # AVX-512 CPU among 256..1024 (benchmarks/chunked_benchmark.py); 512x256 float32 logits for 8
@@ -51,9 +53,11 @@ def chunked_attention(
     causal=False,
     key_valid=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     chunk_size=None,
 ):
-    """softmax(q k^T * scale + alibi, masked) v, computed chunk by chunk.
+    """softmax(cap(q k^T * scale) + alibi, masked, with sinks) v, computed chunk by chunk.
 
     Args:
       query: `[batch, q_len, heads, head_dim]`.
@@ -66,6 +70,10 @@ def chunked_attention(
       key_valid: boolean `[batch, kv_len]`, False at padded keys; None means all are valid.
       alibi_slopes: `[heads]`; adds -slope * |i - j| to the logits (i, j positions aligned as for
         `causal`), computed tile by tile. Its gradient is computed too.
+      logit_soft_cap: None or a float c > 0: each scaled score s becomes c * tanh(s / c), before
+        ALiBi and the mask (`soft_cap.py`).
+      sinks: None or `[heads]` sink logits, in every row's softmax denominator with a zero value
+        (`sinks.py`); their gradient is computed too.
       chunk_size: None for the tuned default, an int for square tiles, or a pair
         `(query_chunk, key_chunk)`. Any lengths work: the inputs are padded internally.
 
@@ -74,6 +82,8 @@ def chunked_attention(
       zeros in its output and its gradients. Softmax statistics are kept in float32.
     """
     _check_inputs(query, key, value, key_valid, alibi_slopes)
+    check_sinks(sinks, query.shape[2])
+    logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     batch, q_len, heads, head_dim = query.shape
     kv_len = key.shape[1]
     if scale is None:
@@ -101,6 +111,8 @@ def chunked_attention(
         # Inside shard_map the slopes' gradient varies over the devices like q, k and v, and a
         # custom VJP must return the type it was given: so they enter the VJP varying too.
         (alibi_slopes,) = varying_like((q, k, v, key_valid), jnp.asarray(alibi_slopes, jnp.float32))
+    if sinks is not None:  # likewise
+        (sinks,) = varying_like((q, k, v, key_valid), jnp.asarray(sinks, jnp.float32))
 
     config = _Config(
         scale=float(scale),
@@ -110,6 +122,7 @@ def chunked_attention(
         key_chunk=key_chunk,
         num_q_chunks=num_q_chunks,
         num_k_chunks=num_k_chunks,
+        soft_cap=logit_soft_cap,
     )
     # Tiles sized for a CPU's caches; accelerators take the whole batch in each tile.
     group = (
@@ -118,7 +131,7 @@ def chunked_attention(
         else batch
     )
     if group == batch:
-        out = _attention(config, q, k, v, key_valid, alibi_slopes)
+        out = _attention(config, q, k, v, key_valid, alibi_slopes, sinks)
     else:
         # A few batch elements at a time, so each tile stays cache-sized whatever the batch: the
         # train_speed experiment's model (batch 8 x 4 heads) trained faster at 1,024 and 4,096
@@ -127,7 +140,7 @@ def chunked_attention(
             return None if x is None else x.reshape(batch // group, group, *x.shape[1:])
 
         out = jax.lax.map(
-            lambda args: _attention(config, *args, alibi_slopes),
+            lambda args: _attention(config, *args, alibi_slopes, sinks),
             tuple(grouped(x) for x in (q, k, v, key_valid)),
         )
         out = out.reshape(batch, *out.shape[2:])
@@ -191,6 +204,7 @@ class _Config(NamedTuple):
     key_chunk: int
     num_q_chunks: int
     num_k_chunks: int
+    soft_cap: float | None = None  # logit soft-capping's c, or None
     # Products over allowed pairs only in the causal rule's partial tiles, so that a NaN or inf
     # the rule excludes stays out; taken only when an input holds one (`_attention`).
     careful: bool = False
@@ -256,12 +270,14 @@ def _einsum_f32(spec, a, b):
 
 def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask):
     """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend,
-    and the causal rule's `[Cq, Ck]` allowed pairs (None without `causal_mask`).
+    the causal rule's `[Cq, Ck]` allowed pairs (None without `causal_mask`), and the soft cap's
+    slope at each logit (None without a cap).
 
     `q_tile` is already multiplied by the scale. `causal_mask` (static) applies the causal rule
     inside the tile; tiles wholly below the diagonal skip that work.
     """
     logits = _einsum_f32("bhqd,bhkd->bhqk", q_tile, k_tile)
+    logits, cap_slope = soft_cap_with_slope(logits, config.soft_cap)
     if causal_mask or slopes is not None:
         query_pos = (q_index * config.query_chunk + config.offset + jnp.arange(config.query_chunk))[
             :, None
@@ -277,7 +293,7 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     if key_valid is not None:
         valid = _chunk(key_valid, k_index, config.key_chunk, axis=1)
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
-    return logits, allowed
+    return logits, allowed, cap_slope
 
 
 def _chunk(x, index, size, axis=2):
@@ -288,8 +304,9 @@ def _chunk(x, index, size, axis=2):
 # --- Forward --------------------------------------------------------------------------------
 
 
-def _forward(config, q, k, v, key_valid, slopes):
-    """Output `[batch, heads, Lq, value_dim]` and log-sum-exp `[batch, heads, Lq]` (float32).
+def _forward(config, q, k, v, key_valid, slopes, sinks):
+    """Output `[batch, heads, Lq, value_dim]` and log-sum-exp `[batch, heads, Lq]` (float32),
+    sinks included.
 
     The log-sum-exp is +inf for a query with no valid key, so that the backward pass's
     exp(logit - lse) is 0 there rather than NaN.
@@ -304,7 +321,7 @@ def _forward(config, q, k, v, key_valid, slopes):
 
         def key_chunk_step(k_index, carry, causal_mask):
             row_max, row_sum, acc = carry
-            logits, allowed = _tile_logits(
+            logits, allowed, _ = _tile_logits(
                 config,
                 q_tile,
                 _chunk(k, k_index, ck),
@@ -330,7 +347,7 @@ def _forward(config, q, k, v, key_valid, slopes):
             return new_max, row_sum, acc
 
         init = varying_like(
-            (q, k, v, key_valid, slopes),
+            (q, k, v, key_valid, slopes, sinks),
             jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
             jnp.zeros((batch, heads, cq), jnp.float32),
             jnp.zeros((batch, heads, cq, value_dim), jnp.float32),
@@ -353,14 +370,17 @@ def _forward(config, q, k, v, key_valid, slopes):
     # [num_q_chunks, batch, heads, Cq, ...] -> [batch, heads, Lq, ...]
     out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, -1, value_dim)
     lse = jnp.moveaxis(lse, 0, 2).reshape(batch, heads, -1)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
     return out.astype(q.dtype), lse
 
 
 # --- Backward -------------------------------------------------------------------------------
 
 
-def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
-    """Gradients for q, k, v (and the ALiBi slopes) by recomputing each tile's probabilities.
+def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
+    """Gradients for q, k, v (and the ALiBi slopes and the sinks) by recomputing each tile's
+    probabilities.
 
     Loops over key chunks outside (accumulating dk, dv of that chunk) and query chunks inside
     (adding into a full-length dq), as FlashAttention-2 does.
@@ -368,7 +388,7 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
     batch, heads, _, head_dim = q.shape
     value_dim = v.shape[-1]
     cq, ck = config.query_chunk, config.key_chunk
-    inputs = (q, k, v, key_valid, slopes, lse, d_out)
+    inputs = (q, k, v, key_valid, slopes, sinks, lse, d_out)
     q_scaled = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
     # D_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax Jacobian's row term.
     row_dot = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -388,7 +408,7 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
             d_q, d_k_t, d_v_t, d_slopes = inner
             q_tile = _chunk(q_scaled, q_index, cq)
             d_out_tile = _chunk(d_out, q_index, cq)
-            logits, allowed = _tile_logits(
+            logits, allowed, cap_slope = _tile_logits(
                 config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask
             )
             probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
@@ -411,6 +431,8 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
                 key_pos = k_index * ck + jnp.arange(ck)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
+            if cap_slope is not None:  # ALiBi is added after the cap: its gradient is not capped
+                d_logits = d_logits * cap_slope
             if causal_mask and config.careful:  # dS K and dS^T Q over the allowed pairs only
                 d_q_items = masked_einsum("bhqk,bhkd->bhqd", d_logits, allowed, k_tile, jnp.float32)
                 d_k_items = masked_einsum("bhqk,bhqd->bhdk", d_logits, allowed, q_tile, jnp.float32)
@@ -458,6 +480,7 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
         d_k.astype(k.dtype),
         d_v.astype(v.dtype),
         None if slopes is None else d_slopes,
+        None if sinks is None else sink_gradient(sinks, lse, row_dot),
     )
 
 
@@ -470,35 +493,35 @@ def _backward(config, q, k, v, key_valid, slopes, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(config, q, k, v, key_valid, slopes):
-    out, _ = _either_forward(config, q, k, v, key_valid, slopes)
+def _attention(config, q, k, v, key_valid, slopes, sinks):
+    out, _ = _either_forward(config, q, k, v, key_valid, slopes, sinks)
     return out
 
 
-def _either_forward(config, q, k, v, key_valid, slopes):
+def _either_forward(config, q, k, v, key_valid, slopes, sinks):
     if not config.causal:  # without partial tiles the careful tiles would be the plain ones
-        return _forward(config, q, k, v, key_valid, slopes)
+        return _forward(config, q, k, v, key_valid, slopes, sinks)
     plain = functools.partial(_forward, config)
     careful = functools.partial(_forward, config._replace(careful=True))
-    return jax.lax.cond(all_finite(q, k, v), plain, careful, q, k, v, key_valid, slopes)
+    return jax.lax.cond(all_finite(q, k, v), plain, careful, q, k, v, key_valid, slopes, sinks)
 
 
-def _attention_fwd(config, q, k, v, key_valid, slopes):
-    out, lse = _either_forward(config, q, k, v, key_valid, slopes)
-    return out, (q, k, v, key_valid, slopes, out, lse)
+def _attention_fwd(config, q, k, v, key_valid, slopes, sinks):
+    out, lse = _either_forward(config, q, k, v, key_valid, slopes, sinks)
+    return out, (q, k, v, key_valid, slopes, sinks, out, lse)
 
 
 def _attention_bwd(config, residuals, d_out):
-    q, k, v, key_valid, slopes, out, lse = residuals
+    q, k, v, key_valid, slopes, sinks, out, lse = residuals
     backward = functools.partial(_backward, config)
     if config.causal:  # without partial tiles the careful tiles would be the plain ones
         careful = functools.partial(_backward, config._replace(careful=True))
         # d_out too: a NaN in it would reach dv through an excluded pair's zero probability.
         finite = all_finite(q, k, v, d_out)
         backward = functools.partial(jax.lax.cond, finite, backward, careful)
-    d_q, d_k, d_v, d_slopes = backward(q, k, v, key_valid, slopes, out, lse, d_out)
+    d_q, d_k, d_v, d_slopes, d_sinks = backward(q, k, v, key_valid, slopes, sinks, out, lse, d_out)
     # key_valid is boolean: its cotangent is None.
-    return d_q, d_k, d_v, None, d_slopes
+    return d_q, d_k, d_v, None, d_slopes, d_sinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer.attention.shapes import check_query_key_value
+from transformer.attention.sinks import per_head
+from transformer.attention.soft_cap import soft_cap
 
 
 def masked_einsum(spec, weights, allowed, operand, preferred_element_type=None):
@@ -131,11 +133,13 @@ def dense_attention(
     bias=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     dropout_rate=0.0,
     dropout_rng=None,
     return_weights=False,
 ):
-    """softmax(q k^T * scale + bias, masked) v.
+    """softmax(cap(q k^T * scale) + bias, masked, with sinks) v.
 
     Args:
       query: `[batch, q_len, heads, head_dim]`.
@@ -148,6 +152,10 @@ def dense_attention(
         positions).
       scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]`; adds `alibi_bias` to the logits.
+      logit_soft_cap: a float c > 0 or None; q k^T * scale becomes c * tanh(q k^T * scale / c)
+        before the bias, ALiBi and the mask (`soft_cap.py`).
+      sinks: `[heads]` or None; each head's sink logit joins every row's softmax denominator
+        with a zero value (`sinks.py`). The returned weights leave out the sink's share.
       dropout_rate, dropout_rng: dropout on the attention weights; off when rate is 0 or rng None.
       return_weights: also return the weights `[batch, heads, q_len, kv_len]`.
 
@@ -164,26 +172,43 @@ def dense_attention(
         bias=bias,
         scale=scale,
         alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
     )
     # Finite inputs cannot carry a NaN or inf from an excluded position into a product (an
     # excluded weight is 0 and 0 * finite = 0), so they take the plain path; only inputs that hold
-    # a NaN or inf pay for the careful one. One check over q, k and v, linear in length.
+    # a NaN or inf pay for the careful one. One check over q, k and v, linear in length. The
+    # sinks are an operand, not a constant of the branches: they may be trained.
+    plain = lambda q, k, v, sinks: _plain(q, k, v, sinks=sinks, **arguments)
+    careful = lambda q, k, v, sinks: careful_dense_attention(q, k, v, sinks=sinks, **arguments)
     return jax.lax.cond(
         all_finite(query, key, value),
-        functools.partial(_plain, **arguments),
-        jax.checkpoint(functools.partial(careful_dense_attention, **arguments)),
+        plain,
+        jax.checkpoint(careful),
         query,
         key,
         value,
+        None if sinks is None else jnp.asarray(sinks),
     )
 
 
 def all_finite(*arrays):
     """Whether every entry of every array is finite: one scalar for a `lax.cond`."""
     return functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in arrays])
+
+
+def _softmax_with_sinks(logits, sinks):
+    """Softmax over the last axis of `[batch, heads, q_len, kv_len]` finite logits, with each
+    head's sink logit `[heads]` in the denominator (plain softmax when `sinks` is None)."""
+    if sinks is None:
+        return jax.nn.softmax(logits, axis=-1)
+    sink = per_head(sinks, logits.ndim, logits.dtype)
+    # The shift cancels out: no gradient through it.
+    shift = jax.lax.stop_gradient(jnp.maximum(logits.max(axis=-1, keepdims=True), sink))
+    weights = jnp.exp(logits - shift)
+    return weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(sink - shift))
 
 
 def _with_biases(logits, bias, alibi_slopes):
@@ -205,17 +230,29 @@ def _dropout(weights, rate, rng):
 
 
 def _plain(
-    query, key, value, *, mask, bias, scale, alibi_slopes, dropout_rate, dropout_rng, return_weights
+    query,
+    key,
+    value,
+    *,
+    mask,
+    bias,
+    scale,
+    alibi_slopes,
+    logit_soft_cap,
+    sinks,
+    dropout_rate,
+    dropout_rng,
+    return_weights,
 ):
     """`dense_attention` for finite q, k and v."""
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
-    logits = _with_biases(logits * scale, bias, alibi_slopes)
+    logits = _with_biases(soft_cap(logits * scale, logit_soft_cap), bias, alibi_slopes)
     if mask is not None:
         # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
         logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _softmax_with_sinks(logits, sinks)
     if mask is not None:
         # Rows with no valid key came out uniform over the floor; make them zero instead.
         weights = jnp.where(mask, weights, 0.0)
@@ -237,6 +274,8 @@ def careful_dense_attention(
     bias=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     dropout_rate=0.0,
     dropout_rng=None,
     return_weights=False,
@@ -251,16 +290,25 @@ def careful_dense_attention(
         mask = jnp.asarray(mask).astype(bool)
         # Selected, not added: an excluded pair's logit never enters, even when it is NaN.
         logits = _masked_logits("bqhd,bkhd->bhqk", query, key, mask, compute_dtype)
-    logits = _with_biases(logits * scale, bias, alibi_slopes)
+    logits = _with_biases(soft_cap(logits * scale, logit_soft_cap), bias, alibi_slopes)
     if mask is not None:
-        # Again after the bias: excluded pairs stay -inf whatever the bias holds there.
+        # Again after the cap and the bias: excluded pairs stay -inf whatever they make of it.
         logits = jnp.where(mask, logits, -jnp.inf)
     row_max = logits.max(axis=-1, keepdims=True)
     # A row with no allowed key (or only -inf logits) has max -inf: shift it by 0 so that its
-    # weights are exp(-inf) = 0, not NaN. A NaN max is not "no key": it makes the row NaN.
-    has_key = row_max != -jnp.inf
-    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.where(has_key, row_max, 0.0)))
+    # weights are exp(-inf) = 0, not NaN. A NaN logit is not "no key": it makes the row NaN.
+    # Asked of every logit, not of the max: XLA's CPU max can drop NaN, depending on the layout.
+    has_key = jnp.any(logits != -jnp.inf, axis=-1, keepdims=True)
+    shift = row_max
+    if sinks is not None:
+        sink = per_head(sinks, logits.ndim, logits.dtype)
+        shift = jnp.maximum(row_max, sink)  # NaN if either is: a NaN sink makes the row NaN
+    shift = jax.lax.stop_gradient(jnp.where(has_key, shift, 0.0))
+    weights = jnp.exp(logits - shift)
     total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        # A row with no key gets zeros, whatever its sink: nothing of the sink is added there.
+        total = total + jnp.where(has_key, jnp.exp(sink - shift), 0.0)
     weights = weights / jnp.where(has_key, total, 1.0)
     if mask is not None:
         # A NaN row's excluded weights are exp(-inf - NaN); excluded weights are exactly 0.

@@ -2,11 +2,14 @@
 
 Every implementation in `IMPLEMENTATIONS` is a function
 
-    implementation(query, key, value, *, pattern, key_valid, scale, alibi_slopes) -> output
+    implementation(query, key, value, *, pattern, key_valid, scale, alibi_slopes,
+                   logit_soft_cap=None, sinks=None) -> output
 
 with query `[batch, q_len, heads, head_dim]`, key/value `[batch, kv_len, heads, head_dim]`,
-key_valid bool `[batch, kv_len]` or None, output `[batch, q_len, heads, value_dim]`, and zeros
-for a query that has no allowed key. "dense" is the reference; "auto" picks one.
+key_valid bool `[batch, kv_len]` or None, logit_soft_cap a float or None, sinks `[heads]` or
+None, output `[batch, q_len, heads, value_dim]`, and zeros for a query that has no allowed key.
+"dense" is the reference; "auto" picks one. Soft-capping and sinks are computed by the
+implementations in `SOFT_CAP_AND_SINKS`; the others refuse them.
 """
 
 import jax
@@ -20,16 +23,34 @@ from transformer.attention.chunked import chunked_attention
 from transformer.attention.dense import dense_attention
 from transformer.attention.lra_local import lra_local_attention
 from transformer.attention.shapes import check_query_key_value
+from transformer.attention.sinks import check_sinks
+from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.attention.splash import splash_attention
 from transformer.attention.xla import cudnn_attention, xla_attention
 
+# The implementations that compute logit soft-capping and attention sinks.
+SOFT_CAP_AND_SINKS = ("dense", "chunked", "block_sparse", "splash", "auto")
 
-def _dense(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+
+def _dense(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+):
     mask = pattern_mask(pattern, query.shape[1], key.shape[1], key_valid)
-    return dense_attention(query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes)
+    return dense_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
+    )
 
 
-def _chunked(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+def _chunked(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+):
     if type(pattern) not in (patterns.Full, patterns.Causal):
         raise ValueError(
             f"implementation 'chunked' computes full() and causal() attention only; "
@@ -50,10 +71,14 @@ def _chunked(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
         causal=causal,
         key_valid=key_valid,
         alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
     )
 
 
-def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+def _block_sparse(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+):
     return block_sparse_attention(
         query,
         key,
@@ -62,12 +87,25 @@ def _block_sparse(query, key, value, *, pattern, key_valid, scale, alibi_slopes)
         key_valid=key_valid,
         scale=scale,
         alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
         block_q=BLOCK_SIZE,
     )
 
 
-def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
-    name = auto_implementation(query, key, value, pattern=pattern, alibi_slopes=alibi_slopes)
+def _auto(
+    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+):
+    name = auto_implementation(
+        query,
+        key,
+        value,
+        pattern=pattern,
+        alibi_slopes=alibi_slopes,
+        key_padding=key_valid is not None,
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
+    )
     return IMPLEMENTATIONS[name](
         query,
         key,
@@ -76,6 +114,8 @@ def _auto(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
         key_valid=key_valid,
         scale=scale,
         alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
     )
 
 
@@ -99,9 +139,10 @@ def pattern_mask(pattern, q_len, kv_len, key_valid=None):
     return mask
 
 
-def _check_inputs(query, key, value, mask, bias, alibi_slopes, dropout_rate):
+def _check_inputs(query, key, value, mask, bias, alibi_slopes, sinks, dropout_rate):
     """Raises a ValueError or TypeError naming the argument before anything is computed."""
     check_query_key_value(query, key, value)
+    check_sinks(sinks, query.shape[2])
     full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     for name, array in (("mask", mask), ("bias", bias)):
         if array is None:
@@ -155,6 +196,8 @@ def dot_product_attention(
     bias=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     pattern=None,
     implementation="dense",
     dropout_rate=0.0,
@@ -162,6 +205,10 @@ def dot_product_attention(
     return_weights=False,
 ):
     """Scaled dot-product attention, softmax(q k^T / sqrt(d) + bias) v, over masked keys.
+
+    In order: s = q k^T * scale; the soft cap c * tanh(s / c); plus ALiBi and `bias`; the mask
+    (excluded pairs -inf); the softmax over the allowed keys and the sink; the weighted sum of
+    the values.
 
     Args:
       query: `[batch, q_len, heads, head_dim]` (the layout of `jax.nn.dot_product_attention`).
@@ -176,6 +223,12 @@ def dot_product_attention(
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]` ALiBi slopes; adds -slope * |i - j| to the logits. Given as slopes
         rather than a bias array so that sparse implementations compute it block by block.
+      logit_soft_cap: None (off) or a finite float c > 0: the scaled scores s become
+        c * tanh(s / c) before ALiBi, the bias and the mask (Gemma 2; `soft_cap.py`).
+      sinks: None or a float `[heads]` array of logits, learnable: each head's sink is a key
+        that every query sees, with value zero, in the softmax's denominator (gpt-oss;
+        `sinks.py`). A query with no allowed key still gets zeros.
+        Soft-capping and sinks: the implementations in `SOFT_CAP_AND_SINKS` only.
       pattern: a `transformer.patterns` pattern, a name in `patterns.PATTERNS`, or None for full
         attention; combined with `mask` by logical AND.
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
@@ -192,13 +245,23 @@ def dot_product_attention(
     Raises:
       TypeError or ValueError naming the argument, before any computation, for inputs that are
       not arrays, not floating, empty or of mismatched shapes, and for a bad mask, bias,
-      alibi_slopes, dropout_rate, pattern or implementation.
+      alibi_slopes, logit_soft_cap, sinks, dropout_rate, pattern or implementation.
     """
-    _check_inputs(query, key, value, mask, bias, alibi_slopes, dropout_rate)
+    _check_inputs(query, key, value, mask, bias, alibi_slopes, sinks, dropout_rate)
+    logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; allowed: {sorted(IMPLEMENTATIONS)}."
         )
+    for name, used in (
+        ("logit_soft_cap", logit_soft_cap is not None),
+        ("sinks", sinks is not None),
+    ):
+        if used and implementation not in SOFT_CAP_AND_SINKS:
+            raise ValueError(
+                f"{name} is computed by implementations {list(SOFT_CAP_AND_SINKS)} only; got "
+                f"implementation={implementation!r}."
+            )
     if pattern is None:
         pattern = patterns.full()
     elif isinstance(pattern, str):
@@ -221,6 +284,8 @@ def dot_product_attention(
             bias=bias,
             scale=scale,
             alibi_slopes=alibi_slopes,
+            logit_soft_cap=logit_soft_cap,
+            sinks=sinks,
             dropout_rate=dropout_rate,
             dropout_rng=dropout_rng,
             return_weights=return_weights,
@@ -238,6 +303,7 @@ def dot_product_attention(
                 f"implementation={implementation!r}."
             )
     key_valid = _key_valid(mask, query.shape[0], implementation)
+    extras = {"logit_soft_cap": logit_soft_cap, "sinks": sinks}
     return IMPLEMENTATIONS[implementation](
         query,
         key,
@@ -246,4 +312,6 @@ def dot_product_attention(
         key_valid=key_valid,
         scale=scale,
         alibi_slopes=alibi_slopes,
+        # Only when used: implementations without them keep their signature.
+        **{name: given for name, given in extras.items() if given is not None},
     )

@@ -23,18 +23,32 @@ import jax
 import jax.numpy as jnp
 
 from transformer import patterns
+from transformer.attention.xla import refuse_soft_cap_and_sinks
 
 # LRA's constants: the padding mask's value past the sequence, and the bias on masked logits.
 PADDED_MASK_VALUE = -1e9
 MASKED_LOGIT_BIAS = -1e10
 
 
-def lra_local_attention(query, key, value, *, pattern, key_valid, scale, alibi_slopes):
+def lra_local_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    logit_soft_cap=None,
+    sinks=None,
+):
     """Self-attention under `patterns.lra_local(block_size)` with LRA's padding mask.
 
     query, key: `[batch, length, heads, head_dim]`; value `[batch, length, heads, value_dim]`;
     key_valid: bool `[batch, length]` or None. Returns `[batch, length, heads, value_dim]`.
+    No soft cap and no sinks (LRA has neither): a ValueError.
     """
+    refuse_soft_cap_and_sinks("lra_local", logit_soft_cap, sinks, "LRA's attention has neither")
     if not isinstance(pattern, patterns.LraLocal):
         raise ValueError(
             f"implementation 'lra_local' computes patterns.lra_local(block_size) only; got "

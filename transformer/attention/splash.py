@@ -12,6 +12,13 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
+from transformer.attention.sinks import check_sinks
+from transformer.attention.soft_cap import check_logit_soft_cap
+
+# A sink logit far below any real logit but above the kernel's mask value: a row with a real
+# key never notices it, and a row with none puts all its weight on it, so gets zeros.
+_SILENT_SINK = kernels.DEFAULT_MASK_VALUE / 2
+
 DEFAULT_BLOCK = 128  # the TPU kernel's block sizes must be multiples of 128 on hardware
 
 
@@ -58,6 +65,8 @@ def splash_attention(
     key_valid=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     block_size=DEFAULT_BLOCK,
     interpret=None,
 ):
@@ -69,6 +78,9 @@ def splash_attention(
       key_valid: bool `[batch, kv_len]` or None; passed as splash segment ids.
       scale: defaults to 1/sqrt(head_dim).
       alibi_slopes: not supported by the kernel (it takes no bias): must be None.
+      logit_soft_cap: None or a float c > 0: the kernel's `attn_logits_soft_cap`, which caps
+        the scaled scores before masking.
+      sinks: None or `[heads]` sink logits: the kernel's own `sinks` (differentiable).
       block_size: the kernel's query and key block; lengths are padded up to it.
       interpret: run the Pallas kernel in interpret mode; defaults to True off TPU.
 
@@ -80,6 +92,8 @@ def splash_attention(
             "implementation 'splash' takes no alibi_slopes (the TPU kernel has no "
             "bias input); use 'block_sparse' or 'chunked' for ALiBi."
         )
+    check_sinks(sinks, query.shape[2])
+    logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     batch, q_len, heads, head_dim = query.shape
@@ -99,7 +113,10 @@ def splash_attention(
         block_kv_dq=block_size,
     )
     kernel = kernels.make_splash_mha_single_device(
-        masks.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret
+        masks.MultiHeadMask([mask] * heads),
+        block_sizes=blocks,
+        attn_logits_soft_cap=logit_soft_cap,
+        interpret=interpret,
     )
 
     def to_heads_first(x, length):  # [batch, length, heads, d] -> [batch, heads, padded, d]
@@ -113,9 +130,13 @@ def splash_attention(
     segments = kernels.SegmentIds(
         q=jnp.zeros((batch, q_pad), jnp.int32), kv=jnp.where(valid, 0, 1).astype(jnp.int32)
     )
-    # A sink logit far below any real logit but above the kernel's mask value: rows with a real
-    # key never notice it, and a row with none gets all its weight on the sink, so zeros.
-    sinks = jnp.full((heads,), kernels.DEFAULT_MASK_VALUE / 2, jnp.float32)
+    if sinks is None:
+        sinks = jnp.full((heads,), _SILENT_SINK, jnp.float32)
+    else:
+        # Masked scores are the kernel's mask value, not -inf: a sink of -inf (no sink) would
+        # let a row without keys average them. The floor changes nothing else: exp(floor - m)
+        # is 0 for any real logit m.
+        sinks = jnp.maximum(jnp.asarray(sinks, jnp.float32), _SILENT_SINK)
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s, sinks=sinks))(
         q, k, v, segments
     )

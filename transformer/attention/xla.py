@@ -35,16 +35,51 @@ def _native_arguments(pattern):
     return None
 
 
+def cudnn_takes(pattern):
+    """Whether cuDNN's fused kernel computes `pattern` natively: full, causal, or a window that
+    reaches no key right of its query (cuDNN's windows end at the query unless causal)."""
+    arguments = _native_arguments(pattern)
+    if arguments is None:
+        return False
+    return arguments.get("is_causal", False) or arguments.get("local_window_size", (0, 0))[1] == 0
+
+
+def refuse_soft_cap_and_sinks(implementation, logit_soft_cap, sinks, reason):
+    """A ValueError for an implementation that computes neither soft-capping nor sinks."""
+    for name, given in (("logit_soft_cap", logit_soft_cap), ("sinks", sinks)):
+        if given is not None:
+            raise ValueError(
+                f"implementation {implementation!r} takes no {name} ({reason}); use 'dense', "
+                "'chunked', 'block_sparse', 'splash' or 'auto'."
+            )
+
+
 def _jax_nn_attention(
-    query, key, value, *, pattern, key_valid, scale, alibi_slopes, implementation
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    implementation,
+    logit_soft_cap=None,
+    sinks=None,
 ):
+    refuse_soft_cap_and_sinks(
+        implementation,
+        logit_soft_cap,
+        sinks,
+        "jax.nn.dot_product_attention has no soft cap and no sinks",
+    )
     q_len, kv_len = query.shape[1], key.shape[1]
     arguments = _native_arguments(pattern)
-    if arguments is None and implementation == "cudnn":
+    if implementation == "cudnn" and not cudnn_takes(pattern):
         raise ValueError(
-            f"implementation 'cudnn' takes full(), causal(), sliding_window(...) and "
-            f"sliding_window(...) & causal() only; got {pattern}. Use "
-            "'block_sparse' or 'xla'."
+            f"implementation 'cudnn' takes full(), causal(), sliding_window(left, 0) and "
+            f"sliding_window(...) & causal() only (cuDNN has no window to the right of a "
+            f"query); got {pattern}. Use 'block_sparse' or 'xla'."
         )
     fused = functools.partial(
         _fused,
@@ -115,8 +150,20 @@ def _fused(
     return jnp.where(has_key[:, :, None, None], out, 0.0).astype(query.dtype)
 
 
-def xla_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
-    """`jax.nn.dot_product_attention(implementation="xla")`: materialises the scores."""
+def xla_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
+):
+    """`jax.nn.dot_product_attention(implementation="xla")`: materialises the scores. No soft
+    cap and no sinks (jax.nn has neither): a ValueError."""
     return _jax_nn_attention(
         query,
         key,
@@ -126,11 +173,28 @@ def xla_attention(query, key, value, *, pattern, key_valid=None, scale=None, ali
         scale=scale,
         alibi_slopes=alibi_slopes,
         implementation="xla",
+        logit_soft_cap=logit_soft_cap,
+        sinks=sinks,
     )
 
 
-def cudnn_attention(query, key, value, *, pattern, key_valid=None, scale=None, alibi_slopes=None):
-    """`jax.nn.dot_product_attention(implementation="cudnn")`: fused kernel on NVIDIA GPUs."""
+def cudnn_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
+):
+    """`jax.nn.dot_product_attention(implementation="cudnn")`: fused kernel on NVIDIA GPUs. No
+    soft cap and no sinks (jax.nn has neither): a ValueError."""
+    refuse_soft_cap_and_sinks(
+        "cudnn", logit_soft_cap, sinks, "jax.nn.dot_product_attention has no soft cap and no sinks"
+    )
     if jax.default_backend() != "gpu":
         raise ValueError(
             f"implementation 'cudnn' needs a CUDA GPU; this backend is "

@@ -45,6 +45,8 @@ import numpy as np
 from transformer import patterns
 from transformer.attention.block_sparse import cpu_kernel
 from transformer.attention.dense import masked_einsum
+from transformer.attention.sinks import per_head
+from transformer.attention.soft_cap import soft_cap
 
 # The first segment of a prefix cache; the others double the total, so a step reads at most 2x
 # the keys it needs, with log2(max_len / 128) compiled branches.
@@ -151,12 +153,35 @@ def init(cache_plan, batch, max_len, heads, head_dim, dtype):
     return {"key": buffer(max_len), "value": buffer(max_len)}
 
 
-def step(cache_plan, cache, query, key, value, positions, alibi_slopes=None):
+@dataclasses.dataclass(frozen=True)
+class LogitOptions:
+    """What a step does to its scores q.k / sqrt(head_dim) besides masking: the soft cap
+    (c or None), then ALiBi's slopes (`[heads]` or None); and the sinks (`[heads]` or None) in
+    the softmax's denominator. As `dot_product_attention` does, in the same order."""
+
+    alibi_slopes: object = None
+    soft_cap: float | None = None
+    sinks: object = None
+
+
+def step(
+    cache_plan,
+    cache,
+    query,
+    key,
+    value,
+    positions,
+    alibi_slopes=None,
+    *,
+    logit_soft_cap=None,
+    sinks=None,
+):
     """One decoding step: query, key and value `[batch, 1, heads, head_dim]` of one new position
     per row, at `positions` `[batch]` int32. Returns the attention output
     `[batch, 1, heads, head_dim]` over every key the pattern lets that position see (its own
     included), and the cache with the new key and value in it. Positions run from 0 to
-    max_len - 1; a negative one writes and reads nothing (zeros)."""
+    max_len - 1; a negative one writes and reads nothing (zeros). alibi_slopes, logit_soft_cap
+    and sinks as in `dot_product_attention` (the scale is 1/sqrt(head_dim))."""
     if cache_plan.kernel:
         out, key_cache, value_cache = cpu_kernel.decode_step(
             query[:, 0],
@@ -167,11 +192,14 @@ def step(cache_plan, cache, query, key, value, positions, alibi_slopes=None):
             positions,
             alibi_slopes,
             ring=cache_plan.kind == "ring",
+            logit_soft_cap=logit_soft_cap,
+            sinks=sinks,
         )
         return out[:, None], {"key": key_cache, "value": value_cache}
     cache = _write(cache_plan, cache, key[:, 0], value[:, 0], positions)
     query = jnp.swapaxes(query, 1, 2)
-    out = _attend_heads(cache_plan, cache, query, positions, alibi_slopes)
+    options = LogitOptions(alibi_slopes, logit_soft_cap, sinks)
+    out = _attend_heads(cache_plan, cache, query, positions, options)
     return jnp.swapaxes(out, 1, 2), cache
 
 
@@ -261,7 +289,7 @@ def segment_bounds(max_len):
     return bounds
 
 
-def _partial_attention(query, key, value, key_positions, valid, positions, alibi_slopes):
+def _partial_attention(query, key, value, key_positions, valid, positions, options):
     """Attention of one query per row over one part of the keys, as (largest logit, sum of
     exponentials, unnormalised output), for `_combine`: query `[batch, heads, 1, head_dim]`,
     key/value `[batch, heads, n, head_dim]`, key_positions and valid `[batch, n]`.
@@ -270,7 +298,8 @@ def _partial_attention(query, key, value, key_positions, valid, positions, alibi
     valid key has largest logit -inf and sum 0.
     """
     logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
-    logits = logits * query.shape[-1] ** -0.5
+    logits = soft_cap(logits * query.shape[-1] ** -0.5, options.soft_cap)
+    alibi_slopes = options.alibi_slopes
     if alibi_slopes is not None:
         # ALiBi from the stored positions: the query is at p, not at 0, and slots are unordered.
         distance = jnp.abs(positions[:, None] - key_positions).astype(jnp.float32)
@@ -293,19 +322,26 @@ def _partial_attention(query, key, value, key_positions, valid, positions, alibi
     return largest, total, out
 
 
-def _combine(parts):
-    """softmax-weighted output from `_partial_attention` results; zeros for a row with no key."""
+def _combine(parts, sinks=None):
+    """softmax-weighted output from `_partial_attention` results, with the sinks `[heads]` (or
+    None) in the denominator; zeros for a row with no key."""
     largest = functools.reduce(jnp.maximum, [part[0] for part in parts])
     shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
+    if sinks is not None:
+        sink = per_head(sinks, largest.ndim)
+        has_key = largest != -jnp.inf  # a NaN largest has keys: its row is NaN
+        shift = jnp.where(has_key, jnp.maximum(shift, sink), shift)
     total, out = 0.0, 0.0
     for part_largest, part_total, part_out in parts:
         factor = jnp.exp(part_largest - shift)  # 0 for a part with no valid key
         total = total + factor * part_total
         out = out + factor * part_out
+    if sinks is not None:  # nothing of the sink where no key is: those rows give zeros
+        total = total + jnp.where(has_key, jnp.exp(sink - shift), 0.0)
     return out / jnp.where(total > 0, total, 1.0)
 
 
-def _attend_over(query, keys, values, key_positions, valid, positions, alibi_slopes):
+def _attend_over(query, keys, values, key_positions, valid, positions, options):
     """Softmax attention of one query per row over keys in parts: query
     `[batch, heads, 1, head_dim]`, keys and values lists of `[batch, heads, n_i, head_dim]`,
     key_positions and valid `[batch, sum n_i]` -> `[batch, heads, 1, head_dim]`. The parts are
@@ -321,11 +357,11 @@ def _attend_over(query, keys, values, key_positions, valid, positions, alibi_slo
                 key_positions[:, start:end],
                 valid[:, start:end],
                 positions,
-                alibi_slopes,
+                options,
             )
         )
         start = end
-    return _combine(parts).astype(query.dtype)
+    return _combine(parts, options.sinks).astype(query.dtype)
 
 
 def _gather(buffer, index):
@@ -335,16 +371,16 @@ def _gather(buffer, index):
     return jax.vmap(lambda rows, i: rows[:, i])(buffer, index)
 
 
-def _attend_heads(cache_plan, cache, query, positions, alibi_slopes):
+def _attend_heads(cache_plan, cache, query, positions, options):
     """The XLA step's attention: query `[batch, heads, 1, head_dim]` -> same shape."""
     if cache_plan.kind == "ring":
-        return _attend_ring(cache_plan, cache, query, positions, alibi_slopes)
+        return _attend_ring(cache_plan, cache, query, positions, options)
     if cache_plan.kind == "sparse":
-        return _attend_sparse(cache_plan, cache, query, positions, alibi_slopes)
-    return _attend_prefix(cache_plan, cache, query, positions, alibi_slopes)
+        return _attend_sparse(cache_plan, cache, query, positions, options)
+    return _attend_prefix(cache_plan, cache, query, positions, options)
 
 
-def _attend_ring(cache_plan, cache, query, positions, alibi_slopes):
+def _attend_ring(cache_plan, cache, query, positions, options):
     """The ring's window, and the anchors before it."""
     p = positions[:, None]
     keys, values, key_positions = [cache["key"]], [cache["value"]], cache["position"]
@@ -358,10 +394,10 @@ def _attend_ring(cache_plan, cache, query, positions, alibi_slopes):
         anchor_valid = anchors < p - cache_plan.left
         valid = jnp.concatenate([valid, anchor_valid], axis=1)
         key_positions = jnp.concatenate([key_positions, anchors], axis=1)
-    return _attend_over(query, keys, values, key_positions, valid, positions, alibi_slopes)
+    return _attend_over(query, keys, values, key_positions, valid, positions, options)
 
 
-def _attend_prefix(cache_plan, cache, query, positions, alibi_slopes):
+def _attend_prefix(cache_plan, cache, query, positions, options):
     """The segments that hold a key some row may see, each whole, the others skipped."""
     bounds = segment_bounds(sum(segment.shape[2] for segment in cache["key"]))
     parts = []
@@ -375,9 +411,7 @@ def _attend_prefix(cache_plan, cache, query, positions, alibi_slopes):
                 valid &= row_allows(
                     cache_plan.pattern, positions[:, None], key_positions, bounds[-1]
                 )
-            return _partial_attention(
-                query, key, value, key_positions, valid, positions, alibi_slopes
-            )
+            return _partial_attention(query, key, value, key_positions, valid, positions, options)
 
         def skip(query, key, value, positions):
             batch, heads, _, head_dim = query.shape
@@ -400,10 +434,10 @@ def _attend_prefix(cache_plan, cache, query, positions, alibi_slopes):
                 positions,
             )
         )
-    return _combine(parts).astype(query.dtype)
+    return _combine(parts, options.sinks).astype(query.dtype)
 
 
-def _attend_sparse(cache_plan, cache, query, positions, alibi_slopes):
+def _attend_sparse(cache_plan, cache, query, positions, options):
     """Window, anchors and random blocks gathered from a max_len buffer, each key once."""
     p = positions[:, None]
     max_len = cache["key"].shape[2]
@@ -428,7 +462,7 @@ def _attend_sparse(cache_plan, cache, query, positions, alibi_slopes):
     key_positions = jnp.concatenate([s[0] for s in segments], axis=1)
     valid = jnp.concatenate([s[1] for s in segments], axis=1)
     keys, values = [_gather(cache["key"], key_positions)], [_gather(cache["value"], key_positions)]
-    return _attend_over(query, keys, values, key_positions, valid, positions, alibi_slopes)
+    return _attend_over(query, keys, values, key_positions, valid, positions, options)
 
 
 def check_prompt_fits(prompt_len, max_len):

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
 from transformer.modules.multihead_attention import MultiHeadAttention
@@ -41,6 +42,10 @@ class LayerConfig:
         replaces the input.
       feed_forward: False (an ablation): no feed-forward sublayer (and no parameters for it).
       scale_scores: True: attention scores q.k / sqrt(head_dim); False (an ablation): q.k.
+      logit_soft_cap: None, or a finite c > 0: every attention layer's scaled scores s become
+        c * tanh(s / c) (Gemma 2 uses 50.0).
+      attention_sinks: every attention layer learns a sink logit per head (parameter "sinks",
+        initialised to 0), which takes part in the softmax with a zero value (gpt-oss).
       layer_norm_epsilon: LayerNorm's epsilon, > 0.
       positional: the model's positional encoding; "rotary" and "alibi" act in self-attention.
       rotary_base: RoPE's base, > 0.
@@ -61,6 +66,8 @@ class LayerConfig:
     residual: bool = True
     feed_forward: bool = True
     scale_scores: bool = True
+    logit_soft_cap: float | None = None
+    attention_sinks: bool = False
     layer_norm_epsilon: float = 1e-6
     positional: str = "sinusoidal"
     rotary_base: float = 10_000.0
@@ -80,8 +87,10 @@ class LayerConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
-        for name in ("residual", "feed_forward", "scale_scores"):
+        for name in ("residual", "feed_forward", "scale_scores", "attention_sinks"):
             check_bool(name, getattr(self, name))
+        # A float from now on: an int from a config file works too, and the field stays hashable.
+        object.__setattr__(self, "logit_soft_cap", check_logit_soft_cap(self.logit_soft_cap))
         for name in ("d_model", "num_heads", "d_ff"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("head_dim", self.head_dim, allow_none=True)
@@ -154,6 +163,8 @@ def attention(config, pattern, positional, name=None):
         pattern=pattern,
         implementation=config.implementation,
         scale_scores=config.scale_scores,
+        logit_soft_cap=config.logit_soft_cap,
+        attention_sinks=config.attention_sinks,
         sow_weights=config.sow_attention_weights,
         dtype=config.dtype,
         param_dtype=config.param_dtype,

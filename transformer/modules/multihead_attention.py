@@ -19,6 +19,7 @@ from flax import linen as nn
 from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.attention.auto import auto_implementation
+from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules import kv_cache
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
@@ -44,6 +45,12 @@ class MultiHeadAttention(nn.Module):
       use_bias: biases in the four projections (the paper has them).
       scale_scores: True: scores q.k / sqrt(head_dim), as in the paper; False: q.k unscaled (an
         ablation: at large head_dim the softmax saturates).
+      logit_soft_cap: None, or c > 0: the scaled scores s become c * tanh(s / c) (Gemma 2).
+      attention_sinks: a learnable sink logit per head, parameter "sinks" `[heads]`, in every
+        query's softmax denominator with a zero value (gpt-oss). Initialised to 0, the logit of
+        a key orthogonal to the query: at the start a query gives the sink the weight of one
+        average key, and the sink's gradient is not zero, so it learns how much weight to take
+        (a sink starting at -inf would have weight 0 and gradient 0, and never move).
       sow_weights: store the attention weights `[batch, heads, q_len, kv_len]` in the
         "intermediates" collection under "attention_weights", for plots (dense only).
       dtype: compute dtype (for example jnp.bfloat16); param_dtype: parameter dtype.
@@ -59,6 +66,8 @@ class MultiHeadAttention(nn.Module):
     implementation: str = "auto"
     use_bias: bool = True
     scale_scores: bool = True
+    logit_soft_cap: float | None = None
+    attention_sinks: bool = False
     sow_weights: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -71,8 +80,10 @@ class MultiHeadAttention(nn.Module):
         check_positive_int("head_dim", self.head_dim, allow_none=True)
         check_rate("dropout_rate", self.dropout_rate)
         check_positive_number("rotary_base", self.rotary_base)
-        if not isinstance(self.scale_scores, bool):
-            raise ValueError(f"scale_scores must be True or False; got {self.scale_scores!r}.")
+        for name in ("scale_scores", "attention_sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        check_logit_soft_cap(self.logit_soft_cap)
         if self.head_dim is None and self.features % self.num_heads:
             raise ValueError(
                 f"features {self.features} is not divisible by num_heads "
@@ -94,6 +105,10 @@ class MultiHeadAttention(nn.Module):
         self.query, self.key, self.value = projection(heads), projection(heads), projection(heads)
         # W^O mixes the heads back into one vector per position.
         self.out = projection(self.features, axis=(-2, -1))
+        if self.attention_sinks:
+            self.sinks = self.param(
+                "sinks", nn.initializers.zeros_init(), (self.num_heads,), self.param_dtype
+            )
 
     def __call__(
         self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic=True, pattern=None
@@ -131,6 +146,13 @@ class MultiHeadAttention(nn.Module):
         """The attention function's `scale`: None is its default, 1/sqrt(head_dim)."""
         return None if self.scale_scores else 1.0
 
+    def _extras(self):
+        """The soft cap and the sinks, as `dot_product_attention` takes them."""
+        return {
+            "logit_soft_cap": self.logit_soft_cap,
+            "sinks": self.sinks if self.attention_sinks else None,
+        }
+
     def _attend(self, query, key, value, key_padding_mask, deterministic, pattern=None):
         pattern = pattern or self.pattern
         slopes = self._slopes()
@@ -145,7 +167,13 @@ class MultiHeadAttention(nn.Module):
             # Only "dense" has attention dropout and weights: take it where "auto" would, and
             # let dot_product_attention refuse clearly where it would not.
             implementation = auto_implementation(
-                query, key, value, pattern=pattern or patterns.full(), alibi_slopes=slopes
+                query,
+                key,
+                value,
+                pattern=pattern or patterns.full(),
+                alibi_slopes=slopes,
+                key_padding=mask is not None,
+                **self._extras(),
             )
         result = dot_product_attention(
             query,
@@ -154,6 +182,7 @@ class MultiHeadAttention(nn.Module):
             mask=mask,
             scale=self._scale(),
             alibi_slopes=slopes,
+            **self._extras(),
             pattern=pattern,
             implementation=implementation,
             dropout_rate=self.dropout_rate,
@@ -176,7 +205,9 @@ class MultiHeadAttention(nn.Module):
         `[batch, q_len, features]`. Deterministic: decoding has no dropout."""
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         return self.out(
-            dot_product_attention(self.query(inputs_q), key, value, mask=mask, scale=self._scale())
+            dot_product_attention(
+                self.query(inputs_q), key, value, mask=mask, scale=self._scale(), **self._extras()
+            )
         )
 
     def init_cache(self, batch, max_len):
@@ -230,6 +261,13 @@ class MultiHeadAttention(nn.Module):
             # The cache's attention always divides by sqrt(head_dim): undo it on the query.
             query = query * jnp.asarray(self._head_dim() ** 0.5, query.dtype)
         result, cache = kv_cache.step(
-            self._cache_plan(), cache, query, key, value, positions, self._slopes()
+            self._cache_plan(),
+            cache,
+            query,
+            key,
+            value,
+            positions,
+            self._slopes(),
+            **self._extras(),
         )
         return self.out(result), cache

@@ -19,7 +19,9 @@ from transformer.attention.block_sparse import cpu_kernel
 from transformer.attention.block_sparse.plan import make_plan
 from transformer.attention.block_sparse.xla_schedules import _from_blocks, _to_blocks, attention_fn
 from transformer.attention.chunked import chunked_attention
-from transformer.attention.shapes import check_query_key_value
+from transformer.attention.shapes import check_query_key_value, varying_like
+from transformer.attention.sinks import check_sinks
+from transformer.attention.soft_cap import check_logit_soft_cap
 
 
 def block_sparse_attention(
@@ -31,6 +33,8 @@ def block_sparse_attention(
     key_valid=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     block_q=64,
     block_kv=None,
     use_kernel=True,
@@ -45,6 +49,10 @@ def block_sparse_attention(
       key_valid: bool `[batch, kv_len]`, False at padded keys, or None.
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]`; adds -slope * |i - j|, computed block by block.
+      logit_soft_cap: None or a float c > 0: each scaled score s becomes c * tanh(s / c), before
+        ALiBi and the masks (`soft_cap.py`).
+      sinks: None or `[heads]` sink logits, in every row's softmax denominator with a zero value
+        (`sinks.py`); differentiable.
       block_q, block_kv: block sizes; block_kv defaults to block_q.
       use_kernel: on CPU, compute the scheduled rows with the fused kernel (`cpu_kernel.py`)
         where it applies (float32, no ALiBi, block_kv and head dims multiples of 16); False
@@ -54,6 +62,8 @@ def block_sparse_attention(
       `[batch, q_len, heads, value_dim]`; zeros for queries with no allowed key.
     """
     check_query_key_value(query, key, value)
+    check_sinks(sinks, query.shape[2])
+    logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     block_kv = block_q if block_kv is None else block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
     if key_valid is not None:
@@ -83,13 +93,18 @@ def block_sparse_attention(
     )
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    extras = {"logit_soft_cap": logit_soft_cap, "sinks": sinks}
     if plan.schedules:
-        out = _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, kernel)
+        out = _scheduled_attention(
+            plan, query, key, value, key_valid, scale, alibi_slopes, kernel, **extras
+        )
     else:  # no scheduled blocks: every row is dense or sees no key
         out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
     if len(plan.dense_q_blocks):
         rows = _row_positions(plan.dense_q_blocks, block_q, q_len)
-        dense_out = chunked_attention(query[:, rows], key, value, scale=scale, key_valid=key_valid)
+        dense_out = chunked_attention(
+            query[:, rows], key, value, scale=scale, key_valid=key_valid, **extras
+        )
         out = out.at[:, rows].set(dense_out)
     return out
 
@@ -103,7 +118,9 @@ def _row_positions(q_blocks, block_q, q_len):
     return positions
 
 
-def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes, kernel):
+def _scheduled_attention(
+    plan, query, key, value, key_valid, scale, alibi_slopes, kernel, logit_soft_cap, sinks
+):
     """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
     block_q, block_kv = plan.block_q, plan.block_kv
     q_len, kv_len = query.shape[1], key.shape[1]
@@ -124,18 +141,22 @@ def _scheduled_attention(plan, query, key, value, key_valid, scale, alibi_slopes
             .reshape(key_valid.shape[0], plan.num_kv_blocks, block_kv)
         )
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
+    if sinks is not None:
+        # Inside shard_map the sinks' gradient varies over the devices like q, k and v, and a
+        # custom VJP must return the type it was given: so they enter it varying too.
+        (sinks,) = varying_like((q, k, v, key_bias), jnp.asarray(sinks, dtype))
     if kernel:
-        out = cpu_kernel.attention_fn(plan)(q, k, v, key_bias)
+        out = cpu_kernel.attention_fn(plan, logit_soft_cap)(q, k, v, key_bias, sinks)
         return _from_blocks(out, q_len).astype(query.dtype)
-    attention = attention_fn(plan)
+    attention = attention_fn(plan, logit_soft_cap)
     if q.shape[0] == 1:
-        out = attention(q, k, v, key_bias, slopes)
+        out = attention(q, k, v, key_bias, slopes, sinks)
     else:
         # One batch element at a time: each step's blocks stay cache-sized whatever the batch
         # (the whole batch at once ran slower, at batch 8 x 4 heads x 4,096 tokens).
         def one(args):
             q, k, v, key_bias = (None if x is None else x[None] for x in args)
-            return attention(q, k, v, key_bias, slopes)[0]
+            return attention(q, k, v, key_bias, slopes, sinks)[0]
 
         out = jax.lax.map(one, (q, k, v, key_bias))
     return _from_blocks(out, q_len).astype(query.dtype)

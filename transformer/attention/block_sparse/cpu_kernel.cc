@@ -20,6 +20,12 @@
 //   key_bias [batch, num_kv_blocks, block_kv] (0 or -inf; batch = bh / heads), or [0] for none
 // Rows not in `rows` get output 0 and log-sum-exp +inf (as do rows that see no key).
 //
+// Logit soft-capping (attribute soft_cap = c > 0; 0 for none) replaces each score s = q.k by
+// c * tanh(s / c) before masking, in the forward and the backward pass, whose score gradient
+// then carries the factor 1 - tanh^2(s / c). Attention sinks need nothing here: cpu_kernel.py
+// adds them to each row's normaliser from the output and log-sum-exp, and the backward pass
+// takes that log-sum-exp and dO . O.
+//
 // Non-finite inputs follow the dense reference (dense.py): masked and padded scores are selected
 // to -inf (never added to), a NaN score makes its row NaN (a NaN row maximum is not "no key"),
 // and where a chunk has pattern-masked pairs and an operand of a product holds a NaN or inf, that
@@ -84,6 +90,23 @@ inline vec vexp(vec x) {
 
 // vexp that also takes NaN (and gives NaN): its lanes get a defined float-to-int conversion.
 inline vec vexp_nan(vec x) { return x == x ? vexp(x == x ? x : splat(0.0f)) : x; }
+
+// tanh(x), from exp(-2|x|) (in (0, 1], so nothing overflows): within a few 1e-8 of tanh,
+// +-1 at +-inf, NaN at NaN.
+inline vec vtanh(vec x) {
+  vec a = x < 0.0f ? -x : x;
+  vec e = vexp_nan(-2.0f * a);
+  vec t = (1.0f - e) / (1.0f + e);
+  return x < 0.0f ? -t : t;
+}
+
+// s[rows, cols] = c * tanh(s / c) in place, for rows of stride ld (cols a multiple of 16).
+void apply_soft_cap(float* s, long rows, long cols, long ld, float c) {
+  vec cap = splat(c), inv = splat(1.0f / c);
+  for (long i = 0; i < rows; ++i)
+    for (long j = 0; j < cols; j += kLanes)
+      store(s + i * ld + j, cap * vtanh(load(s + i * ld + j) * inv));
+}
 
 // The sum of a vector's lanes: halving it three times where the compiler has
 // __builtin_shufflevector (GCC 12, Clang), lane by lane elsewhere.
@@ -190,6 +213,7 @@ void matmul(int m, int n, const float* a, long a_row, long a_k, const float* con
 
 struct Shapes {
   long bh, heads, num_q_blocks, num_kv_blocks, block_q, block_kv, d, dv;
+  float soft_cap;  // c of c * tanh(s / c), or 0: no cap
 };
 
 struct Layout {
@@ -211,7 +235,8 @@ inline bool allowed(const Shapes& sh, const Layout& lay, int entry, long i, long
   return id == 0 || lay.masks[(id * sh.block_q + i) * sh.block_kv + jj];
 }
 
-// Scores of one chunk: s[block_q, n * block_kv] = q k^T, -inf where masked or padded.
+// Scores of one chunk: s[block_q, n * block_kv] = q k^T (soft-capped when sh.soft_cap > 0),
+// -inf where masked or padded.
 void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_row,
                   const float* k_t, int first, int n, float* s) {
   long width = n * sh.block_kv;
@@ -220,6 +245,9 @@ void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_ro
     const float* kt_block = k_t + kb * sh.d * sh.block_kv;
     matmul(sh.block_q, sh.block_kv, q_row, sh.d, 1, &kt_block, sh.d, 1, sh.block_kv,
            s + c * sh.block_kv, width, false);
+    // Before the mask: an excluded score must stay -inf, not become -c.
+    if (sh.soft_cap > 0.0f)
+      apply_soft_cap(s + c * sh.block_kv, sh.block_q, sh.block_kv, width, sh.soft_cap);
     int id = lay.mask_id[first + c];
     const float* bias = lay.key_bias ? lay.key_bias + (b * sh.num_kv_blocks + kb) * sh.block_kv
                                      : nullptr;
@@ -299,10 +327,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
                        ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
                        ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
                        ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> lse, int64_t heads) {
+                       ffi::ResultBuffer<ffi::F32> lse, int64_t heads, float soft_cap) {
   auto kd = k_t.dimensions();
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[3],
-            q.dimensions()[3], v.dimensions()[3]};
+            q.dimensions()[3], v.dimensions()[3], soft_cap};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
   if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
   float* out_data = out->typed_data();
@@ -420,10 +448,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
                         ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> dq,
                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                        int64_t heads) {
+                        int64_t heads, float soft_cap) {
   auto kd = k.dimensions();
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[2],
-            q.dimensions()[3], d_out.dimensions()[3]};
+            q.dimensions()[3], d_out.dimensions()[3], soft_cap};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
   if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
   for (auto* g : {&dq, &dk, &dv})
@@ -468,6 +496,22 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         }
         for (long i = 0; i < sh.block_q; ++i) {
           vec lse_i = splat(row_lse[i]), delta_i = splat(row_delta[i]);
+          if (sh.soft_cap > 0.0f) {
+            vec inv = splat(1.0f / sh.soft_cap);
+            for (long j = 0; j < width; j += kLanes) {
+              vec capped = load(p + i * width + j);
+              vec x = capped - lse_i;
+              vec prob = careful ? vexp_nan(x) : vexp(x);
+              store(p + i * width + j, prob);
+              // d(c tanh(s / c)) / ds = 1 - t^2 with t = capped / c; an excluded score (-inf)
+              // gives t = -1, slope 0, and its probability is 0 anyway.
+              vec t = capped * inv;
+              t = t > -1.0f ? t : splat(-1.0f);
+              vec slope = 1.0f - t * t;
+              store(ds + i * width + j, prob * (load(ds + i * width + j) - delta_i) * slope);
+            }
+            continue;
+          }
           for (long j = 0; j < width; j += kLanes) {
             // +inf log-sum-exp (a row with no key) gives probabilities exactly 0.
             vec x = load(p + i * width + j) - lse_i;
@@ -576,6 +620,8 @@ void weighted_sum_any(const float* w, const float* v, long n, long dv, float* ou
 //   k_cache  [batch, heads, slots, d]; v_cache [batch, heads, slots, dv] (updated in place: the
 //            outputs alias them)
 //   positions[batch] int32; slopes [heads] (ALiBi: logit - slope * (p - j)) or [0] for none
+//   sinks    [heads] sink logits (in the softmax's denominator, with a zero value) or [0]
+//   soft_cap c > 0: each q.k becomes c * tanh(q.k / c), before ALiBi and masking; 0: none
 // ring == 0: slot j holds position j; a step writes slot p and reads slots 0..p, nothing past p.
 //   A position past `slots` writes nothing and reads every key; a negative one reads none.
 // ring == 1: a sliding window of slots - 1 keys back; slot s holds the latest position
@@ -587,9 +633,9 @@ void weighted_sum_any(const float* w, const float* v, long n, long dv, float* ou
 ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
                       ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
-                      ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
-                      ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out,
-                      int64_t ring) {
+                      ffi::Buffer<ffi::F32> slopes, ffi::Buffer<ffi::F32> sinks,
+                      ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
+                      ffi::ResultBuffer<ffi::F32> v_out, int64_t ring, float soft_cap) {
   auto kd = k_cache.dimensions();
   if (kd.size() != 4 || v_cache.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("decode: caches must be [batch, heads, max_len, dim]");
@@ -599,7 +645,8 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
       k_new.element_count() != batch * heads * d || v_new.element_count() != batch * heads * dv ||
       v_cache.element_count() != batch * heads * max_len * dv ||
       positions.element_count() != batch ||
-      (slopes.element_count() != 0 && slopes.element_count() != heads))
+      (slopes.element_count() != 0 && slopes.element_count() != heads) ||
+      (sinks.element_count() != 0 && sinks.element_count() != heads))
     return ffi::Error::InvalidArgument("decode: inconsistent shapes");
   float* kc = k_out->typed_data();
   float* vc = v_out->typed_data();
@@ -610,6 +657,7 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
     std::memcpy(vc, v_cache.typed_data(), v_cache.element_count() * sizeof(float));
   const int32_t* pos = positions.typed_data();
   const float* slope = slopes.element_count() ? slopes.typed_data() : nullptr;
+  const float* sink = sinks.element_count() ? sinks.typed_data() : nullptr;
   auto row = [&](long task) {
     long b = task / heads, h = task % heads;
     long p = pos[b];
@@ -656,6 +704,8 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
       for (long e = 0; e < d; e += kLanes) acc += load(qr + e) * load(k_row + j * d + e);
       logits[j] = hsum(acc);
     }
+    // Capped before the unwritten ring slots become -inf. The lanes past n are overwritten below.
+    if (soft_cap > 0.0f) apply_soft_cap(logits.data(), 1, padded, padded, soft_cap);
     bool any_nan = false;
     for (j = 0; j < n; ++j) {
       long at = key_position(j);
@@ -690,7 +740,15 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
       case 8: weighted_sum<8>(logits.data(), v_row, n, o); break;
       default: weighted_sum_any(logits.data(), v_row, n, dv, o);
     }
-    vec inv = splat(1.0f / total);
+    float factor = 1.0f / total;
+    if (sink) {
+      // The sink joins the denominator: with m = max(largest, sink), the weights relative to m
+      // are rescale times those relative to largest. A NaN sink gives NaN.
+      float m = sink[h] > largest ? sink[h] : largest;
+      float rescale = std::exp(largest - m);
+      factor = rescale / (total * rescale + std::exp(sink[h] - m));
+    }
+    vec inv = splat(factor);
     for (long e = 0; e < dv; e += kLanes) store(o + e, load(o + e) * inv);
   };
   long tasks = batch * heads;
@@ -721,7 +779,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Attr<int64_t>("heads"));
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("soft_cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -742,7 +801,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
-                                  .Attr<int64_t>("heads"));
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("soft_cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeStep, DecodeImpl,
                               ffi::Ffi::Bind()
@@ -754,7 +814,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeStep, DecodeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions
                                   .Arg<ffi::Buffer<ffi::F32>>()  // slopes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sinks
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // k_cache, in place
                                   .Ret<ffi::Buffer<ffi::F32>>()  // v_cache, in place
-                                  .Attr<int64_t>("ring"));
+                                  .Attr<int64_t>("ring")
+                                  .Attr<float>("soft_cap"));

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.attention.shapes import varying_like
+from transformer.attention.sinks import sink_gradient, with_sinks
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 # FFI target names, suffixed with the kernel's version (`_target`).
@@ -259,8 +260,28 @@ def supports_decode(dtype, head_dim, value_dim):
     )
 
 
+def _per_head_or_empty(x):
+    """`[heads]` float32, or an empty array for None (the kernel's "none")."""
+    return jnp.zeros((0,), jnp.float32) if x is None else jnp.asarray(x, jnp.float32)
+
+
+def _cap_attribute(logit_soft_cap):
+    """The kernel's soft_cap attribute: c, or 0 for no cap."""
+    return np.float32(0.0 if logit_soft_cap is None else logit_soft_cap)
+
+
 def decode_step(
-    query, key, value, key_cache, value_cache, positions, alibi_slopes=None, *, ring=False
+    query,
+    key,
+    value,
+    key_cache,
+    value_cache,
+    positions,
+    alibi_slopes=None,
+    *,
+    ring=False,
+    logit_soft_cap=None,
+    sinks=None,
 ):
     """One cached decoding step: writes each row's key and value at its position, then attends
     over keys 0..position, reading no key past it; with `ring`, the caches are a ring of
@@ -270,16 +291,13 @@ def decode_step(
     query, key: `[batch, heads, head_dim]` (query unscaled); value: `[batch, heads, value_dim]`;
     key_cache / value_cache: `[batch, heads, slots, head_dim or value_dim]`, updated in place
     (XLA aliases them to the results); positions: `[batch]` int32; alibi_slopes: `[heads]` or
-    None. Returns (output `[batch, heads, value_dim]`, key_cache, value_cache).
+    None; logit_soft_cap: c or None (q.k / sqrt(head_dim) becomes c * tanh(. / c) before ALiBi);
+    sinks: `[heads]` sink logits or None. Returns (output `[batch, heads, value_dim]`,
+    key_cache, value_cache). Not differentiable: decoding only.
     """
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
-    slopes = (
-        jnp.zeros((0,), jnp.float32)
-        if alibi_slopes is None
-        else jnp.asarray(alibi_slopes, jnp.float32)
-    )
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     return jax.ffi.ffi_call(
         _target(_DECODE),
@@ -293,8 +311,10 @@ def decode_step(
         key_cache,
         value_cache,
         jnp.asarray(positions, jnp.int32),
-        slopes,
+        _per_head_or_empty(alibi_slopes),
+        _per_head_or_empty(sinks),
         ring=np.int64(ring),
+        soft_cap=_cap_attribute(logit_soft_cap),
     )
 
 
@@ -309,9 +329,10 @@ def _layout_args(layout, masks, key_bias):
     return rows, row_start, kv_block, mask_id, jnp.asarray(masks, jnp.uint8), bias
 
 
-def forward(q, k, v, layout, masks, key_bias):
+def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None):
     """Output `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp `[.., block_q]` of the
-    rows in `layout` (zero and +inf elsewhere).
+    rows in `layout` (zero and +inf elsewhere), scores soft-capped when `logit_soft_cap` is a
+    float.
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, scaled; k, v: `[batch, heads, num_kv_blocks,
     block_kv, d or dv]`; layout: NumPy (rows, row_start, kv_block, mask_id), the non-empty blocks
@@ -330,12 +351,13 @@ def forward(q, k, v, layout, masks, key_bias):
         flat(v),
         *_layout_args(layout, masks, key_bias),
         heads=np.int64(q.shape[1]),
+        soft_cap=_cap_attribute(logit_soft_cap),
     )
     # Inside `jax.shard_map` an FFI call's results are typed replicated; they vary like its inputs.
     return varying_like((q, k, v, key_bias), out, lse)
 
 
-def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
+def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap=None):
     """dq, dk, dv of `forward`'s rows: shapes of q, k and v; lse, delta `[.., block_q]`."""
     flat = _merge_batch_heads
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -351,29 +373,42 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias):
         flat(delta),
         *_layout_args(layout, masks, key_bias),
         heads=np.int64(q.shape[1]),
+        soft_cap=_cap_attribute(logit_soft_cap),
     )
     return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)
 
 
 @functools.lru_cache(maxsize=32)
-def attention_fn(plan):
-    """Like `xla_schedules.attention_fn`, with the fused CPU kernel for every row."""
+def attention_fn(plan, logit_soft_cap=None):
+    """Like `xla_schedules.attention_fn`, with the fused CPU kernel for every row:
+    `attention(q, k, v, key_bias, sinks)`, sinks `[heads]` or None.
+
+    The sinks change each row's normaliser only, so they are added to the kernel's output and
+    log-sum-exp here (`sinks.with_sinks`); the kernel's backward pass, given that log-sum-exp
+    and dO . O, computes dq, dk and dv as without sinks, and d sinks is computed here.
+    """
+    layout, masks = plan.row_blocks, plan.block_masks
+
+    def forward_with_sinks(q, k, v, key_bias, sinks):
+        out, lse = forward(q, k, v, layout, masks, key_bias, logit_soft_cap)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
+        return out, lse
 
     @jax.custom_vjp
-    def attention(q, k, v, key_bias):
-        return forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)[0]
+    def attention(q, k, v, key_bias, sinks):
+        return forward_with_sinks(q, k, v, key_bias, sinks)[0]
 
-    def attention_forward(q, k, v, key_bias):
-        out, lse = forward(q, k, v, plan.row_blocks, plan.block_masks, key_bias)
-        return out, (q, k, v, key_bias, out, lse)
+    def attention_forward(q, k, v, key_bias, sinks):
+        out, lse = forward_with_sinks(q, k, v, key_bias, sinks)
+        return out, (q, k, v, key_bias, sinks, out, lse)
 
     def attention_backward(residuals, d_out):
-        q, k, v, key_bias, out, lse = residuals
+        q, k, v, key_bias, sinks, out, lse = residuals
         delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)
-        dq, dk, dv = backward(
-            q, k, v, lse, delta, d_out, plan.row_blocks, plan.block_masks, key_bias
-        )
-        return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias)
+        dq, dk, dv = backward(q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap)
+        d_sinks = None if sinks is None else sink_gradient(sinks, lse, delta)
+        return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias), d_sinks
 
     attention.defvjp(attention_forward, attention_backward)
     return attention

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from transformer.attention.block_sparse.plan import _ROWS_PER_CHAIN
 from transformer.attention.dense import masked_einsum
 from transformer.attention.shapes import varying_like
+from transformer.attention.sinks import sink_gradient, with_sinks
+from transformer.attention.soft_cap import soft_cap_with_slope
 
 
 def _to_blocks(x, num_blocks, block):
@@ -35,16 +37,19 @@ def _from_blocks(x, length):
     return x.transpose(0, 2, 3, 1, 4).reshape(batch, num_blocks * block, heads, dim)[:, :length]
 
 
-def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id):
+def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap):
     """Masked logits of one step's items: `[batch, heads, items, block_q, slots * block_kv]`,
-    and the pattern's allowed pairs `[items, block_q, slots * block_kv]` (None if `needs_mask`
-    is False: every pair of the items is allowed by the pattern).
+    the pattern's allowed pairs `[items, block_q, slots * block_kv]` (None if `needs_mask`
+    is False: every pair of the items is allowed by the pattern), and the soft cap's slope at
+    each logit (None without a cap).
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, already scaled; k: like it for keys;
-    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: `[heads]` or None.
+    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: `[heads]` or None;
+    soft_cap: c or None, applied before ALiBi and the masks.
     """
     items, slots = kv_block.shape
     logits = jnp.einsum("bhiqd,bhikd->bhiqk", _take(q, q_block), _take_kv(k, kv_block))
+    logits, cap_slope = soft_cap_with_slope(logits, soft_cap)
     allowed = None
     if needs_mask:
         # Gathered straight into [items, block_q, slots, block_kv] order: no transpose.
@@ -64,7 +69,7 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
         )
         distance = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(logits.dtype)
         logits = logits - slopes[None, :, None, None, None] * distance
-    return logits, allowed
+    return logits, allowed, cap_slope
 
 
 def _flat_index(x, blocks):
@@ -147,7 +152,7 @@ def _put_halves(x, schedule, halves_out):
     return x
 
 
-def _forward(plan, q, k, v, key_bias, slopes):
+def _forward(plan, soft_cap, q, k, v, key_bias, slopes):
     """Returns output blocks `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
@@ -156,10 +161,12 @@ def _forward(plan, q, k, v, key_bias, slopes):
     lse = jnp.full(rows, jnp.inf, q.dtype)
     for schedule in plan.schedules:
         if schedule.whole_rows:
-            out, lse = _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse)
+            out, lse = _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, slopes, out, lse)
         else:
             # Its rows are none of the others': zero output and +inf log-sum-exp elsewhere.
-            items_out, items_lse = _forward_items(plan, schedule, q, k, v, key_bias, slopes)
+            items_out, items_lse = _forward_items(
+                plan, soft_cap, schedule, q, k, v, key_bias, slopes
+            )
             out, lse = out + items_out, jnp.minimum(lse, items_lse)
     return out, lse
 
@@ -185,12 +192,12 @@ def softmax_rows(logits, values, allowed=None):
     return out / safe_sum[..., None], jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
 
 
-def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
+def _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, slopes, out, lse):
     """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
 
     def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
-        logits, allowed = _item_logits(
-            plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+        logits, allowed, _ = _item_logits(
+            plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
         )
         return softmax_rows(
             logits, _take_kv(v, kv_block), None if allowed is None else allowed[None, None]
@@ -205,7 +212,7 @@ def _forward_rows(plan, schedule, q, k, v, key_bias, slopes, out, lse):
     return out, lse
 
 
-def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
+def _forward_items(plan, soft_cap, schedule, q, k, v, key_bias, slopes):
     """Pieces of rows per item, combined by online softmax (as in FlashAttention)."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
@@ -219,8 +226,8 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     def step(carry, items):
         row_max, row_sum, acc = carry
         q_block, kv_block, mask_id = items
-        logits, allowed = _item_logits(
-            plan, schedule.needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+        logits, allowed, _ = _item_logits(
+            plan, schedule.needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
         )
         old_max = _take(row_max, q_block)
         new_max = jnp.maximum(old_max, logits.max(-1))
@@ -248,7 +255,7 @@ def _forward_items(plan, schedule, q, k, v, key_bias, slopes):
     return out, lse
 
 
-def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
+def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
     # An einsum, not (d_out * out).sum(-1): the einsum is a dot_general, which XLA's CPU backend
     # runs far faster than that fused multiply-and-reduce.
     delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)  # [batch, heads, num_q_blocks, block_q]
@@ -268,12 +275,14 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
 
         def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
             """dQ of the items' query blocks; dK^T, dV^T of their key blocks `[.., slots, d, block]`."""
-            logits, allowed = _item_logits(
-                plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id
+            logits, allowed, cap_slope = _item_logits(
+                plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
             )
             probs = jnp.exp(logits - _take(lse, q_block)[..., None])
             d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
             d_logits = probs * (d_probs - _take(delta, q_block)[..., None])
+            if cap_slope is not None:
+                d_logits = d_logits * cap_slope
             if allowed is None:
                 dv_items = jnp.einsum("bhidq,bhiqk->bhidk", _take(d_out_t, q_block), probs)
                 dq_items = jnp.einsum("bhiqk,bhikd->bhiqd", d_logits, _take_kv(k, kv_block))
@@ -326,23 +335,34 @@ def _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out):
 
 
 @functools.lru_cache(maxsize=32)
-def attention_fn(plan):
-    """The custom-VJP attention over blocks for one plan (NumPy constants closed over)."""
+def attention_fn(plan, soft_cap=None):
+    """The custom-VJP attention over blocks for one plan (NumPy constants closed over) and soft
+    cap (a float or None): `attention(q, k, v, key_bias, slopes, sinks)`, sinks `[heads]` or
+    None."""
+
+    def forward_with_sinks(q, k, v, key_bias, slopes, sinks):
+        out, lse = _forward(plan, soft_cap, q, k, v, key_bias, slopes)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
+        return out, lse
 
     @jax.custom_vjp
-    def attention(q, k, v, key_bias, slopes):
-        return _forward(plan, q, k, v, key_bias, slopes)[0]
+    def attention(q, k, v, key_bias, slopes, sinks):
+        return forward_with_sinks(q, k, v, key_bias, slopes, sinks)[0]
 
-    def forward(q, k, v, key_bias, slopes):
-        out, lse = _forward(plan, q, k, v, key_bias, slopes)
-        return out, (q, k, v, key_bias, slopes, out, lse)
+    def forward(q, k, v, key_bias, slopes, sinks):
+        out, lse = forward_with_sinks(q, k, v, key_bias, slopes, sinks)
+        return out, (q, k, v, key_bias, slopes, sinks, out, lse)
 
     def backward(residuals, d_out):
-        q, k, v, key_bias, slopes, out, lse = residuals
-        dq, dk, dv = _backward(plan, q, k, v, key_bias, slopes, out, lse, d_out)
+        q, k, v, key_bias, slopes, sinks, out, lse = residuals
+        dq, dk, dv = _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out)
+        d_sinks = None
+        if sinks is not None:
+            d_sinks = sink_gradient(sinks, lse, jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out))
         # Padding and ALiBi slopes are not trained: zero cotangents.
         zeros = lambda x: None if x is None else jnp.zeros_like(x)
-        return dq, dk, dv, zeros(key_bias), zeros(slopes)
+        return dq, dk, dv, zeros(key_bias), zeros(slopes), d_sinks
 
     attention.defvjp(forward, backward)
     return attention
