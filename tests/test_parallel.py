@@ -1,9 +1,11 @@
-"""Data parallelism: shard_map and pmap match one device; two processes over gloo agree.
+"""Data parallelism: shard_map and pmap match one device; two processes over gloo, on a mesh with
+FSDP across them, train what one process trains.
 
 Run as a script, this file is one worker of the two-process test:
   python tests/test_parallel.py <coordinator port> <process id> <workdir> <output.npz>
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -125,7 +127,33 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_over_gloo_train_to_equal_parameters(tmp_path):
+# Two processes of 2 devices each: fsdp=4 spans both, so parameters are gathered and gradients
+# reduce-scattered across processes as well as within them.
+TWO_PROCESS_MESH = dict(data=1, fsdp=4)
+
+
+def two_process_config():
+    from test_train import toy_config
+
+    config = toy_config(
+        num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
+    )
+    config.mesh.update(dict(data=-1, fsdp=1))
+    return config
+
+
+def use_toy_setup_without_dropout(monkeypatch):
+    """The toy setup, its model without dropout: dropout masks follow a row's device, and rows
+    lie on other devices when two processes read the batch."""
+    from test_train import ToyModel, use_toy_setup
+
+    use_toy_setup(monkeypatch)
+    monkeypatch.setattr(loop, "build_model", lambda config: ToyModel(dropout_rate=0.0))
+
+
+def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_one(
+    tmp_path, monkeypatch
+):
     port = _free_port()
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
@@ -141,6 +169,8 @@ def test_two_processes_over_gloo_train_to_equal_parameters(tmp_path):
         )
         for i in range(2)
     ]
+    use_toy_setup_without_dropout(monkeypatch)  # meanwhile, one process on 8 devices
+    one_process = loop.train_and_evaluate(two_process_config(), str(tmp_path / "one")).state
     logs = [w.communicate(timeout=240)[0] for w in workers]
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
@@ -148,13 +178,22 @@ def test_two_processes_over_gloo_train_to_equal_parameters(tmp_path):
     assert params[0].keys() == params[1].keys() and len(params[0]) > 0
     for name in params[0]:
         np.testing.assert_array_equal(params[0][name], params[1][name])
-    summary = (tmp_path / "run" / "summary.json").read_text()
-    assert '"device_count": 4' in summary and '"process_count": 2' in summary
+    # Both processes together read the rows one process reads (in another order).
+    reference = {
+        jax.tree_util.keystr(path): value
+        for path, value in jax.tree_util.tree_leaves_with_path(one_process.params)
+    }
+    assert reference.keys() == params[0].keys()
+    for name, value in reference.items():
+        np.testing.assert_allclose(params[0][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["device_count"] == 4 and summary["process_count"] == 2
+    assert summary["mesh"] == dict(data=1, fsdp=4, tensor=1, context=1)
     assert "process 1 of 2; 2 local devices of 4" in logs[1]
 
 
 def _worker(port, process_id, workdir, output):
-    """One of two processes: trains the toy classifier for a few steps over 4 devices."""
+    """One of two processes: trains the toy classifier for a few steps on `TWO_PROCESS_MESH`."""
     from absl import flags, logging
 
     flags.FLAGS.mark_as_parsed()
@@ -162,13 +201,10 @@ def _worker(port, process_id, workdir, output):
     parallel.enable_cpu_collectives()
     parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import pytest as _pytest
-    from test_train import toy_config, use_toy_setup
 
-    monkeypatch = _pytest.MonkeyPatch()
-    use_toy_setup(monkeypatch)
-    config = toy_config(
-        num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
-    )
+    use_toy_setup_without_dropout(_pytest.MonkeyPatch())
+    config = two_process_config()
+    config.mesh.update(TWO_PROCESS_MESH)
     result = loop.train_and_evaluate(config, workdir)
     flat = {
         jax.tree_util.keystr(path): value
