@@ -9,6 +9,7 @@ from test_parallel import run_steps
 from test_train import toy_config, use_toy_setup
 
 from transformer.training import loop, optimizer, parallel, tasks
+from transformer.training.checkpoints import Checkpointer
 
 # float32: the same sums in another order (gradients reduce-scattered rather than all-reduced).
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -147,6 +148,16 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(
     caplog.set_level("INFO")
     config = toy_config(num_train_steps=20, best_metric="")
     uninterrupted = loop.train_and_evaluate(config, str(tmp_path / "once")).state
+    restore, restored_shards = Checkpointer.restore_latest, []
+
+    def restore_and_record(self, like_state, data_iterator):
+        state = restore(self, like_state, data_iterator)
+        if state is not None:
+            kernel = state.params["Dense_0"]["kernel"]  # [16, 16]
+            restored_shards.append(kernel.sharding.shard_shape(kernel.shape))
+        return state
+
+    monkeypatch.setattr(Checkpointer, "restore_latest", restore_and_record)
 
     for sizes, steps in ((first, 10), (second, 20)):
         config = toy_config(num_train_steps=steps, best_metric="")
@@ -154,6 +165,7 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(
         result = loop.train_and_evaluate(config, str(tmp_path / "moved"))
         assert result.summary["mesh"]["fsdp"] == sizes.get("fsdp", 1)
     assert "resumed from the checkpoint at step 10 (digests verified)" in caplog.text
+    assert restored_shards == [(16 // second.get("fsdp", 1), 16)]  # onto the second mesh
     assert int(result.state.step) == 20
     for a, b in (
         (result.state.params, uninterrupted.params),

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from transformer.training import parallel
 from transformer.training.config_schema import differences
 
 # Fields of the config that a checkpoint depends on. Anything else (number of steps, how often to
@@ -49,10 +50,12 @@ class CorruptCheckpointError(ValueError):
 
 
 def digests(state):
-    """{tree path: "sha256:<hex> <dtype> <shape>"} of every array of a host (NumPy) state."""
+    """{tree path: "sha256:<hex> <dtype> <shape>"} of every array of `state`: NumPy, or jax.Arrays
+    however sharded. Each is brought whole to the host in turn (a collective when it spans
+    hosts), so the host holds one array at a time, and the digest does not depend on the mesh."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        array = np.ascontiguousarray(np.asarray(leaf))
+        array = np.ascontiguousarray(parallel.fetch(leaf))
         digest = hashlib.sha256(array.tobytes()).hexdigest()
         out[jax.tree_util.keystr(path)] = f"sha256:{digest} {array.dtype} {list(array.shape)}"
     return out
@@ -162,7 +165,9 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step, state, data_iterator, metrics=None):
-        """Starts saving; returns before the arrays are written when saving asynchronously."""
+        """Starts saving `state` (NumPy arrays, or jax.Arrays however sharded: each host writes
+        its shards); returns once they are copied to the host, before they are written when
+        saving asynchronously."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -170,14 +175,17 @@ class Checkpointer:
         )
         self._manager.save(int(step), args=args, metrics=metrics, force=True)
 
-    def restore_latest(self, abstract_state, data_iterator):
-        """Restores the newest readable checkpoint into a state shaped like `abstract_state`.
+    def restore_latest(self, like_state, data_iterator):
+        """Restores the newest readable checkpoint into a state shaped like `like_state`: NumPy
+        arrays where it holds NumPy, and where it holds jax.Arrays, arrays with their shardings
+        (each host reads its shards, whatever mesh the checkpoint was written from).
 
         Sets `data_iterator` to the saved position. Returns the state, or None when there is no
         checkpoint. A checkpoint that cannot be read is reported and the one before it is tried;
-        when none can be read, or a checkpoint does not fit `abstract_state`, it raises: starting
+        when none can be read, or a checkpoint does not fit `like_state`, it raises: starting
         over would write new checkpoints over the ones a fix could still resume from.
         """
+        abstract_state = jax.tree.map(_restore_target, like_state)
         steps = self.all_steps()
         errors = []
         for step in reversed(steps):
@@ -198,7 +206,7 @@ class Checkpointer:
                 )
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
                 continue
-            _check_shapes(abstract_state, restored["state"], step)
+            _check_shapes(like_state, restored["state"], step)
             try:
                 self._verify(step, restored["state"])
             except CorruptCheckpointError as error:
@@ -256,6 +264,13 @@ class Checkpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _restore_target(x):
+    """How Orbax restores an array like `x`: onto its sharding, or as NumPy."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.asarray(x)
 
 
 def _check_shapes(expected, restored, step):

@@ -223,10 +223,11 @@ def _peek(iterator):
     return batch
 
 
-def make_init(model, task, optimizer):
-    """(seed, batch) -> a fresh TrainState on the host, parameters shaped by the batch."""
+def make_init(model, task, optimizer, mesh=None):
+    """(seed, batch) -> a fresh TrainState, parameters shaped by the batch: NumPy on the host, or
+    with a `mesh`, made on the mesh laid out by `state_specs` (each device makes only its shards,
+    so no device ever holds the whole state)."""
 
-    @jax.jit
     def init(rng, sample):
         init_rng, dropout_rng, train_rng = jax.random.split(rng, 3)
         params = model.init(
@@ -239,9 +240,16 @@ def make_init(model, task, optimizer):
             rng=train_rng,
         )
 
-    return lambda seed, batch: jax.device_get(
-        init(jax.random.PRNGKey(seed), jax.tree.map(lambda x: np.asarray(x[:1]), batch))
-    )
+    on_host = jax.jit(init)
+
+    def run(seed, batch):
+        args = (jax.random.PRNGKey(seed), jax.tree.map(lambda x: np.asarray(x[:1]), batch))
+        if mesh is None:
+            return jax.device_get(on_host(*args))
+        specs = state_specs(jax.eval_shape(init, *args), mesh)
+        return jax.jit(init, out_shardings=parallel.shardings(specs, mesh))(*args)
+
+    return run
 
 
 class Programs(NamedTuple):
@@ -264,7 +272,8 @@ def _programs(model, task, optimizer_fields, num_train_steps, label_smoothing, m
         donate_state=True,
     )
     eval_step = parallel.distribute(make_eval_step(model, task, mesh=mesh, mode=mode), mode, mesh)
-    return Programs(make_init(model, task, optimizer), train_step, eval_step)
+    init = make_init(model, task, optimizer, mesh if mode == "shard_map" else None)
+    return Programs(init, train_step, eval_step)
 
 
 def programs(config, model, task, mesh):
@@ -482,8 +491,8 @@ def _train_and_evaluate(config, workdir, setup):
     compiled = programs(config, model, task, mesh)
     schedule = learning_rate_schedule(config.optimizer, config.num_train_steps)
     train_iter = training_data(config)
-    host_state = compiled.init(config.seed, _peek(train_iter))
-    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state.params))
+    state = compiled.init(config.seed, _peek(train_iter))
+    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(state.params))
     logging.info(
         "model %s: %s parameters; %d devices on %d hosts, mesh %s, %s",
         config.model.name,
@@ -500,15 +509,15 @@ def _train_and_evaluate(config, workdir, setup):
         best_metric=config.best_metric,
         best_mode=config.best_mode,
     )
-    restored = checkpointer.restore_latest(jax.tree.map(np.asarray, host_state), train_iter)
-    host_state = host_state if restored is None else restored
-    resumed_at = None if restored is None else int(host_state.step)
+    # Restored onto this run's layout, whatever mesh the checkpoint was written from.
+    restored = checkpointer.restore_latest(state, train_iter)
+    state = state if restored is None else restored
+    resumed_at = None if restored is None else int(parallel.fetch(state.step))
     finished = _completed_summary(workdir, resumed_at, config.num_train_steps)
     if finished is not None:
         checkpointer.close()
         logging.info("%s holds a completed run; its summary.json is kept as it is.", workdir)
-        return TrainResult(finished, host_state)
-    state = parallel.place(host_state, state_specs(host_state, mesh), mesh, mode)
+        return TrainResult(finished, parallel.fetch(state))
 
     train_step, eval_step = compiled.train_step, compiled.eval_step
     # The log keeps no rows past the restored step: the steps after it are trained again.
@@ -535,7 +544,7 @@ def _train_and_evaluate(config, workdir, setup):
         logging.info("eval at step %d: %s", step, _format(results))
         return results
 
-    step = start_step = int(host_state.step)
+    step = start_step = resumed_at or 0
     peak_memory_gb = None  # of the compiled train step; None until a step has run
     best = _best_from_log(workdir, config)
     last_eval, last_train = {}, {}
@@ -579,12 +588,11 @@ def _train_and_evaluate(config, workdir, setup):
                     last_eval = run_evals(step)
                     best = _update_best(best, last_eval, step, config)
                 if do_save or stopping:
-                    # A host copy of whole arrays, however sharded: orbax then writes plain
-                    # NumPy (process 0) instead of compiling device-to-host transfers for each
-                    # array, and the checkpoint restores onto any mesh.
+                    # Under shard_map each host writes its own shards; pmap's replicated
+                    # arrays go as one host copy.
                     checkpointer.save(
                         step,
-                        parallel.fetch(state),
+                        state if mode == "shard_map" else parallel.fetch(state),
                         train_iter,
                         metrics=last_eval if do_eval else None,
                     )
