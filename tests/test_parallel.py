@@ -127,9 +127,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# Two processes of 2 devices each: fsdp=4 spans both, so parameters are gathered and gradients
-# reduce-scattered across processes as well as within them.
-TWO_PROCESS_MESH = dict(data=1, fsdp=4)
+# Two processes of 2 devices each train 3 steps with fsdp within each process, then resume from
+# the checkpoint with fsdp=4 spanning both: parameters are gathered and gradients
+# reduce-scattered across processes, and the checkpoint moves between meshes.
+TWO_PROCESS_MESHES = (dict(data=2, fsdp=2), dict(data=1, fsdp=4))
 
 
 def two_process_config():
@@ -190,10 +191,12 @@ def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_o
     assert summary["device_count"] == 4 and summary["process_count"] == 2
     assert summary["mesh"] == dict(data=1, fsdp=4, tensor=1, context=1)
     assert "process 1 of 2; 2 local devices of 4" in logs[1]
+    assert "resumed from the checkpoint at step 3 (digests verified)" in logs[0]
 
 
 def _worker(port, process_id, workdir, output):
-    """One of two processes: trains the toy classifier for a few steps on `TWO_PROCESS_MESH`."""
+    """One of two processes: trains the toy classifier for a few steps on each of
+    `TWO_PROCESS_MESHES`."""
     from absl import flags, logging
 
     flags.FLAGS.mark_as_parsed()
@@ -204,8 +207,10 @@ def _worker(port, process_id, workdir, output):
 
     use_toy_setup_without_dropout(_pytest.MonkeyPatch())
     config = two_process_config()
-    config.mesh.update(TWO_PROCESS_MESH)
-    result = loop.train_and_evaluate(config, workdir)
+    for mesh, steps in zip(TWO_PROCESS_MESHES, (3, 6)):
+        config.mesh.update(mesh)
+        config.num_train_steps = steps
+        result = loop.train_and_evaluate(config, workdir)
     flat = {
         jax.tree_util.keystr(path): value
         for path, value in jax.tree_util.tree_leaves_with_path(result.state.params)

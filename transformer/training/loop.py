@@ -588,11 +588,9 @@ def _train_and_evaluate(config, workdir, setup):
                     last_eval = run_evals(step)
                     best = _update_best(best, last_eval, step, config)
                 if do_save or stopping:
-                    # Under shard_map each host writes its own shards; pmap's replicated
-                    # arrays go as one host copy.
                     checkpointer.save(
                         step,
-                        state if mode == "shard_map" else parallel.fetch(state),
+                        state,
                         train_iter,
                         metrics=last_eval if do_eval else None,
                     )
