@@ -185,9 +185,13 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(
         (
             dict(data=-1, fsdp=3),
             r"config.mesh \(data=-1 x fsdp=3\) does not fit 8 devices: its "
-            r"sizes multiply to 3; allowed: a product that divides 8",
+            r"sizes other than -1 multiply to 3; allowed: a product that divides 8",
         ),
-        (dict(data=-1, fsdp=-1), r"config.mesh gives -1 for data and fsdp; allowed: -1 for one"),
+        (
+            dict(data=-1, fsdp=-1),
+            r"config.mesh gives -1 \(the rest of the devices\) for data and fsdp; allowed: -1 for "
+            r"one axis at most: give the others sizes, e.g. config.mesh.data=1",
+        ),
         (
             dict(data=4, context=2),
             r"config.mesh.context=2: context parallelism \(each sequence "

@@ -120,7 +120,8 @@ def mesh_shape(sizes=None, device_count=None, mode="shard_map"):
     rest = [axis for axis, size in sizes.items() if size == -1]
     if len(rest) > 1:
         raise ValueError(
-            f"config.mesh gives -1 for {' and '.join(rest)}; allowed: -1 for one axis at most."
+            f"config.mesh gives -1 (the rest of the devices) for {' and '.join(rest)}; allowed: "
+            f"-1 for one axis at most: give the others sizes, e.g. config.mesh.{rest[0]}=1."
         )
     if not rest and "data" not in sizes:
         sizes["data"], rest = -1, ["data"]
@@ -128,10 +129,11 @@ def mesh_shape(sizes=None, device_count=None, mode="shard_map"):
     fixed = int(np.prod([size for size in shape.values() if size != -1]))
     described = " x ".join(f"{a}={s}" for a, s in shape.items() if s != 1)
     if (rest and device_count % fixed) or (not rest and fixed != device_count):
+        sizes_named = "its sizes other than -1" if rest else "its sizes"
         allowed = "a product that divides" if rest else "a product equal to"
         raise ValueError(
             f"config.mesh ({described or 'all sizes 1'}) does not fit {device_count} devices: "
-            f"its sizes multiply to {fixed}; allowed: {allowed} {device_count}."
+            f"{sizes_named} multiply to {fixed}; allowed: {allowed} {device_count}."
         )
     if rest:
         shape[rest[0]] = device_count // fixed
