@@ -91,7 +91,7 @@ def make_train_step(model, task, optimizer, *, label_smoothing, mesh, mode="shar
     """
     axes = parallel.batch_axes(mode)
 
-    def gradients(params, batch, step_and_rng):
+    def gradient_share(params, batch, step_and_rng):
         step, rng = step_and_rng
         # Each device draws different dropout masks, and every step different ones again.
         rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axes))
@@ -111,7 +111,7 @@ def make_train_step(model, task, optimizer, *, label_smoothing, mesh, mode="shar
         metrics = lax.psum(tasks.metric_sums(logits, batch["targets"], weights), axes)
         return grads, metrics
 
-    per_device_gradients = parallel.per_device(gradients, mesh, mode, gradients=True)
+    per_device_gradients = parallel.per_device(gradient_share, mesh, mode, gradients=True)
 
     def train_step(state, batch):
         grads, metrics = per_device_gradients(state.params, batch, (state.step, state.rng))

@@ -6,12 +6,12 @@ kept for tensor and context parallelism and take size 1 for now. `mesh_shape` tu
 `config.mesh` into sizes, with start-up errors that name the numbers.
 
 A step is written once, in two parts:
-  * the per-device part (`per_device`, `gradients_per_device`) sees its device's rows of the
-    batch and the whole parameters, and combines results across devices with collectives
-    (`lax.psum`) over `batch_axes(mode)`. It runs under `jax.shard_map` over the mesh (the
-    default), or under `jax.pmap`. Under FSDP the parameters reach it gathered (one all-gather
-    per array, which XLA schedules next to its use), and the gradients it returns leave it
-    reduce-scattered back to their shards.
+  * the per-device part (`per_device`) sees its device's rows of the batch and the whole
+    parameters, and combines results across devices with collectives (`lax.psum`) over
+    `batch_axes(mode)`. It runs under `jax.shard_map` over the mesh (the default), or under
+    `jax.pmap`. Under FSDP the parameters reach it gathered (one all-gather per array, which
+    XLA's scheduler is free to place next to its use), and the gradient it returns leaves it
+    reduce-scattered back to the parameters' shards.
   * the rest of the step (the optimizer update) is written on whole arrays; under `jax.jit` each
     device updates its own shard of the parameters and optimizer state, and reductions over them
     (the global gradient norm) are combined by XLA.
