@@ -129,6 +129,23 @@ def test_fsdp_trains_a_transformer_like_data_parallelism_with_its_parameters_sha
     assert "all-gather" in program and "reduce-scatter" in program
 
 
+def test_a_state_made_on_a_mesh_is_the_host_state_laid_out_by_the_rules():
+    from test_parallel import toy_setup
+
+    model, task, opt, host_state, batches = toy_setup()
+    mesh = parallel.make_mesh(dict(data=2, fsdp=4))
+    state = loop.make_init(model, task, opt, mesh)(0, batches[0])
+    jax.tree.map(np.testing.assert_array_equal, parallel.fetch(state), host_state)
+    specs = loop.state_specs(host_state, mesh)
+    assert specs.params["Embed_0"]["embedding"] == parallel.P("fsdp", None)  # [16, 16]
+    jax.tree.map(
+        lambda x, spec: np.testing.assert_equal(x.sharding.spec, spec),
+        state,
+        specs,
+        is_leaf=lambda x: isinstance(x, parallel.P),
+    )
+
+
 def test_fsdp_spec_splits_the_largest_dimension_it_divides():
     assert parallel.fsdp_spec((64, 32), 4) == parallel.P("fsdp", None)
     assert parallel.fsdp_spec((6, 32), 4) == parallel.P(None, "fsdp")
