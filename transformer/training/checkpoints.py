@@ -6,7 +6,8 @@ of every array of "state", with its dtype and shape). Orbax writes each checkpoi
 temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoints untouched. A restore recomputes the digests: a checkpoint whose arrays changed on disk
 counts as unreadable, is moved aside, and the one before it is used. We keep the last `keep`
-checkpoints and the best one by a metric.
+checkpoints and the best one by a metric. A checkpoint holds whole arrays, whatever the mesh that
+wrote it, and restores onto the shardings of the state it is restored into.
 
 `workdir/config.json` records the config a run started with; a restart whose config changes what
 the checkpoints mean (model, task, data, optimizer, ...) is refused.

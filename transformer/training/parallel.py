@@ -160,11 +160,6 @@ def batch_axes(mode):
     return (AXIS,) if mode == "pmap" else BATCH_AXES
 
 
-def batch_shards(mesh):
-    """How many parts the batch is split into: data x fsdp."""
-    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
-
-
 def local_batch_size(global_batch_size, shape=None):
     """Rows of the global batch this host reads; a clear error when they cannot be split evenly
     over the batch axes (`shape` from `mesh_shape`; None: all devices on `data`)."""
@@ -368,11 +363,3 @@ def fetch(tree):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(whole, tree)
-
-
-def replicated(tree, mesh, mode):
-    """Device arrays, however sharded -> the same arrays whole on every device (for code that
-    runs on whole parameters, such as decoding evaluators)."""
-    if mode == "pmap" or mesh.shape["fsdp"] == 1:
-        return tree
-    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
