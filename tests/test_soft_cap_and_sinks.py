@@ -81,13 +81,23 @@ def random_sinks(seed, heads):
     return np.random.default_rng(seed).uniform(-1.0, 2.0, heads).astype(np.float32)
 
 
-def check(attend, pattern, inputs, *, cap, sinks, label, atol=2e-5, rtol=2e-4):
-    """attend(q, k, v, sinks, key_valid) against the float64 reference, forward and gradients."""
+def with_gradients(attend):
+    """jit((q, k, v, sinks, key_valid, d_out) -> (out, dq, dk, dv, d sinks)) of
+    attend(q, k, v, sinks, key_valid)."""
+
+    def run(q, k, v, sinks, key_valid, d_out):
+        out, vjp = jax.vjp(lambda q, k, v, sinks: attend(q, k, v, sinks, key_valid), q, k, v, sinks)
+        return (out, *vjp(d_out))
+
+    return jax.jit(run)
+
+
+def check(attend, pattern, inputs, *, cap, sinks, label, atol=2e-5, rtol=2e-4, run=None):
+    """attend(q, k, v, sinks, key_valid) (or `run`, its `with_gradients`) against the float64
+    reference, forward and gradients."""
     q, k, v, d_out, key_valid, slopes = inputs
-    valid = None if key_valid is None else jnp.asarray(key_valid)
-    run = jax.jit(lambda q, k, v, sinks: attend(q, k, v, sinks, valid))
-    out, vjp = jax.vjp(run, q, k, v, sinks)
-    grads = vjp(jnp.asarray(d_out))
+    run = run or with_gradients(attend)
+    out, *grads = run(q, k, v, sinks, key_valid, d_out)
     allowed = allowed_pairs(pattern, q.shape[1], k.shape[1], key_valid, q.shape[0])
     want_out, want_grads = reference(
         q, k, v, d_out, allowed, q.shape[-1] ** -0.5, slopes=slopes, cap=cap, sinks=sinks
@@ -191,14 +201,31 @@ def via_block_sparse(pattern, cap, *, use_kernel, block, slopes=None):
     return attend
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_dense_matches_the_reference(name):
+def test_dense_matches_the_reference_in_every_pattern_family():
     """The dense reference's autodiff (d sinks included) against the float64 reference, with
-    ALiBi, padding and a fully padded sequence, on odd lengths."""
+    ALiBi, padding and a fully padded sequence, on odd lengths. The pattern is a mask to it:
+    one compiled function serves them all."""
     inputs = random_inputs(11, 2, 37, 45, 2, head_dim=8, padding=True, alibi=True)
     sinks = random_sinks(2, 2)
-    attend = via_entry_point("dense", PATTERNS[name], CAP, alibi_slopes=inputs[5])
-    check(attend, PATTERNS[name], inputs, cap=CAP, sinks=sinks, label="dense")
+    q, k, _, _, key_valid, slopes = inputs
+
+    def attend(q, k, v, sinks, allowed):
+        return dot_product_attention(
+            q, k, v, mask=allowed, alibi_slopes=slopes, logit_soft_cap=CAP, sinks=sinks
+        )
+
+    run = with_gradients(attend)
+    for pattern in PATTERNS.values():
+        allowed = allowed_pairs(pattern, q.shape[1], k.shape[1], key_valid, q.shape[0])
+        # The pattern as the mask argument; check() adds the padding to its own reference.
+        dense = lambda q, k, v, sinks, _, d_out, allowed=allowed: run(
+            q, k, v, sinks, jnp.asarray(allowed)[:, None], d_out
+        )
+        check(None, pattern, inputs, cap=CAP, sinks=sinks, label="dense", run=dense)
+    # And through the entry point's own pattern argument.
+    pattern = PATTERNS["bigbird"]
+    attend = via_entry_point("dense", pattern, CAP, alibi_slopes=slopes)
+    check(attend, pattern, inputs, cap=CAP, sinks=sinks, label="dense")
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -228,8 +255,10 @@ def test_block_sparse_xla_schedules_match_the_reference(name):
     check(attend, pattern, inputs, cap=CAP, sinks=sinks, label="xla schedules")
 
 
-@pytest.mark.parametrize("name", ["full", "causal"])
-@pytest.mark.parametrize("cap, with_sinks", [(CAP, True), (None, True), (CAP, False)])
+@pytest.mark.parametrize(
+    "name, cap, with_sinks",
+    [("causal", CAP, True), ("full", None, True), ("full", CAP, False)],
+)
 def test_chunked_matches_the_reference(name, cap, with_sinks):
     """Chunked attention (full and causal, the patterns it takes) in tiles of 16 queries by 8
     keys, so that causal rows cross masked and unmasked tiles, with ALiBi: the cap and the
@@ -251,20 +280,19 @@ def test_chunked_matches_the_reference(name, cap, with_sinks):
         )
 
     check(attend, PATTERNS[name], inputs, cap=cap, sinks=sinks, label="chunked")
-    if cap is not None and sinks is not None:  # the entry point passes both on
+    if name == "causal":  # the entry point passes both on
         entry = via_entry_point("chunked", PATTERNS[name], cap, alibi_slopes=inputs[5])
         check(entry, PATTERNS[name], inputs, cap=cap, sinks=sinks, label="chunked entry point")
 
 
-@pytest.mark.parametrize("cap, with_sinks", [(None, True), (CAP, False)])
-def test_each_alone_in_block_sparse(cap, with_sinks):
-    """The kernel and the XLA schedules with only the cap, or only the sinks."""
+@pytest.mark.parametrize("use_kernel, cap, with_sinks", [(True, None, True), (False, CAP, False)])
+def test_each_alone_in_block_sparse(use_kernel, cap, with_sinks):
+    """The kernel with only the sinks, the XLA schedules with only the cap."""
     inputs = random_inputs(15, 2, 70, 70, 2, head_dim=16, padding=True)
     sinks = random_sinks(6, 2) if with_sinks else None
     pattern = PATTERNS["bigbird"]
-    for use_kernel in (True, False):
-        attend = via_block_sparse(pattern, cap, use_kernel=use_kernel, block=16)
-        check(attend, pattern, inputs, cap=cap, sinks=sinks, label=f"kernel={use_kernel}")
+    attend = via_block_sparse(pattern, cap, use_kernel=use_kernel, block=16)
+    check(attend, pattern, inputs, cap=cap, sinks=sinks, label=f"kernel={use_kernel}")
 
 
 def test_auto_at_the_kernel_size_matches_the_reference():
@@ -298,39 +326,41 @@ def test_splash_interpreted_matches_the_reference(name):
 
 
 def test_a_sink_of_minus_infinity_is_no_sink_and_a_large_one_takes_all_weight():
+    """Forward only; keyless rows (a fully padded sequence) stay zeros with a sink of -inf, in
+    splash too, whose masked scores are finite."""
     inputs = random_inputs(18, 2, 40, 40, 2, head_dim=16, padding=True)
     q, k, v, _, key_valid, _ = inputs
     mask = jnp.asarray(key_valid)[:, None, None, :]
-    pattern = patterns.sliding_window(6)
-    for implementation in ("dense", "block_sparse", "splash"):
-        attend = functools.partial(
-            dot_product_attention, mask=mask, pattern=pattern, implementation=implementation
+    for implementation, pattern in (
+        ("dense", patterns.sliding_window(6)),
+        ("block_sparse", patterns.sliding_window(6)),
+        ("chunked", patterns.causal()),
+        ("splash", patterns.sliding_window(6)),
+    ):
+        attend = jax.jit(
+            lambda sinks, implementation=implementation, pattern=pattern: dot_product_attention(
+                q, k, v, mask=mask, pattern=pattern, implementation=implementation, sinks=sinks
+            )
         )
-        none = attend(q, k, v)
-        minus_inf = attend(q, k, v, sinks=jnp.full((2,), -jnp.inf))
-        np.testing.assert_allclose(minus_inf, none, atol=1e-6, err_msg=implementation)
-        large = attend(q, k, v, sinks=jnp.full((2,), 200.0))
+        none = dot_product_attention(
+            q, k, v, mask=mask, pattern=pattern, implementation=implementation
+        )
+        np.testing.assert_allclose(attend(jnp.full((2,), -jnp.inf)), none, atol=1e-6)
+        large = attend(jnp.full((2,), 200.0))
         assert np.abs(np.asarray(large)).max() < 1e-30, implementation
-    chunked = functools.partial(dot_product_attention, mask=mask, implementation="chunked")
-    np.testing.assert_allclose(
-        chunked(q, k, v, sinks=jnp.full((2,), -jnp.inf)), chunked(q, k, v), atol=1e-6
-    )
 
 
 NAN, INF = float("nan"), float("inf")
-NON_FINITE_PATTERNS = {
-    "causal": patterns.causal(),
-    "window": patterns.sliding_window(3),
-    "full": patterns.full(),
-}
+NON_FINITE_PATTERNS = {"causal": patterns.causal()}
 # (pattern, poisoned entries (array, index, value)) on [2, 48, 2, 16] inputs; batch 1 pads its
-# last 8 keys.
+# last 8 keys. Under causal(), a value at position 30 is excluded from rows 0-29 (some in the
+# same 16-block) and allowed in the rest.
 NON_FINITE = {
     "nan key, padded": ("causal", [("k", (1, slice(42, None)), NAN)]),
-    "nan value, excluded by the pattern": ("window", [("v", (0, 30), NAN)]),
+    "nan value, excluded from earlier rows": ("causal", [("v", (0, 30), NAN)]),
     "nan query, allowed": ("causal", [("q", (0, 10), NAN)]),
-    # q.k = +-inf: the cap makes it +-c, a finite logit, so the row stays finite.
-    "inf query": ("full", [("q", (0, 7, 0, 0), INF)]),
+    # q.k = +-inf: the cap makes it +-c, a finite logit, so those rows stay finite.
+    "inf query": ("causal", [("q", (0, 7, 0, 0), INF)]),
     "inf value": ("causal", [("v", (0, 20, 1, 2), INF)]),
 }
 NON_FINITE_KEY_VALID = np.ones((2, 48), bool)
@@ -379,10 +409,7 @@ def test_non_finite_inputs_as_the_dense_reference(case):
         arrays[name][index] = value
     inputs = (arrays["q"], arrays["k"], arrays["v"], random_sinks(9, 2), arrays["d"])
     want = non_finite_run("dense", pattern_name)(*inputs)
-    others = ["block_sparse", "block_sparse_xla"]
-    if pattern_name in ("full", "causal"):
-        others.append("chunked")
-    for label in others:
+    for label in ("block_sparse", "block_sparse_xla", "chunked"):
         got = non_finite_run(label, pattern_name)(*inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "d_sinks"), got, want):
             g, w = np.asarray(g), np.asarray(w)
@@ -394,7 +421,7 @@ def test_non_finite_inputs_as_the_dense_reference(case):
                 g[finite], w[finite], atol=1e-4, rtol=5e-4, err_msg=f"{label} {case} {name}"
             )
     if case == "inf query":
-        assert np.isfinite(np.asarray(want[0])).all()  # the cap keeps the row finite
+        assert np.isfinite(np.asarray(want[0])).all()  # the cap keeps the rows finite
     if case == "nan query, allowed":
         assert np.isnan(np.asarray(want[4])).all()  # a NaN row reaches d sinks
 
@@ -498,7 +525,7 @@ def test_layer_config_fields_are_checked_and_the_sinks_learn():
             d_model=16,
             num_heads=2,
             d_ff=32,
-            num_layers=2,
+            num_layers=1,
             logit_soft_cap=5.0,
             attention_sinks=True,
         )
@@ -507,7 +534,7 @@ def test_layer_config_fields_are_checked_and_the_sinks_learn():
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     flat = flax.traverse_util.flatten_dict(variables["params"])
     sinks = {path: leaf for path, leaf in flat.items() if path[-1] == "sinks"}
-    assert len(sinks) == 2 and all(leaf.shape == (2,) and not leaf.any() for leaf in sinks.values())
+    assert len(sinks) == 1 and all(leaf.shape == (2,) and not leaf.any() for leaf in sinks.values())
 
     def loss(params):
         logits = model.apply({"params": params}, tokens)

@@ -30,6 +30,10 @@ XLA runs the step, and a prefix cache is split into whole segments [0, 128), [12
 furthest row's position (at most 2x the keys it needs): slicing a buffer would copy it, and a
 transposed read costs several times the products themselves on a CPU.
 
+A step computes its scores as `dot_product_attention` does: the soft cap on q.k / sqrt(d), then
+ALiBi, then the mask, and the sinks in the softmax's denominator (`step`'s arguments), in the
+kernel and in XLA alike.
+
 Pure functions over dicts of arrays (a Flax module keeps the dict in its decoding state):
 `plan(pattern, dtype, head_dim)` -> `CachePlan`; `init` for an empty cache, `from_prompt` for
 the keys and values a prompt's forward pass computed, and `step` for one decoding step.
