@@ -32,6 +32,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # the suite on both cores: -n 2
             "hypothesis>=6.100,<7",
             "ruff>=0.17,<0.18",  # the one formatter and linter (ruff.toml); minor versions reformat
         ],
