@@ -542,3 +542,36 @@ def test_layer_config_fields_are_checked_and_the_sinks_learn():
 
     grads = flax.traverse_util.flatten_dict(jax.jit(jax.grad(loss))(variables["params"]))
     assert all(np.abs(grads[path]).min() > 0 for path in sinks)
+
+
+def test_sinks_learn_under_shard_map():
+    """Data parallel, as the training loop runs: q, k, v split over the 8 devices, the sinks
+    (a parameter) replicated; their gradient, summed over the devices, equals the unsplit
+    one, in the kernel, XLA's schedules and chunked attention."""
+    devices = jax.devices()
+    q, k, v, d_out, key_valid, _ = random_inputs(20, len(devices), 40, 40, 2, head_dim=16)
+    sinks = jnp.asarray(random_sinks(10, 2))
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    data, replicated = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+    attends = {
+        "kernel": via_block_sparse(PATTERNS["bigbird"], CAP, use_kernel=True, block=16),
+        "xla": via_block_sparse(PATTERNS["bigbird"], CAP, use_kernel=False, block=16),
+        "chunked": via_entry_point("chunked", PATTERNS["causal"], CAP),
+    }
+    for name, attend in attends.items():
+
+        def grads(q, k, v, sinks, d_out, attend=attend):
+            loss = lambda q, k, v, sinks: (attend(q, k, v, sinks, None) * d_out).sum()
+            return jax.grad(loss, (0, 1, 2, 3))(q, k, v, sinks)
+
+        # The sinks enter replicated: their gradient comes out summed over the devices.
+        split = jax.jit(
+            jax.shard_map(
+                grads,
+                mesh=mesh,
+                in_specs=(data, data, data, replicated, data),
+                out_specs=(data, data, data, replicated),
+            )
+        )
+        for got, want in zip(split(q, k, v, sinks, d_out), jax.jit(grads)(q, k, v, sinks, d_out)):
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4, err_msg=name)
