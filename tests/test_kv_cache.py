@@ -13,7 +13,7 @@ import pytest
 from transformer import decoding, patterns
 from transformer.attention.block_sparse import cpu_kernel
 from transformer.modules import kv_cache
-from transformer.modules.models import build_model, layer_pattern
+from transformer.modules.models import build_model, layer_pattern, shift_right
 
 # head_dim 8: the XLA layouts; head_dim 16: full attention takes the CPU kernel.
 SMALL = dict(vocab_size=29, d_model=16, num_heads=2, d_ff=32, num_layers=2, dropout_rate=0.0)
@@ -536,3 +536,33 @@ def test_another_pattern_decodes_through_its_own_rule():
         full = jax.jit(model.apply)(variables, tokens)
         cached = decode_all(model, variables, tokens, max_decode_len=12)
         np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+
+
+def test_encoder_decoder_decoding_with_soft_cap_and_sinks_equals_the_full_call():
+    """Cross-attention with the cap and learned sinks, in decoding (keys and values of the
+    source computed once) as in the full call; a padded source row."""
+    model = build_model(
+        dict(
+            name="encoder_decoder",
+            **dict(SMALL, num_decoder_layers=1, num_layers=1),
+            logit_soft_cap=1.0,
+            attention_sinks=True,
+        )
+    )
+    source = random_tokens(5, 2, 9).at[1, 6:].set(0)  # 0 is padding
+    targets = random_tokens(6, 2, 7)
+    variables = with_random_sinks(jax.jit(model.init)(jax.random.key(0), source, targets), 1)
+    sinks = [p for p in flax.traverse_util.flatten_dict(variables) if p[-1] == "sinks"]
+    assert len(sinks) == 3  # encoder self-attention, decoder self- and cross-attention
+    full = jax.jit(model.apply)(variables, source, targets)
+
+    def run(variables):
+        state = model.apply(variables, source, 7, method="init_decode_state")
+
+        def step(state, token):
+            logits, state = model.apply(variables, state, token, method="decode_step")
+            return state, logits
+
+        return jnp.swapaxes(jax.lax.scan(step, state, shift_right(targets).T)[1], 0, 1)
+
+    np.testing.assert_allclose(jax.jit(run)(variables), full, rtol=2e-4, atol=2e-4)
