@@ -473,10 +473,10 @@ def test_cached_decoding_with_soft_cap_and_sinks_equals_the_full_call(case):
     full = jax.jit(model.apply)(variables, tokens)
     cached = decode_all(model, variables, tokens, max_decode_len=length)
     np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
-    # The cap and the sinks' values matter here: without either the logits differ.
-    uncapped = build_model(dict(name="decoder_lm", **dict(fields, logit_soft_cap=None)))
-    assert np.abs(jax.jit(uncapped.apply)(variables, tokens) - full).max() > 1e-3
-    assert np.abs(jax.jit(model.apply)(initial, tokens) - full).max() > 1e-3
+    if case == "full, kernel":  # the cap and the sinks' values matter: without either, other logits
+        uncapped = build_model(dict(name="decoder_lm", **dict(fields, logit_soft_cap=None)))
+        assert np.abs(jax.jit(uncapped.apply)(variables, tokens) - full).max() > 1e-3
+        assert np.abs(jax.jit(model.apply)(initial, tokens) - full).max() > 1e-3
 
 
 def test_a_pattern_rule_keeps_excluded_non_finite_values_out():
