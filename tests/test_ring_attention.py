@@ -1,0 +1,228 @@
+"""Ring attention (context parallelism) against the dense float64 reference, and its plan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from transformer import patterns
+from transformer.attention import ring
+from transformer.attention.dot_product import dot_product_attention
+
+BATCH, HEADS, HEAD_DIM, VALUE_DIM = 2, 2, 8, 4
+PADDED, LENGTH = 32, 29  # 4 shards of 8; the real length ends inside the last shard
+
+
+def _mesh(n):
+    return Mesh(np.array(jax.devices()[:n]), ("context",))
+
+
+def _inputs(seed=0, length=PADDED):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(BATCH, length, HEADS, HEAD_DIM)).astype(np.float32)
+    k = rng.normal(size=(BATCH, length, HEADS, HEAD_DIM)).astype(np.float32)
+    v = rng.normal(size=(BATCH, length, HEADS, VALUE_DIM)).astype(np.float32)
+    weights = rng.normal(size=(BATCH, LENGTH, HEADS, VALUE_DIM)).astype(np.float32)
+    valid = np.arange(length)[None, :] < LENGTH
+    valid = np.repeat(valid, BATCH, axis=0)
+    valid[1, 10] = False  # one more padded key inside a shard of the second sequence
+    return q, k, v, valid, weights
+
+
+def _reference(q, k, v, valid, weights, pattern, **options):
+    """Output and gradients of sum(out * weights) over the real length, in float64."""
+    with jax.enable_x64(True):
+        arrays = [jnp.asarray(x[:, :LENGTH], jnp.float64) for x in (q, k, v)]
+        mask = jnp.asarray(valid[:, None, None, :LENGTH])
+
+        def loss(q, k, v):
+            out = dot_product_attention(q, k, v, mask=mask, pattern=pattern, **options)
+            return (out * weights).sum(), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*arrays)
+        return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _ring(q, k, v, valid, weights, pattern, n=4, **options):
+    mesh = _mesh(n)
+
+    def loss(q, k, v):
+        out = ring.sharded_ring_attention(
+            q, k, v, mesh=mesh, pattern=pattern, key_valid=valid, length=LENGTH, **options
+        )
+        return (out[:, :LENGTH] * weights).sum(), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = step(q, k, v)
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _check(ring_result, reference):
+    out, grads = ring_result
+    ref_out, ref_grads = reference
+    np.testing.assert_allclose(out[:, :LENGTH], ref_out, atol=2e-5, rtol=1e-4)
+    # Padded queries get zeros; padded positions get no gradient.
+    np.testing.assert_array_equal(out[:, LENGTH:], 0.0)
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(grad[:, :LENGTH], ref, atol=3e-5, rtol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(grad[:, LENGTH:], 0.0, err_msg=name)
+
+
+PATTERNS = {
+    "full": patterns.full(),
+    "causal": patterns.causal(),
+    "sliding_window": patterns.sliding_window(3),
+    "anchor": patterns.anchor(3),
+    "bigbird": patterns.bigbird(block_size=4, num_random_blocks=1, seed=1),
+    "causal_sliding_window": patterns.sliding_window(3) & patterns.causal(),
+}
+
+
+@pytest.mark.parametrize("order", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_forward_and_gradients_match_dense_float64(name, order):
+    pattern = PATTERNS[name]
+    q, k, v, valid, weights = _inputs()
+    # Chunks of 4 in shards of 8: work is also skipped inside a pair.
+    got = _ring(q, k, v, valid, weights, pattern, order=order, chunk=4)
+    _check(got, _reference(q, k, v, valid, weights, pattern))
+
+
+def test_alibi_and_scale_at_real_positions_in_zigzag_order():
+    pattern = patterns.causal()
+    q, k, v, valid, weights = _inputs(seed=1)
+    slopes = np.array([0.5, 0.125], np.float32)
+    options = dict(alibi_slopes=slopes, scale=0.3)
+    got = _ring(q, k, v, valid, weights, pattern, order="zigzag", **options)
+    _check(got, _reference(q, k, v, valid, weights, pattern, **options))
+
+
+def _no_key_for_query_5(i, j):
+    return (j <= i) & (i != 5)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_gradients():
+    pattern = patterns.predicate(_no_key_for_query_5, "causal, query 5 sees nothing")
+    q, k, v, valid, weights = _inputs(seed=2)
+    valid[1] = False  # the second sequence has no valid key at all
+    got = _ring(q, k, v, valid, weights, pattern, n=8)
+    out, grads = got
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+    np.testing.assert_array_equal(out[:, 5], 0.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+    for grad in grads:
+        np.testing.assert_array_equal(grad[1], 0.0)
+    np.testing.assert_array_equal(grads[0][:, 5], 0.0)
+    _check(got, _reference(q, k, v, valid, weights, pattern))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _kinds_from_mask(pattern, n, shard_len, length, order):
+    """EMPTY/PARTIAL/FULL of each (query shard, key shard) pair from the dense mask."""
+    positions = ring.shard_positions(n * shard_len, n, order)
+    mask = np.zeros((n * shard_len,) * 2, bool)
+    mask[:length, :length] = pattern.mask(length, length)
+    pairs = mask[positions[:, None, :, None], positions[None, :, None, :]]
+    return np.where(
+        pairs.all((2, 3)), patterns.FULL, np.where(pairs.any((2, 3)), patterns.PARTIAL, 0)
+    )
+
+
+@pytest.mark.parametrize("order", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_plan_pairs_are_those_of_the_dense_mask(name, order):
+    pattern = PATTERNS[name]
+    plan = ring.plan_ring(pattern, 8, 8, 61, order)
+    np.testing.assert_array_equal(plan.pair_kind, _kinds_from_mask(pattern, 8, 8, 61, order))
+    # Every computed step has some device computing; skipped offsets are exactly those whose
+    # pairs are empty on every device.
+    devices = np.arange(8)
+    for offset in range(8):
+        needed = (plan.pair_kind[devices, (devices - offset) % 8] != 0).any()
+        assert needed == (offset in [s.offset for s in plan.steps])
+        assert needed != (offset in plan.skipped_offsets)
+
+
+def test_sliding_window_narrower_than_a_shard_exchanges_with_neighbours_only():
+    window = patterns.sliding_window(5)
+    plans = {n: ring.plan_ring(window, n, 16) for n in (4, 8)}
+    for n, plan in plans.items():
+        assert [s.offset for s in plan.steps] == [0, 1, n - 1]
+        assert plan.skipped_offsets == tuple(range(2, n - 1))
+        assert plan.exchanges == 2
+        assert plan.sends_per_device().max() == 2
+    # Bytes one device sends do not grow with the number of shards.
+    per_device = {n: plan.bytes_per_step(1, 4, 64) for n, plan in plans.items()}
+    assert per_device[4] == per_device[8] == (0, 1 * 16 * 4 * 128 * 4, 1 * 16 * 4 * 128 * 4)
+    # Full attention, by contrast, sends n - 1 shards per device.
+    assert ring.plan_ring(patterns.full(), 8, 16).sends_per_device().tolist() == [7] * 8
+
+
+def test_compiled_ring_issues_only_the_planned_exchanges():
+    """The skipped steps' ppermutes are absent from the program, forward and backward."""
+    pattern = patterns.sliding_window(3)
+    mesh = _mesh(8)
+    x = jnp.zeros((1, 64, 1, 8))
+
+    def forward(q):
+        return ring.sharded_ring_attention(q, q, q, mesh=mesh, pattern=pattern).sum()
+
+    forward_text = jax.jit(forward).lower(x).as_text()
+    backward_text = jax.jit(jax.grad(forward)).lower(x).as_text()
+    # Forward: the two neighbour exchanges, each of key and value.
+    assert forward_text.count("collective_permute") == 2 * 2
+    # Backward adds the keys again and the gradients' trips home, two arrays each.
+    assert backward_text.count("collective_permute") == 2 * 2 + 2 * 2 + 2 * 2
+
+
+def test_zigzag_balances_causal_work():
+    contiguous = ring.plan_ring(patterns.causal(), 4, 16, order="contiguous", chunk=8)
+    zigzag = ring.plan_ring(patterns.causal(), 4, 16, order="zigzag", chunk=8)
+    # Contiguous: device i has i + 1 pairs, in chunk products 3, 7, 11, 15.
+    assert contiguous.chunks_per_device().tolist() == [3, 7, 11, 15]
+    assert zigzag.chunks_per_device().tolist() == [9, 9, 9, 9]
+    assert zigzag.computed_chunks == contiguous.computed_chunks
+
+
+def test_zigzag_permutation_round_trip():
+    perm = ring.zigzag_permutation(16, 4)
+    assert perm.reshape(4, 4).tolist() == [
+        [0, 1, 14, 15],
+        [2, 3, 12, 13],
+        [4, 5, 10, 11],
+        [6, 7, 8, 9],
+    ]
+    x = jnp.arange(2 * 16).reshape(2, 16)
+    np.testing.assert_array_equal(ring.from_zigzag(ring.to_zigzag(x, 4), 4), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_errors_name_the_numbers():
+    q = jnp.zeros((1, 30, 1, 8))
+    with pytest.raises(ValueError, match=r"length 30 does not divide into 4 shards.*32"):
+        ring.sharded_ring_attention(q, q, q, mesh=_mesh(4))
+    q = jnp.zeros((1, 36, 1, 8))
+    with pytest.raises(ValueError, match=r"length 36 does not divide into 2 x 4 zig-zag"):
+        ring.sharded_ring_attention(q, q, q, mesh=_mesh(4), order="zigzag")
+    with pytest.raises(ValueError, match=r"no axis 'sequence'.*'context'"):
+        ring.sharded_ring_attention(q, q, q, mesh=_mesh(4), axis_name="sequence")
+    inside = jax.shard_map(
+        lambda x: ring.ring_attention(x, x, x, axis_name="sequence"),
+        mesh=_mesh(4),
+        in_specs=P(None, "context"),
+        out_specs=P(None, "context"),
+    )
+    with pytest.raises(ValueError, match=r"no mesh axis 'sequence'"):
+        inside(q)
+    with pytest.raises(ValueError, match=r"length 40 must be in \[1, 36\]"):
+        ring.plan_ring(patterns.causal(), 4, 9, 40)
+    with pytest.raises(ValueError, match=r"chunk must divide .* 8 tokens; got 3"):
+        ring.plan_ring(patterns.causal(), 4, 8, chunk=3)

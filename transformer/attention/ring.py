@@ -1,0 +1,720 @@
+"""Ring attention: context parallelism that skips what the pattern makes unnecessary.
+
+Each device of a mesh axis (say "context") holds one shard of the sequence: its queries, keys,
+values and key padding, `[batch, shard_len, heads, head_dim]`. `ring_attention`, called inside
+`jax.shard_map` over that axis, computes exactly the attention of the whole sequence under a
+pattern (`dot_product_attention(..., pattern=pattern)`), each device for its own queries: key and
+value shards travel between the devices with `lax.ppermute`, and each device folds every shard
+that reaches it into an online softmax (running max, sum and weighted values, as in
+FlashAttention), so no device needs the keys of the whole sequence at once.
+
+Pattern-aware. The plan (`plan_ring`, NumPy, static) reads the pattern's block layout at shard
+granularity: which (query shard, key shard) pairs are non-empty. At ring step `offset`, device i
+computes against the keys of device `(i - offset) % n`. An offset that no device needs is not a
+step at all: no ppermute, no compute. A step that every device needs is one hop of the ring from
+the previous step's buffer (each link carries one shard); a step that only some devices need is
+sent straight from the owners' own shards to those devices, and the others neither receive nor
+compute. A sliding window narrower than a shard needs offsets 0, +1 and -1 only: each device
+sends two shards, however many devices there are. BigBird adds the anchor shards (which every
+device receives) and its random blocks' shards. Inside a pair, work is skipped by chunks of
+queries and keys (`chunk`, up to 512): only the (query chunk, key chunk) products with an
+allowed pair are computed, each densely under its exact mask (the pattern's distinct partial
+blocks, stored once).
+
+Causal load balancing. Under a causal mask a contiguous split gives device 0 one pair of work
+and device n-1 n pairs. The zig-zag order splits the sequence into 2n chunks and gives device i
+chunks i and 2n-1-i, so every device computes the same number of chunk products
+(`zigzag_permutation`, `to_zigzag`, `from_zigzag`; the plan's masks and ALiBi distances follow
+the real positions).
+
+Exact, forward and backward: a `jax.custom_vjp` whose backward walks the same steps again; the
+gradients of each visiting key shard accumulate in buffers that travel with it and go home to its
+owner when the walk leaves it (one more ppermute). The forward saves only the device's own q, k,
+v, output and log-sum-exp, never the visiting shards. A query with no allowed key gets zeros and
+zero gradients. Inputs are assumed finite (padded keys and values are zeroed, as block-sparse
+attention does); unlike the dense reference, a NaN or inf at an excluded position inside a
+computed chunk product is not kept out. Logit soft-capping and attention sinks are not computed.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from transformer import patterns
+from transformer.attention.shapes import check_query_key_value, varying_like
+
+ORDERS = ("contiguous", "zigzag")
+# Inside a pair, work is skipped by chunks of at most this many queries and keys; one chunk
+# product's scores, [batch, heads, chunk, chunk], are what a step holds at a time.
+_MAX_CHUNK = 512
+# The pair masks are stored as the distinct masks of blocks of at most this size.
+_MAX_BLOCK = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Token orders.
+
+
+def _check_shards(length, num_shards, order):
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}; got {order!r}.")
+    for name, value in (("length", length), ("num_shards", num_shards)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    chunks = 2 * num_shards if order == "zigzag" else num_shards
+    if length % chunks:
+        what = f"2 x {num_shards} zig-zag chunks" if order == "zigzag" else f"{num_shards} shards"
+        raise ValueError(
+            f"sequence length {length} does not divide into {what}; pad it to a multiple of "
+            f"{chunks} (e.g. {-(-length // chunks) * chunks}) and mark the padding in key_valid."
+        )
+
+
+def zigzag_permutation(length, num_shards):
+    """`[length]` int: the token order whose consecutive shards are the zig-zag shards.
+
+    The sequence is cut into 2n chunks; shard i is chunk i followed by chunk 2n-1-i. Reorder with
+    `x[:, perm]` (`to_zigzag`) before sharding and back with `from_zigzag`.
+    """
+    _check_shards(length, num_shards, "zigzag")
+    chunks = np.arange(length).reshape(2 * num_shards, -1)
+    return np.concatenate(
+        [np.concatenate([chunks[i], chunks[2 * num_shards - 1 - i]]) for i in range(num_shards)]
+    )
+
+
+def to_zigzag(x, num_shards, axis=1):
+    """`x` with its `axis` (the sequence) in zig-zag order for `num_shards` shards."""
+    return jnp.take(x, zigzag_permutation(x.shape[axis], num_shards), axis=axis)
+
+
+def from_zigzag(x, num_shards, axis=1):
+    """Inverse of `to_zigzag`: the sequence back in its natural order."""
+    return jnp.take(x, np.argsort(zigzag_permutation(x.shape[axis], num_shards)), axis=axis)
+
+
+def shard_positions(length, num_shards, order="contiguous"):
+    """`[num_shards, length // num_shards]` int: the sequence position of each shard's tokens."""
+    _check_shards(length, num_shards, order)
+    if order == "zigzag":
+        return zigzag_permutation(length, num_shards).reshape(num_shards, -1)
+    return np.arange(length).reshape(num_shards, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass(frozen=True)
+class RingStep:
+    """One ring step: device i computes its queries against the keys of device (i - offset) % n.
+
+    The keys arrive by one ppermute, `perm` ((sender, receiver) device pairs; empty: no
+    communication), applied to the previous step's buffer (`source="carried"`, a whole ring hop
+    of `shift` devices, in [-n/2, n/2]) or to the devices' own shards (`source="local"`). A step
+    that only some devices need is sent from the owners' own shards to those devices only; a
+    step every device needs is a whole hop. Within the pair, the step
+    walks `items` (query chunk, key chunk) of `chunk` tokens each: those that some device needs;
+    `flags[i, t]` says whether device i computes item t.
+    """
+
+    offset: int
+    source: str
+    shift: int
+    perm: tuple  # ((sender, receiver), ...)
+    home: tuple  # the perm that brings the visiting shards' gradients back to their owners
+    items: np.ndarray  # [m, 2] int32 (query chunk, key chunk)
+    flags: np.ndarray  # [n, m] bool
+    mask_ids: np.ndarray  # [n, nb, nb] int32: each device's pair mask, as ids of block masks
+
+    @property
+    def computed_pairs(self):
+        """Devices whose pair at this offset is non-empty."""
+        return int(self.flags.any(1).sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached
+class RingPlan:
+    """What a ring computes and sends, from the pattern alone (NumPy, static).
+
+    Shards are in device order, whatever the token order. `pair_kind[i, j]` is EMPTY, PARTIAL
+    or FULL for query shard i against key shard j; `chunk_kind[i, j, a, b]` the same for their
+    chunks a and b of `chunk` tokens. `steps` are the offsets computed, in order;
+    `skipped_offsets` those no device needs, whose exchange never happens. `block_masks` are
+    the distinct exact masks of partial `[block, block]` blocks (id 0 all-allowed, 1 none).
+    """
+
+    pattern: object
+    num_shards: int
+    shard_len: int
+    length: int  # the real sequence length the pattern is evaluated at
+    order: str
+    chunk: int
+    block: int
+    positions: np.ndarray  # [n, shard_len] sequence position of each token
+    pair_kind: np.ndarray  # [n, n] int8
+    chunk_kind: np.ndarray  # [n, n, chunks, chunks] int8
+    steps: tuple
+    skipped_offsets: tuple
+    block_masks: np.ndarray  # [num_masks, block, block] bool
+
+    @property
+    def computed_pairs(self):
+        return int((self.pair_kind != patterns.EMPTY).sum())
+
+    @property
+    def skipped_pairs(self):
+        return self.num_shards**2 - self.computed_pairs
+
+    @property
+    def computed_chunks(self):
+        """(query chunk, key chunk) products computed, over all devices."""
+        return int((self.chunk_kind != patterns.EMPTY).sum())
+
+    @property
+    def total_chunks(self):
+        return self.chunk_kind.size
+
+    @property
+    def exchanges(self):
+        """ppermutes of one shard per device in the forward pass."""
+        return sum(bool(step.perm) for step in self.steps)
+
+    def sends_per_device(self):
+        """`[n]`: shards each device sends in the forward pass."""
+        sends = np.zeros(self.num_shards, int)
+        for step in self.steps:
+            for sender, _ in step.perm:
+                sends[sender] += 1
+        return sends
+
+    def chunks_per_device(self):
+        """`[n]`: chunk products each device computes (its load)."""
+        return (self.chunk_kind != patterns.EMPTY).sum(axis=(1, 2, 3))
+
+    def _shard_bytes(self, batch, heads, head_dim, value_dim, itemsize, key_padding):
+        value_dim = head_dim if value_dim is None else value_dim
+        shard = batch * self.shard_len * heads * (head_dim + value_dim) * itemsize
+        accumulators = batch * self.shard_len * heads * (head_dim + value_dim) * 4
+        return shard + (batch * self.shard_len if key_padding else 0), accumulators
+
+    def bytes_per_step(self, batch, heads, head_dim, value_dim=None, itemsize=4, key_padding=False):
+        """Bytes one device sends at each step of the forward pass, at most (a device sends one
+        shard or none per step): its key and value shards, and its key padding when given."""
+        shard, _ = self._shard_bytes(batch, heads, head_dim, value_dim, itemsize, key_padding)
+        return tuple(shard if step.perm else 0 for step in self.steps)
+
+    def total_bytes(self, batch, heads, head_dim, value_dim=None, itemsize=4, key_padding=False):
+        """(forward, backward) bytes sent by all devices together. The backward pass sends the
+        key shards again, the float32 gradient accumulators that travel with them, and the
+        accumulators' trips home."""
+        shard, accumulators = self._shard_bytes(
+            batch, heads, head_dim, value_dim, itemsize, key_padding
+        )
+        forward = shard * sum(len(step.perm) for step in self.steps)
+        travelling = sum(len(step.perm) for step in self.steps if step.source == "carried")
+        home = sum(len(perm) for perm in _trips_home(self.steps))
+        return forward, forward + accumulators * (travelling + home)
+
+    def describe(self):
+        """A few lines of text: what is computed and sent, step by step."""
+        n = self.num_shards
+        lines = [
+            f"ring plan: {self.pattern} over {n} shards of {self.shard_len} "
+            f"({self.order}, real length {self.length}, chunks of {self.chunk})",
+            f"  shard pairs computed {self.computed_pairs} of {n * n}; chunk products "
+            f"{self.computed_chunks} of {self.total_chunks}, per device "
+            f"{self.chunks_per_device().tolist()}",
+            f"  offsets skipped (no exchange, no compute): {list(self.skipped_offsets)}",
+        ]
+        for step in self.steps:
+            lines.append(
+                f"  offset {step.offset}: {step.source}, shift {step.shift:+d}, "
+                f"{len(step.perm)} shards sent, {step.computed_pairs} devices compute "
+                f"{int(step.flags.sum())} chunk products"
+            )
+        return "\n".join(lines)
+
+
+def _trips_home(steps):
+    """The perms that send travelling gradient accumulators home in the backward pass: when the
+    walk leaves a buffer for the devices' own shards, and at the end."""
+    trips = []
+    for step, following in zip(steps, steps[1:] + (None,)):
+        if step.home and (following is None or following.source == "local"):
+            trips.append(step.home)
+    return trips
+
+
+def _largest_divisor(length, at_most):
+    return max(d for d in range(1, min(length, at_most) + 1) if length % d == 0)
+
+
+def _signed(shift, n):
+    """`shift` mod n as the signed shift of fewest hops, in [-n/2, n/2]."""
+    shift %= n
+    return shift - n if shift > n // 2 else shift
+
+
+def _kind(ids, axes):
+    """EMPTY/PARTIAL/FULL of groups of block mask ids (0 full, 1 empty) reduced over `axes`."""
+    full = (ids == 0).all(axes)
+    empty = (ids == 1).all(axes)
+    return np.where(full, patterns.FULL, np.where(empty, patterns.EMPTY, patterns.PARTIAL)).astype(
+        np.int8
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def plan_ring(pattern, num_shards, shard_len, length=None, order="contiguous", chunk=None):
+    """The `RingPlan` of `pattern` over `num_shards` shards of `shard_len` tokens.
+
+    `length` is the real sequence length (default num_shards * shard_len): keys at positions
+    past it are excluded and queries past it get zeros, and the pattern is evaluated at that
+    length (a random pattern's draw depends on it). `chunk` (default: the largest divisor of
+    the shard, or of its zig-zag half, up to 512) is the granularity at which the work inside a
+    pair is skipped.
+    """
+    if not isinstance(pattern, patterns.Pattern):
+        raise TypeError(f"pattern must be a transformer.patterns pattern; got {pattern!r}.")
+    total = num_shards * shard_len
+    _check_shards(total, num_shards, order)
+    length = total if length is None else length
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)):
+        raise ValueError(f"length must be an integer; got {length!r}.")
+    if not 1 <= length <= total:
+        raise ValueError(
+            f"length {length} must be in [1, {total}] ({num_shards} shards of {shard_len})."
+        )
+    base = shard_len // 2 if order == "zigzag" else shard_len
+    chunk = _largest_divisor(base, _MAX_CHUNK) if chunk is None else chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or base % chunk:
+        raise ValueError(
+            f"chunk must divide the {'zig-zag half ' if order == 'zigzag' else ''}shard of "
+            f"{base} tokens; got {chunk!r}."
+        )
+    block = _largest_divisor(chunk, _MAX_BLOCK)
+    positions = shard_positions(total, num_shards, order)
+    # The pattern's layout at block granularity covers the real length; blocks past it are empty.
+    real = pattern.block_layout(length, length, block)
+    num_blocks = total // block
+    layout = np.full((num_blocks, num_blocks), patterns.EMPTY, np.int8)
+    layout[: real.shape[0], : real.shape[1]] = real
+    shard_blocks = positions[:, ::block] // block  # [n, nb] sequence block of each shard block
+    # [n, n, nb, nb]: query shard, key shard, their blocks; as mask ids (0 full, 1 empty).
+    pair_blocks = layout[shard_blocks[:, None, :, None], shard_blocks[None, :, None, :]]
+    ids = np.where(pair_blocks == patterns.FULL, 0, 1).astype(np.int32)
+    partial = np.argwhere(pair_blocks == patterns.PARTIAL)
+    masks = [np.ones((block, block), bool), np.zeros((block, block), bool)]
+    if len(partial):
+        q_first = shard_blocks[partial[:, 0], partial[:, 2]] * block
+        k_first = shard_blocks[partial[:, 1], partial[:, 3]] * block
+        q_pos = q_first[:, None, None] + np.arange(block)[None, :, None]
+        k_pos = k_first[:, None, None] + np.arange(block)[None, None, :]
+        exact = pattern.allows(
+            np.minimum(q_pos, length - 1), np.minimum(k_pos, length - 1), length, length
+        )
+        exact = np.broadcast_to(exact, (len(partial), block, block))
+        exact = exact & (q_pos < length) & (k_pos < length)
+        unique, inverse = np.unique(exact.reshape(len(exact), -1), axis=0, return_inverse=True)
+        masks.extend(unique.reshape(-1, block, block))
+        # A block the layout called partial may be exactly full or exactly empty.
+        mask_id = np.where(
+            unique.all(1), 0, np.where(~unique.any(1), 1, 2 + np.arange(len(unique)))
+        )
+        ids[tuple(partial.T)] = mask_id[inverse.reshape(-1)]
+    n, per_chunk = num_shards, chunk // block
+    chunks = shard_len // chunk
+    chunk_ids = ids.reshape(n, n, chunks, per_chunk, chunks, per_chunk)
+    chunk_kind = _kind(chunk_ids, (3, 5))  # [n, n, chunks, chunks]
+    pair_kind = _kind(chunk_ids, (2, 3, 4, 5))
+
+    devices = np.arange(n)
+    steps, needed, current, whole = [], [], 0, True
+    for offset in range(n):
+        sources = (devices - offset) % n
+        flags = (chunk_kind[devices, sources] != patterns.EMPTY).reshape(n, -1)  # [n, c * c]
+        if not flags.any():
+            continue
+        needed.append(offset)
+        used = np.flatnonzero(flags.any(0))
+        items = np.stack([used // chunks, used % chunks], axis=1).astype(np.int32)
+        receivers = devices if offset == 0 else np.flatnonzero(flags.any(1))
+        carried, local = _signed(offset - current, n), _signed(offset, n)
+        if len(receivers) == n and whole and abs(carried) <= abs(local):
+            # A whole hop from the previous buffer: each link carries one shard, as in a ring.
+            source, shift = "carried", carried
+            perm = tuple((int(j), int((j + shift) % n)) for j in devices) if shift else ()
+        else:
+            source, shift = "local", local
+            perm = tuple((int(sources[i]), int(i)) for i in receivers if offset)
+        home = tuple((receiver, sender) for sender, receiver in perm) if offset else ()
+        if source == "carried":
+            home = tuple((int(i), int(sources[i])) for i in devices) if offset else ()
+        steps.append(
+            RingStep(
+                offset, source, shift, perm, home, items, flags[:, used], ids[devices, sources]
+            )
+        )
+        current, whole = offset, len(receivers) == n
+    return RingPlan(
+        pattern=pattern,
+        num_shards=n,
+        shard_len=shard_len,
+        length=int(length),
+        order=order,
+        chunk=chunk,
+        block=block,
+        positions=positions,
+        pair_kind=pair_kind,
+        chunk_kind=chunk_kind,
+        steps=tuple(steps),
+        skipped_offsets=tuple(d for d in range(n) if d not in needed),
+        block_masks=np.stack(masks),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The ring.
+
+
+def ring_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern=None,
+    axis_name="context",
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    length=None,
+    order="contiguous",
+    chunk=None,
+):
+    """This device's share of `dot_product_attention(..., pattern=pattern)` over the whole sequence.
+
+    Call inside `jax.shard_map` with the sequence split over `axis_name`, every device holding
+    one shard (in zig-zag order when `order="zigzag"`: see `to_zigzag`).
+
+    Args:
+      query: `[batch, shard_len, heads, head_dim]`, this device's queries.
+      key: `[batch, shard_len, heads, head_dim]`, this device's keys.
+      value: `[batch, shard_len, heads, value_dim]`.
+      pattern: a `transformer.patterns` pattern, a name in `patterns.PATTERNS`, or None (full).
+      axis_name: the mesh axis the sequence is split over.
+      key_valid: bool `[batch, shard_len]`, False at padded keys, or None.
+      scale: multiplies the logits; defaults to 1/sqrt(head_dim).
+      alibi_slopes: `[heads]`; adds -slope * |i - j| at the real positions. Constants: no
+        gradient flows to them.
+      length: the real sequence length, default num_shards * shard_len; positions past it are
+        padding (keys excluded, queries get zeros) and the pattern is evaluated at it.
+      order: "contiguous" (device i holds positions [i * shard_len, (i + 1) * shard_len)) or
+        "zigzag".
+      chunk: the granularity at which work inside a pair is skipped (`plan_ring`).
+
+    Returns:
+      `[batch, shard_len, heads, value_dim]`: this device's rows of the output, zeros for a query
+      with no allowed key.
+    """
+    check_query_key_value(query, key, value)
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"ring attention is self-attention over one sharded sequence: query shard length "
+            f"{query.shape[1]} != key shard length {key.shape[1]}."
+        )
+    if pattern is None:
+        pattern = patterns.full()
+    elif isinstance(pattern, str):
+        pattern = patterns.build(pattern)
+    try:
+        num_shards = lax.axis_size(axis_name)
+    except NameError as error:
+        raise ValueError(
+            f"ring_attention found no mesh axis {axis_name!r}: call it inside jax.shard_map over "
+            f"a mesh with that axis ({error})."
+        ) from None
+    batch, shard_len, heads, _ = query.shape
+    if key_valid is not None and tuple(key_valid.shape) != (batch, shard_len):
+        raise ValueError(
+            f"key_valid must be [batch, shard_len] = [{batch}, {shard_len}]; got shape "
+            f"{tuple(key_valid.shape)}."
+        )
+    if alibi_slopes is not None and np.shape(alibi_slopes) != (heads,):
+        raise ValueError(
+            f"alibi_slopes must have shape [heads] = ({heads},); got {np.shape(alibi_slopes)}."
+        )
+    plan = plan_ring(pattern, num_shards, shard_len, length, order, chunk)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if key_valid is not None:
+        # Padded keys and values become zeros: nothing there can reach a product.
+        valid = key_valid[:, :, None, None]
+        key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
+        key_valid = key_valid.astype(bool)
+    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+    return _ring(plan, float(scale), axis_name, query, key, value, key_valid, slopes)
+
+
+def _send(tree, perm, axis_name):
+    """`tree` moved along `perm` ((sender, receiver) pairs); devices receiving nothing get zeros."""
+    if not perm:
+        return tree
+    return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+def _slice(x, chunk, index, axis):
+    return lax.dynamic_slice_in_dim(x, index * chunk, chunk, axis)
+
+
+def _update(x, update, chunk, index, axis):
+    return lax.dynamic_update_slice_in_dim(x, update, index * chunk, axis)
+
+
+class _Chunk:
+    """What one (query chunk, key chunk) product of a step needs: its logits and its mask."""
+
+    def __init__(self, plan, step, device, slopes):
+        self.plan, self.step, self.device, self.slopes = plan, step, device, slopes
+        self.ids = jnp.asarray(step.mask_ids)[device]  # [nb, nb]
+        self.positions = jnp.asarray(plan.positions)
+
+    def mask(self, q_chunk, k_chunk, valid):
+        """`[batch or 1, 1, chunk, chunk]` bool: the exact mask of the product, padding included."""
+        plan = self.plan
+        per_chunk = plan.chunk // plan.block
+        ids = lax.dynamic_slice(
+            self.ids, (q_chunk * per_chunk, k_chunk * per_chunk), (per_chunk, per_chunk)
+        )
+        blocks = jnp.asarray(plan.block_masks)[ids]  # [per_chunk, per_chunk, block, block]
+        mask = blocks.transpose(0, 2, 1, 3).reshape(plan.chunk, plan.chunk)[None, None]
+        if valid is not None:
+            mask = mask & _slice(valid, plan.chunk, k_chunk, 1)[:, None, None, :]
+        return mask
+
+    def logits(self, q_chunk, k_chunk, q_scaled, key):
+        """`[batch, heads, chunk, chunk]` float32 logits of the product, ALiBi included."""
+        plan = self.plan
+        q = _slice(q_scaled, plan.chunk, q_chunk, 1)
+        k = _slice(key, plan.chunk, k_chunk, 1).astype(q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if self.slopes is not None:
+            source = (self.device - self.step.offset) % plan.num_shards
+            q_pos = _slice(self.positions[self.device], plan.chunk, q_chunk, 0)
+            k_pos = _slice(self.positions[source], plan.chunk, k_chunk, 0)
+            distance = jnp.abs(q_pos[:, None] - k_pos[None, :]).astype(logits.dtype)
+            logits = logits - self.slopes.astype(logits.dtype)[None, :, None, None] * distance
+        return logits
+
+
+def _walk(step, device, carry, compute):
+    """Runs `compute(carry, query chunk, key chunk)` over the step's items this device needs."""
+    items, flags = jnp.asarray(step.items), jnp.asarray(step.flags)[device]
+
+    def body(carry, t):
+        q_chunk, k_chunk = items[t, 0], items[t, 1]
+        carry = lax.cond(flags[t], lambda c: compute(c, q_chunk, k_chunk), lambda c: c, carry)
+        return carry, None
+
+    return lax.scan(body, carry, jnp.arange(len(step.items)))[0]
+
+
+def _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes):
+    """Output `[batch, shard_len, heads, value_dim]` and log-sum-exp `[batch, heads, shard_len]`."""
+    chunk = plan.chunk
+    device = lax.axis_index(axis_name)
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q_scaled = query.astype(dtype) * scale
+    batch, shard_len, heads, _ = query.shape
+    carry = varying_like(
+        (query, key, value),
+        jnp.full((batch, heads, shard_len), -jnp.inf, dtype),  # running max
+        jnp.zeros((batch, heads, shard_len), dtype),  # running sum of exp(logit - max)
+        jnp.zeros((batch, heads, shard_len, value.shape[-1]), dtype),  # weighted values
+    )
+    local = (key, value, key_valid)
+    buffer = local
+    for step in plan.steps:
+        buffer = _send(local if step.source == "local" else buffer, step.perm, axis_name)
+        k, v, valid = buffer
+        pair = _Chunk(plan, step, device, slopes)
+
+        def compute(carry, q_chunk, k_chunk, k=k, v=v, valid=valid, pair=pair):
+            row_max, row_sum, acc = (_slice(x, chunk, q_chunk, 2) for x in carry)
+            mask = pair.mask(q_chunk, k_chunk, valid)
+            logits = jnp.where(mask, pair.logits(q_chunk, k_chunk, q_scaled, k), -jnp.inf)
+            new_max = jnp.maximum(row_max, logits.max(-1))
+            # A row with no allowed key so far keeps max -inf: shift it by 0, not by -inf.
+            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+            p = jnp.where(mask, jnp.exp(logits - shift[..., None]), 0.0)
+            correction = jnp.exp(row_max - shift)
+            row_sum = row_sum * correction + p.sum(-1)
+            v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
+            acc = acc * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_chunk)
+            return tuple(
+                _update(x, u, chunk, q_chunk, 2) for x, u in zip(carry, (new_max, row_sum, acc))
+            )
+
+        carry = _walk(step, device, carry, compute)
+    row_max, row_sum, acc = carry
+    has_key = row_sum > 0
+    total = jnp.where(has_key, row_sum, 1.0)
+    out = jnp.where(has_key[..., None], acc / total[..., None], 0.0)
+    lse = jnp.where(has_key, row_max + jnp.log(total), -jnp.inf)
+    return out.transpose(0, 2, 1, 3).astype(query.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(plan, scale, axis_name, query, key, value, key_valid, slopes):
+    return _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes)[0]
+
+
+def _ring_fwd(plan, scale, axis_name, query, key, value, key_valid, slopes):
+    out, lse = _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes)
+    return out, (query, key, value, key_valid, slopes, out, lse)
+
+
+def _ring_bwd(plan, scale, axis_name, residuals, d_out):
+    """The forward's steps again; each visiting key shard's gradients travel with it and go
+    home to its owner when the walk leaves it (FlashAttention's backward, pair by pair)."""
+    query, key, value, key_valid, slopes, out, lse = residuals
+    chunk = plan.chunk
+    device = lax.axis_index(axis_name)
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.astype(dtype)
+    q_scaled = q * scale
+    d_out_t = d_out.astype(dtype).transpose(0, 2, 1, 3)  # [batch, heads, shard_len, value_dim]
+    delta = (d_out_t * out.astype(dtype).transpose(0, 2, 1, 3)).sum(-1)
+    d_query, d_key, d_value = varying_like(
+        (query, key, value, d_out),
+        jnp.zeros(query.shape, dtype),
+        jnp.zeros(key.shape, dtype),
+        jnp.zeros(value.shape, dtype),
+    )
+    home = travelling = (d_key, d_value)  # gradients at the owner, and those travelling
+    local = (key, value, key_valid)
+    buffer, previous = local, None
+    for step in plan.steps:
+        if step.source == "local":
+            if previous is not None:
+                home = _add(home, _send(travelling, previous.home, axis_name))
+            travelling = tuple(jnp.zeros_like(h) for h in home)
+            buffer = _send(local, step.perm, axis_name)
+        else:
+            buffer, travelling = _send((buffer, travelling), step.perm, axis_name)
+        previous = step
+        k, v, valid = buffer
+        pair = _Chunk(plan, step, device, slopes)
+
+        def compute(carry, q_chunk, k_chunk, k=k, v=v, valid=valid, pair=pair):
+            d_query, d_key, d_value = carry
+            mask = pair.mask(q_chunk, k_chunk, valid)
+            logits = pair.logits(q_chunk, k_chunk, q_scaled, k)
+            lse_chunk = _slice(lse, chunk, q_chunk, 2)
+            # Rows with no allowed key (lse -inf) have weight 0 everywhere.
+            allowed = mask & jnp.isfinite(lse_chunk)[..., None]
+            shift = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
+            p = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0.0) - shift[..., None]), 0.0)
+            d_out_chunk = _slice(d_out_t, chunk, q_chunk, 2)
+            k_chunk_values = _slice(k, chunk, k_chunk, 1).astype(dtype)
+            v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
+            d_v = jnp.einsum("bhqk,bhqd->bkhd", p, d_out_chunk)
+            d_p = jnp.einsum("bhqd,bkhd->bhqk", d_out_chunk, v_chunk)
+            d_logits = p * (d_p - _slice(delta, chunk, q_chunk, 2)[..., None]) * scale
+            d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k_chunk_values)
+            d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, _slice(q, chunk, q_chunk, 1))
+            return (
+                _update(d_query, _slice(d_query, chunk, q_chunk, 1) + d_q, chunk, q_chunk, 1),
+                _update(d_key, _slice(d_key, chunk, k_chunk, 1) + d_k, chunk, k_chunk, 1),
+                _update(d_value, _slice(d_value, chunk, k_chunk, 1) + d_v, chunk, k_chunk, 1),
+            )
+
+        d_query, *travelling = _walk(step, device, (d_query, *travelling), compute)
+        travelling = tuple(travelling)
+    if previous is not None:
+        home = _add(home, _send(travelling, previous.home, axis_name))
+    d_key, d_value = home
+    return (
+        d_query.astype(query.dtype),
+        d_key.astype(key.dtype),
+        d_value.astype(value.dtype),
+        None,
+        None,
+    )
+
+
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def sharded_ring_attention(
+    query,
+    key,
+    value,
+    *,
+    mesh,
+    axis_name="context",
+    pattern=None,
+    key_valid=None,
+    scale=None,
+    alibi_slopes=None,
+    length=None,
+    order="contiguous",
+    chunk=None,
+):
+    """`ring_attention` on whole-sequence arrays: reorders, shards over `axis_name`, restores.
+
+    query, key and value are `[batch, length, heads, head_dim]` (value_dim for value), key_valid
+    `[batch, length]` or None; the length must divide into the axis' shards (2 chunks per shard
+    for "zigzag"): pad it and mark the padding in key_valid, passing the real `length`. Other
+    mesh axes see the arrays replicated. Returns `[batch, length, heads, value_dim]` in the
+    natural order. Differentiable.
+    """
+    check_query_key_value(query, key, value)
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"the mesh has no axis {axis_name!r} to split the sequence over; its axes are "
+            f"{tuple(mesh.axis_names)}."
+        )
+    num_shards = mesh.shape[axis_name]
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"ring attention is self-attention: query length {query.shape[1]} != key length "
+            f"{key.shape[1]}."
+        )
+    _check_shards(query.shape[1], num_shards, order)
+    if order == "zigzag":
+        reorder = functools.partial(to_zigzag, num_shards=num_shards)
+    else:
+        reorder = lambda x: x  # noqa: E731
+    spec = jax.sharding.PartitionSpec(None, axis_name)
+    arrays = [reorder(x) for x in (query, key, value)]
+    specs = [spec] * 3
+    if key_valid is not None:
+        arrays.append(reorder(jnp.asarray(key_valid, bool)))
+        specs.append(spec)
+
+    def per_device(q, k, v, valid=None):
+        return ring_attention(
+            q,
+            k,
+            v,
+            pattern=pattern,
+            axis_name=axis_name,
+            key_valid=valid,
+            scale=scale,
+            alibi_slopes=alibi_slopes,
+            length=length,
+            order=order,
+            chunk=chunk,
+        )
+
+    out = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(specs), out_specs=spec)(*arrays)
+    return from_zigzag(out, num_shards) if order == "zigzag" else out
