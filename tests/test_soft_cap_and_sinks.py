@@ -512,6 +512,10 @@ def test_layer_config_fields_are_checked_and_the_sinks_learn():
         (dict(logit_soft_cap=0.0), "logit_soft_cap must be None or a finite number > 0"),
         (dict(logit_soft_cap="50"), "logit_soft_cap must be None or a finite number > 0"),
         (dict(attention_sinks=1), "attention_sinks must be True or False; got 1"),
+        (
+            dict(attention_sinks=True, implementation="xla"),
+            r"attention_sinks are computed by implementations .* got implementation='xla'",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             LayerConfig(**fields)

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from transformer.attention.dot_product import SOFT_CAP_AND_SINKS
 from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
@@ -91,6 +92,13 @@ class LayerConfig:
             check_bool(name, getattr(self, name))
         # A float from now on: an int from a config file works too, and the field stays hashable.
         object.__setattr__(self, "logit_soft_cap", check_logit_soft_cap(self.logit_soft_cap))
+        if (self.logit_soft_cap is not None or self.attention_sinks) and (
+            self.implementation not in SOFT_CAP_AND_SINKS
+        ):
+            raise ValueError(
+                f"logit_soft_cap and attention_sinks are computed by implementations "
+                f"{list(SOFT_CAP_AND_SINKS)} only; got implementation={self.implementation!r}."
+            )
         for name in ("d_model", "num_heads", "d_ff"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("head_dim", self.head_dim, allow_none=True)
