@@ -187,6 +187,10 @@ def test_zigzag_balances_causal_work():
     assert contiguous.chunks_per_device().tolist() == [3, 7, 11, 15]
     assert zigzag.chunks_per_device().tolist() == [9, 9, 9, 9]
     assert zigzag.computed_chunks == contiguous.computed_chunks
+    # The steps walk exactly those products, device by device.
+    for plan in (contiguous, zigzag):
+        walked = sum(step.counts for step in plan.steps)
+        np.testing.assert_array_equal(walked, plan.chunks_per_device())
 
 
 def test_zigzag_permutation_round_trip():

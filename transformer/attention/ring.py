@@ -17,7 +17,7 @@ sent straight from the owners' own shards to those devices, and the others neith
 compute. A sliding window narrower than a shard needs offsets 0, +1 and -1 only: each device
 sends two shards, however many devices there are. BigBird adds the anchor shards (which every
 device receives) and its random blocks' shards. Inside a pair, work is skipped by chunks of
-queries and keys (`chunk`, up to 512): only the (query chunk, key chunk) products with an
+queries and keys (`chunk`, up to 256): only the (query chunk, key chunk) products with an
 allowed pair are computed, each densely under its exact mask (the pattern's distinct partial
 blocks, stored once).
 
@@ -50,7 +50,7 @@ from transformer.attention.shapes import check_query_key_value, varying_like
 ORDERS = ("contiguous", "zigzag")
 # Inside a pair, work is skipped by chunks of at most this many queries and keys; one chunk
 # product's scores, [batch, heads, chunk, chunk], are what a step holds at a time.
-_MAX_CHUNK = 512
+_MAX_CHUNK = 256
 # The pair masks are stored as the distinct masks of blocks of at most this size.
 _MAX_BLOCK = 128
 
@@ -118,8 +118,8 @@ class RingStep:
     of `shift` devices, in [-n/2, n/2]) or to the devices' own shards (`source="local"`). A step
     that only some devices need is sent from the owners' own shards to those devices only; a
     step every device needs is a whole hop. Within the pair, the step
-    walks `items` (query chunk, key chunk) of `chunk` tokens each: those that some device needs;
-    `flags[i, t]` says whether device i computes item t.
+    walks device i's `items[i, :counts[i]]`, the (query chunk, key chunk) products of `chunk`
+    tokens each that its pair needs.
     """
 
     offset: int
@@ -127,14 +127,14 @@ class RingStep:
     shift: int
     perm: tuple  # ((sender, receiver), ...)
     home: tuple  # the perm that brings the visiting shards' gradients back to their owners
-    items: np.ndarray  # [m, 2] int32 (query chunk, key chunk)
-    flags: np.ndarray  # [n, m] bool
+    items: np.ndarray  # [n, m, 2] int32 (query chunk, key chunk), padded with (0, 0)
+    counts: np.ndarray  # [n] int32
     mask_ids: np.ndarray  # [n, nb, nb] int32: each device's pair mask, as ids of block masks
 
     @property
     def computed_pairs(self):
         """Devices whose pair at this offset is non-empty."""
-        return int(self.flags.any(1).sum())
+        return int((self.counts > 0).sum())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached
@@ -235,7 +235,7 @@ class RingPlan:
             lines.append(
                 f"  offset {step.offset}: {step.source}, shift {step.shift:+d}, "
                 f"{len(step.perm)} shards sent, {step.computed_pairs} devices compute "
-                f"{int(step.flags.sum())} chunk products"
+                f"{int(step.counts.sum())} chunk products"
             )
         return "\n".join(lines)
 
@@ -276,7 +276,7 @@ def plan_ring(pattern, num_shards, shard_len, length=None, order="contiguous", c
     `length` is the real sequence length (default num_shards * shard_len): keys at positions
     past it are excluded and queries past it get zeros, and the pattern is evaluated at that
     length (a random pattern's draw depends on it). `chunk` (default: the largest divisor of
-    the shard, or of its zig-zag half, up to 512) is the granularity at which the work inside a
+    the shard, or of its zig-zag half, up to 256) is the granularity at which the work inside a
     pair is skipped.
     """
     if not isinstance(pattern, patterns.Pattern):
@@ -341,8 +341,11 @@ def plan_ring(pattern, num_shards, shard_len, length=None, order="contiguous", c
         if not flags.any():
             continue
         needed.append(offset)
-        used = np.flatnonzero(flags.any(0))
-        items = np.stack([used // chunks, used % chunks], axis=1).astype(np.int32)
+        counts = flags.sum(1).astype(np.int32)
+        items = np.zeros((n, counts.max(), 2), np.int32)
+        for i in devices:
+            used = np.flatnonzero(flags[i])
+            items[i, : len(used)] = np.stack([used // chunks, used % chunks], axis=1)
         receivers = devices if offset == 0 else np.flatnonzero(flags.any(1))
         carried, local = _signed(offset - current, n), _signed(offset, n)
         if len(receivers) == n and whole and abs(carried) <= abs(local):
@@ -356,9 +359,7 @@ def plan_ring(pattern, num_shards, shard_len, length=None, order="contiguous", c
         if source == "carried":
             home = tuple((int(i), int(sources[i])) for i in devices) if offset else ()
         steps.append(
-            RingStep(
-                offset, source, shift, perm, home, items, flags[:, used], ids[devices, sources]
-            )
+            RingStep(offset, source, shift, perm, home, items, counts, ids[devices, sources])
         )
         current, whole = offset, len(receivers) == n
     return RingPlan(
@@ -512,15 +513,14 @@ class _Chunk:
 
 
 def _walk(step, device, carry, compute):
-    """Runs `compute(carry, query chunk, key chunk)` over the step's items this device needs."""
-    items, flags = jnp.asarray(step.items), jnp.asarray(step.flags)[device]
+    """Runs `compute(carry, query chunk, key chunk)` over the chunk products this device needs."""
+    items = jnp.asarray(step.items)[device]
 
-    def body(carry, t):
-        q_chunk, k_chunk = items[t, 0], items[t, 1]
-        carry = lax.cond(flags[t], lambda c: compute(c, q_chunk, k_chunk), lambda c: c, carry)
-        return carry, None
+    def body(t, carry):
+        return compute(carry, items[t, 0], items[t, 1])
 
-    return lax.scan(body, carry, jnp.arange(len(step.items)))[0]
+    # Each device loops over its own products only: a device whose pair is empty does nothing.
+    return lax.fori_loop(0, jnp.asarray(step.counts)[device], body, carry)
 
 
 def _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes):
