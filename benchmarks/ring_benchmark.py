@@ -7,8 +7,9 @@ One sequence (batch 1) of --length tokens, split over a "context" mesh axis of e
   temporaries of one device's program);
 - step time: the median of --repeats runs after one warm-up (8 CPU devices share this machine's
   cores, so the time of 8 devices is the time of all 8 devices' work on those cores);
-- bytes: what one device sends at most in the forward pass, and all devices together forward
-  and backward (`RingPlan.bytes_per_step`, `RingPlan.total_bytes`);
+- bytes: what one device sends at most at one step and in the whole forward pass, and all
+  devices together forward and backward (`RingPlan.bytes_per_step`, `bytes_per_device`,
+  `total_bytes`);
 - the plan: ring steps computed and skipped, shard pairs and chunk products skipped.
 
 It makes 8 CPU devices itself (XLA_FLAGS, before JAX is imported). Writes ring.md (the table),
@@ -87,7 +88,6 @@ def measure(name, pattern, context, length, heads, head_dim, repeats, order):
     plan = ring.plan_ring(pattern, context, length // context, None, order)
     step_bytes = plan.bytes_per_step(1, heads, head_dim)
     forward, backward = plan.total_bytes(1, heads, head_dim)
-    shard_bytes = 1 * (length // context) * heads * 2 * head_dim * 4
     return {
         "pattern": name,
         "order": order,
@@ -102,7 +102,7 @@ def measure(name, pattern, context, length, heads, head_dim, repeats, order):
         "exchanges": plan.exchanges,
         "offsets_skipped": len(plan.skipped_offsets),
         "bytes_per_step_per_device": max(step_bytes),
-        "forward_mb_per_device": float(plan.sends_per_device().max() * shard_bytes / 1e6),
+        "forward_mb_per_device": float(plan.bytes_per_device(1, heads, head_dim).max() / 1e6),
         "forward_mb_all": forward / 1e6,
         "backward_mb_all": backward / 1e6,
         "pairs_computed": plan.computed_pairs,

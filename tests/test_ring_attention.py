@@ -150,17 +150,25 @@ def test_plan_pairs_are_those_of_the_dense_mask(name, order):
 
 def test_sliding_window_narrower_than_a_shard_exchanges_with_neighbours_only():
     window = patterns.sliding_window(5)
-    plans = {n: ring.plan_ring(window, n, 16) for n in (4, 8)}
-    for n, plan in plans.items():
+    plans = {
+        (n, shard_len): ring.plan_ring(window, n, shard_len, chunk=16)
+        for n in (4, 8)
+        for shard_len in (64, 128)
+    }
+    for (n, _), plan in plans.items():
         assert [s.offset for s in plan.steps] == [0, 1, n - 1]
         assert plan.skipped_offsets == tuple(range(2, n - 1))
         assert plan.exchanges == 2
         assert plan.sends_per_device().max() == 2
-    # Bytes one device sends do not grow with the number of shards.
-    per_device = {n: plan.bytes_per_step(1, 4, 64) for n, plan in plans.items()}
-    assert per_device[4] == per_device[8] == (0, 1 * 16 * 4 * 128 * 4, 1 * 16 * 4 * 128 * 4)
-    # Full attention, by contrast, sends n - 1 shards per device.
-    assert ring.plan_ring(patterns.full(), 8, 16).sends_per_device().tolist() == [7] * 8
+        # Each neighbour gets the one chunk of 16 keys next to it, not the whole shard: bytes
+        # per device depend on the window (rounded up to a chunk), not on the shards.
+        token = 1 * 4 * 128 * 4  # batch 1, 4 heads, key + value dims 64 + 64, float32
+        assert plan.bytes_per_step(1, 4, 64) == (0, 16 * token, 16 * token)
+        assert plan.bytes_per_device(1, 4, 64).max() == 2 * 16 * token
+    # Full attention, by contrast, sends n - 1 whole shards per device.
+    full = ring.plan_ring(patterns.full(), 8, 16)
+    assert full.sends_per_device().tolist() == [7] * 8
+    assert full.bytes_per_step(1, 4, 64) == (0,) + (16 * 1 * 4 * 128 * 4,) * 7
 
 
 def test_compiled_ring_issues_only_the_planned_exchanges():

@@ -13,13 +13,14 @@ granularity: which (query shard, key shard) pairs are non-empty. At ring step `o
 computes against the keys of device `(i - offset) % n`. An offset that no device needs is not a
 step at all: no ppermute, no compute. A step that every device needs is one hop of the ring from
 the previous step's buffer (each link carries one shard); a step that only some devices need is
-sent straight from the owners' own shards to those devices, and the others neither receive nor
-compute. A sliding window narrower than a shard needs offsets 0, +1 and -1 only: each device
-sends two shards, however many devices there are. BigBird adds the anchor shards (which every
-device receives) and its random blocks' shards. Inside a pair, work is skipped by chunks of
-queries and keys (`chunk`, up to 256): only the (query chunk, key chunk) products with an
-allowed pair are computed, each densely under its exact mask (the pattern's distinct partial
-blocks, stored once).
+sent straight from the owners' own shards to those devices, only the key chunks each receiver
+uses, and the others neither receive nor compute. A sliding window narrower than a shard needs
+offsets 0, +1 and -1 only, and from each neighbour only the chunk next to it: what a device
+sends depends on the window, not on the sequence or the number of devices. BigBird adds the
+anchor shards (which every device receives) and its random blocks' shards. Inside a pair, work
+is skipped by chunks of queries and keys (`chunk`, up to 256): only the (query chunk, key chunk)
+products with an allowed pair are computed, each densely under its exact mask (the pattern's
+distinct partial blocks, stored once).
 
 Causal load balancing. Under a causal mask a contiguous split gives device 0 one pair of work
 and device n-1 n pairs. The zig-zag order splits the sequence into 2n chunks and gives device i
@@ -127,9 +128,18 @@ class RingStep:
     shift: int
     perm: tuple  # ((sender, receiver), ...)
     home: tuple  # the perm that brings the visiting shards' gradients back to their owners
-    items: np.ndarray  # [n, m, 2] int32 (query chunk, key chunk), padded with (0, 0)
+    items: np.ndarray  # [n, m, 3] int32 (query chunk, key chunk in buffer, in shard), padded
     counts: np.ndarray  # [n] int32
     mask_ids: np.ndarray  # [n, nb, nb] int32: each device's pair mask, as ids of block masks
+    # A direct step sends only the key chunks its receiver uses: sender j sends its chunks
+    # sent[j] (None: whole shards).
+    sent: object = None
+
+    def sent_len(self, shard_len, chunk):
+        """Tokens of keys each sender sends at this step (0 if none)."""
+        if not self.perm:
+            return 0
+        return shard_len if self.sent is None else self.sent.shape[1] * chunk
 
     @property
     def computed_pairs(self):
@@ -196,29 +206,45 @@ class RingPlan:
         """`[n]`: chunk products each device computes (its load)."""
         return (self.chunk_kind != patterns.EMPTY).sum(axis=(1, 2, 3))
 
-    def _shard_bytes(self, batch, heads, head_dim, value_dim, itemsize, key_padding):
+    def _token_bytes(self, batch, heads, head_dim, value_dim, itemsize, key_padding):
+        """Bytes per token of the keys and values sent, and of their float32 gradients."""
         value_dim = head_dim if value_dim is None else value_dim
-        shard = batch * self.shard_len * heads * (head_dim + value_dim) * itemsize
-        accumulators = batch * self.shard_len * heads * (head_dim + value_dim) * 4
-        return shard + (batch * self.shard_len if key_padding else 0), accumulators
+        keys = batch * heads * (head_dim + value_dim)
+        return keys * itemsize + (batch if key_padding else 0), keys * 4
+
+    def _sent(self, step):
+        return step.sent_len(self.shard_len, self.chunk)
 
     def bytes_per_step(self, batch, heads, head_dim, value_dim=None, itemsize=4, key_padding=False):
-        """Bytes one device sends at each step of the forward pass, at most (a device sends one
-        shard or none per step): its key and value shards, and its key padding when given."""
-        shard, _ = self._shard_bytes(batch, heads, head_dim, value_dim, itemsize, key_padding)
-        return tuple(shard if step.perm else 0 for step in self.steps)
+        """Bytes one device sends at each step of the forward pass, at most (a device sends to
+        one device or none per step): its keys and values, and its key padding when given."""
+        token, _ = self._token_bytes(batch, heads, head_dim, value_dim, itemsize, key_padding)
+        return tuple(token * self._sent(step) for step in self.steps)
+
+    def bytes_per_device(
+        self, batch, heads, head_dim, value_dim=None, itemsize=4, key_padding=False
+    ):
+        """`[n]`: bytes each device sends in the forward pass."""
+        token, _ = self._token_bytes(batch, heads, head_dim, value_dim, itemsize, key_padding)
+        sent = np.zeros(self.num_shards, np.int64)
+        for step in self.steps:
+            for sender, _ in step.perm:
+                sent[sender] += token * self._sent(step)
+        return sent
 
     def total_bytes(self, batch, heads, head_dim, value_dim=None, itemsize=4, key_padding=False):
         """(forward, backward) bytes sent by all devices together. The backward pass sends the
-        key shards again, the float32 gradient accumulators that travel with them, and the
+        keys again, the float32 gradient accumulators that travel with them, and the
         accumulators' trips home."""
-        shard, accumulators = self._shard_bytes(
+        token, gradient = self._token_bytes(
             batch, heads, head_dim, value_dim, itemsize, key_padding
         )
-        forward = shard * sum(len(step.perm) for step in self.steps)
-        travelling = sum(len(step.perm) for step in self.steps if step.source == "carried")
-        home = sum(len(perm) for perm in _trips_home(self.steps))
-        return forward, forward + accumulators * (travelling + home)
+        forward = token * sum(len(step.perm) * self._sent(step) for step in self.steps)
+        travelling = sum(
+            len(step.perm) * self._sent(step) for step in self.steps if step.source == "carried"
+        )
+        home = sum(len(step.home) * self._sent(step) for step in _trips_home(self.steps))
+        return forward, forward + gradient * (travelling + home)
 
     def describe(self):
         """A few lines of text: what is computed and sent, step by step."""
@@ -234,20 +260,39 @@ class RingPlan:
         for step in self.steps:
             lines.append(
                 f"  offset {step.offset}: {step.source}, shift {step.shift:+d}, "
-                f"{len(step.perm)} shards sent, {step.computed_pairs} devices compute "
+                f"{len(step.perm)} devices send {self._sent(step)} tokens, "
+                f"{step.computed_pairs} devices compute "
                 f"{int(step.counts.sum())} chunk products"
             )
         return "\n".join(lines)
 
 
 def _trips_home(steps):
-    """The perms that send travelling gradient accumulators home in the backward pass: when the
-    walk leaves a buffer for the devices' own shards, and at the end."""
-    trips = []
-    for step, following in zip(steps, steps[1:] + (None,)):
-        if step.home and (following is None or following.source == "local"):
-            trips.append(step.home)
-    return trips
+    """The steps whose travelling gradient accumulators go home in the backward pass: when the
+    walk leaves their buffer for the devices' own shards, and at the end."""
+    return [
+        step
+        for step, following in zip(steps, steps[1:] + (None,))
+        if step.home and (following is None or following.source == "local")
+    ]
+
+
+def _key_chunks_sent(items, counts, sources, chunks):
+    """`[n, m]` key chunks each device sends at a direct step (those its receiver's products
+    use, padded with chunk 0), or None when some receiver needs them all; renumbers `items`'
+    buffer column to positions in what is sent."""
+    n = len(counts)
+    needed = [np.unique(items[i, : counts[i], 2]) for i in range(n)]
+    width = max(len(chunks_used) for chunks_used in needed)
+    if width == chunks:
+        return None
+    sent = np.zeros((n, width), np.int32)
+    for receiver, chunks_used in enumerate(needed):
+        sent[sources[receiver], : len(chunks_used)] = chunks_used
+        items[receiver, : counts[receiver], 1] = np.searchsorted(
+            chunks_used, items[receiver, : counts[receiver], 2]
+        )
+    return sent
 
 
 def _largest_divisor(length, at_most):
@@ -342,26 +387,29 @@ def plan_ring(pattern, num_shards, shard_len, length=None, order="contiguous", c
             continue
         needed.append(offset)
         counts = flags.sum(1).astype(np.int32)
-        items = np.zeros((n, counts.max(), 2), np.int32)
+        # Columns: query chunk, key chunk in the received buffer, key chunk in its shard.
+        items = np.zeros((n, counts.max(), 3), np.int32)
         for i in devices:
             used = np.flatnonzero(flags[i])
-            items[i, : len(used)] = np.stack([used // chunks, used % chunks], axis=1)
+            items[i, : len(used)] = np.stack([used // chunks, used % chunks, used % chunks], 1)
         receivers = devices if offset == 0 else np.flatnonzero(flags.any(1))
         carried, local = _signed(offset - current, n), _signed(offset, n)
-        if len(receivers) == n and whole and abs(carried) <= abs(local):
+        # Sending only the key chunks a receiver uses beats a whole hop whenever it is fewer.
+        direct_items = items.copy()
+        sent = _key_chunks_sent(direct_items, counts, sources, chunks) if offset else None
+        if sent is None and len(receivers) == n and whole and abs(carried) <= abs(local):
             # A whole hop from the previous buffer: each link carries one shard, as in a ring.
             source, shift = "carried", carried
             perm = tuple((int(j), int((j + shift) % n)) for j in devices) if shift else ()
-        else:
-            source, shift = "local", local
-            perm = tuple((int(sources[i]), int(i)) for i in receivers if offset)
-        home = tuple((receiver, sender) for sender, receiver in perm) if offset else ()
-        if source == "carried":
             home = tuple((int(i), int(sources[i])) for i in devices) if offset else ()
+        else:
+            source, shift, items = "local", local, direct_items
+            perm = tuple((int(sources[i]), int(i)) for i in receivers if offset)
+            home = tuple((receiver, sender) for sender, receiver in perm)
         steps.append(
-            RingStep(offset, source, shift, perm, home, items, counts, ids[devices, sources])
+            RingStep(offset, source, shift, perm, home, items, counts, ids[devices, sources], sent)
         )
-        current, whole = offset, len(receivers) == n
+        current, whole = offset, len(receivers) == n and sent is None
     return RingPlan(
         pattern=pattern,
         num_shards=n,
@@ -484,12 +532,13 @@ class _Chunk:
         self.ids = jnp.asarray(step.mask_ids)[device]  # [nb, nb]
         self.positions = jnp.asarray(plan.positions)
 
-    def mask(self, q_chunk, k_chunk, valid):
-        """`[batch or 1, 1, chunk, chunk]` bool: the exact mask of the product, padding included."""
+    def mask(self, q_chunk, k_chunk, k_at, valid):
+        """`[batch or 1, 1, chunk, chunk]` bool: the exact mask of the product, padding included.
+        `k_chunk` indexes the received buffer, `k_at` the chunk's place in its shard."""
         plan = self.plan
         per_chunk = plan.chunk // plan.block
         ids = lax.dynamic_slice(
-            self.ids, (q_chunk * per_chunk, k_chunk * per_chunk), (per_chunk, per_chunk)
+            self.ids, (q_chunk * per_chunk, k_at * per_chunk), (per_chunk, per_chunk)
         )
         blocks = jnp.asarray(plan.block_masks)[ids]  # [per_chunk, per_chunk, block, block]
         mask = blocks.transpose(0, 2, 1, 3).reshape(plan.chunk, plan.chunk)[None, None]
@@ -497,7 +546,7 @@ class _Chunk:
             mask = mask & _slice(valid, plan.chunk, k_chunk, 1)[:, None, None, :]
         return mask
 
-    def logits(self, q_chunk, k_chunk, q_scaled, key):
+    def logits(self, q_chunk, k_chunk, k_at, q_scaled, key):
         """`[batch, heads, chunk, chunk]` float32 logits of the product, ALiBi included."""
         plan = self.plan
         q = _slice(q_scaled, plan.chunk, q_chunk, 1)
@@ -506,18 +555,19 @@ class _Chunk:
         if self.slopes is not None:
             source = (self.device - self.step.offset) % plan.num_shards
             q_pos = _slice(self.positions[self.device], plan.chunk, q_chunk, 0)
-            k_pos = _slice(self.positions[source], plan.chunk, k_chunk, 0)
+            k_pos = _slice(self.positions[source], plan.chunk, k_at, 0)
             distance = jnp.abs(q_pos[:, None] - k_pos[None, :]).astype(logits.dtype)
             logits = logits - self.slopes.astype(logits.dtype)[None, :, None, None] * distance
         return logits
 
 
 def _walk(step, device, carry, compute):
-    """Runs `compute(carry, query chunk, key chunk)` over the chunk products this device needs."""
+    """Runs `compute(carry, query chunk, key chunk in the buffer, key chunk in its shard)` over
+    the chunk products this device needs."""
     items = jnp.asarray(step.items)[device]
 
     def body(t, carry):
-        return compute(carry, items[t, 0], items[t, 1])
+        return compute(carry, items[t, 0], items[t, 1], items[t, 2])
 
     # Each device loops over its own products only: a device whose pair is empty does nothing.
     return lax.fori_loop(0, jnp.asarray(step.counts)[device], body, carry)
@@ -539,14 +589,16 @@ def _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes):
     local = (key, value, key_valid)
     buffer = local
     for step in plan.steps:
-        buffer = _send(local if step.source == "local" else buffer, step.perm, axis_name)
+        payload = _payload(step, local, device, chunk) if step.source == "local" else buffer
+        buffer = _send(payload, step.perm, axis_name)
         k, v, valid = buffer
         pair = _Chunk(plan, step, device, slopes)
 
-        def compute(carry, q_chunk, k_chunk, k=k, v=v, valid=valid, pair=pair):
+        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, pair=pair):
             row_max, row_sum, acc = (_slice(x, chunk, q_chunk, 2) for x in carry)
-            mask = pair.mask(q_chunk, k_chunk, valid)
-            logits = jnp.where(mask, pair.logits(q_chunk, k_chunk, q_scaled, k), -jnp.inf)
+            mask = pair.mask(q_chunk, k_chunk, k_at, valid)
+            logits = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
+            logits = jnp.where(mask, logits, -jnp.inf)
             new_max = jnp.maximum(row_max, logits.max(-1))
             # A row with no allowed key so far keeps max -inf: shift it by 0, not by -inf.
             shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -601,19 +653,23 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
     for step in plan.steps:
         if step.source == "local":
             if previous is not None:
-                home = _add(home, _send(travelling, previous.home, axis_name))
-            travelling = tuple(jnp.zeros_like(h) for h in home)
-            buffer = _send(local, step.perm, axis_name)
+                home = _go_home(home, travelling, previous, device, chunk, axis_name)
+            buffer = _send(_payload(step, local, device, chunk), step.perm, axis_name)
+            travelling = varying_like(
+                (query, key, value),
+                jnp.zeros(buffer[0].shape, dtype),
+                jnp.zeros(buffer[1].shape, dtype),
+            )
         else:
             buffer, travelling = _send((buffer, travelling), step.perm, axis_name)
         previous = step
         k, v, valid = buffer
         pair = _Chunk(plan, step, device, slopes)
 
-        def compute(carry, q_chunk, k_chunk, k=k, v=v, valid=valid, pair=pair):
+        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, pair=pair):
             d_query, d_key, d_value = carry
-            mask = pair.mask(q_chunk, k_chunk, valid)
-            logits = pair.logits(q_chunk, k_chunk, q_scaled, k)
+            mask = pair.mask(q_chunk, k_chunk, k_at, valid)
+            logits = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
             lse_chunk = _slice(lse, chunk, q_chunk, 2)
             # Rows with no allowed key (lse -inf) have weight 0 everywhere.
             allowed = mask & jnp.isfinite(lse_chunk)[..., None]
@@ -636,7 +692,7 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
         d_query, *travelling = _walk(step, device, (d_query, *travelling), compute)
         travelling = tuple(travelling)
     if previous is not None:
-        home = _add(home, _send(travelling, previous.home, axis_name))
+        home = _go_home(home, travelling, previous, device, chunk, axis_name)
     d_key, d_value = home
     return (
         d_query.astype(query.dtype),
@@ -647,8 +703,36 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
     )
 
 
-def _add(a, b):
-    return tuple(x + y for x, y in zip(a, b))
+def _payload(step, local, device, chunk):
+    """What this device sends at a direct step: its whole shards, or only the chunks its
+    receiver uses (`step.sent`)."""
+    if step.sent is None:
+        return local
+    chunks = jnp.asarray(step.sent)[device]
+
+    def gather(x):
+        if x is None:
+            return None
+        blocks = x.reshape(x.shape[0], -1, chunk, *x.shape[2:])[:, chunks]
+        return blocks.reshape(x.shape[0], -1, *x.shape[2:])
+
+    return tuple(gather(x) for x in local)
+
+
+def _go_home(home, travelling, step, device, chunk, axis_name):
+    """`home` plus the gradients that travelled with `step`'s buffer, sent back to their owners
+    and added at the chunks they came from."""
+    arrived = _send(travelling, step.home, axis_name)
+    if step.sent is None:
+        return tuple(h + a for h, a in zip(home, arrived))
+    chunks = jnp.asarray(step.sent)[device]
+
+    def scatter(h, a):
+        blocks = h.reshape(h.shape[0], -1, chunk, *h.shape[2:])
+        added = a.reshape(a.shape[0], -1, chunk, *a.shape[2:])
+        return blocks.at[:, chunks].add(added).reshape(h.shape)
+
+    return tuple(scatter(h, a) for h, a in zip(home, arrived))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
