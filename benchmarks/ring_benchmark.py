@@ -17,6 +17,8 @@ ring.csv (with the machine's columns) and ring.png to --out.
 
   python benchmarks/ring_benchmark.py --out=benchmarks/results/ring
   python benchmarks/ring_benchmark.py --length=4096 --repeats=2 --out=/tmp/ring
+  python benchmarks/ring_benchmark.py --patterns=causal --order=zigzag --length=8192 \
+      --out=benchmarks/results/ring/causal_zigzag
 """
 
 import os
@@ -52,13 +54,24 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4", "8"], "Sizes of the co
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case, after one warm-up.")
 _WINDOW = flags.DEFINE_integer("window", 256, "Sliding window half-width (tokens each side).")
 _ORDER = flags.DEFINE_enum("order", "contiguous", ring.ORDERS, "Token order over the shards.")
+_PATTERNS = flags.DEFINE_list(
+    "patterns", ["sliding_window", "bigbird"], "Of: sliding_window, bigbird, causal."
+)
 
 
 def _patterns():
-    return {
-        f"sliding_window({_WINDOW.value})": patterns.sliding_window(_WINDOW.value),
-        "bigbird(64)": patterns.bigbird(block_size=64),
+    known = {
+        "sliding_window": (
+            f"sliding_window({_WINDOW.value})",
+            patterns.sliding_window(_WINDOW.value),
+        ),
+        "bigbird": ("bigbird(64)", patterns.bigbird(block_size=64)),
+        "causal": ("causal", patterns.causal()),
     }
+    unknown = sorted(set(_PATTERNS.value) - set(known))
+    if unknown:
+        raise app.UsageError(f"--patterns: unknown {unknown}; allowed: {sorted(known)}.")
+    return dict(known[name] for name in _PATTERNS.value)
 
 
 def measure(name, pattern, context, length, heads, head_dim, repeats, order):

@@ -11,10 +11,10 @@ FlashAttention), so no device needs the keys of the whole sequence at once.
 Pattern-aware. The plan (`plan_ring`, NumPy, static) reads the pattern's block layout at shard
 granularity: which (query shard, key shard) pairs are non-empty. At ring step `offset`, device i
 computes against the keys of device `(i - offset) % n`. An offset that no device needs is not a
-step at all: no ppermute, no compute. A step that every device needs is one hop of the ring from
-the previous step's buffer (each link carries one shard); a step that only some devices need is
-sent straight from the owners' own shards to those devices, only the key chunks each receiver
-uses, and the others neither receive nor compute. A sliding window narrower than a shard needs
+step at all: no ppermute, no compute. A step where every device needs whole key shards is one
+hop of the ring from the previous step's buffer (each link carries one shard); any other step is
+sent straight from the owners' own shards to the devices that need it, only the key chunks each
+receiver uses, and the others neither receive nor compute. A sliding window narrower than a shard needs
 offsets 0, +1 and -1 only, and from each neighbour only the chunk next to it: what a device
 sends depends on the window, not on the sequence or the number of devices. BigBird adds the
 anchor shards (which every device receives) and its random blocks' shards. Inside a pair, work
