@@ -234,6 +234,14 @@ def test_errors_name_the_numbers():
     )
     with pytest.raises(ValueError, match=r"no mesh axis 'sequence'"):
         inside(q)
+    two_heads = jnp.zeros((1, 36, 2, 8))
+    with pytest.raises(ValueError, match=r"as many key/value heads as query heads; got 1 and 2"):
+        jax.shard_map(
+            lambda q, k: ring.ring_attention(q, k, k),
+            mesh=_mesh(4),
+            in_specs=P(None, "context"),
+            out_specs=P(None, "context"),
+        )(two_heads, q)
     with pytest.raises(ValueError, match=r"length 40 must be in \[1, 36\]"):
         ring.plan_ring(patterns.causal(), 4, 9, 40)
     with pytest.raises(ValueError, match=r"chunk must divide .* 8 tokens; got 3"):

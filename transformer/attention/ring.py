@@ -470,6 +470,12 @@ def ring_attention(
       `[batch, shard_len, heads, value_dim]`: this device's rows of the output, zeros for a query
       with no allowed key.
     """
+    if np.ndim(query) == np.ndim(key) == 4 and key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"ring attention needs as many key/value heads as query heads; got {key.shape[2]} "
+            f"and {query.shape[2]} (repeat the key and value heads first for grouped-query "
+            "attention)."
+        )
     check_query_key_value(query, key, value)
     if query.shape[1] != key.shape[1]:
         raise ValueError(
