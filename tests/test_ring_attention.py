@@ -211,6 +211,13 @@ def test_zigzag_permutation_round_trip():
     ]
     x = jnp.arange(2 * 16).reshape(2, 16)
     np.testing.assert_array_equal(ring.from_zigzag(ring.to_zigzag(x, 4), 4), x)
+    # Inputs fed in zig-zag order already (reorder=False) give the output in that order.
+    q, k, v, _, _ = _inputs(seed=3)
+    options = dict(mesh=_mesh(4), pattern=patterns.causal(), order="zigzag")
+    natural = ring.sharded_ring_attention(q, k, v, **options)
+    ordered = [ring.to_zigzag(x, 4) for x in (q, k, v)]
+    fed = ring.sharded_ring_attention(*ordered, reorder=False, **options)
+    np.testing.assert_allclose(fed, ring.to_zigzag(natural, 4), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

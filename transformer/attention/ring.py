@@ -758,6 +758,7 @@ def sharded_ring_attention(
     length=None,
     order="contiguous",
     chunk=None,
+    reorder=True,
 ):
     """`ring_attention` on whole-sequence arrays: reorders, shards over `axis_name`, restores.
 
@@ -766,6 +767,10 @@ def sharded_ring_attention(
     for "zigzag"): pad it and mark the padding in key_valid, passing the real `length`. Other
     mesh axes see the arrays replicated. Returns `[batch, length, heads, value_dim]` in the
     natural order. Differentiable.
+
+    With `reorder=False` the arrays are taken to be in `order` already (as an input pipeline
+    would feed them: `to_zigzag` once, on the host) and the output stays in it. Reordering here
+    permutes whole arrays inside the step, which costs a device memory of the whole sequence.
     """
     check_query_key_value(query, key, value)
     if axis_name not in mesh.axis_names:
@@ -780,7 +785,8 @@ def sharded_ring_attention(
             f"{key.shape[1]}."
         )
     _check_shards(query.shape[1], num_shards, order)
-    if order == "zigzag":
+    reordering = order == "zigzag" and reorder
+    if reordering:
         reorder = functools.partial(to_zigzag, num_shards=num_shards)
     else:
         reorder = lambda x: x  # noqa: E731
@@ -807,4 +813,4 @@ def sharded_ring_attention(
         )
 
     out = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(specs), out_specs=spec)(*arrays)
-    return from_zigzag(out, num_shards) if order == "zigzag" else out
+    return from_zigzag(out, num_shards) if reordering else out
