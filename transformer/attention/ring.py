@@ -116,11 +116,10 @@ class RingStep:
 
     The keys arrive by one ppermute, `perm` ((sender, receiver) device pairs; empty: no
     communication), applied to the previous step's buffer (`source="carried"`, a whole ring hop
-    of `shift` devices, in [-n/2, n/2]) or to the devices' own shards (`source="local"`). A step
-    that only some devices need is sent from the owners' own shards to those devices only; a
-    step every device needs is a whole hop. Within the pair, the step
-    walks device i's `items[i, :counts[i]]`, the (query chunk, key chunk) products of `chunk`
-    tokens each that its pair needs.
+    of `shift` devices, in [-n/2, n/2]) or to the owners' own shards (`source="local"`, sent
+    only to the devices that need them, and only the key chunks `sent` when that is fewer).
+    Within the pair, device i walks `items[i, :counts[i]]`, the (query chunk, key chunk)
+    products of `chunk` tokens each that its pair needs.
     """
 
     offset: int
@@ -191,11 +190,11 @@ class RingPlan:
 
     @property
     def exchanges(self):
-        """ppermutes of one shard per device in the forward pass."""
+        """Steps that communicate (one ppermute of keys and values each) in the forward pass."""
         return sum(bool(step.perm) for step in self.steps)
 
     def sends_per_device(self):
-        """`[n]`: shards each device sends in the forward pass."""
+        """`[n]`: how many times each device sends keys (whole shards or chunks) forward."""
         sends = np.zeros(self.num_shards, int)
         for step in self.steps:
             for sender, _ in step.perm:
