@@ -566,3 +566,82 @@ def test_encoder_decoder_decoding_with_soft_cap_and_sinks_equals_the_full_call()
         return jnp.swapaxes(jax.lax.scan(step, state, shift_right(targets).T)[1], 0, 1)
 
     np.testing.assert_allclose(jax.jit(run)(variables), full, rtol=2e-4, atol=2e-4)
+
+
+# Grouped-query (and multi-query) attention: 4 query heads over 2 (or 1) key/value heads, in
+# every cache layout; the cache holds the key/value heads only.
+GQA = dict(SMALL, num_heads=4)
+GQA_KERNEL_SIZED = dict(SMALL, d_model=64, num_heads=4)
+GROUPED_QUERY_CASES = {
+    "prefix kernel, mqa, sinks and cap": (
+        dict(
+            GQA_KERNEL_SIZED,
+            positional="rotary",
+            num_kv_heads=1,
+            logit_soft_cap=1.0,
+            attention_sinks=True,
+        ),
+        "prefix kernel",
+        40,
+    ),
+    "ring kernel, alibi": (
+        dict(
+            GQA_KERNEL_SIZED,
+            num_kv_heads=2,
+            positional="alibi",
+            pattern="sliding_window",
+            pattern_options={"left": 4},
+        ),
+        "ring kernel",
+        20,
+    ),
+    "prefix segments, alibi, sinks": (
+        dict(GQA, num_kv_heads=2, positional="alibi", attention_sinks=True),
+        "prefix",
+        130,
+    ),
+    "ring with anchors": (
+        dict(
+            GQA_KERNEL_SIZED,
+            num_kv_heads=2,
+            positional="rotary",
+            pattern="bigbird",
+            pattern_options=dict(block_size=2, window_blocks=3, num_random_blocks=0),
+        ),
+        "ring",
+        20,
+    ),
+    "sparse, mqa, alibi, cap": (
+        dict(
+            GQA,
+            num_kv_heads=1,
+            positional="alibi",
+            logit_soft_cap=1.0,
+            pattern="bigbird",
+            pattern_options=dict(block_size=4, num_anchor_blocks=1, num_random_blocks=2),
+        ),
+        "sparse",
+        24,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED_QUERY_CASES))
+def test_grouped_query_cached_decoding_equals_the_full_call(case):
+    fields, kind, length = GROUPED_QUERY_CASES[case]
+    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    model = build_model(dict(name="decoder_lm", **fields))
+    tokens = random_tokens(5, 2, length)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    if fields.get("attention_sinks"):
+        variables = with_random_sinks(variables, 0)
+    head_dim = fields["d_model"] // fields["num_heads"]
+    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
+    assert plan.kind + " kernel" * plan.kernel == kind
+    state = model.apply(variables, tokens, length, method="init_decode_state")
+    cache_heads = {x.shape[1] for x in jax.tree.leaves(state) if x.ndim == 4}
+    assert cache_heads == {fields["num_kv_heads"]}
+    full = jax.jit(model.apply)(variables, tokens)
+    cached = decode_all(model, variables, tokens, max_decode_len=length)
+    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)

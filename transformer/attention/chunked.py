@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.attention.dense import all_finite, masked_einsum
-from transformer.attention.shapes import check_query_key_value, varying_like
+from transformer.attention.shapes import check_query_key_value, group_size, varying_like
 from transformer.attention.sinks import check_sinks, sink_gradient, with_sinks
 from transformer.attention.soft_cap import check_logit_soft_cap, soft_cap_with_slope
 
@@ -61,8 +61,9 @@ def chunked_attention(
 
     Args:
       query: `[batch, q_len, heads, head_dim]`.
-      key: `[batch, kv_len, heads, head_dim]`.
-      value: `[batch, kv_len, heads, value_dim]`.
+      key: `[batch, kv_len, kv_heads, head_dim]`, kv_heads dividing heads (grouped-query
+        attention: query head n reads key/value head n // (heads // kv_heads), never repeated).
+      value: `[batch, kv_len, kv_heads, value_dim]`.
       scale: multiplies q k^T; defaults to 1/sqrt(head_dim).
       causal: query i sees key j only if j <= i + (kv_len - q_len). When q_len != kv_len the
         queries are the last q_len positions of the key sequence (as when decoding the end of a
@@ -85,7 +86,7 @@ def chunked_attention(
     check_sinks(sinks, query.shape[2])
     logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     batch, q_len, heads, head_dim = query.shape
-    kv_len = key.shape[1]
+    kv_len, head_group = key.shape[1], group_size(query, key)
     if scale is None:
         scale = head_dim**-0.5
     query_chunk, key_chunk = _chunk_sizes(chunk_size, q_len, kv_len)
@@ -111,8 +112,14 @@ def chunked_attention(
         # Inside shard_map the slopes' gradient varies over the devices like q, k and v, and a
         # custom VJP must return the type it was given: so they enter the VJP varying too.
         (alibi_slopes,) = varying_like((q, k, v, key_valid), jnp.asarray(alibi_slopes, jnp.float32))
+        alibi_slopes = _per_row(alibi_slopes, head_group, query_chunk)
     if sinks is not None:  # likewise
         (sinks,) = varying_like((q, k, v, key_valid), jnp.asarray(sinks, jnp.float32))
+        if head_group > 1:
+            sinks = _per_row(sinks, head_group, query_chunk, num_q_chunks)
+    # Grouped-query attention: a group's query heads become rows of one chunk, so each key
+    # tile serves them all and no key or value is repeated.
+    q = _fold_heads(q, head_group, query_chunk)
 
     config = _Config(
         scale=float(scale),
@@ -123,6 +130,7 @@ def chunked_attention(
         num_q_chunks=num_q_chunks,
         num_k_chunks=num_k_chunks,
         soft_cap=logit_soft_cap,
+        group=head_group,
     )
     # Tiles sized for a CPU's caches; accelerators take the whole batch in each tile.
     group = (
@@ -144,6 +152,7 @@ def chunked_attention(
             tuple(grouped(x) for x in (q, k, v, key_valid)),
         )
         out = out.reshape(batch, *out.shape[2:])
+    out = _unfold_heads(out, head_group, query_chunk)
     return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
 
@@ -205,9 +214,16 @@ class _Config(NamedTuple):
     num_q_chunks: int
     num_k_chunks: int
     soft_cap: float | None = None  # logit soft-capping's c, or None
+    # Query heads per key/value head, folded into each query chunk's rows (grouped-query
+    # attention): a chunk holds `rows` = group x query_chunk rows, ordered (head, position).
+    group: int = 1
     # Products over allowed pairs only in the causal rule's partial tiles, so that a NaN or inf
     # the rule excludes stays out; taken only when an input holds one (`_attention`).
     careful: bool = False
+
+    @property
+    def rows(self):
+        return self.group * self.query_chunk
 
 
 # --- Which tiles to visit -------------------------------------------------------------------
@@ -279,13 +295,11 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     logits = _einsum_f32("bhqd,bhkd->bhqk", q_tile, k_tile)
     logits, cap_slope = soft_cap_with_slope(logits, config.soft_cap)
     if causal_mask or slopes is not None:
-        query_pos = (q_index * config.query_chunk + config.offset + jnp.arange(config.query_chunk))[
-            :, None
-        ]
+        query_pos = _query_positions(config, q_index)[:, None]
         key_pos = (k_index * config.key_chunk + jnp.arange(config.key_chunk))[None, :]
     if slopes is not None:
         distance = jnp.abs(query_pos - key_pos).astype(jnp.float32)
-        logits = logits - slopes[None, :, None, None] * distance
+        logits = logits - slopes[None, :, :, None] * distance
     allowed = None
     if causal_mask:
         allowed = key_pos <= query_pos
@@ -294,6 +308,41 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
         valid = _chunk(key_valid, k_index, config.key_chunk, axis=1)
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
     return logits, allowed, cap_slope
+
+
+def _query_positions(config, q_index):
+    """`[rows]` positions (in key coordinates) of query chunk `q_index`'s rows; each folded
+    head of a group repeats the chunk's positions."""
+    within = jnp.arange(config.rows) % config.query_chunk
+    return q_index * config.query_chunk + config.offset + within
+
+
+def _fold_heads(x, group, chunk):
+    """`[batch, heads, length, d]` (length a multiple of `chunk`) -> `[batch, kv_heads,
+    length * group, d]`: each chunk's rows for the group's heads side by side, (head, position)."""
+    if group == 1:
+        return x
+    batch, heads, length, dim = x.shape
+    x = x.reshape(batch, heads // group, group, length // chunk, chunk, dim)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, heads // group, -1, dim)
+
+
+def _unfold_heads(x, group, chunk):
+    """The inverse of `_fold_heads`."""
+    if group == 1:
+        return x
+    batch, kv_heads, rows, dim = x.shape
+    x = x.reshape(batch, kv_heads, rows // (group * chunk), group, chunk, dim)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads * group, -1, dim)
+
+
+def _per_row(per_head, group, chunk, num_chunks=1):
+    """`[heads]` (ALiBi slopes, sinks) -> the value at each folded row,
+    `[kv_heads, num_chunks * group * chunk]`."""
+    x = jnp.broadcast_to(
+        per_head.reshape(-1, 1, group, 1), (per_head.size // group, num_chunks, group, chunk)
+    )
+    return x.reshape(x.shape[0], -1)
 
 
 def _chunk(x, index, size, axis=2):
@@ -313,7 +362,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
     """
     batch, heads, _, _ = q.shape
     value_dim = v.shape[-1]
-    cq, ck = config.query_chunk, config.key_chunk
+    cq, ck = config.rows, config.key_chunk
     q = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
 
     def query_chunk_step(_, q_index):
@@ -387,7 +436,7 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
     """
     batch, heads, _, head_dim = q.shape
     value_dim = v.shape[-1]
-    cq, ck = config.query_chunk, config.key_chunk
+    cq, ck = config.rows, config.key_chunk
     inputs = (q, k, v, key_valid, slopes, sinks, lse, d_out)
     q_scaled = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
     # D_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax Jacobian's row term.
@@ -427,10 +476,10 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
             if causal_mask and config.careful:
                 d_logits = jnp.where(allowed, d_logits, 0.0)
             if slopes is not None:
-                query_pos = q_index * cq + config.offset + jnp.arange(cq)
+                query_pos = _query_positions(config, q_index)
                 key_pos = k_index * ck + jnp.arange(ck)
                 distance = jnp.abs(query_pos[:, None] - key_pos[None, :]).astype(jnp.float32)
-                d_slopes = d_slopes - jnp.einsum("bhqk,qk->h", d_logits, distance)
+                d_slopes = d_slopes - jnp.einsum("bhqk,qk->hq", d_logits, distance)
             if cap_slope is not None:  # ALiBi is added after the cap: its gradient is not capped
                 d_logits = d_logits * cap_slope
             if causal_mask and config.careful:  # dS K and dS^T Q over the allowed pairs only
@@ -466,7 +515,9 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
         )
         return (d_q, d_slopes), (jnp.swapaxes(d_k_t, 2, 3), jnp.swapaxes(d_v_t, 2, 3))
 
-    init = varying_like(inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads,), jnp.float32))
+    init = varying_like(
+        inputs, jnp.zeros(q.shape, jnp.float32), jnp.zeros((heads, cq), jnp.float32)
+    )
     (d_q, d_slopes), (d_k, d_v) = jax.lax.scan(
         key_chunk_step, init, jnp.arange(config.num_k_chunks)
     )

@@ -143,8 +143,9 @@ def dense_attention(
 
     Args:
       query: `[batch, q_len, heads, head_dim]`.
-      key: `[batch, kv_len, heads, head_dim]`.
-      value: `[batch, kv_len, heads, value_dim]`.
+      key: `[batch, kv_len, kv_heads, head_dim]`, kv_heads dividing heads: query head n reads
+        key/value head n // (heads // kv_heads) (grouped-query attention; never repeated).
+      value: `[batch, kv_len, kv_heads, value_dim]`.
       mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True where a query may
         attend. A query with no key left gets zeros in its output and its gradients. What it
         excludes never reaches the output or gradients, even NaN or inf (module docstring).
@@ -211,6 +212,41 @@ def _softmax_with_sinks(logits, sinks):
     return weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(sink - shift))
 
 
+def _split_query_heads(query, group):
+    """`[batch, q_len, heads, d]` -> `[batch, q_len, kv_heads, group, d]`: query head n is
+    (n // group, n % group), so that it meets key/value head n // group without the keys and
+    values ever being repeated to `heads`."""
+    return query.reshape(*query.shape[:2], -1, group, query.shape[-1])
+
+
+def _split_heads(x, group):
+    """`[batch, heads or 1, q_len, kv_len]` -> `[batch, kv_heads or 1, group or 1, ...]` (masks,
+    weights); a mask of fewer dimensions broadcasts from the right, as it would against the
+    logits."""
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], -1, group, *x.shape[2:])
+
+
+def _merge_heads(out):
+    """`[batch, q_len, kv_heads, group, d]` -> `[batch, q_len, heads, d]`."""
+    return out.reshape(*out.shape[:2], -1, out.shape[-1])
+
+
+def _grouped_logits(query, key, compute_dtype):
+    """q k^T `[batch, heads, q_len, kv_len]` for key `[batch, kv_len, kv_heads, d]`, each group of
+    heads // kv_heads query heads against its own key head."""
+    group = query.shape[2] // key.shape[2]
+    logits = jnp.einsum(
+        "bqhgd,bkhd->bhgqk",
+        _split_query_heads(query, group),
+        key,
+        preferred_element_type=compute_dtype,
+    )
+    return logits.reshape(logits.shape[0], -1, *logits.shape[3:])
+
+
 def _with_biases(logits, bias, alibi_slopes):
     """`[batch, heads, q_len, kv_len]` logits plus `bias` and ALiBi's penalty, when given."""
     if bias is not None:
@@ -247,7 +283,7 @@ def _plain(
     """`dense_attention` for finite q, k and v."""
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
+    logits = _grouped_logits(query, key, compute_dtype)
     logits = _with_biases(soft_cap(logits * scale, logit_soft_cap), bias, alibi_slopes)
     if mask is not None:
         # A finite floor, not -inf: a row with every key masked would be exp(-inf - -inf) = NaN.
@@ -257,9 +293,14 @@ def _plain(
         # Rows with no valid key came out uniform over the floor; make them zero instead.
         weights = jnp.where(mask, weights, 0.0)
     weights = _dropout(weights, dropout_rate, dropout_rng)
+    group = query.shape[2] // key.shape[2]
     out = jnp.einsum(
-        "bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=compute_dtype
-    ).astype(query.dtype)
+        "bhgqk,bkhd->bqhgd",
+        _split_heads(weights.astype(value.dtype), group),
+        value,
+        preferred_element_type=compute_dtype,
+    )
+    out = _merge_heads(out).astype(query.dtype)
     if return_weights:
         return out, weights
     return out
@@ -284,12 +325,20 @@ def careful_dense_attention(
     even NaN or inf (module docstring). `scale` must be given."""
     # Softmax in float32 even for bfloat16 inputs: exp() of low-precision logits loses the tail.
     compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
+    group = query.shape[2] // key.shape[2]
     if mask is None:
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=compute_dtype)
+        logits = _grouped_logits(query, key, compute_dtype)
     else:
         mask = jnp.asarray(mask).astype(bool)
         # Selected, not added: an excluded pair's logit never enters, even when it is NaN.
-        logits = _masked_logits("bqhd,bkhd->bhqk", query, key, mask, compute_dtype)
+        logits = _masked_logits(
+            "bqhgd,bkhd->bhgqk",
+            _split_query_heads(query, group),
+            key,
+            _split_heads(mask, group),
+            compute_dtype,
+        )
+        logits = logits.reshape(logits.shape[0], -1, *logits.shape[3:])
     logits = _with_biases(soft_cap(logits * scale, logit_soft_cap), bias, alibi_slopes)
     if mask is not None:
         # Again after the cap and the bias: excluded pairs stay -inf whatever they make of it.
@@ -316,16 +365,19 @@ def careful_dense_attention(
     weights = _dropout(weights, dropout_rate, dropout_rng)
     if mask is None:
         out = jnp.einsum(
-            "bhqk,bkhd->bqhd",
-            weights.astype(value.dtype),
+            "bhgqk,bkhd->bqhgd",
+            _split_heads(weights.astype(value.dtype), group),
             value,
             preferred_element_type=compute_dtype,
         )
     else:
         out = _masked_values(
-            "bhqk,bkhd->bqhd", weights.astype(compute_dtype), mask, value.astype(compute_dtype)
+            "bhgqk,bkhd->bqhgd",
+            _split_heads(weights.astype(compute_dtype), group),
+            _split_heads(mask, group),
+            value.astype(compute_dtype),
         )
-    out = out.astype(query.dtype)
+    out = _merge_heads(out).astype(query.dtype)
     if return_weights:
         return out, weights
     return out

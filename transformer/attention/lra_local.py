@@ -62,6 +62,12 @@ def lra_local_attention(
             f"implementation 'lra_local' is self-attention: q_len {length} != kv_len "
             f"{key.shape[1]}."
         )
+    if key.shape[2] != heads:
+        raise ValueError(
+            f"implementation 'lra_local' needs as many key/value heads as query heads (LRA has "
+            f"no grouped-query attention); got {key.shape[2]} key/value heads for {heads} query "
+            "heads. Use 'block_sparse' or 'dense' with patterns.lra_local."
+        )
     block_size = pattern.block_size
     num_blocks = pattern.stride(length)
     padded = num_blocks * block_size

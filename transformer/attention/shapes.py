@@ -11,12 +11,14 @@ _AXES = {"query": "q_len", "key": "kv_len", "value": "kv_len"}
 def check_query_key_value(query, key, value):
     """Raises before any computation unless q, k, v are consistent floating 4-D arrays.
 
-    query `[batch, q_len, heads, head_dim]`, key `[batch, kv_len, heads, head_dim]` and value
-    `[batch, kv_len, heads, value_dim]` must be jax or NumPy arrays (a TypeError otherwise: a
-    list is not converted, so that what reaches the kernels is what the caller built), of a
-    floating dtype (a TypeError otherwise: integer inputs would give integer, truncated
-    outputs), with no empty dimension: a length of 0 is a ValueError in every implementation,
-    as the patterns refuse it too. Mismatched shapes are a ValueError naming the mismatch.
+    query `[batch, q_len, heads, head_dim]`, key `[batch, kv_len, kv_heads, head_dim]` and value
+    `[batch, kv_len, kv_heads, value_dim]`, where kv_heads divides heads (grouped-query
+    attention: query head n reads key/value head n // (heads // kv_heads)), must be jax or
+    NumPy arrays (a TypeError otherwise: a list is not converted, so that what reaches the
+    kernels is what the caller built), of a floating dtype (a TypeError otherwise: integer
+    inputs would give integer, truncated outputs), with no empty dimension: a length of 0 is a
+    ValueError in every implementation, as the patterns refuse it too. Mismatched shapes are a
+    ValueError naming the mismatch.
     """
     arrays = dict(zip(_NAMES, (query, key, value)))
     for name, array in arrays.items():
@@ -40,8 +42,15 @@ def check_query_key_value(query, key, value):
         raise ValueError(
             f"key {key.shape} and value {value.shape} must agree on [batch, kv_len, heads]."
         )
-    if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
-        raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch and heads.")
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(f"query {query.shape} and key {key.shape} must agree on batch.")
+    if key.shape[2] < 1 or query.shape[2] % key.shape[2]:
+        raise ValueError(
+            f"query {query.shape} and key {key.shape} must agree on batch and heads, or have "
+            f"key/value heads ({key.shape[2]}) dividing the query's heads ({query.shape[2]}): "
+            "kv_heads == heads is multi-head, 1 multi-query, any other divisor grouped-query "
+            "attention."
+        )
     if query.shape[3] != key.shape[3]:
         raise ValueError(f"query head_dim {query.shape[3]} != key head_dim {key.shape[3]}.")
     for name, array in arrays.items():
@@ -52,6 +61,11 @@ def check_query_key_value(query, key, value):
                     f"{name} {axis} must be at least 1; got {name} of shape {array.shape}. "
                     "Empty inputs are refused by every implementation."
                 )
+
+
+def group_size(query, key):
+    """How many query heads share each key/value head: heads // kv_heads (1 for multi-head)."""
+    return query.shape[2] // key.shape[2]
 
 
 def varying_like(arrays, *inits):

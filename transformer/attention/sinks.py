@@ -45,8 +45,12 @@ def check_sinks(sinks, heads):
 
 
 def per_head(sinks, ndim, dtype=jnp.float32):
-    """`[heads]` -> `[1, heads, 1, ...]` of `ndim` dimensions, for rows `[batch, heads, ...]`."""
-    return jnp.asarray(sinks, dtype).reshape((1, -1) + (1,) * (ndim - 2))
+    """`[heads]` -> `[1, heads, 1, ...]` of `ndim` dimensions, for rows `[batch, heads, ...]`.
+    Sinks of more dimensions, `[heads, ...]` (per row of a grouped block), get a batch axis."""
+    sinks = jnp.asarray(sinks, dtype)
+    if sinks.ndim > 1:
+        return sinks[None]
+    return sinks.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def with_sinks(out, lse, sinks):
@@ -72,6 +76,9 @@ def sink_gradient(sinks, lse, delta):
     delta: dO . O of each row, same shape.
     """
     dtype = jnp.promote_types(lse.dtype, jnp.float32)
-    p_sink = jnp.exp(per_head(sinks, lse.ndim, dtype) - lse.astype(dtype))
-    axes = (0,) + tuple(range(2, lse.ndim))
-    return -jnp.sum(p_sink * delta.astype(dtype), axis=axes).astype(sinks.dtype)
+    sink = per_head(sinks, lse.ndim, dtype)
+    p_sink = jnp.exp(sink - lse.astype(dtype))
+    # Summed over every axis the sinks are broadcast along.
+    axes = tuple(i for i in range(lse.ndim) if sink.shape[i] == 1 and lse.shape[i] != 1)
+    grad = -jnp.sum(p_sink * delta.astype(dtype), axis=axes, keepdims=True)
+    return grad.reshape(jnp.shape(sinks)).astype(sinks.dtype)

@@ -201,10 +201,16 @@ def step(
         )
         return out[:, None], {"key": key_cache, "value": value_cache}
     cache = _write(cache_plan, cache, key[:, 0], value[:, 0], positions)
-    query = jnp.swapaxes(query, 1, 2)
-    options = LogitOptions(alibi_slopes, logit_soft_cap, sinks)
+    batch, _, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    # Grouped-query attention: the group's query heads take the place of the query axis,
+    # `[batch, kv_heads, group, head_dim]`, so each cached key is read once for them all and
+    # the cache is never repeated to `heads`; ALiBi's slopes and the sinks follow that layout.
+    query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    grouped = lambda x, *rest: None if x is None else jnp.reshape(x, (kv_heads, -1, *rest))
+    options = LogitOptions(grouped(alibi_slopes), logit_soft_cap, grouped(sinks, 1))
     out = _attend_heads(cache_plan, cache, query, positions, options)
-    return jnp.swapaxes(out, 1, 2), cache
+    return out.reshape(batch, 1, heads, -1), cache
 
 
 def _write(cache_plan, cache, key, value, positions):
@@ -307,8 +313,8 @@ def _partial_attention(query, key, value, key_positions, valid, positions, optio
     if alibi_slopes is not None:
         # ALiBi from the stored positions: the query is at p, not at 0, and slots are unordered.
         distance = jnp.abs(positions[:, None] - key_positions).astype(jnp.float32)
-        slopes = jnp.asarray(alibi_slopes, jnp.float32)
-        logits = logits - slopes[None, :, None, None] * distance[:, None, None, :]
+        slopes = jnp.asarray(alibi_slopes, jnp.float32)  # [kv_heads, group]
+        logits = logits - slopes[None, :, :, None] * distance[:, None, None, :]
     valid = valid[:, None, None, :]
     largest = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=-1, keepdims=True)
     shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
@@ -418,11 +424,11 @@ def _attend_prefix(cache_plan, cache, query, positions, options):
             return _partial_attention(query, key, value, key_positions, valid, positions, options)
 
         def skip(query, key, value, positions):
-            batch, heads, _, head_dim = query.shape
+            rows, head_dim = query.shape[:3], value.shape[-1]
             return (
-                jnp.full((batch, heads, 1, 1), -jnp.inf, jnp.float32),
-                jnp.zeros((batch, heads, 1, 1), jnp.float32),
-                jnp.zeros((batch, heads, 1, head_dim), jnp.float32),
+                jnp.full((*rows, 1), -jnp.inf, jnp.float32),
+                jnp.zeros((*rows, 1), jnp.float32),
+                jnp.zeros((*rows, head_dim), jnp.float32),
             )
 
         # One small conditional per segment, whose result is three small arrays: a branch that

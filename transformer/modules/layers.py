@@ -21,7 +21,7 @@ from transformer.attention.dot_product import SOFT_CAP_AND_SINKS
 from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
-from transformer.modules.multihead_attention import MultiHeadAttention
+from transformer.modules.multihead_attention import MultiHeadAttention, check_num_kv_heads
 from transformer.modules.positional import check_positional
 
 
@@ -33,6 +33,9 @@ class LayerConfig:
       d_model: width of the residual stream.
       num_heads, head_dim: attention heads (head_dim, a positive int, defaults to
         d_model / num_heads).
+      num_kv_heads: key/value heads of every attention layer, dividing num_heads: None (the
+        default) is num_heads, 1 multi-query attention, between them grouped-query attention.
+        Keys, values and the decoding cache shrink by num_heads / num_kv_heads.
       d_ff, activation: the feed-forward block.
       dropout_rate: on each sublayer's output before the residual sum (and on the embeddings);
         in [0, 1).
@@ -58,6 +61,7 @@ class LayerConfig:
 
     d_model: int = 512
     num_heads: int = 8
+    num_kv_heads: int | None = None
     head_dim: int | None = None
     d_ff: int = 2048
     activation: str = "relu"
@@ -102,6 +106,12 @@ class LayerConfig:
         for name in ("d_model", "num_heads", "d_ff"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("head_dim", self.head_dim, allow_none=True)
+        check_num_kv_heads(self.num_kv_heads, self.num_heads)
+        if self.num_kv_heads not in (None, self.num_heads) and self.implementation == "lra_local":
+            raise ValueError(
+                f"num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads} (grouped-query "
+                "attention) is not computed by implementation 'lra_local'; use 'block_sparse'."
+            )
         for name in ("dropout_rate", "attention_dropout_rate"):
             check_rate(name, getattr(self, name))
         check_positive_number("layer_norm_epsilon", self.layer_norm_epsilon)
@@ -163,6 +173,7 @@ def layer_norm(config, name=None):
 def attention(config, pattern, positional, name=None):
     return MultiHeadAttention(
         num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
         features=config.d_model,
         head_dim=config.head_dim,
         dropout_rate=config.attention_dropout_rate,

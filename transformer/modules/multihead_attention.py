@@ -25,12 +25,33 @@ from transformer.modules.checks import check_positive_int, check_positive_number
 from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
 
 
+def check_num_kv_heads(num_kv_heads, num_heads):
+    """Raises a ValueError unless num_kv_heads is None or a positive int dividing num_heads."""
+    if num_kv_heads is None:
+        return
+    if (
+        isinstance(num_kv_heads, bool)
+        or not isinstance(num_kv_heads, int)
+        or num_kv_heads < 1
+        or num_heads % num_kv_heads
+    ):
+        raise ValueError(
+            f"num_kv_heads must be None (= num_heads) or a positive int dividing num_heads "
+            f"{num_heads}; got {num_kv_heads!r}. Allowed: "
+            f"{[n for n in range(1, num_heads + 1) if num_heads % n == 0]}."
+        )
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention (`inputs_kv` omitted) or cross-attention (queries from one sequence, keys
     and values from another), with heads in their own dimension.
 
     Attributes:
-      num_heads: number of heads h.
+      num_heads: number of (query) heads h.
+      num_kv_heads: number of key/value heads, dividing num_heads; None means num_heads
+        (multi-head attention), 1 is multi-query attention, anything between grouped-query
+        attention (query head n reads key/value head n // (num_heads // num_kv_heads)). The
+        key and value projections and the decoding cache have num_kv_heads heads.
       features: size of the output (d_model); head_dim defaults to features / h.
       head_dim: size of each head's queries, keys and values.
       dropout_rate: dropout on the attention weights (needs a "dropout" rng when not
@@ -58,6 +79,7 @@ class MultiHeadAttention(nn.Module):
 
     num_heads: int
     features: int
+    num_kv_heads: int | None = None
     head_dim: int | None = None
     dropout_rate: float = 0.0
     positional: str = "none"
@@ -76,6 +98,7 @@ class MultiHeadAttention(nn.Module):
     def setup(self):
         check_positional(self.positional)
         check_positive_int("num_heads", self.num_heads)
+        check_num_kv_heads(self.num_kv_heads, self.num_heads)
         check_positive_int("features", self.features)
         check_positive_int("head_dim", self.head_dim, allow_none=True)
         check_rate("dropout_rate", self.dropout_rate)
@@ -100,9 +123,11 @@ class MultiHeadAttention(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-        heads = (self.num_heads, self.head_dim or self.features // self.num_heads)
-        # [batch, length, features] -> [batch, length, heads, head_dim]
-        self.query, self.key, self.value = projection(heads), projection(heads), projection(heads)
+        head_dim = self.head_dim or self.features // self.num_heads
+        # [batch, length, features] -> [batch, length, heads or kv_heads, head_dim]
+        self.query = projection((self.num_heads, head_dim))
+        self.key = projection((self._kv_heads(), head_dim))
+        self.value = projection((self._kv_heads(), head_dim))
         # W^O mixes the heads back into one vector per position.
         self.out = projection(self.features, axis=(-2, -1))
         if self.attention_sinks:
@@ -138,6 +163,9 @@ class MultiHeadAttention(nn.Module):
             query = apply_rotary(query, positions, base=self.rotary_base)
             key = apply_rotary(key, positions, base=self.rotary_base)
         return query, key, value
+
+    def _kv_heads(self):
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def _slopes(self):
         return alibi_slopes(self.num_heads) if self.positional == "alibi" else None
@@ -195,7 +223,7 @@ class MultiHeadAttention(nn.Module):
         return self.out(result)
 
     def key_value(self, inputs_kv):
-        """The projected keys and values `[batch, kv_len, heads, head_dim]` of `inputs_kv`, to
+        """The projected keys and values `[batch, kv_len, kv_heads, head_dim]` of `inputs_kv`, to
         cache once for cross-attention (no positional encoding is applied to them)."""
         return self.key(inputs_kv), self.value(inputs_kv)
 
@@ -215,7 +243,7 @@ class MultiHeadAttention(nn.Module):
         this layer's pattern (`kv_cache.plan`: a window keeps a ring of its own size)."""
         head_dim = self._head_dim()
         return kv_cache.init(
-            self._cache_plan(), batch, max_len, self.num_heads, head_dim, self.dtype
+            self._cache_plan(), batch, max_len, self._kv_heads(), head_dim, self.dtype
         )
 
     def _head_dim(self):

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.attention.block_sparse import cpu_kernel
-from transformer.attention.block_sparse.plan import make_plan
+from transformer.attention.block_sparse.plan import grouped, make_plan
 from transformer.attention.block_sparse.xla_schedules import _from_blocks, _to_blocks, attention_fn
 from transformer.attention.chunked import chunked_attention
-from transformer.attention.shapes import check_query_key_value, varying_like
+from transformer.attention.shapes import check_query_key_value, group_size, varying_like
 from transformer.attention.sinks import check_sinks
 from transformer.attention.soft_cap import check_logit_soft_cap
 
@@ -43,8 +43,9 @@ def block_sparse_attention(
 
     Args:
       query: `[batch, q_len, heads, head_dim]`; any length (padded internally to the block).
-      key: `[batch, kv_len, heads, head_dim]`.
-      value: `[batch, kv_len, heads, value_dim]`.
+      key: `[batch, kv_len, kv_heads, head_dim]`, kv_heads dividing heads (grouped-query
+        attention: query head n reads key/value head n // (heads // kv_heads), never repeated).
+      value: `[batch, kv_len, kv_heads, value_dim]`.
       pattern: a `transformer.patterns` pattern.
       key_valid: bool `[batch, kv_len]`, False at padded keys, or None.
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
@@ -89,7 +90,9 @@ def block_sparse_attention(
         kv_len,
         block_q,
         block_kv,
-        dense_rows_apart=alibi_slopes is None and not kernel,
+        # Chunked attention reads each query head's keys apart; grouped heads stay in the
+        # schedules, where a group shares each key block.
+        dense_rows_apart=alibi_slopes is None and not kernel and group_size(query, key) == 1,
     )
     if scale is None:
         scale = query.shape[-1] ** -0.5
@@ -129,6 +132,7 @@ def _scheduled_attention(
         valid = key_valid[:, :, None, None]
         key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
     dtype = jnp.promote_types(query.dtype, jnp.float32)
+    heads, group = query.shape[2], group_size(query, key)
     q = _to_blocks(query.astype(dtype) * scale, plan.num_q_blocks, block_q)
     k = _to_blocks(key.astype(dtype), plan.num_kv_blocks, block_kv)
     v = _to_blocks(value.astype(dtype), plan.num_kv_blocks, block_kv)
@@ -140,14 +144,22 @@ def _scheduled_attention(
             .astype(dtype)
             .reshape(key_valid.shape[0], plan.num_kv_blocks, block_kv)
         )
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, dtype)
+    slopes = (
+        None if alibi_slopes is None else _per_row(jnp.asarray(alibi_slopes, dtype), group, block_q)
+    )
     if sinks is not None:
         # Inside shard_map the sinks' gradient varies over the devices like q, k and v, and a
         # custom VJP must return the type it was given: so they enter it varying too.
         (sinks,) = varying_like((q, k, v, key_bias), jnp.asarray(sinks, dtype))
+        if group > 1:
+            sinks = _per_row(sinks, group, block_q)[:, None]
+    # Grouped-query attention: the query heads that share a key/value head become rows of one
+    # block (plan.grouped), so each key block is read once for the whole group.
+    plan = grouped(plan, group)
+    q = _fold_heads(q, group)
     if kernel:
         out = cpu_kernel.attention_fn(plan, logit_soft_cap)(q, k, v, key_bias, sinks)
-        return _from_blocks(out, q_len).astype(query.dtype)
+        return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
     attention = attention_fn(plan, logit_soft_cap)
     if q.shape[0] == 1:
         out = attention(q, k, v, key_bias, slopes, sinks)
@@ -159,4 +171,28 @@ def _scheduled_attention(
             return attention(q, k, v, key_bias, slopes, sinks)[0]
 
         out = jax.lax.map(one, (q, k, v, key_bias))
-    return _from_blocks(out, q_len).astype(query.dtype)
+    return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
+
+
+def _fold_heads(q, group):
+    """`[batch, heads, num_q_blocks, block_q, d]` -> `[batch, kv_heads, num_q_blocks,
+    group * block_q, d]`, rows ordered (head in group, position)."""
+    if group == 1:
+        return q
+    batch, heads, num_blocks, block, dim = q.shape
+    q = q.reshape(batch, heads // group, group, num_blocks, block, dim)
+    return q.transpose(0, 1, 3, 2, 4, 5).reshape(batch, heads // group, num_blocks, -1, dim)
+
+
+def _unfold_heads(out, group, heads):
+    """The inverse of `_fold_heads`: `[batch, heads, num_q_blocks, block_q, d]`."""
+    if group == 1:
+        return out
+    batch, kv_heads, num_blocks, rows, dim = out.shape
+    out = out.reshape(batch, kv_heads, num_blocks, group, rows // group, dim)
+    return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, heads, num_blocks, -1, dim)
+
+
+def _per_row(per_head, group, block_q):
+    """`[heads]` (ALiBi slopes, sinks) -> each folded row's value `[kv_heads, group * block_q]`."""
+    return jnp.repeat(per_head.reshape(-1, group), block_q, axis=1)

@@ -613,12 +613,13 @@ void weighted_sum_any(const float* w, const float* v, long n, long dv, float* ou
   }
 }
 
-// One cached decoding step (kv_cache.py): each (batch, head) row writes its new key and value at
-// its position p into the caches, then attends from its query over the keys it may see. Layouts
-// (float32, row-major):
-//   q, k_new [batch, heads, d] (q already scaled); v_new [batch, heads, dv]
-//   k_cache  [batch, heads, slots, d]; v_cache [batch, heads, slots, dv] (updated in place: the
-//            outputs alias them)
+// One cached decoding step (kv_cache.py): each (batch, key/value head) writes its new key and
+// value at its position p into the caches, then each (batch, query head) row attends from its
+// query over the keys it may see. Grouped-query attention: query head h reads key/value head
+// h / (heads / kv_heads), so a group's rows share one cache row. Layouts (float32, row-major):
+//   q [batch, heads, d] (already scaled); k_new [batch, kv_heads, d]; v_new [batch, kv_heads, dv]
+//   k_cache  [batch, kv_heads, slots, d]; v_cache [batch, kv_heads, slots, dv] (updated in place:
+//            the outputs alias them)
 //   positions[batch] int32; slopes [heads] (ALiBi: logit - slope * (p - j)) or [0] for none
 //   sinks    [heads] sink logits (in the softmax's denominator, with a zero value) or [0]
 //   soft_cap c > 0: each q.k becomes c * tanh(q.k / c), before ALiBi and masking; 0: none
@@ -639,11 +640,13 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   auto kd = k_cache.dimensions();
   if (kd.size() != 4 || v_cache.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("decode: caches must be [batch, heads, max_len, dim]");
-  const long batch = kd[0], heads = kd[1], max_len = kd[2], d = kd[3];
+  const long batch = kd[0], kv_heads = kd[1], max_len = kd[2], d = kd[3];
   const long dv = v_cache.dimensions()[3];
-  if (d % kLanes || dv % kLanes || q.element_count() != batch * heads * d ||
-      k_new.element_count() != batch * heads * d || v_new.element_count() != batch * heads * dv ||
-      v_cache.element_count() != batch * heads * max_len * dv ||
+  const long heads = batch * d > 0 ? q.element_count() / (batch * d) : 0;
+  if (d % kLanes || dv % kLanes || kv_heads <= 0 || heads % kv_heads ||
+      q.element_count() != batch * heads * d || k_new.element_count() != batch * kv_heads * d ||
+      v_new.element_count() != batch * kv_heads * dv ||
+      v_cache.element_count() != batch * kv_heads * max_len * dv ||
       positions.element_count() != batch ||
       (slopes.element_count() != 0 && slopes.element_count() != heads) ||
       (sinks.element_count() != 0 && sinks.element_count() != heads))
@@ -658,16 +661,25 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   const int32_t* pos = positions.typed_data();
   const float* slope = slopes.element_count() ? slopes.typed_data() : nullptr;
   const float* sink = sinks.element_count() ? sinks.typed_data() : nullptr;
+  const long group = heads / kv_heads;
+  // Every write before any read: the rows of a group read the cache row one write fills.
+  for (long kv_task = 0; kv_task < batch * kv_heads; ++kv_task) {
+    long p = pos[kv_task / kv_heads];
+    long slot = ring ? (p % max_len + max_len) % max_len : p;
+    if (p >= 0 && slot < max_len) {
+      std::memcpy(kc + (kv_task * max_len + slot) * d, k_new.typed_data() + kv_task * d,
+                  d * sizeof(float));
+      std::memcpy(vc + (kv_task * max_len + slot) * dv, v_new.typed_data() + kv_task * dv,
+                  dv * sizeof(float));
+    }
+  }
   auto row = [&](long task) {
     long b = task / heads, h = task % heads;
     long p = pos[b];
-    float* k_row = kc + task * max_len * d;
-    float* v_row = vc + task * max_len * dv;
+    long kv_task = b * kv_heads + h / group;
+    const float* k_row = kc + kv_task * max_len * d;
+    const float* v_row = vc + kv_task * max_len * dv;
     long slot = ring ? (p % max_len + max_len) % max_len : p;
-    if (p >= 0 && slot < max_len) {
-      std::memcpy(k_row + slot * d, k_new.typed_data() + task * d, d * sizeof(float));
-      std::memcpy(v_row + slot * dv, v_new.typed_data() + task * dv, dv * sizeof(float));
-    }
     // Ring: the keys of slots 0..n-1, at positions key_position(j).
     long n = p < 0 ? 0 : ring ? max_len : std::min(p + 1, max_len);
     auto key_position = [&](long j) {

@@ -288,9 +288,10 @@ def decode_step(
     `slots` = window + 1 positions (slot p % slots), written in order, and a step attends over
     the window.
 
-    query, key: `[batch, heads, head_dim]` (query unscaled); value: `[batch, heads, value_dim]`;
-    key_cache / value_cache: `[batch, heads, slots, head_dim or value_dim]`, updated in place
-    (XLA aliases them to the results); positions: `[batch]` int32; alibi_slopes: `[heads]` or
+    query: `[batch, heads, head_dim]` (unscaled); key: `[batch, kv_heads, head_dim]`; value:
+    `[batch, kv_heads, value_dim]`; key_cache / value_cache: `[batch, kv_heads, slots, head_dim
+    or value_dim]`, updated in place (XLA aliases them to the results), kv_heads dividing heads
+    (query head h reads key/value head h // (heads // kv_heads)); positions: `[batch]` int32; alibi_slopes: `[heads]` or
     None; logit_soft_cap: c or None (q.k / sqrt(head_dim) becomes c * tanh(. / c) before ALiBi);
     sinks: `[heads]` sink logits or None. Returns (output `[batch, heads, value_dim]`,
     key_cache, value_cache). Not differentiable: decoding only.
@@ -298,10 +299,20 @@ def decode_step(
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
+    if query.shape[1] % key_cache.shape[1] or key.shape != key_cache.shape[:2] + key.shape[2:]:
+        raise ValueError(
+            f"decode_step: query {query.shape}, key {key.shape} and key_cache "
+            f"{key_cache.shape} need [batch, heads, d], [batch, kv_heads, d] and "
+            "[batch, kv_heads, slots, d] with kv_heads dividing heads."
+        )
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     return jax.ffi.ffi_call(
         _target(_DECODE),
-        (shape(value), shape(key_cache), shape(value_cache)),
+        (
+            jax.ShapeDtypeStruct(query.shape[:2] + value.shape[2:], value.dtype),
+            shape(key_cache),
+            shape(value_cache),
+        ),
         input_output_aliases={3: 1, 4: 2},
         vmap_method="sequential",
     )(

@@ -78,6 +78,14 @@ class Plan:
     # The scheduled blocks row by row, for the fused CPU kernel: (rows, row_start, kv_block,
     # mask_id), row r's key blocks being kv_block[row_start[r]:row_start[r + 1]].
     row_blocks: tuple
+    # Query heads per key/value head folded into each query block's rows (`grouped`): block_q
+    # is then group x the pattern's query block, rows ordered (head in group, position).
+    group: int = 1
+
+    @property
+    def query_block(self):
+        """The pattern's query block: block_q without the folded heads."""
+        return self.block_q // self.group
 
     @property
     def kv_block(self):
@@ -303,4 +311,21 @@ def make_plan(pattern, q_len, kv_len, block_q, block_kv, dense_rows_apart=True):
         computed_blocks,
         dense_q_blocks,
         row_blocks,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def grouped(plan, group):
+    """`plan` for grouped-query attention: the `group` query heads that share a key/value head
+    are folded into each query block's rows, `[kv_heads, num_q_blocks, group * block_q, d]`, so
+    the same key blocks serve them all and no key or value is repeated. The pattern depends on
+    positions only, so each head's rows take the same masks (tiled); block indices are unchanged.
+    """
+    if group == 1:
+        return plan
+    return dataclasses.replace(
+        plan,
+        block_q=plan.block_q * group,
+        block_masks=np.tile(plan.block_masks, (1, group, 1)),
+        group=group,
     )

@@ -44,7 +44,8 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
     each logit (None without a cap).
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, already scaled; k: like it for keys;
-    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: `[heads]` or None;
+    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: each row's slope,
+    `[heads, block_q]`, or None;
     soft_cap: c or None, applied before ALiBi and the masks.
     """
     items, slots = kv_block.shape
@@ -63,12 +64,13 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
         padded = jnp.isneginf(bias.reshape(key_bias.shape[0], 1, items, 1, -1))
         logits = jnp.where(padded, -jnp.inf, logits)
     if slopes is not None:
-        q_pos = q_block[:, None] * plan.block_q + jnp.arange(plan.block_q)
+        # Rows of a grouped plan are (head in group, position): the position repeats per head.
+        q_pos = q_block[:, None] * plan.query_block + jnp.arange(plan.block_q) % plan.query_block
         k_pos = (kv_block[:, :, None] * plan.block_kv + jnp.arange(plan.block_kv)).reshape(
             items, -1
         )
         distance = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(logits.dtype)
-        logits = logits - slopes[None, :, None, None, None] * distance
+        logits = logits - slopes[None, :, None, :, None] * distance
     return logits, allowed, cap_slope
 
 
@@ -337,8 +339,10 @@ def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
 @functools.lru_cache(maxsize=32)
 def attention_fn(plan, soft_cap=None):
     """The custom-VJP attention over blocks for one plan (NumPy constants closed over) and soft
-    cap (a float or None): `attention(q, k, v, key_bias, slopes, sinks)`, sinks `[heads]` or
-    None."""
+    cap (a float or None): `attention(q, k, v, key_bias, slopes, sinks)`, slopes (ALiBi, per
+    row) `[heads, block_q]` or None, sinks `[heads]` or per row `[heads, 1, block_q]`, or None.
+    A grouped plan (`plan.grouped`) takes q `[batch, kv_heads, num_q_blocks, block_q, d]` with
+    its rows folded, and k, v of kv_heads heads."""
 
     def forward_with_sinks(q, k, v, key_bias, slopes, sinks):
         out, lse = _forward(plan, soft_cap, q, k, v, key_bias, slopes)
