@@ -151,8 +151,8 @@ def auto_implementation(
 ):
     """The name of the implementation "auto" runs for these arrays and this pattern.
 
-    query `[batch, q_len, heads, head_dim]`, key `[batch, kv_len, heads, head_dim]`, value
-    `[batch, kv_len, heads, value_dim]` (arrays or anything with `.shape` and `.dtype`);
+    query `[batch, q_len, heads, head_dim]`, key `[batch, kv_len, kv_heads, head_dim]`, value
+    `[batch, kv_len, kv_heads, value_dim]` (arrays or anything with `.shape` and `.dtype`);
     key_padding: whether a key padding mask comes with them; logit_soft_cap and sinks as
     given to `dot_product_attention`.
     """

@@ -5,7 +5,9 @@ Every implementation in `IMPLEMENTATIONS` is a function
     implementation(query, key, value, *, pattern, key_valid, scale, alibi_slopes,
                    logit_soft_cap=None, sinks=None) -> output
 
-with query `[batch, q_len, heads, head_dim]`, key/value `[batch, kv_len, heads, head_dim]`,
+with query `[batch, q_len, heads, head_dim]`, key/value `[batch, kv_len, kv_heads, head_dim]`
+(kv_heads dividing heads: grouped-query attention, query head n reading key/value head
+n // (heads // kv_heads), never by repeating the keys and values; "lra_local" refuses it),
 key_valid bool `[batch, kv_len]` or None, logit_soft_cap a float or None, sinks `[heads]` or
 None, output `[batch, q_len, heads, value_dim]`, and zeros for a query that has no allowed key.
 "dense" is the reference; "auto" picks one. Soft-capping and sinks are computed by the
@@ -213,8 +215,11 @@ def dot_product_attention(
     Args:
       query: `[batch, q_len, heads, head_dim]` (the layout of `jax.nn.dot_product_attention`).
         query, key and value are jax or NumPy arrays of a floating dtype, no dimension empty.
-      key: `[batch, kv_len, heads, head_dim]`.
-      value: `[batch, kv_len, heads, value_dim]`.
+      key: `[batch, kv_len, kv_heads, head_dim]`, kv_heads dividing heads: multi-head when
+        equal, multi-query when 1, grouped-query otherwise (query head n reads key/value head
+        n // (heads // kv_heads), as in `jax.nn.dot_product_attention`). No implementation
+        repeats the keys and values to `heads`; "lra_local" refuses kv_heads != heads.
+      value: `[batch, kv_len, kv_heads, value_dim]`.
       mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True where a query may
         attend. A query whose keys are all masked gets zeros, never NaN, in output and gradients.
         Implementations other than "dense" take only key padding, `[batch, 1, 1, kv_len]`.
