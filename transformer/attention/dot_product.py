@@ -176,6 +176,38 @@ def _check_inputs(query, key, value, mask, bias, alibi_slopes, sinks, dropout_ra
         raise ValueError(f"dropout_rate must be a number in [0, 1); got {dropout_rate!r}.")
 
 
+def _check_segment_ids(segment_ids, query, key):
+    """(q_segment_ids `[batch, q_len]`, kv_segment_ids `[batch, kv_len]`) of integers, or None;
+    a ValueError naming what is wrong otherwise."""
+    if segment_ids is None:
+        return None
+    batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(
+                "segment_ids must be an int [batch, length] array or a pair (q_segment_ids, "
+                f"kv_segment_ids); got a sequence of {len(segment_ids)}."
+            )
+        pair = tuple(segment_ids)
+    else:
+        if q_len != kv_len:
+            raise ValueError(
+                f"one segment_ids array is for self-attention (q_len == kv_len); got q_len "
+                f"{q_len}, kv_len {kv_len}: pass (q_segment_ids, kv_segment_ids)."
+            )
+        pair = (segment_ids, segment_ids)
+    for name, ids, length in zip(("q_segment_ids", "kv_segment_ids"), pair, (q_len, kv_len)):
+        if not isinstance(ids, (jax.Array, np.ndarray)):
+            raise ValueError(f"{name} must be a jax or NumPy array; got {type(ids).__name__}.")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype; got {ids.dtype}.")
+        if ids.shape != (batch, length):
+            raise ValueError(
+                f"{name} must have shape [batch, length] = ({batch}, {length}); got {ids.shape}."
+            )
+    return tuple(jnp.asarray(ids) for ids in pair)
+
+
 def _key_valid(mask, batch, implementation):
     """`[batch, kv_len]` from a key padding mask `[batch or 1, 1, 1, kv_len]`."""
     if mask is None:
@@ -201,6 +233,7 @@ def dot_product_attention(
     logit_soft_cap=None,
     sinks=None,
     pattern=None,
+    segment_ids=None,
     implementation="dense",
     dropout_rate=0.0,
     dropout_rng=None,
@@ -236,6 +269,10 @@ def dot_product_attention(
         Soft-capping and sinks: the implementations in `SOFT_CAP_AND_SINKS` only.
       pattern: a `transformer.patterns` pattern, a name in `patterns.PATTERNS`, or None for full
         attention; combined with `mask` by logical AND.
+      segment_ids: None, an int `[batch, length]` array (self-attention, q_len == kv_len), or a
+        pair `(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`: packed
+        documents, a query attending to a key only when their ids are equal (and the pattern
+        and mask allow it). "dense" only, so far.
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
         reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
         "auto" picks one by the rule in `transformer/attention/auto.py`; "lra_local" runs
@@ -253,10 +290,16 @@ def dot_product_attention(
       alibi_slopes, logit_soft_cap, sinks, dropout_rate, pattern or implementation.
     """
     _check_inputs(query, key, value, mask, bias, alibi_slopes, sinks, dropout_rate)
+    segments = _check_segment_ids(segment_ids, query, key)
     logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; allowed: {sorted(IMPLEMENTATIONS)}."
+        )
+    if segments is not None and implementation != "dense":
+        raise ValueError(
+            f"segment_ids is computed by implementation 'dense' only so far; got "
+            f"implementation={implementation!r}."
         )
     for name, used in (
         ("logit_soft_cap", logit_soft_cap is not None),
@@ -281,6 +324,10 @@ def dot_product_attention(
         pattern_and_mask = pattern_mask(pattern, query.shape[1], key.shape[1])
         if mask is not None:
             pattern_and_mask = pattern_and_mask & mask
+        if segments is not None:
+            q_segments, kv_segments = segments
+            same = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
+            pattern_and_mask = pattern_and_mask & same
         return dense_attention(
             query,
             key,

@@ -1,0 +1,96 @@
+"""Packed documents: `dot_product_attention(..., segment_ids=...)` lets a query see a key only
+when their segment ids are equal (and the pattern and the mask allow it). Checked against the
+float64 reference with the segments in its allowed pairs: forward and gradients, odd lengths,
+key padding, rows with no key left, the soft cap and sinks, two pattern families, both forms
+(one array for self-attention, a pair for queries and keys); and the errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_soft_cap_and_sinks import CAP, allowed_pairs, random_sinks, reference
+
+from transformer import patterns
+from transformer.attention import dot_product_attention
+
+
+def run(q, k, v, d_out, sinks, mask, pattern, segment_ids):
+    def attend(q, k, v, sinks):
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            pattern=pattern,
+            segment_ids=segment_ids,
+            logit_soft_cap=CAP,
+            sinks=sinks,
+        )
+
+    out, vjp = jax.vjp(attend, q, k, v, sinks)
+    return (out, *vjp(d_out))
+
+
+def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_ids):
+    sinks = random_sinks(0, q.shape[2])
+    mask = jnp.asarray(key_valid)[:, None, None, :]
+    got = jax.jit(run, static_argnums=6)(q, k, v, d_out, sinks, mask, pattern, segment_ids)
+    allowed = allowed_pairs(pattern, q.shape[1], k.shape[1], key_valid, q.shape[0])
+    allowed = allowed & (q_segments[:, :, None] == kv_segments[:, None, :])
+    out, grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, cap=CAP, sinks=sinks)
+    for name, g, want in zip(("out", "dq", "dk", "dv", "d_sinks"), got, (out, *grads)):
+        scale = 10.0 if name == "d_sinks" else 1.0
+        np.testing.assert_allclose(
+            np.asarray(g), want, atol=3e-5 * scale, rtol=3e-4, err_msg=f"{name} {pattern}"
+        )
+    keyless = ~allowed.any(-1)
+    assert keyless.any(), "the inputs must have rows with no key"
+    assert not np.asarray(got[0])[keyless].any() and not np.asarray(got[1])[keyless].any()
+    # The segments matter: without them the output differs.
+    plain = dot_product_attention(q, k, v, mask=mask, pattern=pattern, logit_soft_cap=CAP)
+    assert np.abs(np.asarray(plain) - np.asarray(got[0])).max() > 1e-3
+
+
+def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8):
+    rng = np.random.default_rng(seed)
+    q, d_out = (rng.normal(size=(batch, q_len, heads, head_dim)).astype(np.float32) for _ in "qo")
+    k, v = (rng.normal(size=(batch, kv_len, heads, head_dim)).astype(np.float32) for _ in "kv")
+    return q, k, v, d_out
+
+
+@pytest.mark.parametrize(
+    "pattern", [patterns.causal(), patterns.sliding_window(4, 2)], ids=["causal", "window"]
+)
+def test_packed_self_attention(pattern):
+    q, k, v, d_out = arrays(1, 2, 31, 31)
+    # Row 0: three documents; row 1: one, and a document of one padded token at the end.
+    segments = np.array([[0] * 10 + [1] * 13 + [2] * 8, [7] * 30 + [8]], np.int32)
+    key_valid = np.ones((2, 31), bool)
+    key_valid[1, 30] = False  # the last document's only key is padding: its query sees nothing
+    key_valid[0, 10] = False
+    check(q, k, v, d_out, key_valid, pattern, segments, segments, jnp.asarray(segments))
+
+
+def test_a_pair_of_query_and_key_segment_ids():
+    q, k, v, d_out = arrays(2, 2, 9, 14)
+    q_segments = np.array([[0, 0, 0, 1, 1, 1, 1, 3, 3], [2] * 9], np.int32)  # 3: no key
+    kv_segments = np.array([[0] * 5 + [1] * 9, [2] * 7 + [4] * 7], np.int32)
+    key_valid = np.ones((2, 14), bool)
+    segment_ids = (jnp.asarray(q_segments), jnp.asarray(kv_segments))
+    check(q, k, v, d_out, key_valid, patterns.full(), q_segments, kv_segments, segment_ids)
+
+
+def test_bad_segment_ids_are_named():
+    q = jnp.zeros((2, 6, 2, 8))
+    k = jnp.zeros((2, 7, 2, 8))
+    ids = jnp.zeros((2, 6), jnp.int32)
+    with pytest.raises(ValueError, match="one segment_ids array is for self-attention"):
+        dot_product_attention(q, k, k, segment_ids=ids)
+    with pytest.raises(ValueError, match=r"kv_segment_ids must have shape .* \(2, 7\)"):
+        dot_product_attention(q, k, k, segment_ids=(ids, ids))
+    with pytest.raises(ValueError, match="q_segment_ids must have an integer dtype"):
+        dot_product_attention(q, q, q, segment_ids=ids.astype(jnp.float32))
+    with pytest.raises(ValueError, match="a pair"):
+        dot_product_attention(q, q, q, segment_ids=(ids,))
+    with pytest.raises(ValueError, match="segment_ids is computed by implementation 'dense'"):
+        dot_product_attention(q, q, q, segment_ids=ids, implementation="block_sparse")
