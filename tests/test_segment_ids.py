@@ -14,7 +14,7 @@ from transformer import patterns
 from transformer.attention import dot_product_attention
 
 
-def run(q, k, v, d_out, sinks, mask, pattern, segment_ids):
+def run(q, k, v, d_out, sinks, mask, pattern, segment_ids, implementation):
     def attend(q, k, v, sinks):
         return dot_product_attention(
             q,
@@ -25,19 +25,27 @@ def run(q, k, v, d_out, sinks, mask, pattern, segment_ids):
             segment_ids=segment_ids,
             logit_soft_cap=CAP,
             sinks=sinks,
+            implementation=implementation,
         )
 
     out, vjp = jax.vjp(attend, q, k, v, sinks)
     return (out, *vjp(d_out))
 
 
-def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_ids):
+def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_ids, impl):
     sinks = random_sinks(0, q.shape[2])
     mask = jnp.asarray(key_valid)[:, None, None, :]
-    got = jax.jit(run, static_argnums=6)(q, k, v, d_out, sinks, mask, pattern, segment_ids)
+    jitted = jax.jit(run, static_argnums=(6, 8))
+    got = jitted(q, k, v, d_out, sinks, mask, pattern, segment_ids, impl)
     allowed = allowed_pairs(pattern, q.shape[1], k.shape[1], key_valid, q.shape[0])
     allowed = allowed & (q_segments[:, :, None] == kv_segments[:, None, :])
-    out, grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, cap=CAP, sinks=sinks)
+    group = q.shape[2] // k.shape[2]  # grouped-query: the reference sees repeated keys
+    repeat = lambda x: np.repeat(x, group, axis=2)
+    out, grads = reference(
+        q, repeat(k), repeat(v), d_out, allowed, q.shape[-1] ** -0.5, cap=CAP, sinks=sinks
+    )
+    fold = lambda g: g.reshape(*g.shape[:2], -1, group, g.shape[-1]).sum(3)
+    grads = (grads[0], fold(grads[1]), fold(grads[2]), grads[3])
     for name, g, want in zip(("out", "dq", "dk", "dv", "d_sinks"), got, (out, *grads)):
         scale = 10.0 if name == "d_sinks" else 1.0
         np.testing.assert_allclose(
@@ -47,37 +55,62 @@ def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_i
     assert keyless.any(), "the inputs must have rows with no key"
     assert not np.asarray(got[0])[keyless].any() and not np.asarray(got[1])[keyless].any()
     # The segments matter: without them the output differs.
-    plain = dot_product_attention(q, k, v, mask=mask, pattern=pattern, logit_soft_cap=CAP)
+    plain = dot_product_attention(
+        q, k, v, mask=mask, pattern=pattern, logit_soft_cap=CAP, sinks=jnp.asarray(sinks)
+    )
     assert np.abs(np.asarray(plain) - np.asarray(got[0])).max() > 1e-3
 
 
-def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8):
+def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
     rng = np.random.default_rng(seed)
+    kv_heads = kv_heads or heads
     q, d_out = (rng.normal(size=(batch, q_len, heads, head_dim)).astype(np.float32) for _ in "qo")
-    k, v = (rng.normal(size=(batch, kv_len, heads, head_dim)).astype(np.float32) for _ in "kv")
+    k, v = (rng.normal(size=(batch, kv_len, kv_heads, head_dim)).astype(np.float32) for _ in "kv")
     return q, k, v, d_out
 
 
+# block_sparse runs XLA's schedules with segment ids (blocks of 16 by default in
+# dot_product_attention: rows longer than a block, and pieces of rows under causal()).
 @pytest.mark.parametrize(
-    "pattern", [patterns.causal(), patterns.sliding_window(4, 2)], ids=["causal", "window"]
+    "pattern, implementation, kv_heads",
+    [
+        (patterns.causal(), "dense", 2),
+        (patterns.sliding_window(4, 2), "dense", 2),
+        (patterns.causal(), "block_sparse", 2),
+        (patterns.sliding_window(4, 2) | patterns.anchor(2), "block_sparse", 1),
+    ],
+    ids=["dense causal", "dense window", "block_sparse causal", "block_sparse window+anchor mqa"],
 )
-def test_packed_self_attention(pattern):
-    q, k, v, d_out = arrays(1, 2, 31, 31)
+def test_packed_self_attention(pattern, implementation, kv_heads):
+    q, k, v, d_out = arrays(1, 2, 31, 31, kv_heads=kv_heads)
     # Row 0: three documents; row 1: one, and a document of one padded token at the end.
     segments = np.array([[0] * 10 + [1] * 13 + [2] * 8, [7] * 30 + [8]], np.int32)
     key_valid = np.ones((2, 31), bool)
     key_valid[1, 30] = False  # the last document's only key is padding: its query sees nothing
     key_valid[0, 10] = False
-    check(q, k, v, d_out, key_valid, pattern, segments, segments, jnp.asarray(segments))
+    ids = jnp.asarray(segments)
+    check(q, k, v, d_out, key_valid, pattern, segments, segments, ids, implementation)
 
 
-def test_a_pair_of_query_and_key_segment_ids():
+@pytest.mark.parametrize("implementation", ["dense", "block_sparse"])
+def test_a_pair_of_query_and_key_segment_ids(implementation):
     q, k, v, d_out = arrays(2, 2, 9, 14)
     q_segments = np.array([[0, 0, 0, 1, 1, 1, 1, 3, 3], [2] * 9], np.int32)  # 3: no key
     kv_segments = np.array([[0] * 5 + [1] * 9, [2] * 7 + [4] * 7], np.int32)
     key_valid = np.ones((2, 14), bool)
     segment_ids = (jnp.asarray(q_segments), jnp.asarray(kv_segments))
-    check(q, k, v, d_out, key_valid, patterns.full(), q_segments, kv_segments, segment_ids)
+    check(
+        q,
+        k,
+        v,
+        d_out,
+        key_valid,
+        patterns.full(),
+        q_segments,
+        kv_segments,
+        segment_ids,
+        implementation,
+    )
 
 
 def test_bad_segment_ids_are_named():
@@ -92,5 +125,32 @@ def test_bad_segment_ids_are_named():
         dot_product_attention(q, q, q, segment_ids=ids.astype(jnp.float32))
     with pytest.raises(ValueError, match="a pair"):
         dot_product_attention(q, q, q, segment_ids=(ids,))
-    with pytest.raises(ValueError, match="segment_ids is computed by implementation 'dense'"):
-        dot_product_attention(q, q, q, segment_ids=ids, implementation="block_sparse")
+    with pytest.raises(ValueError, match="segment_ids is computed by implementations"):
+        dot_product_attention(q, q, q, segment_ids=ids, implementation="chunked")
+
+
+@pytest.mark.parametrize("implementation", ["dense", "block_sparse"])
+def test_a_nan_in_another_document_stays_out(implementation):
+    """A NaN key and value in document 0 make document 0's rows that see them NaN, as in the
+    reference, and never reach document 1's outputs or gradients (0 * NaN = NaN in a plain
+    product would)."""
+    q, k, v, d_out = arrays(4, 1, 24, 24)
+    segments = jnp.asarray([[0] * 10 + [1] * 14], jnp.int32)
+    k[0, 3, 0, 0] = np.nan
+    v[0, 3, 1, 0] = np.nan
+
+    def attend(q, k, v):
+        return dot_product_attention(
+            q, k, v, segment_ids=segments, implementation=implementation, pattern=patterns.full()
+        )
+
+    out, vjp = jax.vjp(attend, q, k, v)
+    dq, dk, dv = vjp(jnp.asarray(d_out))
+    for name, x in (("out", out), ("dq", dq)):
+        assert np.isfinite(np.asarray(x)[0, 10:]).all(), f"{name}: NaN in document 1"
+        assert np.isnan(np.asarray(x)[0, :10]).any(), f"{name}: document 0 must see its NaN"
+    for name, x in (("dk", dk), ("dv", dv)):
+        assert np.isfinite(np.asarray(x)[0, 10:]).all(), f"{name}: NaN in document 1's keys"
+    clean = lambda x: np.where(np.isnan(x), 0.0, x)
+    want = jax.nn.dot_product_attention(q[:, 10:], clean(k)[:, 10:], clean(v)[:, 10:])
+    np.testing.assert_allclose(np.asarray(out)[:, 10:], np.asarray(want), atol=1e-5)

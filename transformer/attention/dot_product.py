@@ -32,6 +32,8 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 
 # The implementations that compute logit soft-capping and attention sinks.
 SOFT_CAP_AND_SINKS = ("dense", "chunked", "block_sparse", "splash", "auto")
+# The implementations that compute segment ids (packed documents).
+SEGMENT_IDS = ("dense", "block_sparse")
 
 
 def _dense(
@@ -79,7 +81,17 @@ def _chunked(
 
 
 def _block_sparse(
-    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    logit_soft_cap=None,
+    sinks=None,
+    segment_ids=None,
 ):
     return block_sparse_attention(
         query,
@@ -91,6 +103,7 @@ def _block_sparse(
         alibi_slopes=alibi_slopes,
         logit_soft_cap=logit_soft_cap,
         sinks=sinks,
+        segment_ids=segment_ids,
         block_q=BLOCK_SIZE,
     )
 
@@ -272,7 +285,7 @@ def dot_product_attention(
       segment_ids: None, an int `[batch, length]` array (self-attention, q_len == kv_len), or a
         pair `(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`: packed
         documents, a query attending to a key only when their ids are equal (and the pattern
-        and mask allow it). "dense" only, so far.
+        and mask allow it). The implementations in `SEGMENT_IDS` only, so far.
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
         reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
         "auto" picks one by the rule in `transformer/attention/auto.py`; "lra_local" runs
@@ -296,9 +309,9 @@ def dot_product_attention(
         raise ValueError(
             f"unknown implementation {implementation!r}; allowed: {sorted(IMPLEMENTATIONS)}."
         )
-    if segments is not None and implementation != "dense":
+    if segments is not None and implementation not in SEGMENT_IDS:
         raise ValueError(
-            f"segment_ids is computed by implementation 'dense' only so far; got "
+            f"segment_ids is computed by implementations {list(SEGMENT_IDS)} only so far; got "
             f"implementation={implementation!r}."
         )
     for name, used in (
@@ -355,7 +368,7 @@ def dot_product_attention(
                 f"implementation={implementation!r}."
             )
     key_valid = _key_valid(mask, query.shape[0], implementation)
-    extras = {"logit_soft_cap": logit_soft_cap, "sinks": sinks}
+    extras = {"logit_soft_cap": logit_soft_cap, "sinks": sinks, "segment_ids": segments}
     return IMPLEMENTATIONS[implementation](
         query,
         key,

@@ -35,6 +35,7 @@ def block_sparse_attention(
     alibi_slopes=None,
     logit_soft_cap=None,
     sinks=None,
+    segment_ids=None,
     block_q=64,
     block_kv=None,
     use_kernel=True,
@@ -54,6 +55,10 @@ def block_sparse_attention(
         ALiBi and the masks (`soft_cap.py`).
       sinks: None or `[heads]` sink logits, in every row's softmax denominator with a zero value
         (`sinks.py`); differentiable.
+      segment_ids: None or a pair (q_segment_ids `[batch, q_len]`, kv_segment_ids
+        `[batch, kv_len]`) of ints: packed documents, a query seeing a key only when their ids
+        are equal. XLA's schedules compute them (over the pattern's blocks, masked per pair);
+        the kernel does not yet.
       block_q, block_kv: block sizes; block_kv defaults to block_q.
       use_kernel: on CPU, compute the scheduled rows with the fused kernel (`cpu_kernel.py`)
         where it applies (float32, no ALiBi, block_kv and head dims multiples of 16); False
@@ -78,8 +83,12 @@ def block_sparse_attention(
                 f"(or [1, {kv_len}]); got shape {key_valid.shape}"
             )
         key_valid = jnp.broadcast_to(key_valid, (query.shape[0], kv_len))
-    kernel = use_kernel and cpu_kernel.supports(
-        block_kv, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
+    kernel = (
+        use_kernel
+        and segment_ids is None
+        and cpu_kernel.supports(
+            block_kv, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
+        )
     )
     # Dense rows go to chunked attention, which is slow on a few rows of queries, except with the
     # kernel, which walks them like any other row; chunked attention aligns ALiBi distances for
@@ -92,14 +101,17 @@ def block_sparse_attention(
         block_kv,
         # Chunked attention reads each query head's keys apart; grouped heads stay in the
         # schedules, where a group shares each key block.
-        dense_rows_apart=alibi_slopes is None and not kernel and group_size(query, key) == 1,
+        dense_rows_apart=alibi_slopes is None
+        and not kernel
+        and group_size(query, key) == 1
+        and segment_ids is None,
     )
     if scale is None:
         scale = query.shape[-1] ** -0.5
     extras = {"logit_soft_cap": logit_soft_cap, "sinks": sinks}
     if plan.schedules:
         out = _scheduled_attention(
-            plan, query, key, value, key_valid, scale, alibi_slopes, kernel, **extras
+            plan, query, key, value, key_valid, scale, alibi_slopes, kernel, segment_ids, **extras
         )
     else:  # no scheduled blocks: every row is dense or sees no key
         out = jnp.zeros(query.shape[:3] + value.shape[-1:], query.dtype)
@@ -122,7 +134,17 @@ def _row_positions(q_blocks, block_q, q_len):
 
 
 def _scheduled_attention(
-    plan, query, key, value, key_valid, scale, alibi_slopes, kernel, logit_soft_cap, sinks
+    plan,
+    query,
+    key,
+    value,
+    key_valid,
+    scale,
+    alibi_slopes,
+    kernel,
+    segment_ids,
+    logit_soft_cap,
+    sinks,
 ):
     """The plan's scheduled blocks: `[batch, q_len, heads, value_dim]`, zero in other rows."""
     block_q, block_kv = plan.block_q, plan.block_kv
@@ -161,17 +183,42 @@ def _scheduled_attention(
         out = cpu_kernel.attention_fn(plan, logit_soft_cap)(q, k, v, key_bias, sinks)
         return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
     attention = attention_fn(plan, logit_soft_cap)
+    segments = None
+    if segment_ids is not None:
+        segments = _segment_blocks(segment_ids, plan, group)
     if q.shape[0] == 1:
-        out = attention(q, k, v, key_bias, slopes, sinks)
+        out = attention(q, k, v, key_bias, segments, slopes, sinks)
     else:
         # One batch element at a time: each step's blocks stay cache-sized whatever the batch
         # (the whole batch at once ran slower, at batch 8 x 4 heads x 4,096 tokens).
         def one(args):
-            q, k, v, key_bias = (None if x is None else x[None] for x in args)
-            return attention(q, k, v, key_bias, slopes, sinks)[0]
+            q, k, v, key_bias, segments = jax.tree.map(lambda x: x[None], args)
+            return attention(q, k, v, key_bias, segments, slopes, sinks)[0]
 
-        out = jax.lax.map(one, (q, k, v, key_bias))
+        out = jax.lax.map(one, (q, k, v, key_bias, segments))
     return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
+
+
+def _segment_blocks(segment_ids, plan, group):
+    """(q `[batch, num_q_blocks, block_q]`, kv `[batch, num_kv_blocks, block_kv]`) segment ids
+    in the plan's blocks (`plan` grouped: each folded head's rows repeat the block's ids).
+    Padding positions get ids no real one equals (-1 and -2), so they meet nothing."""
+    q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+    block_q = plan.query_block
+    q_ids = jnp.pad(
+        q_ids, ((0, 0), (0, plan.num_q_blocks * block_q - q_ids.shape[1])), constant_values=-1
+    )
+    kv_ids = jnp.pad(
+        kv_ids,
+        ((0, 0), (0, plan.num_kv_blocks * plan.block_kv - kv_ids.shape[1])),
+        constant_values=-2,
+    )
+    q_ids = q_ids.reshape(q_ids.shape[0], plan.num_q_blocks, 1, block_q)
+    q_ids = jnp.broadcast_to(q_ids, (q_ids.shape[0], plan.num_q_blocks, group, block_q))
+    return (
+        q_ids.reshape(q_ids.shape[0], plan.num_q_blocks, -1),
+        kv_ids.reshape(kv_ids.shape[0], plan.num_kv_blocks, plan.block_kv),
+    )
 
 
 def _fold_heads(q, group):

@@ -37,14 +37,18 @@ def _from_blocks(x, length):
     return x.transpose(0, 2, 3, 1, 4).reshape(batch, num_blocks * block, heads, dim)[:, :length]
 
 
-def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap):
+def _item_logits(
+    plan, needs_mask, q, k, key_bias, segments, slopes, q_block, kv_block, mask_id, soft_cap
+):
     """Masked logits of one step's items: `[batch, heads, items, block_q, slots * block_kv]`,
-    the pattern's allowed pairs `[items, block_q, slots * block_kv]` (None if `needs_mask`
-    is False: every pair of the items is allowed by the pattern), and the soft cap's slope at
-    each logit (None without a cap).
+    the allowed pairs, broadcasting to them (`[1 or batch, 1, items, block_q, slots *
+    block_kv]`; None if every pair of the items is allowed: `needs_mask` False and no
+    segments), and the soft cap's slope at each logit (None without a cap).
 
     q: `[batch, heads, num_q_blocks, block_q, d]`, already scaled; k: like it for keys;
-    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; slopes: each row's slope,
+    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; segments: None or the
+    segment ids of each row and key, (`[batch, num_q_blocks, block_q]`, `[batch, num_kv_blocks,
+    block_kv]`); slopes: each row's slope,
     `[heads, block_q]`, or None;
     soft_cap: c or None, applied before ALiBi and the masks.
     """
@@ -63,6 +67,21 @@ def _item_logits(plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, ma
         # Selected, not added: NaN + -inf would be NaN.
         padded = jnp.isneginf(bias.reshape(key_bias.shape[0], 1, items, 1, -1))
         logits = jnp.where(padded, -jnp.inf, logits)
+    if segments is not None:
+        # Packed documents: a pair is allowed only within one segment. Part of `allowed`, so
+        # that the products run over allowed pairs only (a NaN in another document stays out).
+        q_segments, kv_segments = segments
+        batch = q_segments.shape[0]
+        same = (
+            jnp.take(q_segments, q_block, axis=1, mode="clip")[:, :, :, None]
+            == jnp.take(kv_segments, kv_block.reshape(-1), axis=1, mode="clip").reshape(
+                batch, items, 1, -1
+            )
+        )[:, None]
+        allowed = same if allowed is None else allowed[None, None] & same
+        logits = jnp.where(allowed, logits, -jnp.inf)
+    elif allowed is not None:
+        allowed = allowed[None, None]
     if slopes is not None:
         # Rows of a grouped plan are (head in group, position): the position repeats per head.
         q_pos = q_block[:, None] * plan.query_block + jnp.arange(plan.block_q) % plan.query_block
@@ -95,7 +114,7 @@ def _product(spec, weights, allowed, operand):
     """`einsum(spec, weights, operand)`, over the pattern's allowed pairs only where some are not."""
     if allowed is None:
         return jnp.einsum(spec, weights, operand)
-    return masked_einsum(spec, weights, allowed[None, None], operand)
+    return masked_einsum(spec, weights, allowed, operand)
 
 
 def _take_kv(x, kv_block):
@@ -154,7 +173,7 @@ def _put_halves(x, schedule, halves_out):
     return x
 
 
-def _forward(plan, soft_cap, q, k, v, key_bias, slopes):
+def _forward(plan, soft_cap, q, k, v, key_bias, segments, slopes):
     """Returns output blocks `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
@@ -163,11 +182,13 @@ def _forward(plan, soft_cap, q, k, v, key_bias, slopes):
     lse = jnp.full(rows, jnp.inf, q.dtype)
     for schedule in plan.schedules:
         if schedule.whole_rows:
-            out, lse = _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, slopes, out, lse)
+            out, lse = _forward_rows(
+                plan, soft_cap, schedule, q, k, v, key_bias, segments, slopes, out, lse
+            )
         else:
             # Its rows are none of the others': zero output and +inf log-sum-exp elsewhere.
             items_out, items_lse = _forward_items(
-                plan, soft_cap, schedule, q, k, v, key_bias, slopes
+                plan, soft_cap, schedule, q, k, v, key_bias, segments, slopes
             )
             out, lse = out + items_out, jnp.minimum(lse, items_lse)
     return out, lse
@@ -194,16 +215,14 @@ def softmax_rows(logits, values, allowed=None):
     return out / safe_sum[..., None], jnp.where(has_key, shift + jnp.log(safe_sum), jnp.inf)
 
 
-def _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, slopes, out, lse):
+def _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, segments, slopes, out, lse):
     """Whole rows per item: one plain softmax per row, written into `out` and `lse` once."""
 
     def rows(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
         logits, allowed, _ = _item_logits(
-            plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
+            plan, needs_mask, q, k, key_bias, segments, slopes, q_block, kv_block, mask_id, soft_cap
         )
-        return softmax_rows(
-            logits, _take_kv(v, kv_block), None if allowed is None else allowed[None, None]
-        )
+        return softmax_rows(logits, _take_kv(v, kv_block), allowed)
 
     def step(_, items):
         return None, tuple(rows(*half) for half in _halves(items))
@@ -214,12 +233,12 @@ def _forward_rows(plan, soft_cap, schedule, q, k, v, key_bias, slopes, out, lse)
     return out, lse
 
 
-def _forward_items(plan, soft_cap, schedule, q, k, v, key_bias, slopes):
+def _forward_items(plan, soft_cap, schedule, q, k, v, key_bias, segments, slopes):
     """Pieces of rows per item, combined by online softmax (as in FlashAttention)."""
     batch, heads = q.shape[:2]
     rows = (batch, heads, plan.num_q_blocks, plan.block_q)
     init = varying_like(
-        (q, k, v, key_bias, slopes),
+        (q, k, v, key_bias, *(segments or ()), slopes),
         jnp.full(rows, -jnp.inf, q.dtype),
         jnp.zeros(rows, q.dtype),
         jnp.zeros(rows + (v.shape[-1],), q.dtype),
@@ -229,7 +248,17 @@ def _forward_items(plan, soft_cap, schedule, q, k, v, key_bias, slopes):
         row_max, row_sum, acc = carry
         q_block, kv_block, mask_id = items
         logits, allowed, _ = _item_logits(
-            plan, schedule.needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
+            plan,
+            schedule.needs_mask,
+            q,
+            k,
+            key_bias,
+            segments,
+            slopes,
+            q_block,
+            kv_block,
+            mask_id,
+            soft_cap,
         )
         old_max = _take(row_max, q_block)
         new_max = jnp.maximum(old_max, logits.max(-1))
@@ -257,7 +286,7 @@ def _forward_items(plan, soft_cap, schedule, q, k, v, key_bias, slopes):
     return out, lse
 
 
-def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
+def _backward(plan, soft_cap, q, k, v, key_bias, segments, slopes, out, lse, d_out):
     # An einsum, not (d_out * out).sum(-1): the einsum is a dot_general, which XLA's CPU backend
     # runs far faster than that fused multiply-and-reduce.
     delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)  # [batch, heads, num_q_blocks, block_q]
@@ -267,7 +296,7 @@ def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
     # writing an item's blocks moves whole rows of floats, and are transposed once at the end.
     q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
     dq, dk_t, dv_t = varying_like(
-        (q, k, v, key_bias, slopes, d_out),
+        (q, k, v, key_bias, *(segments or ()), slopes, d_out),
         jnp.zeros_like(q),
         jnp.zeros_like(jnp.swapaxes(k, -1, -2)),
         jnp.zeros_like(jnp.swapaxes(v, -1, -2)),
@@ -278,7 +307,17 @@ def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
         def item_grads(q_block, kv_block, mask_id, needs_mask=schedule.needs_mask):
             """dQ of the items' query blocks; dK^T, dV^T of their key blocks `[.., slots, d, block]`."""
             logits, allowed, cap_slope = _item_logits(
-                plan, needs_mask, q, k, key_bias, slopes, q_block, kv_block, mask_id, soft_cap
+                plan,
+                needs_mask,
+                q,
+                k,
+                key_bias,
+                segments,
+                slopes,
+                q_block,
+                kv_block,
+                mask_id,
+                soft_cap,
             )
             probs = jnp.exp(logits - _take(lse, q_block)[..., None])
             d_probs = jnp.einsum("bhiqd,bhikd->bhiqk", _take(d_out, q_block), _take_kv(v, kv_block))
@@ -292,7 +331,7 @@ def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
             else:
                 # Over the allowed pairs only: a NaN row's excluded probabilities are
                 # exp(-inf - NaN), and a NaN key or query an excluded pair holds stays out.
-                mask = allowed[None, None]
+                mask = allowed
                 probs = jnp.where(mask, probs, 0.0)
                 d_logits = jnp.where(mask, d_logits, 0.0)
                 dv_items = masked_einsum("bhiqk,bhiqd->bhidk", probs, mask, _take(d_out, q_block))
@@ -339,34 +378,35 @@ def _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out):
 @functools.lru_cache(maxsize=32)
 def attention_fn(plan, soft_cap=None):
     """The custom-VJP attention over blocks for one plan (NumPy constants closed over) and soft
-    cap (a float or None): `attention(q, k, v, key_bias, slopes, sinks)`, slopes (ALiBi, per
+    cap (a float or None): `attention(q, k, v, key_bias, segments, slopes, sinks)`, segments
+    None or (q, kv) segment ids per row and key (`_item_logits`), slopes (ALiBi, per
     row) `[heads, block_q]` or None, sinks `[heads]` or per row `[heads, 1, block_q]`, or None.
     A grouped plan (`plan.grouped`) takes q `[batch, kv_heads, num_q_blocks, block_q, d]` with
     its rows folded, and k, v of kv_heads heads."""
 
-    def forward_with_sinks(q, k, v, key_bias, slopes, sinks):
-        out, lse = _forward(plan, soft_cap, q, k, v, key_bias, slopes)
+    def forward_with_sinks(q, k, v, key_bias, segments, slopes, sinks):
+        out, lse = _forward(plan, soft_cap, q, k, v, key_bias, segments, slopes)
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
         return out, lse
 
     @jax.custom_vjp
-    def attention(q, k, v, key_bias, slopes, sinks):
-        return forward_with_sinks(q, k, v, key_bias, slopes, sinks)[0]
+    def attention(q, k, v, key_bias, segments, slopes, sinks):
+        return forward_with_sinks(q, k, v, key_bias, segments, slopes, sinks)[0]
 
-    def forward(q, k, v, key_bias, slopes, sinks):
-        out, lse = forward_with_sinks(q, k, v, key_bias, slopes, sinks)
-        return out, (q, k, v, key_bias, slopes, sinks, out, lse)
+    def forward(q, k, v, key_bias, segments, slopes, sinks):
+        out, lse = forward_with_sinks(q, k, v, key_bias, segments, slopes, sinks)
+        return out, (q, k, v, key_bias, segments, slopes, sinks, out, lse)
 
     def backward(residuals, d_out):
-        q, k, v, key_bias, slopes, sinks, out, lse = residuals
-        dq, dk, dv = _backward(plan, soft_cap, q, k, v, key_bias, slopes, out, lse, d_out)
+        q, k, v, key_bias, segments, slopes, sinks, out, lse = residuals
+        dq, dk, dv = _backward(plan, soft_cap, q, k, v, key_bias, segments, slopes, out, lse, d_out)
         d_sinks = None
         if sinks is not None:
             d_sinks = sink_gradient(sinks, lse, jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out))
         # Padding and ALiBi slopes are not trained: zero cotangents.
         zeros = lambda x: None if x is None else jnp.zeros_like(x)
-        return dq, dk, dv, zeros(key_bias), zeros(slopes), d_sinks
+        return dq, dk, dv, zeros(key_bias), None, zeros(slopes), d_sinks
 
     attention.defvjp(forward, backward)
     return attention
