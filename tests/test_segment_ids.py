@@ -11,7 +11,7 @@ import pytest
 from test_soft_cap_and_sinks import CAP, allowed_pairs, random_sinks, reference
 
 from transformer import patterns
-from transformer.attention import dot_product_attention
+from transformer.attention import chunked_attention, dot_product_attention
 
 
 def run(q, k, v, d_out, sinks, mask, pattern, segment_ids, implementation):
@@ -78,8 +78,15 @@ def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
         (patterns.sliding_window(4, 2), "dense", 2),
         (patterns.causal(), "block_sparse", 2),
         (patterns.sliding_window(4, 2) | patterns.anchor(2), "block_sparse", 1),
+        (patterns.causal(), "chunked", 1),
     ],
-    ids=["dense causal", "dense window", "block_sparse causal", "block_sparse window+anchor mqa"],
+    ids=[
+        "dense causal",
+        "dense window",
+        "block_sparse causal",
+        "block_sparse window+anchor mqa",
+        "chunked causal mqa",
+    ],
 )
 def test_packed_self_attention(pattern, implementation, kv_heads):
     q, k, v, d_out = arrays(1, 2, 31, 31, kv_heads=kv_heads)
@@ -92,7 +99,7 @@ def test_packed_self_attention(pattern, implementation, kv_heads):
     check(q, k, v, d_out, key_valid, pattern, segments, segments, ids, implementation)
 
 
-@pytest.mark.parametrize("implementation", ["dense", "block_sparse"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse"])
 def test_a_pair_of_query_and_key_segment_ids(implementation):
     q, k, v, d_out = arrays(2, 2, 9, 14)
     q_segments = np.array([[0, 0, 0, 1, 1, 1, 1, 3, 3], [2] * 9], np.int32)  # 3: no key
@@ -126,10 +133,10 @@ def test_bad_segment_ids_are_named():
     with pytest.raises(ValueError, match="a pair"):
         dot_product_attention(q, q, q, segment_ids=(ids,))
     with pytest.raises(ValueError, match="segment_ids is computed by implementations"):
-        dot_product_attention(q, q, q, segment_ids=ids, implementation="chunked")
+        dot_product_attention(q, q, q, segment_ids=ids, implementation="xla")
 
 
-@pytest.mark.parametrize("implementation", ["dense", "block_sparse"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse"])
 def test_a_nan_in_another_document_stays_out(implementation):
     """A NaN key and value in document 0 make document 0's rows that see them NaN, as in the
     reference, and never reach document 1's outputs or gradients (0 * NaN = NaN in a plain
@@ -154,3 +161,51 @@ def test_a_nan_in_another_document_stays_out(implementation):
     clean = lambda x: np.where(np.isnan(x), 0.0, x)
     want = jax.nn.dot_product_attention(q[:, 10:], clean(k)[:, 10:], clean(v)[:, 10:])
     np.testing.assert_allclose(np.asarray(out)[:, 10:], np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_chunked_in_small_tiles_equals_dense(causal):
+    """Chunked attention in 8 x 16 tiles (tiles that hold several documents, GQA heads folded
+    into the rows) against the dense path checked above."""
+    q, k, v, d_out = arrays(5, 2, 37, 37, heads=4, kv_heads=2)
+    ids = jnp.asarray([[0] * 12 + [1] * 3 + [2] * 22, [4] * 20 + [5] * 17], jnp.int32)
+    key_valid = jnp.asarray(np.random.default_rng(5).random((2, 37)) < 0.8)
+    sinks = jnp.asarray(random_sinks(5, 4))
+    pattern = patterns.causal() if causal else patterns.full()
+
+    def chunked(q, k, v, sinks):
+        return chunked_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_valid=key_valid,
+            segment_ids=(ids, ids),
+            logit_soft_cap=CAP,
+            sinks=sinks,
+            chunk_size=(8, 16),
+        )
+
+    def dense(q, k, v, sinks):
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            mask=key_valid[:, None, None, :],
+            pattern=pattern,
+            segment_ids=ids,
+            logit_soft_cap=CAP,
+            sinks=sinks,
+        )
+
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv", "d_sinks"),
+        jax.jit(lambda *a: run_vjp(chunked, d_out, *a))(q, k, v, sinks),
+        jax.jit(lambda *a: run_vjp(dense, d_out, *a))(q, k, v, sinks),
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=name)
+
+
+def run_vjp(attend, d_out, *args):
+    out, vjp = jax.vjp(attend, *args)
+    return (out, *vjp(d_out))

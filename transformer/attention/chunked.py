@@ -55,6 +55,7 @@ def chunked_attention(
     alibi_slopes=None,
     logit_soft_cap=None,
     sinks=None,
+    segment_ids=None,
     chunk_size=None,
 ):
     """softmax(cap(q k^T * scale) + alibi, masked, with sinks) v, computed chunk by chunk.
@@ -75,6 +76,9 @@ def chunked_attention(
         ALiBi and the mask (`soft_cap.py`).
       sinks: None or `[heads]` sink logits, in every row's softmax denominator with a zero value
         (`sinks.py`); their gradient is computed too.
+      segment_ids: None or a pair (q_segment_ids `[batch, q_len]`, kv_segment_ids
+        `[batch, kv_len]`) of ints: packed documents, a query seeing a key only when their ids
+        are equal. Every tile is then masked per pair (no tile is skipped for them yet).
       chunk_size: None for the tuned default, an int for square tiles, or a pair
         `(query_chunk, key_chunk)`. Any lengths work: the inputs are padded internally.
 
@@ -120,6 +124,22 @@ def chunked_attention(
     # Grouped-query attention: a group's query heads become rows of one chunk, so each key
     # tile serves them all and no key or value is repeated.
     q = _fold_heads(q, head_group, query_chunk)
+    segments = None
+    if segment_ids is not None:
+        q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+        # Padding gets ids no real query and key share; each folded head repeats its chunk's.
+        q_ids = jnp.pad(
+            q_ids, ((0, 0), (0, num_q_chunks * query_chunk - q_len)), constant_values=-1
+        )
+        q_ids = _fold_heads(
+            jnp.broadcast_to(q_ids[:, None, :, None], (batch, head_group, q_ids.shape[1], 1)),
+            head_group,
+            query_chunk,
+        )[:, 0, :, 0]
+        kv_ids = jnp.pad(
+            kv_ids, ((0, 0), (0, num_k_chunks * key_chunk - kv_len)), constant_values=-2
+        )
+        segments = (q_ids, kv_ids)
 
     config = _Config(
         scale=float(scale),
@@ -139,7 +159,7 @@ def chunked_attention(
         else batch
     )
     if group == batch:
-        out = _attention(config, q, k, v, key_valid, alibi_slopes, sinks)
+        out = _attention(config, q, k, v, key_valid, segments, alibi_slopes, sinks)
     else:
         # A few batch elements at a time, so each tile stays cache-sized whatever the batch: the
         # train_speed experiment's model (batch 8 x 4 heads) trained faster at 1,024 and 4,096
@@ -148,8 +168,8 @@ def chunked_attention(
             return None if x is None else x.reshape(batch // group, group, *x.shape[1:])
 
         out = jax.lax.map(
-            lambda args: _attention(config, *args, alibi_slopes, sinks),
-            tuple(grouped(x) for x in (q, k, v, key_valid)),
+            lambda args: _attention(config, *args[:4], args[4:] or None, alibi_slopes, sinks),
+            tuple(grouped(x) for x in (q, k, v, key_valid, *(segments or ()))),
         )
         out = out.reshape(batch, *out.shape[2:])
     out = _unfold_heads(out, head_group, query_chunk)
@@ -284,7 +304,9 @@ def _einsum_f32(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask):
+def _tile_logits(
+    config, q_tile, k_tile, q_index, k_index, key_valid, segments, slopes, causal_mask
+):
     """`[batch, heads, Cq, Ck]` float32 logits of one tile, -inf where a query may not attend,
     the causal rule's `[Cq, Ck]` allowed pairs (None without `causal_mask`), and the soft cap's
     slope at each logit (None without a cap).
@@ -303,6 +325,13 @@ def _tile_logits(config, q_tile, k_tile, q_index, k_index, key_valid, slopes, ca
     allowed = None
     if causal_mask:
         allowed = key_pos <= query_pos
+    if segments is not None:
+        # Packed documents: the tile's pairs within one segment, `[batch, 1, rows, Ck]`.
+        q_ids = _chunk(segments[0], q_index, config.rows, axis=1)
+        kv_ids = _chunk(segments[1], k_index, config.key_chunk, axis=1)
+        same = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+        allowed = same if allowed is None else allowed & same
+    if allowed is not None:
         logits = jnp.where(allowed, logits, -jnp.inf)
     if key_valid is not None:
         valid = _chunk(key_valid, k_index, config.key_chunk, axis=1)
@@ -353,7 +382,7 @@ def _chunk(x, index, size, axis=2):
 # --- Forward --------------------------------------------------------------------------------
 
 
-def _forward(config, q, k, v, key_valid, slopes, sinks):
+def _forward(config, q, k, v, key_valid, segments, slopes, sinks):
     """Output `[batch, heads, Lq, value_dim]` and log-sum-exp `[batch, heads, Lq]` (float32),
     sinks included.
 
@@ -369,6 +398,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
         q_tile = _chunk(q, q_index, cq)
 
         def key_chunk_step(k_index, carry, causal_mask):
+            partial = causal_mask or segments is not None  # some of the tile's pairs excluded
             row_max, row_sum, acc = carry
             logits, allowed, _ = _tile_logits(
                 config,
@@ -377,6 +407,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
                 q_index,
                 k_index,
                 key_valid,
+                segments,
                 slopes,
                 causal_mask,
             )
@@ -388,7 +419,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + probs.sum(axis=-1)
             v_tile = _chunk(v, k_index, ck)
-            if causal_mask and config.careful:  # a NaN value above the diagonal stays out
+            if partial and config.careful:  # a NaN value the tile excludes stays out
                 values = masked_einsum("bhqk,bhkd->bhqd", probs, allowed, v_tile, jnp.float32)
             else:
                 values = _einsum_f32("bhqk,bhkd->bhqd", probs.astype(v.dtype), v_tile)
@@ -396,7 +427,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
             return new_max, row_sum, acc
 
         init = varying_like(
-            (q, k, v, key_valid, slopes, sinks),
+            (q, k, v, key_valid, *(segments or ()), slopes, sinks),
             jnp.full((batch, heads, cq), -jnp.inf, jnp.float32),
             jnp.zeros((batch, heads, cq), jnp.float32),
             jnp.zeros((batch, heads, cq, value_dim), jnp.float32),
@@ -427,7 +458,7 @@ def _forward(config, q, k, v, key_valid, slopes, sinks):
 # --- Backward -------------------------------------------------------------------------------
 
 
-def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
+def _backward(config, q, k, v, key_valid, segments, slopes, sinks, out, lse, d_out):
     """Gradients for q, k, v (and the ALiBi slopes and the sinks) by recomputing each tile's
     probabilities.
 
@@ -437,7 +468,7 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
     batch, heads, _, head_dim = q.shape
     value_dim = v.shape[-1]
     cq, ck = config.rows, config.key_chunk
-    inputs = (q, k, v, key_valid, slopes, sinks, lse, d_out)
+    inputs = (q, k, v, key_valid, *(segments or ()), slopes, sinks, lse, d_out)
     q_scaled = (q.astype(jnp.float32) * config.scale).astype(q.dtype)
     # D_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax Jacobian's row term.
     row_dot = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -454,14 +485,15 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
         v_tile = _chunk(v, k_index, ck)
 
         def query_chunk_step(q_index, inner, causal_mask):
+            partial = causal_mask or segments is not None  # some of the tile's pairs excluded
             d_q, d_k_t, d_v_t, d_slopes = inner
             q_tile = _chunk(q_scaled, q_index, cq)
             d_out_tile = _chunk(d_out, q_index, cq)
             logits, allowed, cap_slope = _tile_logits(
-                config, q_tile, k_tile, q_index, k_index, key_valid, slopes, causal_mask
+                config, q_tile, k_tile, q_index, k_index, key_valid, segments, slopes, causal_mask
             )
             probs = jnp.exp(logits - _chunk(lse, q_index, cq)[..., None])
-            if causal_mask and config.careful:
+            if partial and config.careful:
                 # A NaN row's excluded probabilities are exp(-inf - NaN): they are exactly 0.
                 probs = jnp.where(allowed, probs, 0.0)
                 d_v_t = d_v_t + masked_einsum(
@@ -473,7 +505,7 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
                 )
             d_probs = _einsum_f32("bhqd,bhkd->bhqk", d_out_tile, v_tile)
             d_logits = probs * (d_probs - _chunk(row_dot, q_index, cq)[..., None])
-            if causal_mask and config.careful:
+            if partial and config.careful:
                 d_logits = jnp.where(allowed, d_logits, 0.0)
             if slopes is not None:
                 query_pos = _query_positions(config, q_index)
@@ -482,7 +514,7 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
                 d_slopes = d_slopes - jnp.einsum("bhqk,qk->hq", d_logits, distance)
             if cap_slope is not None:  # ALiBi is added after the cap: its gradient is not capped
                 d_logits = d_logits * cap_slope
-            if causal_mask and config.careful:  # dS K and dS^T Q over the allowed pairs only
+            if partial and config.careful:  # dS K and dS^T Q over the allowed pairs only
                 d_q_items = masked_einsum("bhqk,bhkd->bhqd", d_logits, allowed, k_tile, jnp.float32)
                 d_k_items = masked_einsum("bhqk,bhqd->bhdk", d_logits, allowed, q_tile, jnp.float32)
             else:
@@ -544,35 +576,40 @@ def _backward(config, q, k, v, key_valid, slopes, sinks, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(config, q, k, v, key_valid, slopes, sinks):
-    out, _ = _either_forward(config, q, k, v, key_valid, slopes, sinks)
+def _attention(config, q, k, v, key_valid, segments, slopes, sinks):
+    out, _ = _either_forward(config, q, k, v, key_valid, segments, slopes, sinks)
     return out
 
 
-def _either_forward(config, q, k, v, key_valid, slopes, sinks):
-    if not config.causal:  # without partial tiles the careful tiles would be the plain ones
-        return _forward(config, q, k, v, key_valid, slopes, sinks)
+def _either_forward(config, q, k, v, key_valid, segments, slopes, sinks):
+    if not config.causal and segments is None:
+        # Without partial tiles the careful tiles would be the plain ones.
+        return _forward(config, q, k, v, key_valid, segments, slopes, sinks)
     plain = functools.partial(_forward, config)
     careful = functools.partial(_forward, config._replace(careful=True))
-    return jax.lax.cond(all_finite(q, k, v), plain, careful, q, k, v, key_valid, slopes, sinks)
+    return jax.lax.cond(
+        all_finite(q, k, v), plain, careful, q, k, v, key_valid, segments, slopes, sinks
+    )
 
 
-def _attention_fwd(config, q, k, v, key_valid, slopes, sinks):
-    out, lse = _either_forward(config, q, k, v, key_valid, slopes, sinks)
-    return out, (q, k, v, key_valid, slopes, sinks, out, lse)
+def _attention_fwd(config, q, k, v, key_valid, segments, slopes, sinks):
+    out, lse = _either_forward(config, q, k, v, key_valid, segments, slopes, sinks)
+    return out, (q, k, v, key_valid, segments, slopes, sinks, out, lse)
 
 
 def _attention_bwd(config, residuals, d_out):
-    q, k, v, key_valid, slopes, sinks, out, lse = residuals
+    q, k, v, key_valid, segments, slopes, sinks, out, lse = residuals
     backward = functools.partial(_backward, config)
-    if config.causal:  # without partial tiles the careful tiles would be the plain ones
+    if config.causal or segments is not None:  # else the careful tiles would be the plain ones
         careful = functools.partial(_backward, config._replace(careful=True))
         # d_out too: a NaN in it would reach dv through an excluded pair's zero probability.
         finite = all_finite(q, k, v, d_out)
         backward = functools.partial(jax.lax.cond, finite, backward, careful)
-    d_q, d_k, d_v, d_slopes, d_sinks = backward(q, k, v, key_valid, slopes, sinks, out, lse, d_out)
+    d_q, d_k, d_v, d_slopes, d_sinks = backward(
+        q, k, v, key_valid, segments, slopes, sinks, out, lse, d_out
+    )
     # key_valid is boolean: its cotangent is None.
-    return d_q, d_k, d_v, None, d_slopes, d_sinks
+    return d_q, d_k, d_v, None, None, d_slopes, d_sinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -33,7 +33,7 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # The implementations that compute logit soft-capping and attention sinks.
 SOFT_CAP_AND_SINKS = ("dense", "chunked", "block_sparse", "splash", "auto")
 # The implementations that compute segment ids (packed documents).
-SEGMENT_IDS = ("dense", "block_sparse")
+SEGMENT_IDS = ("dense", "chunked", "block_sparse")
 
 
 def _dense(
@@ -53,7 +53,17 @@ def _dense(
 
 
 def _chunked(
-    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    logit_soft_cap=None,
+    sinks=None,
+    segment_ids=None,
 ):
     if type(pattern) not in (patterns.Full, patterns.Causal):
         raise ValueError(
@@ -77,6 +87,7 @@ def _chunked(
         alibi_slopes=alibi_slopes,
         logit_soft_cap=logit_soft_cap,
         sinks=sinks,
+        segment_ids=segment_ids,
     )
 
 
