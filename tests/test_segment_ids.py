@@ -79,6 +79,7 @@ def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
         (patterns.causal(), "block_sparse", 2),
         (patterns.sliding_window(4, 2) | patterns.anchor(2), "block_sparse", 1),
         (patterns.causal(), "chunked", 1),
+        (patterns.sliding_window(4, 2), "splash", 1),
     ],
     ids=[
         "dense causal",
@@ -86,6 +87,7 @@ def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
         "block_sparse causal",
         "block_sparse window+anchor mqa",
         "chunked causal mqa",
+        "splash window mqa",
     ],
 )
 def test_packed_self_attention(pattern, implementation, kv_heads):

@@ -33,7 +33,7 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # The implementations that compute logit soft-capping and attention sinks.
 SOFT_CAP_AND_SINKS = ("dense", "chunked", "block_sparse", "splash", "auto")
 # The implementations that compute segment ids (packed documents).
-SEGMENT_IDS = ("dense", "chunked", "block_sparse")
+SEGMENT_IDS = ("dense", "chunked", "block_sparse", "splash")
 
 
 def _dense(

@@ -67,13 +67,15 @@ def splash_attention(
     alibi_slopes=None,
     logit_soft_cap=None,
     sinks=None,
+    segment_ids=None,
     block_size=DEFAULT_BLOCK,
     interpret=None,
 ):
     """Splash attention over `pattern`.
 
     Args:
-      query: `[batch, q_len, heads, head_dim]`; key, value: `[batch, kv_len, heads, head_dim]`.
+      query: `[batch, q_len, heads, head_dim]`; key, value: `[batch, kv_len, kv_heads,
+        head_dim]`, kv_heads dividing heads (the kernel's own grouped-query attention).
       pattern: a `transformer.patterns` pattern.
       key_valid: bool `[batch, kv_len]` or None; passed as splash segment ids.
       scale: defaults to 1/sqrt(head_dim).
@@ -81,6 +83,8 @@ def splash_attention(
       logit_soft_cap: None or a float c > 0: the kernel's `attn_logits_soft_cap`, which caps
         the scaled scores before masking.
       sinks: None or `[heads]` sink logits: the kernel's own `sinks` (differentiable).
+      segment_ids: None or a pair (q_segment_ids `[batch, q_len]`, kv_segment_ids
+        `[batch, kv_len]`) of ints (packed documents): the kernel's own segment ids.
       block_size: the kernel's query and key block; lengths are padded up to it.
       interpret: run the Pallas kernel in interpret mode; defaults to True off TPU.
 
@@ -126,10 +130,20 @@ def splash_attention(
     k, v = to_heads_first(key, kv_pad), to_heads_first(value, kv_pad)
     valid = jnp.ones((batch, kv_len), bool) if key_valid is None else key_valid
     valid = jnp.pad(valid, ((0, 0), (0, kv_pad - kv_len)))
-    # Segment ids: queries are segment 0, valid keys 0, padded keys 1, so padded keys are unseen.
-    segments = kernels.SegmentIds(
-        q=jnp.zeros((batch, q_pad), jnp.int32), kv=jnp.where(valid, 0, 1).astype(jnp.int32)
-    )
+    if segment_ids is None:
+        # Segment ids: queries are segment 0, valid keys 0, padded keys 1, so padded keys are
+        # unseen.
+        segments = kernels.SegmentIds(
+            q=jnp.zeros((batch, q_pad), jnp.int32), kv=jnp.where(valid, 0, 1).astype(jnp.int32)
+        )
+    else:
+        q_ids, kv_ids = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+        # Padded keys take an id below every query's, so that no query sees them.
+        unseen = jnp.min(q_ids) - 1
+        kv_ids = jnp.pad(kv_ids, ((0, 0), (0, kv_pad - kv_len)))
+        segments = kernels.SegmentIds(
+            q=jnp.pad(q_ids, ((0, 0), (0, q_pad - q_len))), kv=jnp.where(valid, kv_ids, unseen)
+        )
     if sinks is None:
         sinks = jnp.full((heads,), _SILENT_SINK, jnp.float32)
     else:
