@@ -101,7 +101,7 @@ def test_packed_self_attention(pattern, implementation, kv_heads):
     check(q, k, v, d_out, key_valid, pattern, segments, segments, ids, implementation)
 
 
-@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse", "auto"])
 def test_a_pair_of_query_and_key_segment_ids(implementation):
     q, k, v, d_out = arrays(2, 2, 9, 14)
     q_segments = np.array([[0, 0, 0, 1, 1, 1, 1, 3, 3], [2] * 9], np.int32)  # 3: no key

@@ -33,13 +33,25 @@ from transformer.attention.xla import cudnn_attention, xla_attention
 # The implementations that compute logit soft-capping and attention sinks.
 SOFT_CAP_AND_SINKS = ("dense", "chunked", "block_sparse", "splash", "auto")
 # The implementations that compute segment ids (packed documents).
-SEGMENT_IDS = ("dense", "chunked", "block_sparse", "splash")
+SEGMENT_IDS = ("dense", "chunked", "block_sparse", "splash", "auto")
 
 
 def _dense(
-    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    logit_soft_cap=None,
+    sinks=None,
+    segment_ids=None,
 ):
     mask = pattern_mask(pattern, query.shape[1], key.shape[1], key_valid)
+    if segment_ids is not None:
+        mask = mask & _same_segment(*segment_ids)
     return dense_attention(
         query,
         key,
@@ -120,7 +132,17 @@ def _block_sparse(
 
 
 def _auto(
-    query, key, value, *, pattern, key_valid, scale, alibi_slopes, logit_soft_cap=None, sinks=None
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    alibi_slopes,
+    logit_soft_cap=None,
+    sinks=None,
+    segment_ids=None,
 ):
     name = auto_implementation(
         query,
@@ -132,6 +154,11 @@ def _auto(
         logit_soft_cap=logit_soft_cap,
         sinks=sinks,
     )
+    extras = {}
+    if segment_ids is not None:
+        # Packed documents: the rule's pick if it computes them, else block-sparse's schedules.
+        name = name if name in SEGMENT_IDS else "block_sparse"
+        extras["segment_ids"] = segment_ids
     return IMPLEMENTATIONS[name](
         query,
         key,
@@ -142,6 +169,7 @@ def _auto(
         alibi_slopes=alibi_slopes,
         logit_soft_cap=logit_soft_cap,
         sinks=sinks,
+        **extras,
     )
 
 
@@ -198,6 +226,11 @@ def _check_inputs(query, key, value, mask, bias, alibi_slopes, sinks, dropout_ra
         or not 0.0 <= dropout_rate < 1.0
     ):
         raise ValueError(f"dropout_rate must be a number in [0, 1); got {dropout_rate!r}.")
+
+
+def _same_segment(q_segment_ids, kv_segment_ids):
+    """`[batch, 1, q_len, kv_len]`: whether query i and key j lie in one segment."""
+    return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
 
 
 def _check_segment_ids(segment_ids, query, key):
@@ -349,9 +382,7 @@ def dot_product_attention(
         if mask is not None:
             pattern_and_mask = pattern_and_mask & mask
         if segments is not None:
-            q_segments, kv_segments = segments
-            same = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
-            pattern_and_mask = pattern_and_mask & same
+            pattern_and_mask = pattern_and_mask & _same_segment(*segments)
         return dense_attention(
             query,
             key,
