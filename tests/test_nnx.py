@@ -1,6 +1,7 @@
 """The Linen modules from Flax NNX code, through `flax.nnx.bridge`: a model wrapped with
-`ToNNX` holds the Linen model's parameters, computes the same logits, and one NNX training step
-(nnx.Optimizer, nnx.value_and_grad, nnx.jit) gives the parameters a Linen step gives."""
+`ToNNX` holds the Linen model's parameters, computes the same logits, decodes with its cache,
+and one NNX training step (nnx.Optimizer, nnx.value_and_grad, nnx.jit) gives the parameters a
+Linen step gives."""
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,20 @@ def loss(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def test_an_nnx_training_step_matches_the_linen_step():
+def test_an_nnx_training_step_matches_the_linen_step_and_decoding_runs_through_the_bridge():
     model, tokens, targets = lm_and_batch()
     lm = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)).lazy_init(tokens)
     params = nnx.to_pure_dict(nnx.state(lm, nnx.Param))  # the Linen parameter tree, as is
     assert set(params) == set(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-    np.testing.assert_array_equal(lm(tokens), model.apply({"params": params}, tokens))
+    full = lm(tokens)
+    np.testing.assert_array_equal(full, model.apply({"params": params}, tokens))
+    # Cached decoding through the bridge: the methods are reached with method=.
+    state = lm(tokens, 16, method="init_decode_state")
+    logits = []
+    for position in range(4):
+        step_logits, state = lm(state, tokens[:, position], method="decode_step")
+        logits.append(step_logits)
+    np.testing.assert_allclose(jnp.stack(logits, 1), full[:, :4], rtol=2e-4, atol=2e-4)
 
     optimizer = optax.adamw(1e-2)
     nnx_optimizer = nnx.Optimizer(lm, optimizer, wrt=nnx.Param)
@@ -67,14 +76,3 @@ def test_an_nnx_training_step_matches_the_linen_step():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), trained, linen_params
     )
-
-
-def test_cached_decoding_runs_through_the_bridge():
-    model, tokens, _ = lm_and_batch()
-    lm = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)).lazy_init(tokens)
-    state = lm(tokens, 16, method="init_decode_state")
-    logits = []
-    for position in range(4):
-        step_logits, state = lm(state, tokens[:, position], method="decode_step")
-        logits.append(step_logits)
-    np.testing.assert_allclose(jnp.stack(logits, 1), lm(tokens)[:, :4], rtol=2e-4, atol=2e-4)
