@@ -104,21 +104,31 @@ CASES = {
 }
 
 
+def skip_without_kernel(kind):
+    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
+        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+
+
+def assert_cached_decoding_equals_the_full_call(model, variables, tokens, fields, kind):
+    """The first layer's cache takes the layout `kind` ("prefix kernel", "ring", ...), and
+    decoding `tokens` one by one gives the full call's logits, which it returns."""
+    head_dim = fields["d_model"] // fields["num_heads"]
+    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
+    assert plan.kind + " kernel" * plan.kernel == kind
+    full = jax.jit(model.apply)(variables, tokens)
+    cached = decode_all(model, variables, tokens, max_decode_len=tokens.shape[1])
+    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+    return full
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_decoding_equals_the_full_call(case):
     fields, kind, length = CASES[case]
-    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
-        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    skip_without_kernel(kind)
     model = build_model(dict(name="decoder_lm", **fields))
     tokens = random_tokens(0, 2, length)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
-    head_dim = fields["d_model"] // fields["num_heads"]
-    pattern = layer_pattern(model.config, 0, causal=True)
-    plan = kv_cache.plan(pattern, jnp.float32, head_dim)
-    assert plan.kind + " kernel" * plan.kernel == kind
-    full = jax.jit(model.apply)(variables, tokens)
-    cached = decode_all(model, variables, tokens, max_decode_len=length)
-    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+    assert_cached_decoding_equals_the_full_call(model, variables, tokens, fields, kind)
 
 
 def test_a_window_layer_holds_its_window_only():
@@ -460,19 +470,13 @@ SOFT_CAP_AND_SINKS_CASES = {
 @pytest.mark.parametrize("case", list(SOFT_CAP_AND_SINKS_CASES))
 def test_cached_decoding_with_soft_cap_and_sinks_equals_the_full_call(case):
     fields, kind, length = SOFT_CAP_AND_SINKS_CASES[case]
-    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
-        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    skip_without_kernel(kind)
     fields = dict(fields, logit_soft_cap=1.0, attention_sinks=True)
     model = build_model(dict(name="decoder_lm", **fields))
     tokens = random_tokens(3, 2, length)
     initial = jax.jit(model.init)(jax.random.key(0), tokens)
     variables = with_random_sinks(initial, 0)
-    head_dim = fields["d_model"] // fields["num_heads"]
-    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
-    assert plan.kind + " kernel" * plan.kernel == kind
-    full = jax.jit(model.apply)(variables, tokens)
-    cached = decode_all(model, variables, tokens, max_decode_len=length)
-    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+    full = assert_cached_decoding_equals_the_full_call(model, variables, tokens, fields, kind)
     if case == "full, kernel":  # the cap and the sinks' values matter: without either, other logits
         uncapped = build_model(dict(name="decoder_lm", **dict(fields, logit_soft_cap=None)))
         assert np.abs(jax.jit(uncapped.apply)(variables, tokens) - full).max() > 1e-3
@@ -629,19 +633,13 @@ GROUPED_QUERY_CASES = {
 @pytest.mark.parametrize("case", list(GROUPED_QUERY_CASES))
 def test_grouped_query_cached_decoding_equals_the_full_call(case):
     fields, kind, length = GROUPED_QUERY_CASES[case]
-    if kind.endswith("kernel") and cpu_kernel.unavailable() is not None:
-        pytest.skip(f"needs the CPU kernel: {cpu_kernel.unavailable()}")
+    skip_without_kernel(kind)
     model = build_model(dict(name="decoder_lm", **fields))
     tokens = random_tokens(5, 2, length)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     if fields.get("attention_sinks"):
         variables = with_random_sinks(variables, 0)
-    head_dim = fields["d_model"] // fields["num_heads"]
-    plan = kv_cache.plan(layer_pattern(model.config, 0, causal=True), jnp.float32, head_dim)
-    assert plan.kind + " kernel" * plan.kernel == kind
     state = model.apply(variables, tokens, length, method="init_decode_state")
     cache_heads = {x.shape[1] for x in jax.tree.leaves(state) if x.ndim == 4}
     assert cache_heads == {fields["num_kv_heads"]}
-    full = jax.jit(model.apply)(variables, tokens)
-    cached = decode_all(model, variables, tokens, max_decode_len=length)
-    np.testing.assert_allclose(cached, full, rtol=2e-4, atol=2e-4)
+    assert_cached_decoding_equals_the_full_call(model, variables, tokens, fields, kind)
