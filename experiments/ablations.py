@@ -340,11 +340,8 @@ def print_samples(samples, words, reference):
     for variant in SAMPLE_VARIANTS:
         texts = [t for (v, _), t in samples.items() if v == variant]
         cells = []
-        for measure, digits in ((word_rate, 2), (doubled_letter_rate, 3)):
-            if measure is word_rate:
-                rates = [np.nanmean([measure(t, words) for t in seed]) for seed in texts]
-            else:
-                rates = [np.nanmean([measure(t) for t in seed]) for seed in texts]
+        for measure, digits in ((lambda t: word_rate(t, words), 2), (doubled_letter_rate, 3)):
+            rates = [np.nanmean([measure(t) for t in seed]) for seed in texts]
             cells.append(", ".join(f"{r:.{digits}f}" for r in rates))
             cells.append(f"{np.mean(rates):.{digits}f} ± {np.std(rates, ddof=1):.{digits}f}")
         print(f"| {variant} | " + " | ".join(cells) + " |")
