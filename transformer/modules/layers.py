@@ -21,7 +21,11 @@ from transformer.attention.dot_product import SOFT_CAP_AND_SINKS
 from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
-from transformer.modules.multihead_attention import MultiHeadAttention, check_num_kv_heads
+from transformer.modules.multihead_attention import (
+    MultiHeadAttention,
+    check_context,
+    check_num_kv_heads,
+)
 from transformer.modules.positional import check_positional
 
 
@@ -56,6 +60,13 @@ class LayerConfig:
       implementation: the `dot_product_attention` implementation ("auto" picks by backend,
         pattern and length). Attention dropout and sown weights need "dense".
       sow_attention_weights: store attention weights in "intermediates" (dense only).
+      context_axis: None, or the mesh axis the sequence is split over (context parallelism):
+        the model is called inside `jax.shard_map` on one shard of each sequence, every
+        self-attention layer runs `ring.ring_attention` over that axis (instead of
+        `implementation`), and default positions are the shard's global positions.
+        Cross-attention, attention dropout, sown weights and decoding are refused.
+      context_order: how the sequence is split over context_axis: "contiguous" (device i holds
+        the i-th slice) or "zigzag" (`ring.to_zigzag`: balanced for causal patterns).
       dtype, param_dtype: compute and parameter dtypes.
     """
 
@@ -78,6 +89,8 @@ class LayerConfig:
     rotary_base: float = 10_000.0
     implementation: str = "auto"
     sow_attention_weights: bool = False
+    context_axis: str | None = None
+    context_order: str = "contiguous"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -86,6 +99,7 @@ class LayerConfig:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         check_positional(self.positional)
+        check_context(self.context_axis, self.context_order)
         for name, value, allowed in (
             ("norm_position", self.norm_position, NORM_POSITIONS),
             ("activation", self.activation, ACTIVATIONS),
@@ -185,6 +199,8 @@ def attention(config, pattern, positional, name=None):
         logit_soft_cap=config.logit_soft_cap,
         attention_sinks=config.attention_sinks,
         sow_weights=config.sow_attention_weights,
+        context_axis=config.context_axis,
+        context_order=config.context_order,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         name=name,
@@ -215,9 +231,13 @@ class EncoderLayer(nn.Module):
     pattern: Any = None
 
     @nn.compact
-    def __call__(self, x, padding_mask=None, *, deterministic=True):
+    def __call__(
+        self, x, padding_mask=None, *, deterministic=True, segment_ids=None, positions=None
+    ):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`, True at real
-        tokens (padding is never attended to)."""
+        tokens (padding is never attended to); segment_ids: int `[batch, length]` or None, the
+        document of each token of a packed row (no token attends across documents); positions:
+        int `[batch, length]` or None, each token's position, where rotary rotates."""
         config = self.config
         add = sublayer_connection(
             config, nn.Dropout(config.dropout_rate, deterministic=deterministic)
@@ -225,7 +245,13 @@ class EncoderLayer(nn.Module):
         self_attention = attention(config, self.pattern, config.positional, "self_attention")
         x = add(
             x,
-            lambda h: self_attention(h, key_padding_mask=padding_mask, deterministic=deterministic),
+            lambda h: self_attention(
+                h,
+                key_padding_mask=padding_mask,
+                deterministic=deterministic,
+                segment_ids=segment_ids,
+                positions=positions,
+            ),
             layer_norm(config, "self_attention_norm"),
         )
         if not config.feed_forward:
@@ -283,11 +309,24 @@ class DecoderLayer(nn.Module):
         )
 
     def __call__(
-        self, x, padding_mask=None, encoded=None, encoded_padding_mask=None, *, deterministic=True
+        self,
+        x,
+        padding_mask=None,
+        encoded=None,
+        encoded_padding_mask=None,
+        *,
+        deterministic=True,
+        segment_ids=None,
+        positions=None,
+        encoded_segment_ids=None,
     ):
         """x: `[batch, length, d_model]`; padding_mask: bool `[batch, length]`;
         encoded: `[batch, source_length, d_model]` or None (a decoder-only model);
-        encoded_padding_mask: bool `[batch, source_length]`, True at real source tokens."""
+        encoded_padding_mask: bool `[batch, source_length]`, True at real source tokens;
+        segment_ids: int `[batch, length]` or None, the document of each token of a packed row;
+        positions: int `[batch, length]` or None, each token's position (rotary);
+        encoded_segment_ids: int `[batch, source_length]`: with segment_ids, a target token
+        attends only to the source tokens of its own segment."""
 
         pattern = self.pattern
         if not deterministic and self.training_pattern is not None:
@@ -295,12 +334,25 @@ class DecoderLayer(nn.Module):
 
         def self_attend(h):
             return self.self_attention(
-                h, key_padding_mask=padding_mask, deterministic=deterministic, pattern=pattern
+                h,
+                key_padding_mask=padding_mask,
+                deterministic=deterministic,
+                pattern=pattern,
+                segment_ids=segment_ids,
+                positions=positions,
             )
+
+        cross_segment_ids = None
+        if segment_ids is not None and encoded_segment_ids is not None:
+            cross_segment_ids = (segment_ids, encoded_segment_ids)
 
         def cross_attend(h):
             return self.cross_attention(
-                h, encoded, key_padding_mask=encoded_padding_mask, deterministic=deterministic
+                h,
+                encoded,
+                key_padding_mask=encoded_padding_mask,
+                deterministic=deterministic,
+                segment_ids=cross_segment_ids,
             )
 
         return self._sublayers(

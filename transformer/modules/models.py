@@ -30,7 +30,11 @@ from transformer.modules.layers import (
     check_bool,
     layer_norm,
 )
-from transformer.modules.positional import ADDED_POSITIONAL_ENCODINGS
+from transformer.modules.positional import (
+    ADDED_POSITIONAL_ENCODINGS,
+    context_shards,
+    default_positions,
+)
 from transformer.modules.rnn import build_rnn_seq2seq
 from transformer.token_ids import BOS_ID, PAD_ID
 
@@ -166,29 +170,61 @@ def positional_encoding(config):
     return ADDED_POSITIONAL_ENCODINGS[config.positional](config.max_len, config.param_dtype)
 
 
+def token_positions(config, length, positions=None):
+    """The positions the added encodings and rotary use: `positions` (int `[batch, length]` or
+    `[length]`) when given; else, under context parallelism, this shard's global positions
+    `[length]`; else None (0..length-1, each encoding's default)."""
+    if positions is not None or config.context_axis is None:
+        return positions
+    positions = default_positions(length, config.context_axis, config.context_order)
+    whole = length * context_shards(config.context_axis)
+    if config.positional == "learned" and whole > config.max_len:
+        raise ValueError(
+            f"sequence length {whole} (shards of {length} over context_axis "
+            f"{config.context_axis!r}) exceeds the learned positional embedding's max_len "
+            f"{config.max_len}."
+        )
+    return positions
+
+
+def add_positions(encoding, x, positions):
+    """x `[batch, length, d_model]` plus the added positional encoding at `positions`, or x
+    when the encoding acts in attention (`encoding` None)."""
+    return x if encoding is None else encoding(x, positions=positions)
+
+
 class Encoder(nn.Module):
     """Bidirectional stack: positional encoding, `config.num_layers` EncoderLayers, and a final
     LayerNorm when pre-LN.
 
     Call: `Encoder(config)(embedded, padding_mask, deterministic=True)` with embedded
     `[batch, length, d_model]` and padding_mask bool `[batch, length]` (True at real tokens, or
-    None); returns `[batch, length, d_model]`.
+    None); returns `[batch, length, d_model]`. Packed rows: `segment_ids` int `[batch, length]`
+    (the document of each token; none attends across documents) and `positions` int
+    `[batch, length]` (each token's position in its document, where every positional encoding
+    places it).
     """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, embedded, padding_mask=None, *, deterministic=True):
+    def __call__(
+        self, embedded, padding_mask=None, *, deterministic=True, segment_ids=None, positions=None
+    ):
         config = self.config
-        x = embedded.astype(config.dtype)
-        positions = positional_encoding(config)
-        if positions is not None:
-            x = positions(x)
+        positions = token_positions(config, embedded.shape[1], positions)
+        x = add_positions(positional_encoding(config), embedded.astype(config.dtype), positions)
         x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
         for layer in range(config.num_layers):
             x = EncoderLayer(
                 config, pattern=layer_pattern(config, layer, causal=False), name=f"layers_{layer}"
-            )(x, padding_mask, deterministic=deterministic)
+            )(
+                x,
+                padding_mask,
+                deterministic=deterministic,
+                segment_ids=segment_ids,
+                positions=positions,
+            )
         if config.norm_position == "pre":
             x = layer_norm(config, "final_norm")(x)
         return x
@@ -202,7 +238,9 @@ class Decoder(nn.Module):
     encoded_padding_mask=None, deterministic=True)` with embedded `[batch, length, d_model]`,
     padding_mask bool `[batch, length]` or None, encoded `[batch, source_length, d_model]` or None,
     encoded_padding_mask bool `[batch, source_length]` or None; returns
-    `[batch, length, d_model]`. Output i depends on embedded positions <= i only.
+    `[batch, length, d_model]`. Output i depends on embedded positions <= i only. Packed rows:
+    `segment_ids` and `positions` int `[batch, length]` as in Encoder (and `encoded_segment_ids`
+    `[batch, source_length]`: each target token then attends to its own segment's source).
 
     `init_cache` and `decode_step` compute the same outputs position by position.
     """
@@ -237,13 +275,24 @@ class Decoder(nn.Module):
         encoded_padding_mask=None,
         *,
         deterministic=True,
+        segment_ids=None,
+        positions=None,
+        encoded_segment_ids=None,
     ):
-        x = embedded.astype(self.config.dtype)
-        if self.positions is not None:
-            x = self.positions(x)
+        positions = token_positions(self.config, embedded.shape[1], positions)
+        x = add_positions(self.positions, embedded.astype(self.config.dtype), positions)
         x = self.dropout(x, deterministic=deterministic)
         for layer in self.layers:
-            x = layer(x, padding_mask, encoded, encoded_padding_mask, deterministic=deterministic)
+            x = layer(
+                x,
+                padding_mask,
+                encoded,
+                encoded_padding_mask,
+                deterministic=deterministic,
+                segment_ids=segment_ids,
+                positions=positions,
+                encoded_segment_ids=encoded_segment_ids,
+            )
         return self._final(x)
 
     def init_cache(self, batch, max_len, encoded=None):
@@ -356,27 +405,39 @@ class EncoderClassifier(nn.Module):
     Call: `model.apply(variables, inputs, train=False, rngs={"dropout": key})` with inputs int
     `[batch, length]` (0 = padding); returns float32 logits `[batch, num_classes]`. With
     pooling "cls" a learned [CLS] vector is put before the tokens (so a learned positional
-    encoding needs max_len >= length + 1).
+    encoding needs max_len >= length + 1). `segment_ids` and `positions` int `[batch, length]`
+    restrict attention to segments and place the tokens (as in Encoder); the [CLS] vector joins
+    the first token's segment at position 0, before the given positions (each one up by one).
     """
 
     config: TransformerConfig
     config_fields = ("num_layers", "num_classes", "pooling")  # read beyond the shared ones
 
     @nn.compact
-    def __call__(self, inputs, *, train=False):
+    def __call__(self, inputs, *, train=False, segment_ids=None, positions=None):
         config = self.config
+        if config.context_axis is not None:
+            raise ValueError(
+                f"context_axis={config.context_axis!r}: EncoderClassifier pools over the whole "
+                "sequence, which context parallelism splits over devices; it is supported by "
+                "Encoder, Decoder (without cross-attention) and DecoderLM. Set context_axis=None."
+            )
         padding_mask = inputs != PAD_ID
         x = embed_tokens(config, token_embedding(config, config.vocab_size, "embed"), inputs)
         if config.pooling == "cls":
             cls = self.param(
                 "cls_embedding", nn.initializers.normal(1.0), (config.d_model,), config.param_dtype
             )
-            cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, config.d_model))
-            x = jnp.concatenate([cls, x], axis=1)
-            padding_mask = jnp.concatenate(
-                [jnp.ones((inputs.shape[0], 1), bool), padding_mask], axis=1
+            x, padding_mask, segment_ids, positions = _prepend_cls(
+                cls, x, padding_mask, segment_ids, positions
             )
-        encoded = Encoder(config, name="encoder")(x, padding_mask, deterministic=not train)
+        encoded = Encoder(config, name="encoder")(
+            x,
+            padding_mask,
+            deterministic=not train,
+            segment_ids=segment_ids,
+            positions=positions,
+        )
         pooled = POOLINGS[config.pooling](config)(encoded, padding_mask)
         logits = nn.Dense(
             config.num_classes,
@@ -385,6 +446,20 @@ class EncoderClassifier(nn.Module):
             name="classifier",
         )(pooled)
         return logits.astype(jnp.float32)
+
+
+def _prepend_cls(cls, x, padding_mask, segment_ids, positions):
+    """The [CLS] vector `[d_model]` put before x `[batch, length, d_model]`: a real token, in the
+    segment of the row's first token, at position 0, the given positions moving up by one."""
+    batch = x.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, x.shape[2])), x], 1)
+    padding_mask = jnp.concatenate([jnp.ones((batch, 1), bool), padding_mask], axis=1)
+    if segment_ids is not None:
+        segment_ids = jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)
+    if positions is not None:
+        positions = jnp.broadcast_to(positions, padding_mask[:, 1:].shape)
+        positions = jnp.concatenate([jnp.zeros((batch, 1), positions.dtype), positions + 1], 1)
+    return x, padding_mask, segment_ids, positions
 
 
 def output_projection(config, vocab_size):
@@ -430,7 +505,12 @@ class DecoderLM(nn.Module):
     Call: `model.apply(variables, inputs, train=False, rngs={"dropout": key})` with inputs int
     `[batch, length]` (0 = padding, never attended to); returns float32 logits
     `[batch, length, vocab_size]`. The data pipeline shifts: targets[i] = the token after
-    inputs[i].
+    inputs[i]. Rows packed with several documents take `segment_ids` int `[batch, length]` (the
+    document of each token: none attends to another document) and `positions` int
+    `[batch, length]` (each token's position in its document: positional encodings restart).
+
+    Context parallelism (`context_axis` set): call it inside `jax.shard_map` with inputs (and
+    segment_ids, positions) split over that axis; each device returns its shard's logits.
 
     Decoding with a key/value cache (the `transformer.decoding` protocol):
     `state = model.apply(variables, prompt, method="init_decode_state")`, then
@@ -449,9 +529,15 @@ class DecoderLM(nn.Module):
         self.decoder = Decoder(config, config.num_layers)
         self.output_projection = output_projection(config, config.vocab_size)
 
-    def __call__(self, inputs, *, train=False):
+    def __call__(self, inputs, *, train=False, segment_ids=None, positions=None):
         x = embed_tokens(self.config, self.embed, inputs)
-        x = self.decoder(x, inputs != PAD_ID, deterministic=not train)
+        x = self.decoder(
+            x,
+            inputs != PAD_ID,
+            deterministic=not train,
+            segment_ids=segment_ids,
+            positions=positions,
+        )
         return output_logits(self.embed, self.output_projection, x)
 
     def init_decode_state(self, inputs, max_decode_len=None):

@@ -17,12 +17,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from transformer import patterns
-from transformer.attention import dot_product_attention
+from transformer.attention import dot_product_attention, ring
 from transformer.attention.auto import auto_implementation
 from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules import kv_cache
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
-from transformer.modules.positional import alibi_slopes, apply_rotary, check_positional
+from transformer.modules.positional import (
+    alibi_slopes,
+    apply_rotary,
+    check_positional,
+    default_positions,
+)
 
 
 def check_num_kv_heads(num_kv_heads, num_heads):
@@ -39,6 +44,20 @@ def check_num_kv_heads(num_kv_heads, num_heads):
             f"num_kv_heads must be None (= num_heads) or a positive int dividing num_heads "
             f"{num_heads}; got {num_kv_heads!r}. Allowed: "
             f"{[n for n in range(1, num_heads + 1) if num_heads % n == 0]}."
+        )
+
+
+def check_context(context_axis, context_order):
+    """Raises a ValueError unless context_axis is None or a mesh axis name and context_order is
+    one of `ring.ORDERS`."""
+    if context_axis is not None and (not isinstance(context_axis, str) or not context_axis):
+        raise ValueError(
+            f"context_axis must be None or the name of a mesh axis (e.g. 'context'); got "
+            f"{context_axis!r}."
+        )
+    if context_order not in ring.ORDERS:
+        raise ValueError(
+            f"unknown context_order {context_order!r}; allowed: {', '.join(ring.ORDERS)}."
         )
 
 
@@ -74,6 +93,11 @@ class MultiHeadAttention(nn.Module):
         (a sink starting at -inf would have weight 0 and gradient 0, and never move).
       sow_weights: store the attention weights `[batch, heads, q_len, kv_len]` in the
         "intermediates" collection under "attention_weights", for plots (dense only).
+      context_axis, context_order: None, or the mesh axis (inside `jax.shard_map`) the sequence
+        is split over, in "contiguous" or "zigzag" order: self-attention is then
+        `ring.ring_attention` of this device's shard over the whole sequence (`implementation`
+        is not used), and rotary's default positions are the shard's global ones.
+        Cross-attention and decoding are refused.
       dtype: compute dtype (for example jnp.bfloat16); param_dtype: parameter dtype.
     """
 
@@ -91,6 +115,8 @@ class MultiHeadAttention(nn.Module):
     logit_soft_cap: float | None = None
     attention_sinks: bool = False
     sow_weights: bool = False
+    context_axis: str | None = None
+    context_order: str = "contiguous"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -107,6 +133,7 @@ class MultiHeadAttention(nn.Module):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
         check_logit_soft_cap(self.logit_soft_cap)
+        check_context(self.context_axis, self.context_order)
         if self.head_dim is None and self.features % self.num_heads:
             raise ValueError(
                 f"features {self.features} is not divisible by num_heads "
@@ -136,7 +163,15 @@ class MultiHeadAttention(nn.Module):
             )
 
     def __call__(
-        self, inputs_q, inputs_kv=None, *, key_padding_mask=None, deterministic=True, pattern=None
+        self,
+        inputs_q,
+        inputs_kv=None,
+        *,
+        key_padding_mask=None,
+        deterministic=True,
+        pattern=None,
+        segment_ids=None,
+        positions=None,
     ):
         """Attends from `inputs_q` to `inputs_kv` (to `inputs_q` itself when omitted).
 
@@ -148,12 +183,43 @@ class MultiHeadAttention(nn.Module):
           deterministic: no attention dropout when True.
           pattern: this call's pattern instead of the module's (None: the module's), e.g. a
             decoder trained without its causal mask.
+          segment_ids: None, or the documents packed in each row: int `[batch, length]` for
+            self-attention, a pair (q_segment_ids `[batch, q_len]`, kv_segment_ids
+            `[batch, kv_len]`) for cross-attention. A query attends only to keys of its own
+            segment.
+          positions: self-attention only: int `[batch, length]` (or `[length]`), the position of
+            each token, at which rotary rotates queries and keys (restarting per document when
+            packed). None: 0..length-1, or with `context_axis` the shard's global positions.
 
         Returns:
           `[batch, q_len, features]`.
         """
-        query, key, value = self._project(inputs_q, inputs_q if inputs_kv is None else inputs_kv)
-        return self._attend(query, key, value, key_padding_mask, deterministic, pattern)
+        if inputs_kv is not None:
+            self._check_cross_attention(positions)
+            query, key, value = self._project(inputs_q, inputs_kv)
+        else:
+            if positions is None and self.context_axis is not None:
+                positions = default_positions(
+                    inputs_q.shape[1], self.context_axis, self.context_order
+                )
+            query, key, value = self._project(inputs_q, inputs_q, positions)
+        return self._attend(
+            query, key, value, key_padding_mask, deterministic, pattern, segment_ids
+        )
+
+    def _check_cross_attention(self, positions):
+        if self.context_axis is not None:
+            raise ValueError(
+                f"context_axis={self.context_axis!r} splits one sequence over devices, which "
+                "self-attention supports (ring attention); cross-attention under context "
+                "parallelism is not supported: set context_axis=None for models with "
+                "cross-attention (EncoderDecoder)."
+            )
+        if positions is not None:
+            raise ValueError(
+                "positions are for self-attention (queries and keys of one sequence); "
+                "cross-attention takes none."
+            )
 
     def _project(self, inputs_q, inputs_kv, positions=None):
         """Queries, keys and values `[batch, length, heads, head_dim]`, rotated when rotary
@@ -181,15 +247,22 @@ class MultiHeadAttention(nn.Module):
             "sinks": self.sinks if self.attention_sinks else None,
         }
 
-    def _attend(self, query, key, value, key_padding_mask, deterministic, pattern=None):
+    def _attend(
+        self, query, key, value, key_padding_mask, deterministic, pattern=None, segment_ids=None
+    ):
         pattern = pattern or self.pattern
         slopes = self._slopes()
-        mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :].astype(bool)
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
+        if self.context_axis is not None:
+            result = self._ring_attend(
+                query, key, value, key_padding_mask, pattern, segment_ids, dropout_rng
+            )
+            return self.out(result)
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :].astype(bool)
         implementation = self.implementation
         if implementation == "auto" and (dropout_rng is not None or self.sow_weights):
             # Only "dense" has attention dropout and weights: take it where "auto" would, and
@@ -212,6 +285,7 @@ class MultiHeadAttention(nn.Module):
             alibi_slopes=slopes,
             **self._extras(),
             pattern=pattern,
+            segment_ids=segment_ids,
             implementation=implementation,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
@@ -221,6 +295,43 @@ class MultiHeadAttention(nn.Module):
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
         return self.out(result)
+
+    def _ring_attend(self, query, key, value, key_padding_mask, pattern, segment_ids, dropout_rng):
+        """Self-attention of this device's shard `[batch, shard_len, heads, head_dim]` over the
+        whole sequence split on `context_axis`: `ring.ring_attention`."""
+        if dropout_rng is not None or self.sow_weights:
+            raise ValueError(
+                f"context_axis={self.context_axis!r}: ring attention computes neither attention "
+                "dropout nor attention weights; set attention_dropout_rate=0 (or call with "
+                "deterministic=True) and sow_attention_weights=False."
+            )
+        # Only what is set, so that ring attention refuses clearly what it does not compute.
+        extras = {
+            name: value
+            for name, value in {**self._extras(), "segment_ids": segment_ids}.items()
+            if value is not None
+        }
+        return ring.ring_attention(
+            query,
+            key,
+            value,
+            pattern=pattern,
+            axis_name=self.context_axis,
+            order=self.context_order,
+            key_valid=None if key_padding_mask is None else key_padding_mask.astype(bool),
+            scale=self._scale(),
+            alibi_slopes=self._slopes(),
+            **extras,
+        )
+
+    def _refuse_context_decoding(self):
+        if self.context_axis is not None:
+            raise ValueError(
+                f"context_axis={self.context_axis!r}: decoding with a key/value cache is not "
+                "supported under context parallelism (ring attention computes whole sequences "
+                "in training and evaluation); decode with a model built with context_axis=None "
+                "and the same parameters."
+            )
 
     def key_value(self, inputs_kv):
         """The projected keys and values `[batch, kv_len, kv_heads, head_dim]` of `inputs_kv`, to
@@ -241,6 +352,7 @@ class MultiHeadAttention(nn.Module):
     def init_cache(self, batch, max_len):
         """An empty self-attention cache for decoding up to position max_len - 1, laid out for
         this layer's pattern (`kv_cache.plan`: a window keeps a ring of its own size)."""
+        self._refuse_context_decoding()
         head_dim = self._head_dim()
         return kv_cache.init(
             self._cache_plan(), batch, max_len, self._kv_heads(), head_dim, self.dtype
@@ -266,6 +378,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
           `[batch, prompt_len, features]` (the full call's), and the cache.
         """
+        self._refuse_context_decoding()
         query, key, value = self._project(inputs, inputs)
         out = self._attend(query, key, value, key_padding_mask, deterministic=True)
         return out, kv_cache.from_prompt(self._cache_plan(), key, value, lengths, max_len)
@@ -284,6 +397,7 @@ class MultiHeadAttention(nn.Module):
           with the new keys and values written in. The step reads what the pattern lets the
           query see (module `kv_cache`), never a `[max_len, max_len]` mask.
         """
+        self._refuse_context_decoding()
         query, key, value = self._project(inputs_q, inputs_q, positions[:, None])
         if not self.scale_scores:
             # The cache's attention always divides by sqrt(head_dim): undo it on the query.

@@ -13,6 +13,9 @@ Two families:
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
+
+from transformer.attention import ring
 
 POSITIONAL_ENCODINGS = ("none", "sinusoidal", "learned", "rotary", "alibi")
 
@@ -44,6 +47,30 @@ def sinusoidal_encoding(length, d_model, *, max_timescale=10_000.0, positions=No
     # Interleave: [sin, cos] pairs along a new last axis, flattened to sin, cos, sin, cos, ...
     table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return table.reshape(positions.shape + (d_model,))
+
+
+def context_shards(context_axis):
+    """The number of devices on mesh axis `context_axis` (inside `jax.shard_map`); a clear error
+    outside one."""
+    try:
+        return lax.axis_size(context_axis)
+    except NameError:
+        raise ValueError(
+            f"context_axis={context_axis!r}: the model must be called inside jax.shard_map over a "
+            "mesh with that axis, each device holding one shard of every sequence; set "
+            "context_axis=None to run on whole sequences."
+        ) from None
+
+
+def default_positions(length, context_axis=None, context_order="contiguous"):
+    """`[length]` int32: positions 0..length-1, or, with a `context_axis` (inside
+    `jax.shard_map`, the sequence split over that axis in `context_order`), the global positions
+    of this device's shard of `length` tokens (`ring.shard_positions`)."""
+    if context_axis is None:
+        return jnp.arange(length, dtype=jnp.int32)
+    num_shards = context_shards(context_axis)
+    table = ring.shard_positions(length * num_shards, num_shards, context_order)
+    return jnp.asarray(table, jnp.int32)[lax.axis_index(context_axis)]
 
 
 class SinusoidalPositionalEncoding(nn.Module):
