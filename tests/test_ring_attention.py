@@ -21,43 +21,60 @@ def _mesh(n):
     return Mesh(np.array(jax.devices()[:n]), ("context",))
 
 
-def _inputs(seed=0, length=PADDED):
+def _inputs(seed=0, length=PADDED, heads=HEADS, kv_heads=None):
     rng = np.random.default_rng(seed)
-    q = rng.normal(size=(BATCH, length, HEADS, HEAD_DIM)).astype(np.float32)
-    k = rng.normal(size=(BATCH, length, HEADS, HEAD_DIM)).astype(np.float32)
-    v = rng.normal(size=(BATCH, length, HEADS, VALUE_DIM)).astype(np.float32)
-    weights = rng.normal(size=(BATCH, LENGTH, HEADS, VALUE_DIM)).astype(np.float32)
+    kv_heads = heads if kv_heads is None else kv_heads
+    q = rng.normal(size=(BATCH, length, heads, HEAD_DIM)).astype(np.float32)
+    k = rng.normal(size=(BATCH, length, kv_heads, HEAD_DIM)).astype(np.float32)
+    v = rng.normal(size=(BATCH, length, kv_heads, VALUE_DIM)).astype(np.float32)
+    weights = rng.normal(size=(BATCH, LENGTH, heads, VALUE_DIM)).astype(np.float32)
     valid = np.arange(length)[None, :] < LENGTH
     valid = np.repeat(valid, BATCH, axis=0)
     valid[1, 10] = False  # one more padded key inside a shard of the second sequence
     return q, k, v, valid, weights
 
 
-def _reference(q, k, v, valid, weights, pattern, **options):
-    """Output and gradients of sum(out * weights) over the real length, in float64."""
+def _reference(q, k, v, valid, weights, pattern, sinks=None, segment_ids=None, **options):
+    """Output and gradients (q, k, v, and sinks when given) of sum(out * weights) over the real
+    length, in float64."""
     with jax.enable_x64(True):
         arrays = [jnp.asarray(x[:, :LENGTH], jnp.float64) for x in (q, k, v)]
+        if sinks is not None:
+            arrays.append(jnp.asarray(sinks, jnp.float64))
+        if segment_ids is not None:
+            options["segment_ids"] = jnp.asarray(segment_ids[:, :LENGTH])
         mask = jnp.asarray(valid[:, None, None, :LENGTH])
 
-        def loss(q, k, v):
-            out = dot_product_attention(q, k, v, mask=mask, pattern=pattern, **options)
+        def loss(q, k, v, sinks=None):
+            out = dot_product_attention(q, k, v, mask=mask, pattern=pattern, sinks=sinks, **options)
             return (out * weights).sum(), out
 
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*arrays)
+        argnums = tuple(range(len(arrays)))
+        (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(*arrays)
         return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def _ring(q, k, v, valid, weights, pattern, n=4, **options):
+def _ring(q, k, v, valid, weights, pattern, n=4, sinks=None, **options):
     mesh = _mesh(n)
+    arrays = (q, k, v) if sinks is None else (q, k, v, sinks)
 
-    def loss(q, k, v):
+    def loss(q, k, v, sinks=None):
         out = ring.sharded_ring_attention(
-            q, k, v, mesh=mesh, pattern=pattern, key_valid=valid, length=LENGTH, **options
+            q,
+            k,
+            v,
+            mesh=mesh,
+            pattern=pattern,
+            key_valid=valid,
+            length=LENGTH,
+            sinks=sinks,
+            **options,
         )
         return (out[:, :LENGTH] * weights).sum(), out
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (_, out), grads = step(q, k, v)
+    argnums = tuple(range(len(arrays)))
+    step = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))
+    (_, out), grads = step(*arrays)
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
@@ -70,6 +87,8 @@ def _check(ring_result, reference):
     for name, grad, ref in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(grad[:, :LENGTH], ref, atol=3e-5, rtol=1e-4, err_msg=name)
         np.testing.assert_array_equal(grad[:, LENGTH:], 0.0, err_msg=name)
+    if len(grads) == 4:
+        np.testing.assert_allclose(grads[3], ref_grads[3], atol=3e-5, rtol=1e-4, err_msg="sinks")
 
 
 PATTERNS = {
@@ -101,6 +120,27 @@ def test_alibi_and_scale_at_real_positions_in_zigzag_order():
     _check(got, _reference(q, k, v, valid, weights, pattern, **options))
 
 
+# Documents whose boundaries fall inside shards and inside chunks; the second sequence's
+# first document ends at the padded key 10.
+SEGMENT_IDS = np.stack(
+    [np.repeat([0, 1, 2], [5, 14, 13]), np.repeat([3, 4, 5, 6], [11, 2, 16, 3])]
+).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "name, order, kv_heads", [("causal", "zigzag", 1), ("bigbird", "contiguous", 2)]
+)
+def test_soft_cap_sinks_grouped_heads_and_segment_ids_match_dense_float64(name, order, kv_heads):
+    """Grouped-query (4 query heads on kv_heads), soft-capped, with sinks and packed documents,
+    forward and gradients (the sinks' too), against dense float64."""
+    pattern = PATTERNS[name]
+    q, k, v, valid, weights = _inputs(seed=4, heads=4, kv_heads=kv_heads)
+    sinks = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    options = dict(logit_soft_cap=2.0, segment_ids=SEGMENT_IDS)
+    got = _ring(q, k, v, valid, weights, pattern, sinks=sinks, order=order, chunk=4, **options)
+    _check(got, _reference(q, k, v, valid, weights, pattern, sinks=sinks, **options))
+
+
 def _no_key_for_query_5(i, j):
     return (j <= i) & (i != 5)
 
@@ -109,15 +149,17 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
     pattern = patterns.predicate(_no_key_for_query_5, "causal, query 5 sees nothing")
     q, k, v, valid, weights = _inputs(seed=2)
     valid[1] = False  # the second sequence has no valid key at all
-    got = _ring(q, k, v, valid, weights, pattern, n=8)
+    # Sinks do not give a row without keys anything, nor get a gradient from it.
+    sinks = np.array([1.0, -0.5], np.float32)
+    got = _ring(q, k, v, valid, weights, pattern, n=8, sinks=sinks)
     out, grads = got
     assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
     np.testing.assert_array_equal(out[:, 5], 0.0)
     np.testing.assert_array_equal(out[1], 0.0)
-    for grad in grads:
+    for grad in grads[:3]:
         np.testing.assert_array_equal(grad[1], 0.0)
     np.testing.assert_array_equal(grads[0][:, 5], 0.0)
-    _check(got, _reference(q, k, v, valid, weights, pattern))
+    _check(got, _reference(q, k, v, valid, weights, pattern, sinks=sinks))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +287,16 @@ def test_errors_name_the_numbers():
     )
     with pytest.raises(ValueError, match=r"no mesh axis 'sequence'"):
         inside(q)
-    two_heads = jnp.zeros((1, 36, 2, 8))
-    with pytest.raises(ValueError, match=r"as many key/value heads as query heads; got 1 and 2"):
+    three_heads = jnp.zeros((1, 36, 3, 8))
+    with pytest.raises(ValueError, match=r"key/value heads \(2\) dividing the query's heads \(3\)"):
+        ring.sharded_ring_attention(three_heads, *[jnp.zeros((1, 36, 2, 8))] * 2, mesh=_mesh(4))
+    with pytest.raises(ValueError, match=r"segment_ids must be \[batch, shard_len\] = \[1, 9\]"):
         jax.shard_map(
-            lambda q, k: ring.ring_attention(q, k, k),
+            lambda x: ring.ring_attention(x, x, x, segment_ids=jnp.zeros((1, 36), int)),
             mesh=_mesh(4),
             in_specs=P(None, "context"),
             out_specs=P(None, "context"),
-        )(two_heads, q)
+        )(q)
     with pytest.raises(ValueError, match=r"length 40 must be in \[1, 36\]"):
         ring.plan_ring(patterns.causal(), 4, 9, 40)
     with pytest.raises(ValueError, match=r"chunk must divide .* 8 tokens; got 3"):

@@ -34,7 +34,13 @@ owner when the walk leaves it (one more ppermute). The forward saves only the de
 v, output and log-sum-exp, never the visiting shards. A query with no allowed key gets zeros and
 zero gradients. Inputs are assumed finite (padded keys and values are zeroed, as block-sparse
 attention does); unlike the dense reference, a NaN or inf at an excluded position inside a
-computed chunk product is not kept out. Logit soft-capping and attention sinks are not computed.
+computed chunk product is not kept out.
+
+Variants, as in the other implementations: grouped-query heads (key and value with kv_heads
+dividing heads; only kv_heads travel, never repeated), logit soft-capping, attention sinks
+(added to each row's normaliser at the end; their gradient summed over the devices) and packed
+documents (segment ids that travel with their key shard; a chunk product whose query and key
+documents cannot meet is skipped at run time).
 """
 
 import dataclasses
@@ -47,6 +53,8 @@ from jax import lax
 
 from transformer import patterns
 from transformer.attention.shapes import check_query_key_value, varying_like
+from transformer.attention.sinks import check_sinks
+from transformer.attention.soft_cap import check_logit_soft_cap, soft_cap_with_slope
 
 ORDERS = ("contiguous", "zigzag")
 # Inside a pair, work is skipped by chunks of at most this many queries and keys; one chunk
@@ -206,10 +214,15 @@ class RingPlan:
         return (self.chunk_kind != patterns.EMPTY).sum(axis=(1, 2, 3))
 
     def _token_bytes(self, batch, heads, head_dim, value_dim, itemsize, key_padding):
-        """Bytes per token of the keys and values sent, and of their float32 gradients."""
+        """Bytes per token of the keys and values sent, and of their float32 gradients. `heads`
+        are the key/value heads (fewer than the query's under grouped-query attention); what
+        travels with the keys besides: "padding" (bool key_valid) and/or "segments" (int32
+        segment ids) in `key_padding`, or True for the padding alone."""
         value_dim = head_dim if value_dim is None else value_dim
         keys = batch * heads * (head_dim + value_dim)
-        return keys * itemsize + (batch if key_padding else 0), keys * 4
+        extras = {True: ("padding",), False: ()}.get(key_padding, key_padding)
+        extra = batch * (("padding" in extras) + 4 * ("segments" in extras))
+        return keys * itemsize + extra, keys * 4
 
     def _sent(self, step):
         return step.sent_len(self.shard_len, self.chunk)
@@ -438,8 +451,11 @@ def ring_attention(
     pattern=None,
     axis_name="context",
     key_valid=None,
+    segment_ids=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     length=None,
     order="contiguous",
     chunk=None,
@@ -451,14 +467,24 @@ def ring_attention(
 
     Args:
       query: `[batch, shard_len, heads, head_dim]`, this device's queries.
-      key: `[batch, shard_len, heads, head_dim]`, this device's keys.
-      value: `[batch, shard_len, heads, value_dim]`.
+      key: `[batch, shard_len, kv_heads, head_dim]`, this device's keys; kv_heads divides heads
+        (grouped-query attention: query head n reads key/value head n // (heads // kv_heads);
+        the keys are never repeated, and only kv_heads travel around the ring).
+      value: `[batch, shard_len, kv_heads, value_dim]`.
       pattern: a `transformer.patterns` pattern, a name in `patterns.PATTERNS`, or None (full).
       axis_name: the mesh axis the sequence is split over.
       key_valid: bool `[batch, shard_len]`, False at padded keys, or None.
+      segment_ids: int `[batch, shard_len]`, the document of each of this device's tokens
+        (packed documents), or None. A query sees a key only when their ids are equal; the key
+        shard's ids travel with it, and a chunk product whose query and key ids do not overlap
+        (as intervals) is skipped at run time.
       scale: multiplies the logits; defaults to 1/sqrt(head_dim).
       alibi_slopes: `[heads]`; adds -slope * |i - j| at the real positions. Constants: no
         gradient flows to them.
+      logit_soft_cap: None or a float c > 0: each scaled score s becomes c * tanh(s / c), before
+        ALiBi and the mask (`soft_cap.py`).
+      sinks: None or float `[heads]` sink logits, in every row's softmax denominator with a zero
+        value (`sinks.py`); differentiable, their gradient summed over the devices.
       length: the real sequence length, default num_shards * shard_len; positions past it are
         padding (keys excluded, queries get zeros) and the pattern is evaluated at it.
       order: "contiguous" (device i holds positions [i * shard_len, (i + 1) * shard_len)) or
@@ -469,12 +495,6 @@ def ring_attention(
       `[batch, shard_len, heads, value_dim]`: this device's rows of the output, zeros for a query
       with no allowed key.
     """
-    if np.ndim(query) == np.ndim(key) == 4 and key.shape[2] != query.shape[2]:
-        raise ValueError(
-            f"ring attention needs as many key/value heads as query heads; got {key.shape[2]} "
-            f"and {query.shape[2]} (repeat the key and value heads first for grouped-query "
-            "attention)."
-        )
     check_query_key_value(query, key, value)
     if query.shape[1] != key.shape[1]:
         raise ValueError(
@@ -493,25 +513,45 @@ def ring_attention(
             f"a mesh with that axis ({error})."
         ) from None
     batch, shard_len, heads, _ = query.shape
-    if key_valid is not None and tuple(key_valid.shape) != (batch, shard_len):
-        raise ValueError(
-            f"key_valid must be [batch, shard_len] = [{batch}, {shard_len}]; got shape "
-            f"{tuple(key_valid.shape)}."
-        )
+    for name, array in (("key_valid", key_valid), ("segment_ids", segment_ids)):
+        if array is not None and tuple(jnp.shape(array)) != (batch, shard_len):
+            raise ValueError(
+                f"{name} must be [batch, shard_len] = [{batch}, {shard_len}] (this device's "
+                f"tokens); got shape {tuple(jnp.shape(array))}."
+            )
+    if segment_ids is not None and not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
+        raise TypeError(f"segment_ids must be integers; got {jnp.asarray(segment_ids).dtype}.")
     if alibi_slopes is not None and np.shape(alibi_slopes) != (heads,):
         raise ValueError(
             f"alibi_slopes must have shape [heads] = ({heads},); got {np.shape(alibi_slopes)}."
         )
+    check_sinks(sinks, heads)
+    config = _Config(
+        scale=float(query.shape[-1] ** -0.5 if scale is None else scale),
+        soft_cap=check_logit_soft_cap(logit_soft_cap),
+    )
     plan = plan_ring(pattern, num_shards, shard_len, length, order, chunk)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
     if key_valid is not None:
         # Padded keys and values become zeros: nothing there can reach a product.
         valid = key_valid[:, :, None, None]
         key, value = jnp.where(valid, key, 0), jnp.where(valid, value, 0)
         key_valid = key_valid.astype(bool)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-    return _ring(plan, float(scale), axis_name, query, key, value, key_valid, slopes)
+    if sinks is not None:
+        # Trainable and the same on every device: varying here, so that the custom VJP's
+        # per-device gradient is summed over the devices when it leaves.
+        (sinks,) = varying_like((query, key, value), jnp.asarray(sinks, jnp.float32))
+    return _ring(plan, config, axis_name, query, key, value, key_valid, segment_ids, slopes, sinks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static numbers of a ring's logits."""
+
+    scale: float
+    soft_cap: float | None
 
 
 def _send(tree, perm, axis_name):
@@ -529,17 +569,35 @@ def _update(x, update, chunk, index, axis):
     return lax.dynamic_update_slice_in_dim(x, update, index * chunk, axis)
 
 
-class _Chunk:
-    """What one (query chunk, key chunk) product of a step needs: its logits and its mask."""
+def _grouped(x, kv_heads):
+    """`[batch, heads, ...]` -> `[batch, kv_heads, group, ...]`: query head n is
+    (n // group, n % group), the group of key/value head n // group."""
+    return x.reshape(x.shape[0], kv_heads, -1, *x.shape[2:])
 
-    def __init__(self, plan, step, device, slopes):
-        self.plan, self.step, self.device, self.slopes = plan, step, device, slopes
+
+def _ungrouped(x):
+    """Inverse of `_grouped`."""
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+class _Chunk:
+    """What one (query chunk, key chunk) product of a step needs: its logits and its mask.
+
+    The query chunk is `[batch, chunk, heads, d]`, the key chunk `[batch, chunk, kv_heads, d]`;
+    logits and weights are `[batch, heads, chunk, chunk]`, grouped to
+    `[batch, kv_heads, group, chunk, chunk]` only for the products with keys and values.
+    """
+
+    def __init__(self, plan, config, step, device, slopes, q_ids):
+        self.plan, self.config, self.step, self.device = plan, config, step, device
+        self.slopes, self.q_ids = slopes, q_ids
         self.ids = jnp.asarray(step.mask_ids)[device]  # [nb, nb]
         self.positions = jnp.asarray(plan.positions)
 
-    def mask(self, q_chunk, k_chunk, k_at, valid):
-        """`[batch or 1, 1, chunk, chunk]` bool: the exact mask of the product, padding included.
-        `k_chunk` indexes the received buffer, `k_at` the chunk's place in its shard."""
+    def mask(self, q_chunk, k_chunk, k_at, valid, k_ids):
+        """`[batch or 1, 1, chunk, chunk]` bool: the exact mask of the product, padding and
+        documents included. `k_chunk` indexes the received buffer, `k_at` the chunk's place in
+        its shard."""
         plan = self.plan
         per_chunk = plan.chunk // plan.block
         ids = lax.dynamic_slice(
@@ -549,60 +607,95 @@ class _Chunk:
         mask = blocks.transpose(0, 2, 1, 3).reshape(plan.chunk, plan.chunk)[None, None]
         if valid is not None:
             mask = mask & _slice(valid, plan.chunk, k_chunk, 1)[:, None, None, :]
+        if k_ids is not None:
+            q_ids = _slice(self.q_ids, plan.chunk, q_chunk, 1)[:, None, :, None]
+            mask = mask & (q_ids == _slice(k_ids, plan.chunk, k_chunk, 1)[:, None, None, :])
         return mask
 
+    def documents_meet(self, q_chunk, k_chunk, k_ids):
+        """Whether some query and key of the product may share a document (their id ranges
+        overlap in some batch row); False means the product is all masked."""
+        q_ids = _slice(self.q_ids, self.plan.chunk, q_chunk, 1)
+        k_ids = _slice(k_ids, self.plan.chunk, k_chunk, 1)
+        overlap = (q_ids.min(1) <= k_ids.max(1)) & (k_ids.min(1) <= q_ids.max(1))
+        return overlap.any()
+
     def logits(self, q_chunk, k_chunk, k_at, q_scaled, key):
-        """`[batch, heads, chunk, chunk]` float32 logits of the product, ALiBi included."""
+        """`[batch, heads, chunk, chunk]` float32 logits of the product (soft-capped, ALiBi
+        included), and the cap's slope (None without a cap)."""
         plan = self.plan
         q = _slice(q_scaled, plan.chunk, q_chunk, 1)
         k = _slice(key, plan.chunk, k_chunk, 1).astype(q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        kv_heads = k.shape[2]
+        q = q.reshape(*q.shape[:2], kv_heads, -1, q.shape[-1])  # [batch, chunk, kv_heads, group, d]
+        logits = _ungrouped(jnp.einsum("bqhgd,bkhd->bhgqk", q, k))
+        logits, slope = soft_cap_with_slope(logits, self.config.soft_cap)
         if self.slopes is not None:
             source = (self.device - self.step.offset) % plan.num_shards
             q_pos = _slice(self.positions[self.device], plan.chunk, q_chunk, 0)
             k_pos = _slice(self.positions[source], plan.chunk, k_at, 0)
             distance = jnp.abs(q_pos[:, None] - k_pos[None, :]).astype(logits.dtype)
             logits = logits - self.slopes.astype(logits.dtype)[None, :, None, None] * distance
-        return logits
+        return logits, slope
 
 
-def _walk(step, device, carry, compute):
+def _walk(step, device, carry, compute, pair=None, k_ids=None):
     """Runs `compute(carry, query chunk, key chunk in the buffer, key chunk in its shard)` over
-    the chunk products this device needs."""
+    the chunk products this device needs; with segment ids, a product whose documents cannot
+    meet leaves the carry as it is."""
     items = jnp.asarray(step.items)[device]
 
     def body(t, carry):
-        return compute(carry, items[t, 0], items[t, 1], items[t, 2])
+        q_chunk, k_chunk, k_at = items[t, 0], items[t, 1], items[t, 2]
+        if k_ids is None:
+            return compute(carry, q_chunk, k_chunk, k_at)
+        return lax.cond(
+            pair.documents_meet(q_chunk, k_chunk, k_ids),
+            lambda carry: compute(carry, q_chunk, k_chunk, k_at),
+            lambda carry: carry,
+            carry,
+        )
 
     # Each device loops over its own products only: a device whose pair is empty does nothing.
     return lax.fori_loop(0, jnp.asarray(step.counts)[device], body, carry)
 
 
-def _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes):
+def _with_sinks(row_max, row_sum, sinks):
+    """Each row's log-sum-exp `[batch, heads, shard_len]`, sinks included, -inf for a row with
+    no allowed key (which keeps zeros: nothing of its sink is added)."""
+    has_key = row_sum > 0
+    lse = row_max + jnp.log(jnp.where(has_key, row_sum, 1.0))
+    if sinks is not None:
+        lse = jnp.logaddexp(lse, sinks.astype(lse.dtype)[None, :, None])
+    return jnp.where(has_key, lse, -jnp.inf)
+
+
+def _ring_forward(plan, config, axis_name, query, key, value, key_valid, segments, slopes, sinks):
     """Output `[batch, shard_len, heads, value_dim]` and log-sum-exp `[batch, heads, shard_len]`."""
     chunk = plan.chunk
     device = lax.axis_index(axis_name)
     dtype = jnp.promote_types(query.dtype, jnp.float32)
-    q_scaled = query.astype(dtype) * scale
+    q_scaled = query.astype(dtype) * config.scale
     batch, shard_len, heads, _ = query.shape
+    kv_heads = key.shape[2]
     carry = varying_like(
         (query, key, value),
         jnp.full((batch, heads, shard_len), -jnp.inf, dtype),  # running max
         jnp.zeros((batch, heads, shard_len), dtype),  # running sum of exp(logit - max)
         jnp.zeros((batch, heads, shard_len, value.shape[-1]), dtype),  # weighted values
     )
-    local = (key, value, key_valid)
+    local = (key, value, key_valid, segments)
     buffer = local
     for step in plan.steps:
         payload = _payload(step, local, device, chunk) if step.source == "local" else buffer
         buffer = _send(payload, step.perm, axis_name)
-        k, v, valid = buffer
-        pair = _Chunk(plan, step, device, slopes)
+        k, v, valid, k_ids = buffer
+        pair = _Chunk(plan, config, step, device, slopes, segments)
 
-        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, pair=pair):
+        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, k_ids=k_ids, pair=pair):
             row_max, row_sum, acc = (_slice(x, chunk, q_chunk, 2) for x in carry)
-            mask = pair.mask(q_chunk, k_chunk, k_at, valid)
-            logits = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
+            mask = pair.mask(q_chunk, k_chunk, k_at, valid, k_ids)
+            logits, _ = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
             logits = jnp.where(mask, logits, -jnp.inf)
             new_max = jnp.maximum(row_max, logits.max(-1))
             # A row with no allowed key so far keeps max -inf: shift it by 0, not by -inf.
@@ -611,39 +704,45 @@ def _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes):
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + p.sum(-1)
             v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
-            acc = acc * correction[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_chunk)
+            weighted = jnp.einsum("bhgqk,bkhd->bhgqd", _grouped(p, kv_heads), v_chunk)
+            acc = acc * correction[..., None] + _ungrouped(weighted)
             return tuple(
                 _update(x, u, chunk, q_chunk, 2) for x, u in zip(carry, (new_max, row_sum, acc))
             )
 
-        carry = _walk(step, device, carry, compute)
+        carry = _walk(step, device, carry, compute, pair, k_ids)
     row_max, row_sum, acc = carry
-    has_key = row_sum > 0
-    total = jnp.where(has_key, row_sum, 1.0)
-    out = jnp.where(has_key[..., None], acc / total[..., None], 0.0)
-    lse = jnp.where(has_key, row_max + jnp.log(total), -jnp.inf)
+    lse = _with_sinks(row_max, row_sum, sinks)
+    # acc holds sum exp(s - row_max) v: divided by exp(lse - row_max), the sinks' share included.
+    keep = jnp.exp(jnp.where(jnp.isfinite(lse), row_max - lse, -jnp.inf))
+    out = acc * keep[..., None]
     return out.transpose(0, 2, 1, 3).astype(query.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(plan, scale, axis_name, query, key, value, key_valid, slopes):
-    return _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes)[0]
+def _ring(plan, config, axis_name, query, key, value, key_valid, segments, slopes, sinks):
+    return _ring_forward(
+        plan, config, axis_name, query, key, value, key_valid, segments, slopes, sinks
+    )[0]
 
 
-def _ring_fwd(plan, scale, axis_name, query, key, value, key_valid, slopes):
-    out, lse = _ring_forward(plan, scale, axis_name, query, key, value, key_valid, slopes)
-    return out, (query, key, value, key_valid, slopes, out, lse)
+def _ring_fwd(plan, config, axis_name, query, key, value, key_valid, segments, slopes, sinks):
+    out, lse = _ring_forward(
+        plan, config, axis_name, query, key, value, key_valid, segments, slopes, sinks
+    )
+    return out, (query, key, value, key_valid, segments, slopes, sinks, out, lse)
 
 
-def _ring_bwd(plan, scale, axis_name, residuals, d_out):
+def _ring_bwd(plan, config, axis_name, residuals, d_out):
     """The forward's steps again; each visiting key shard's gradients travel with it and go
     home to its owner when the walk leaves it (FlashAttention's backward, pair by pair)."""
-    query, key, value, key_valid, slopes, out, lse = residuals
+    query, key, value, key_valid, segments, slopes, sinks, out, lse = residuals
     chunk = plan.chunk
     device = lax.axis_index(axis_name)
     dtype = jnp.promote_types(query.dtype, jnp.float32)
     q = query.astype(dtype)
-    q_scaled = q * scale
+    q_scaled = q * config.scale
+    kv_heads = key.shape[2]
     d_out_t = d_out.astype(dtype).transpose(0, 2, 1, 3)  # [batch, heads, shard_len, value_dim]
     delta = (d_out_t * out.astype(dtype).transpose(0, 2, 1, 3)).sum(-1)
     d_query, d_key, d_value = varying_like(
@@ -653,7 +752,7 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
         jnp.zeros(value.shape, dtype),
     )
     home = travelling = (d_key, d_value)  # gradients at the owner, and those travelling
-    local = (key, value, key_valid)
+    local = (key, value, key_valid, segments)
     buffer, previous = local, None
     for step in plan.steps:
         if step.source == "local":
@@ -668,33 +767,43 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
         else:
             buffer, travelling = _send((buffer, travelling), step.perm, axis_name)
         previous = step
-        k, v, valid = buffer
-        pair = _Chunk(plan, step, device, slopes)
+        k, v, valid, k_ids = buffer
+        pair = _Chunk(plan, config, step, device, slopes, segments)
 
-        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, pair=pair):
+        def compute(carry, q_chunk, k_chunk, k_at, k=k, v=v, valid=valid, k_ids=k_ids, pair=pair):
             d_query, d_key, d_value = carry
-            mask = pair.mask(q_chunk, k_chunk, k_at, valid)
-            logits = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
+            mask = pair.mask(q_chunk, k_chunk, k_at, valid, k_ids)
+            logits, slope = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
             lse_chunk = _slice(lse, chunk, q_chunk, 2)
             # Rows with no allowed key (lse -inf) have weight 0 everywhere.
             allowed = mask & jnp.isfinite(lse_chunk)[..., None]
             shift = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
             p = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0.0) - shift[..., None]), 0.0)
-            d_out_chunk = _slice(d_out_t, chunk, q_chunk, 2)
+            d_out_chunk = _grouped(_slice(d_out_t, chunk, q_chunk, 2), kv_heads)
             k_chunk_values = _slice(k, chunk, k_chunk, 1).astype(dtype)
             v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
-            d_v = jnp.einsum("bhqk,bhqd->bkhd", p, d_out_chunk)
-            d_p = jnp.einsum("bhqd,bkhd->bhqk", d_out_chunk, v_chunk)
-            d_logits = p * (d_p - _slice(delta, chunk, q_chunk, 2)[..., None]) * scale
-            d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k_chunk_values)
-            d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, _slice(q, chunk, q_chunk, 1))
+            p_grouped = _grouped(p, kv_heads)
+            d_v = jnp.einsum("bhgqk,bhgqd->bkhd", p_grouped, d_out_chunk)
+            d_p = _ungrouped(jnp.einsum("bhgqd,bkhd->bhgqk", d_out_chunk, v_chunk))
+            d_logits = p * (d_p - _slice(delta, chunk, q_chunk, 2)[..., None]) * config.scale
+            if slope is not None:
+                d_logits = d_logits * slope
+            d_logits = _grouped(d_logits, kv_heads)
+            q_chunk_values = _slice(q, chunk, q_chunk, 1)
+            q_chunk_values = q_chunk_values.reshape(
+                *q_chunk_values.shape[:2], kv_heads, -1, q.shape[-1]
+            )
+            d_q = jnp.einsum("bhgqk,bkhd->bqhgd", d_logits, k_chunk_values).reshape(
+                *q_chunk_values.shape[:2], -1, q.shape[-1]
+            )
+            d_k = jnp.einsum("bhgqk,bqhgd->bkhd", d_logits, q_chunk_values)
             return (
                 _update(d_query, _slice(d_query, chunk, q_chunk, 1) + d_q, chunk, q_chunk, 1),
                 _update(d_key, _slice(d_key, chunk, k_chunk, 1) + d_k, chunk, k_chunk, 1),
                 _update(d_value, _slice(d_value, chunk, k_chunk, 1) + d_v, chunk, k_chunk, 1),
             )
 
-        d_query, *travelling = _walk(step, device, (d_query, *travelling), compute)
+        d_query, *travelling = _walk(step, device, (d_query, *travelling), compute, pair, k_ids)
         travelling = tuple(travelling)
     if previous is not None:
         home = _go_home(home, travelling, previous, device, chunk, axis_name)
@@ -705,7 +814,15 @@ def _ring_bwd(plan, scale, axis_name, residuals, d_out):
         d_value.astype(value.dtype),
         None,
         None,
+        None,
+        None if sinks is None else _sink_gradient(sinks, lse, delta),
     )
+
+
+def _sink_gradient(sinks, lse, delta):
+    """`[heads]`: -sum over this device's rows of p_sink * (dO . O); rows with no key add 0."""
+    p_sink = jnp.exp(jnp.where(jnp.isfinite(lse), sinks[None, :, None] - lse, -jnp.inf))
+    return -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
 
 
 def _payload(step, local, device, chunk):
@@ -752,8 +869,11 @@ def sharded_ring_attention(
     axis_name="context",
     pattern=None,
     key_valid=None,
+    segment_ids=None,
     scale=None,
     alibi_slopes=None,
+    logit_soft_cap=None,
+    sinks=None,
     length=None,
     order="contiguous",
     chunk=None,
@@ -761,10 +881,11 @@ def sharded_ring_attention(
 ):
     """`ring_attention` on whole-sequence arrays: reorders, shards over `axis_name`, restores.
 
-    query, key and value are `[batch, length, heads, head_dim]` (value_dim for value), key_valid
-    `[batch, length]` or None; the length must divide into the axis' shards (2 chunks per shard
-    for "zigzag"): pad it and mark the padding in key_valid, passing the real `length`. Other
-    mesh axes see the arrays replicated. Returns `[batch, length, heads, value_dim]` in the
+    query is `[batch, length, heads, head_dim]`, key and value `[batch, length, kv_heads,
+    head_dim or value_dim]`, key_valid and segment_ids `[batch, length]` or None, sinks
+    `[heads]` or None; the length must divide into the axis' shards (2 chunks per shard for
+    "zigzag"): pad it and mark the padding in key_valid, passing the real `length`. Other mesh
+    axes see the arrays replicated. Returns `[batch, length, heads, value_dim]` in the
     natural order. Differentiable.
 
     With `reorder=False` the arrays are taken to be in `order` already (as an input pipeline
@@ -792,23 +913,26 @@ def sharded_ring_attention(
     spec = jax.sharding.PartitionSpec(None, axis_name)
     arrays = [reorder(x) for x in (query, key, value)]
     specs = [spec] * 3
-    if key_valid is not None:
-        arrays.append(reorder(jnp.asarray(key_valid, bool)))
-        specs.append(spec)
+    # Passed in, not closed over: the sinks' gradient leaves through shard_map's own transpose.
+    optional = {"key_valid": key_valid, "segment_ids": segment_ids, "sinks": sinks}
+    names = [name for name, x in optional.items() if x is not None]
+    arrays += [jnp.asarray(optional[n]) if n == "sinks" else reorder(optional[n]) for n in names]
+    specs += [jax.sharding.PartitionSpec() if n == "sinks" else spec for n in names]
 
-    def per_device(q, k, v, valid=None):
+    def per_device(q, k, v, *extra):
         return ring_attention(
             q,
             k,
             v,
             pattern=pattern,
             axis_name=axis_name,
-            key_valid=valid,
             scale=scale,
             alibi_slopes=alibi_slopes,
+            logit_soft_cap=logit_soft_cap,
             length=length,
             order=order,
             chunk=chunk,
+            **dict(zip(names, extra)),
         )
 
     out = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(specs), out_specs=spec)(*arrays)
