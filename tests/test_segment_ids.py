@@ -2,16 +2,19 @@
 when their segment ids are equal (and the pattern and the mask allow it). Checked against the
 float64 reference with the segments in its allowed pairs: forward and gradients, odd lengths,
 key padding, rows with no key left, the soft cap and sinks, two pattern families, both forms
-(one array for self-attention, a pair for queries and keys); and the errors."""
+(one array for self-attention, a pair for queries and keys); the fused CPU kernel, which skips
+the blocks whose documents cannot meet; and the errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_block_sparse_cpu import uses_kernel
 from test_soft_cap_and_sinks import CAP, allowed_pairs, random_sinks, reference
 
 from transformer import patterns
-from transformer.attention import chunked_attention, dot_product_attention
+from transformer.attention import block_sparse_attention, chunked_attention, dot_product_attention
+from transformer.attention.block_sparse import cpu_kernel
 
 
 def run(q, k, v, d_out, sinks, mask, pattern, segment_ids, implementation):
@@ -39,6 +42,17 @@ def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_i
     got = jitted(q, k, v, d_out, sinks, mask, pattern, segment_ids, impl)
     allowed = allowed_pairs(pattern, q.shape[1], k.shape[1], key_valid, q.shape[0])
     allowed = allowed & (q_segments[:, :, None] == kv_segments[:, None, :])
+    expect_reference(got, q, k, v, d_out, sinks, allowed, str(pattern))
+    # The segments matter: without them the output differs.
+    plain = dot_product_attention(
+        q, k, v, mask=mask, pattern=pattern, logit_soft_cap=CAP, sinks=jnp.asarray(sinks)
+    )
+    assert np.abs(np.asarray(plain) - np.asarray(got[0])).max() > 1e-3
+
+
+def expect_reference(got, q, k, v, d_out, sinks, allowed, label):
+    """got = (out, dq, dk, dv, d_sinks) against the float64 reference (soft cap CAP) over the
+    `allowed` pairs `[batch, q_len, kv_len]`, with zeros where a query sees no key."""
     group = q.shape[2] // k.shape[2]  # grouped-query: the reference sees repeated keys
     repeat = lambda x: np.repeat(x, group, axis=2)
     out, grads = reference(
@@ -49,16 +63,11 @@ def check(q, k, v, d_out, key_valid, pattern, q_segments, kv_segments, segment_i
     for name, g, want in zip(("out", "dq", "dk", "dv", "d_sinks"), got, (out, *grads)):
         scale = 10.0 if name == "d_sinks" else 1.0
         np.testing.assert_allclose(
-            np.asarray(g), want, atol=3e-5 * scale, rtol=3e-4, err_msg=f"{name} {pattern}"
+            np.asarray(g), want, atol=3e-5 * scale, rtol=3e-4, err_msg=f"{name} {label}"
         )
     keyless = ~allowed.any(-1)
     assert keyless.any(), "the inputs must have rows with no key"
     assert not np.asarray(got[0])[keyless].any() and not np.asarray(got[1])[keyless].any()
-    # The segments matter: without them the output differs.
-    plain = dot_product_attention(
-        q, k, v, mask=mask, pattern=pattern, logit_soft_cap=CAP, sinks=jnp.asarray(sinks)
-    )
-    assert np.abs(np.asarray(plain) - np.asarray(got[0])).max() > 1e-3
 
 
 def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
@@ -122,6 +131,65 @@ def test_a_pair_of_query_and_key_segment_ids(implementation):
     )
 
 
+# The fused CPU kernel (head dims of 16, blocks of 16): documents that straddle blocks, ids out
+# of order (document 5 twice) and a document of one padded key (its query sees nothing), so its
+# walks keep, skip and split blocks per batch row.
+SELF_IDS = np.array(
+    [[0] * 20 + [1] * 9 + [2] * 32, [5] * 16 + [3] * 16 + [7] + [5] * 7 + [9] * 21], np.int32
+)
+KERNEL_CASES = {
+    # pattern, kv_heads, (q_len, kv_len)
+    "causal": (patterns.causal(), 4, (61, 61)),
+    "window gqa": (patterns.sliding_window(10, 3), 2, (61, 61)),
+    "bigbird mqa": (patterns.bigbird(16, 3, 1, 1), 1, (61, 61)),
+    "full, a pair of ids": (patterns.full(), 2, (45, 70)),
+}
+
+
+def kernel_inputs(q_len, kv_len, kv_heads):
+    q, k, v, d_out = arrays(6, 2, q_len, kv_len, heads=4, head_dim=16, kv_heads=kv_heads)
+    key_valid = np.ones((2, kv_len), bool)
+    key_valid[1, 32] = False
+    key_valid[0, 25] = False
+    if q_len == kv_len:
+        return (q, k, v, d_out), key_valid, SELF_IDS, SELF_IDS
+    q_ids = np.array([[0] * 15 + [1] * 30, [4] * 20 + [2] * 24 + [8]], np.int32)  # 8: no key
+    kv_ids = np.array([[0] * 17 + [1] * 40 + [0] * 13, [2] * 32 + [4] * 38], np.int32)
+    return (q, k, v, d_out), key_valid, q_ids, kv_ids
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel(case):
+    """The kernel with segment ids, soft cap and sinks, forward and gradients, is the path
+    taken (its forward and backward calls in the compiled computation)."""
+    if cpu_kernel.unavailable() is not None:
+        pytest.skip(cpu_kernel.unavailable())
+    pattern, kv_heads, (q_len, kv_len) = KERNEL_CASES[case]
+    (q, k, v, d_out), key_valid, q_ids, kv_ids = kernel_inputs(q_len, kv_len, kv_heads)
+    sinks = random_sinks(3, q.shape[2])
+    segment_ids = (jnp.asarray(q_ids), jnp.asarray(kv_ids))
+
+    def attend(q, k, v, sinks):
+        return block_sparse_attention(
+            q,
+            k,
+            v,
+            pattern=pattern,
+            key_valid=jnp.asarray(key_valid),
+            segment_ids=segment_ids,
+            logit_soft_cap=CAP,
+            sinks=sinks,
+            block_q=16,
+        )
+
+    loss = lambda q, k, v, sinks: (attend(q, k, v, sinks) * d_out).sum()
+    assert uses_kernel(jax.grad(loss, (0, 1, 2, 3)), q, k, v, sinks) == (True, True)
+    got = jax.jit(run_vjp, static_argnums=0)(attend, d_out, q, k, v, sinks)
+    allowed = allowed_pairs(pattern, q_len, kv_len, key_valid, 2)
+    allowed = allowed & (q_ids[:, :, None] == kv_ids[:, None, :])
+    expect_reference(got, q, k, v, d_out, sinks, allowed, case)
+
+
 def test_bad_segment_ids_are_named():
     q = jnp.zeros((2, 6, 2, 8))
     k = jnp.zeros((2, 7, 2, 8))
@@ -138,12 +206,16 @@ def test_bad_segment_ids_are_named():
         dot_product_attention(q, q, q, segment_ids=ids, implementation="xla")
 
 
-@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse"])
+@pytest.mark.parametrize("implementation", ["dense", "chunked", "block_sparse", "kernel"])
 def test_a_nan_in_another_document_stays_out(implementation):
     """A NaN key and value in document 0 make document 0's rows that see them NaN, as in the
     reference, and never reach document 1's outputs or gradients (0 * NaN = NaN in a plain
-    product would)."""
-    q, k, v, d_out = arrays(4, 1, 24, 24)
+    product would). "kernel": block_sparse at head dim 16, where the CPU kernel computes it."""
+    if implementation == "kernel" and cpu_kernel.unavailable() is not None:
+        pytest.skip(cpu_kernel.unavailable())
+    head_dim = 16 if implementation == "kernel" else 8
+    implementation = "block_sparse" if implementation == "kernel" else implementation
+    q, k, v, d_out = arrays(4, 1, 24, 24, head_dim=head_dim)
     segments = jnp.asarray([[0] * 10 + [1] * 14], jnp.int32)
     k[0, 3, 0, 0] = np.nan
     v[0, 3, 1, 0] = np.nan

@@ -57,8 +57,9 @@ def block_sparse_attention(
         (`sinks.py`); differentiable.
       segment_ids: None or a pair (q_segment_ids `[batch, q_len]`, kv_segment_ids
         `[batch, kv_len]`) of ints: packed documents, a query seeing a key only when their ids
-        are equal. XLA's schedules compute them (over the pattern's blocks, masked per pair);
-        the kernel does not yet.
+        are equal. The kernel skips, per batch row and at run time, the pattern's blocks whose
+        query and key ids cannot meet (disjoint id ranges) and compares ids per pair only in
+        blocks that hold several; XLA's schedules compute every pattern block, masked per pair.
       block_q, block_kv: block sizes; block_kv defaults to block_q.
       use_kernel: on CPU, compute the scheduled rows with the fused kernel (`cpu_kernel.py`)
         where it applies (float32, no ALiBi, block_kv and head dims multiples of 16); False
@@ -83,12 +84,8 @@ def block_sparse_attention(
                 f"(or [1, {kv_len}]); got shape {key_valid.shape}"
             )
         key_valid = jnp.broadcast_to(key_valid, (query.shape[0], kv_len))
-    kernel = (
-        use_kernel
-        and segment_ids is None
-        and cpu_kernel.supports(
-            block_kv, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
-        )
+    kernel = use_kernel and cpu_kernel.supports(
+        block_kv, query.shape[-1], value.shape[-1], query.dtype, alibi_slopes
     )
     # Dense rows go to chunked attention, which is slow on a few rows of queries, except with the
     # kernel, which walks them like any other row; chunked attention aligns ALiBi distances for
@@ -179,13 +176,13 @@ def _scheduled_attention(
     # block (plan.grouped), so each key block is read once for the whole group.
     plan = grouped(plan, group)
     q = _fold_heads(q, group)
-    if kernel:
-        out = cpu_kernel.attention_fn(plan, logit_soft_cap)(q, k, v, key_bias, sinks)
-        return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
-    attention = attention_fn(plan, logit_soft_cap)
     segments = None
     if segment_ids is not None:
         segments = _segment_blocks(segment_ids, plan, group)
+    if kernel:
+        out = cpu_kernel.attention_fn(plan, logit_soft_cap)(q, k, v, key_bias, segments, sinks)
+        return _from_blocks(_unfold_heads(out, group, heads), q_len).astype(query.dtype)
+    attention = attention_fn(plan, logit_soft_cap)
     if q.shape[0] == 1:
         out = attention(q, k, v, key_bias, segments, slopes, sinks)
     else:

@@ -18,7 +18,16 @@
 //   kv_block [entries] int32, mask_id [entries] int32 (0 = whole block allowed)
 //   masks    [num_masks, block_q, block_kv] uint8
 //   key_bias [batch, num_kv_blocks, block_kv] (0 or -inf; batch = bh / heads), or [0] for none
+//   q_segments [batch, num_q_blocks, block_q], kv_segments [batch, num_kv_blocks, block_kv]
+//            int32 segment ids (packed documents: a query sees a key only when their ids are
+//            equal), or [0] for none
 // Rows not in `rows` get output 0 and log-sum-exp +inf (as do rows that see no key).
+//
+// Segment ids differ per batch row, so which of the layout's blocks they leave is found here,
+// once per call (`Walks`): each block's smallest and largest id decide whether its pair of
+// blocks can hold an equal pair. Disjoint ranges cannot, and the block is never computed; two
+// blocks of one and the same id need no test beyond the pattern's; the rest compare ids per
+// element.
 //
 // Logit soft-capping (attribute soft_cap = c > 0; 0 for none) replaces each score s = q.k by
 // c * tanh(s / c) before masking, in the forward and the backward pass, whose score gradient
@@ -226,38 +235,140 @@ struct Layout {
   long num_rows;
 };
 
-// Whether key block `entry` of a row is partly masked by the pattern (mask id 0 = all allowed).
-inline bool masked(const Layout& lay, int entry) { return lay.mask_id[entry] != 0; }
+// The key blocks one (batch, row) computes, in order: indices into the layout's kv_block and
+// mask_id, and per index whether segment ids are compared element by element in that block.
+struct Walk {
+  const int32_t* entry;
+  const uint8_t* split;  // null: no segment ids
+  int n;
+};
 
-// Whether query i of the row may attend to key jj of its key block `entry` (pattern only).
-inline bool allowed(const Shapes& sh, const Layout& lay, int entry, long i, long jj) {
-  int id = lay.mask_id[entry];
-  return id == 0 || lay.masks[(id * sh.block_q + i) * sh.block_kv + jj];
+// The smallest and largest segment id of a block.
+struct IdRange {
+  int32_t lo, hi;
+};
+
+std::vector<IdRange> block_ranges(const int32_t* ids, long blocks, long size) {
+  std::vector<IdRange> ranges(blocks);
+  for (long i = 0; i < blocks; ++i) {
+    auto [lo, hi] = std::minmax_element(ids + i * size, ids + (i + 1) * size);
+    ranges[i] = {*lo, *hi};
+  }
+  return ranges;
+}
+
+// Every (batch, row)'s walk, found once per call. Without segment ids every batch row walks the
+// layout's entries as they are.
+class Walks {
+ public:
+  Walks(const Shapes& sh, const Layout& lay, const int32_t* q_ids, const int32_t* kv_ids)
+      : num_rows_(lay.num_rows), row_start_(lay.row_start), segments_(q_ids != nullptr) {
+    if (!segments_) {
+      entry_.resize(lay.row_start[lay.num_rows]);
+      for (size_t e = 0; e < entry_.size(); ++e) entry_[e] = static_cast<int32_t>(e);
+      return;
+    }
+    long batch = sh.bh / sh.heads;
+    auto q_range = block_ranges(q_ids, batch * sh.num_q_blocks, sh.block_q);
+    auto kv_range = block_ranges(kv_ids, batch * sh.num_kv_blocks, sh.block_kv);
+    start_.reserve(batch * num_rows_ + 1);
+    start_.push_back(0);
+    for (long b = 0; b < batch; ++b)
+      for (long r = 0; r < num_rows_; ++r) {
+        IdRange q = q_range[b * sh.num_q_blocks + lay.rows[r]];
+        for (int e = lay.row_start[r]; e < lay.row_start[r + 1]; ++e) {
+          IdRange k = kv_range[b * sh.num_kv_blocks + lay.kv_block[e]];
+          if (q.hi < k.lo || k.hi < q.lo) continue;  // no id in common: nothing to compute
+          entry_.push_back(e);
+          split_.push_back(!(q.lo == q.hi && k.lo == k.hi));  // else both hold one equal id
+        }
+        start_.push_back(static_cast<long>(entry_.size()));
+      }
+  }
+
+  Walk of(long b, long r) const {
+    if (!segments_)
+      return {entry_.data() + row_start_[r], nullptr, row_start_[r + 1] - row_start_[r]};
+    long i = b * num_rows_ + r;
+    return {entry_.data() + start_[i], split_.data() + start_[i],
+            static_cast<int>(start_[i + 1] - start_[i])};
+  }
+
+ private:
+  long num_rows_;
+  const int32_t* row_start_;
+  bool segments_;
+  std::vector<int32_t> entry_;
+  std::vector<uint8_t> split_;
+  std::vector<long> start_;  // [batch * num_rows + 1] offsets into entry_ and split_
+};
+
+// Up to kChunk key blocks of one (batch, row), computed together; c indexes them.
+struct Chunk {
+  const int32_t* entry;
+  const uint8_t* split;   // null: no segment ids
+  int n;
+  long b;                 // batch row
+  const int32_t* q_ids;   // the row's query ids [block_q], or null
+  const int32_t* kv_ids;  // the batch row's key ids [num_kv_blocks, block_kv], or null
+
+  int block(const Layout& lay, int c) const { return lay.kv_block[entry[c]]; }
+  bool split_ids(int c) const { return split && split[c]; }
+};
+
+// The chunk of up to kChunk blocks from the `first`-th of walk `w`, of query block qb.
+Chunk chunk_of(const Shapes& sh, const Walk& w, int first, long b, const int32_t* q_ids,
+               const int32_t* kv_ids, long qb) {
+  int n = std::min(kChunk, w.n - first);
+  if (!q_ids) return {w.entry + first, nullptr, n, b, nullptr, nullptr};
+  return {w.entry + first, w.split + first, n, b,
+          q_ids + (b * sh.num_q_blocks + qb) * sh.block_q,
+          kv_ids + b * sh.num_kv_blocks * sh.block_kv};
+}
+
+// Whether block c of a chunk is partly masked, by the pattern (mask id 0 = all allowed) or by
+// segment ids.
+inline bool masked(const Layout& lay, const Chunk& ch, int c) {
+  return lay.mask_id[ch.entry[c]] != 0 || ch.split_ids(c);
+}
+
+// Whether query i of the row may attend to key jj of the chunk's block c (pattern and segments;
+// padded keys are zeros, so the careful paths need not exclude them).
+inline bool allowed(const Shapes& sh, const Layout& lay, const Chunk& ch, int c, long i,
+                    long jj) {
+  int id = lay.mask_id[ch.entry[c]];
+  if (id != 0 && !lay.masks[(id * sh.block_q + i) * sh.block_kv + jj]) return false;
+  return !ch.split_ids(c) || ch.q_ids[i] == ch.kv_ids[ch.block(lay, c) * sh.block_kv + jj];
 }
 
 // Scores of one chunk: s[block_q, n * block_kv] = q k^T (soft-capped when sh.soft_cap > 0),
-// -inf where masked or padded.
-void chunk_scores(const Shapes& sh, const Layout& lay, long b, const float* q_row,
-                  const float* k_t, int first, int n, float* s) {
-  long width = n * sh.block_kv;
-  for (int c = 0; c < n; ++c) {
-    long kb = lay.kv_block[first + c];
+// -inf where masked (pattern or segments) or padded.
+void chunk_scores(const Shapes& sh, const Layout& lay, const Chunk& ch, const float* q_row,
+                  const float* k_t, float* s) {
+  long width = ch.n * sh.block_kv;
+  for (int c = 0; c < ch.n; ++c) {
+    long kb = ch.block(lay, c);
     const float* kt_block = k_t + kb * sh.d * sh.block_kv;
     matmul(sh.block_q, sh.block_kv, q_row, sh.d, 1, &kt_block, sh.d, 1, sh.block_kv,
            s + c * sh.block_kv, width, false);
     // Before the mask: an excluded score must stay -inf, not become -c.
     if (sh.soft_cap > 0.0f)
       apply_soft_cap(s + c * sh.block_kv, sh.block_q, sh.block_kv, width, sh.soft_cap);
-    int id = lay.mask_id[first + c];
-    const float* bias = lay.key_bias ? lay.key_bias + (b * sh.num_kv_blocks + kb) * sh.block_kv
-                                     : nullptr;
-    if (id == 0 && !bias) continue;
+    int id = lay.mask_id[ch.entry[c]];
+    const float* bias = lay.key_bias
+                            ? lay.key_bias + (ch.b * sh.num_kv_blocks + kb) * sh.block_kv
+                            : nullptr;
+    bool split = ch.split_ids(c);
+    if (id == 0 && !bias && !split) continue;
     const uint8_t* mask = lay.masks + id * sh.block_q * sh.block_kv;
+    const int32_t* kv_ids = split ? ch.kv_ids + kb * sh.block_kv : nullptr;
     for (long i = 0; i < sh.block_q; ++i) {
       float* s_i = s + i * width + c * sh.block_kv;
+      int32_t q_id = split ? ch.q_ids[i] : 0;
       for (long j = 0; j < sh.block_kv; ++j) {
         // Selected, not added: NaN + -inf would be NaN.
-        bool keep = (id == 0 || mask[i * sh.block_kv + j]) && !(bias && bias[j] != 0.0f);
+        bool keep = (id == 0 || mask[i * sh.block_kv + j]) && !(bias && bias[j] != 0.0f) &&
+                    !(split && kv_ids[j] != q_id);
         s_i[j] = keep ? s_i[j] : -kInf;
       }
     }
@@ -304,15 +415,29 @@ Layout layout_of(ffi::Buffer<ffi::S32>& rows, ffi::Buffer<ffi::S32>& row_start,
                 static_cast<long>(rows.element_count())};
 }
 
+// The segment ids' data, or null for none ([0]).
+const int32_t* ids_or_null(ffi::Buffer<ffi::S32>& ids) {
+  return ids.element_count() ? ids.typed_data() : nullptr;
+}
+
 // The Python side builds these shapes; a mismatch would read out of bounds, so say so instead.
-ffi::Error check(const Shapes& sh, const Layout& lay, const ffi::Buffer<ffi::F32>& key_bias) {
+ffi::Error check(const Shapes& sh, const Layout& lay, const ffi::Buffer<ffi::F32>& key_bias,
+                 const ffi::Buffer<ffi::S32>& q_segments,
+                 const ffi::Buffer<ffi::S32>& kv_segments) {
   if (sh.heads <= 0 || sh.bh % sh.heads)
     return ffi::Error::InvalidArgument("batch * heads is not a multiple of heads");
   if (sh.block_kv % kLanes || sh.d % kLanes || sh.dv % kLanes)
     return ffi::Error::InvalidArgument("block_kv, d and dv must be multiples of 16");
+  long batch = sh.bh / sh.heads;
   long bias = key_bias.element_count();
-  if (bias && bias != sh.bh / sh.heads * sh.num_kv_blocks * sh.block_kv)
+  if (bias && bias != batch * sh.num_kv_blocks * sh.block_kv)
     return ffi::Error::InvalidArgument("key_bias is not [batch, num_kv_blocks, block_kv]");
+  long q_ids = q_segments.element_count(), kv_ids = kv_segments.element_count();
+  if ((q_ids || kv_ids) && (q_ids != batch * sh.num_q_blocks * sh.block_q ||
+                            kv_ids != batch * sh.num_kv_blocks * sh.block_kv))
+    return ffi::Error::InvalidArgument(
+        "segment ids are not [batch, num_q_blocks, block_q] and [batch, num_kv_blocks, "
+        "block_kv]");
   for (long r = 0; r < lay.num_rows; ++r)
     if (lay.rows[r] < 0 || lay.rows[r] >= sh.num_q_blocks)
       return ffi::Error::InvalidArgument("a row's query block is out of range");
@@ -326,13 +451,17 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows,
                        ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
                        ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
-                       ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::S32> q_segments,
+                       ffi::Buffer<ffi::S32> kv_segments, ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> lse, int64_t heads, float soft_cap) {
   auto kd = k_t.dimensions();
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[3],
             q.dimensions()[3], v.dimensions()[3], soft_cap};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
-  if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
+  if (ffi::Error error = check(sh, lay, key_bias, q_segments, kv_segments); error.failure())
+    return error;
+  const int32_t *q_ids = ids_or_null(q_segments), *kv_ids = ids_or_null(kv_segments);
+  const Walks walks(sh, lay, q_ids, kv_ids);
   float* out_data = out->typed_data();
   float* lse_data = lse->typed_data();
   std::fill(out_data, out_data + out->element_count(), 0.0f);
@@ -357,11 +486,13 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     thread_local std::vector<float> scores;
     scores.resize(sh.block_q * kChunk * sh.block_kv);
     std::vector<float> row_max(sh.block_q, -kInf), row_sum(sh.block_q, 0.0f);
-    for (int first = lay.row_start[r]; first < lay.row_start[r + 1]; first += kChunk) {
-      int n = std::min<int>(kChunk, lay.row_start[r + 1] - first);
+    const Walk walk = walks.of(b, r);
+    for (int first = 0; first < walk.n; first += kChunk) {
+      const Chunk ch = chunk_of(sh, walk, first, b, q_ids, kv_ids, qb);
+      const int n = ch.n;
       long width = n * sh.block_kv;
       float* s = scores.data();
-      chunk_scores(sh, lay, b, q_row, kt, first, n, s);
+      chunk_scores(sh, lay, ch, q_row, kt, s);
       // Online softmax (as in FlashAttention): rescale what earlier chunks summed.
       for (long i = 0; i < sh.block_q; ++i) {
         float* s_i = s + i * width;
@@ -400,29 +531,29 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
         for (int l = 0; l < kLanes; ++l) chunk_sum += sum[l];
         row_sum[i] = row_sum[i] * rescale + chunk_sum;
         row_max[i] = new_max;
-        if (first != lay.row_start[r] && rescale != 1.0f)
+        if (first != 0 && rescale != 1.0f)
           for (long j = 0; j < sh.dv; ++j) o[i * sh.dv + j] *= rescale;
       }
       const float* v_seg[kChunk];
       bool exact = false;
       for (int c = 0; c < n; ++c) {
-        v_seg[c] = vb + lay.kv_block[first + c] * sh.block_kv * sh.dv;
-        exact |= careful && masked(lay, first + c) && !all_finite(v_seg[c], sh.block_kv * sh.dv);
+        v_seg[c] = vb + ch.block(lay, c) * sh.block_kv * sh.dv;
+        exact |= careful && masked(lay, ch, c) && !all_finite(v_seg[c], sh.block_kv * sh.dv);
       }
       if (exact) {
         // A NaN or inf value in a partly masked block: only allowed pairs multiply it.
-        if (first == lay.row_start[r]) std::fill(o, o + sh.block_q * sh.dv, 0.0f);
+        if (first == 0) std::fill(o, o + sh.block_q * sh.dv, 0.0f);
         for (long i = 0; i < sh.block_q; ++i)
           for (int c = 0; c < n; ++c)
             for (long jj = 0; jj < sh.block_kv; ++jj) {
-              if (!allowed(sh, lay, first + c, i, jj)) continue;
+              if (!allowed(sh, lay, ch, c, i, jj)) continue;
               float w = s[i * width + c * sh.block_kv + jj];
               const float* v_j = v_seg[c] + jj * sh.dv;
               for (long e = 0; e < sh.dv; ++e) o[i * sh.dv + e] += w * v_j[e];
             }
       } else {
         matmul(sh.block_q, sh.dv, s, width, 1, v_seg, sh.block_kv, n, sh.dv, o, sh.dv,
-               first != lay.row_start[r]);
+               first != 0);
       }
     }
     for (long i = 0; i < sh.block_q; ++i) {
@@ -446,14 +577,18 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> rows,
                         ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
                         ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
-                        ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::S32> q_segments,
+                        ffi::Buffer<ffi::S32> kv_segments, ffi::ResultBuffer<ffi::F32> dq,
                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                         int64_t heads, float soft_cap) {
   auto kd = k.dimensions();
   Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[2],
             q.dimensions()[3], d_out.dimensions()[3], soft_cap};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
-  if (ffi::Error error = check(sh, lay, key_bias); error.failure()) return error;
+  if (ffi::Error error = check(sh, lay, key_bias, q_segments, kv_segments); error.failure())
+    return error;
+  const int32_t *q_ids = ids_or_null(q_segments), *kv_ids = ids_or_null(kv_segments);
+  const Walks walks(sh, lay, q_ids, kv_ids);
   for (auto* g : {&dq, &dk, &dv})
     std::fill((*g)->typed_data(), (*g)->typed_data() + (*g)->element_count(), 0.0f);
   const float *q_data = q.typed_data(), *k_data = k.typed_data(), *kt_data = k_t.typed_data(),
@@ -482,15 +617,17 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       const float* row_lse = lse_data + q_base;
       const float* row_delta = delta_data + q_base;
       float* dq_row = dq_data + q_base * sh.d;
-      for (int first = lay.row_start[r]; first < lay.row_start[r + 1]; first += kChunk) {
-        int n = std::min<int>(kChunk, lay.row_start[r + 1] - first);
+      const Walk walk = walks.of(b, r);
+      for (int first = 0; first < walk.n; first += kChunk) {
+        const Chunk ch = chunk_of(sh, walk, first, b, q_ids, kv_ids, qb);
+        const int n = ch.n;
         long width = n * sh.block_kv;
         float* p = probs.data();
         float* ds = d_logits.data();
-        chunk_scores(sh, lay, b, q_row, kt, first, n, p);
+        chunk_scores(sh, lay, ch, q_row, kt, p);
         // dP = dO V^T, one key block at a time.
         for (int c = 0; c < n; ++c) {
-          const float* vt_block = vt + lay.kv_block[first + c] * sh.dv * sh.block_kv;
+          const float* vt_block = vt + ch.block(lay, c) * sh.dv * sh.block_kv;
           matmul(sh.block_q, sh.block_kv, do_row, sh.dv, 1, &vt_block, sh.dv, 1, sh.block_kv,
                  ds + c * sh.block_kv, width, false);
         }
@@ -522,34 +659,34 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         }
         bool any_masked = false;
         for (int c = 0; c < n && careful; ++c) {
-          if (!masked(lay, first + c)) continue;
+          if (!masked(lay, ch, c)) continue;
           any_masked = true;
           // Excluded pairs: exactly 0, even in a NaN row (exp(-inf - NaN)) or where dO V^T is
           // NaN from an excluded value.
           for (long i = 0; i < sh.block_q; ++i)
             for (long jj = 0; jj < sh.block_kv; ++jj)
-              if (!allowed(sh, lay, first + c, i, jj))
+              if (!allowed(sh, lay, ch, c, i, jj))
                 p[i * width + c * sh.block_kv + jj] = ds[i * width + c * sh.block_kv + jj] = 0.0f;
         }
         const float* k_seg[kChunk];
         bool keys_finite = true;
         for (int c = 0; c < n; ++c) {
-          long kb = lay.kv_block[first + c];
+          long kb = ch.block(lay, c);
           k_seg[c] = k_data + (kv_base + kb * sh.block_kv) * sh.d;
-          if (careful && masked(lay, first + c))
+          if (careful && masked(lay, ch, c))
             keys_finite &= all_finite(k_seg[c], sh.block_kv * sh.d);
         }
         bool rows_finite = !any_masked || (all_finite(do_row, sh.block_q * sh.dv) &&
                                            all_finite(q_row, sh.block_q * sh.d));
         for (int c = 0; c < n; ++c) {
-          long kb = lay.kv_block[first + c];
+          long kb = ch.block(lay, c);
           float* dv_block = dv_data + (kv_base + kb * sh.block_kv) * sh.dv;
           float* dk_block = dk_data + (kv_base + kb * sh.block_kv) * sh.d;
-          if (!rows_finite && masked(lay, first + c)) {
+          if (!rows_finite && masked(lay, ch, c)) {
             // A NaN or inf query or output gradient: only allowed pairs multiply it.
             for (long i = 0; i < sh.block_q; ++i)
               for (long jj = 0; jj < sh.block_kv; ++jj) {
-                if (!allowed(sh, lay, first + c, i, jj)) continue;
+                if (!allowed(sh, lay, ch, c, i, jj)) continue;
                 float w_p = p[i * width + c * sh.block_kv + jj];
                 float w_s = ds[i * width + c * sh.block_kv + jj];
                 for (long e = 0; e < sh.dv; ++e) dv_block[jj * sh.dv + e] += w_p * do_row[i * sh.dv + e];
@@ -570,7 +707,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
           for (long i = 0; i < sh.block_q; ++i)
             for (int c = 0; c < n; ++c)
               for (long jj = 0; jj < sh.block_kv; ++jj) {
-                if (!allowed(sh, lay, first + c, i, jj)) continue;
+                if (!allowed(sh, lay, ch, c, i, jj)) continue;
                 float w = ds[i * width + c * sh.block_kv + jj];
                 const float* k_j = k_seg[c] + jj * sh.d;
                 for (long e = 0; e < sh.d; ++e) dq_row[i * sh.d + e] += w * k_j[e];
@@ -789,6 +926,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // mask_id
                                   .Arg<ffi::Buffer<ffi::U8>>()   // masks
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_segments
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_segments
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<int64_t>("heads")
@@ -810,6 +949,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // mask_id
                                   .Arg<ffi::Buffer<ffi::U8>>()   // masks
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_segments
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_segments
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv

@@ -334,13 +334,15 @@ def _merge_batch_heads(x):
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _layout_args(layout, masks, key_bias):
+def _layout_args(layout, masks, key_bias, segments):
     rows, row_start, kv_block, mask_id = (jnp.asarray(x, jnp.int32) for x in layout)
     bias = jnp.zeros((0,), jnp.float32) if key_bias is None else key_bias
-    return rows, row_start, kv_block, mask_id, jnp.asarray(masks, jnp.uint8), bias
+    none = jnp.zeros((0,), jnp.int32)
+    q_ids, kv_ids = (none, none) if segments is None else segments
+    return rows, row_start, kv_block, mask_id, jnp.asarray(masks, jnp.uint8), bias, q_ids, kv_ids
 
 
-def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None):
+def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None, segments=None):
     """Output `[batch, heads, num_q_blocks, block_q, dv]` and log-sum-exp `[.., block_q]` of the
     rows in `layout` (zero and +inf elsewhere), scores soft-capped when `logit_soft_cap` is a
     float.
@@ -348,7 +350,10 @@ def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None):
     q: `[batch, heads, num_q_blocks, block_q, d]`, scaled; k, v: `[batch, heads, num_kv_blocks,
     block_kv, d or dv]`; layout: NumPy (rows, row_start, kv_block, mask_id), the non-empty blocks
     of each scheduled row in CSR form; masks: `[num_masks, block_q, block_kv]` bool;
-    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None.
+    key_bias: `[batch, num_kv_blocks, block_kv]` (0 or -inf) or None; segments: None or int32
+    (q `[batch, num_q_blocks, block_q]`, kv `[batch, num_kv_blocks, block_kv]`) segment ids, a
+    query seeing a key only when their ids are equal (the kernel skips the blocks of a batch row
+    whose id ranges are disjoint).
     """
     flat = _merge_batch_heads
     rows = q.shape[:4]
@@ -360,15 +365,17 @@ def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None):
         flat(q),
         flat(jnp.swapaxes(k, -1, -2)),
         flat(v),
-        *_layout_args(layout, masks, key_bias),
+        *_layout_args(layout, masks, key_bias, segments),
         heads=np.int64(q.shape[1]),
         soft_cap=_cap_attribute(logit_soft_cap),
     )
     # Inside `jax.shard_map` an FFI call's results are typed replicated; they vary like its inputs.
-    return varying_like((q, k, v, key_bias), out, lse)
+    return varying_like((q, k, v, key_bias, *(segments or ())), out, lse)
 
 
-def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap=None):
+def backward(
+    q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap=None, segments=None
+):
     """dq, dk, dv of `forward`'s rows: shapes of q, k and v; lse, delta `[.., block_q]`."""
     flat = _merge_batch_heads
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -382,17 +389,18 @@ def backward(q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap
         flat(d_out),
         flat(lse),
         flat(delta),
-        *_layout_args(layout, masks, key_bias),
+        *_layout_args(layout, masks, key_bias, segments),
         heads=np.int64(q.shape[1]),
         soft_cap=_cap_attribute(logit_soft_cap),
     )
-    return varying_like((q, k, v, lse, delta, d_out, key_bias), *grads)
+    return varying_like((q, k, v, lse, delta, d_out, key_bias, *(segments or ())), *grads)
 
 
 @functools.lru_cache(maxsize=32)
 def attention_fn(plan, logit_soft_cap=None):
     """Like `xla_schedules.attention_fn`, with the fused CPU kernel for every row:
-    `attention(q, k, v, key_bias, sinks)`, sinks `[heads]` or None.
+    `attention(q, k, v, key_bias, segments, sinks)`, segments None or the (q, kv) ids of
+    `forward`, sinks `[heads]` or None.
 
     The sinks change each row's normaliser only, so they are added to the kernel's output and
     log-sum-exp here (`sinks.with_sinks`); the kernel's backward pass, given that log-sum-exp
@@ -400,26 +408,29 @@ def attention_fn(plan, logit_soft_cap=None):
     """
     layout, masks = plan.row_blocks, plan.block_masks
 
-    def forward_with_sinks(q, k, v, key_bias, sinks):
-        out, lse = forward(q, k, v, layout, masks, key_bias, logit_soft_cap)
+    def forward_with_sinks(q, k, v, key_bias, segments, sinks):
+        out, lse = forward(q, k, v, layout, masks, key_bias, logit_soft_cap, segments)
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
         return out, lse
 
     @jax.custom_vjp
-    def attention(q, k, v, key_bias, sinks):
-        return forward_with_sinks(q, k, v, key_bias, sinks)[0]
+    def attention(q, k, v, key_bias, segments, sinks):
+        return forward_with_sinks(q, k, v, key_bias, segments, sinks)[0]
 
-    def attention_forward(q, k, v, key_bias, sinks):
-        out, lse = forward_with_sinks(q, k, v, key_bias, sinks)
-        return out, (q, k, v, key_bias, sinks, out, lse)
+    def attention_forward(q, k, v, key_bias, segments, sinks):
+        out, lse = forward_with_sinks(q, k, v, key_bias, segments, sinks)
+        return out, (q, k, v, key_bias, segments, sinks, out, lse)
 
     def attention_backward(residuals, d_out):
-        q, k, v, key_bias, sinks, out, lse = residuals
+        q, k, v, key_bias, segments, sinks, out, lse = residuals
         delta = jnp.einsum("bhiqd,bhiqd->bhiq", d_out, out)
-        dq, dk, dv = backward(q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap)
+        dq, dk, dv = backward(
+            q, k, v, lse, delta, d_out, layout, masks, key_bias, logit_soft_cap, segments
+        )
         d_sinks = None if sinks is None else sink_gradient(sinks, lse, delta)
-        return dq, dk, dv, None if key_bias is None else jnp.zeros_like(key_bias), d_sinks
+        d_bias = None if key_bias is None else jnp.zeros_like(key_bias)
+        return dq, dk, dv, d_bias, None, d_sinks
 
     attention.defvjp(attention_forward, attention_backward)
     return attention
