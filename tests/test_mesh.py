@@ -209,11 +209,6 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(
             r"config.mesh gives -1 \(the rest of the devices\) for data and fsdp; allowed: -1 for "
             r"one axis at most: give the others sizes, e.g. config.mesh.data=1",
         ),
-        (
-            dict(data=4, context=2),
-            r"config.mesh.context=2: context parallelism \(each sequence "
-            r"split over devices\) is not implemented yet; allowed: 1",
-        ),
         (dict(data=4, tensor=2), r"config.mesh.tensor=2: tensor parallelism .* allowed: 1"),
         (
             dict(data=-1, fsdp=0),
@@ -254,3 +249,158 @@ def test_fsdp_under_pmap_and_a_batch_the_mesh_cannot_split_are_refused(monkeypat
         with config.mesh.unlocked():
             config.mesh.fdsp = 4
         loop.prepare(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism: each sequence split over "context", attention as a ring.
+
+
+def train_lm(pattern, sizes, devices=None, steps=2):
+    """(losses `[steps]`, host parameters) of a tiny decoder LM (no dropout: its masks would
+    differ per device) trained on batches `[8, 32]` with padding, on a mesh of `sizes`."""
+    from transformer.modules.models import build_model
+
+    model = build_model(
+        dict(
+            name="decoder_lm",
+            vocab_size=32,
+            d_model=16,
+            num_heads=2,
+            d_ff=32,
+            num_layers=2,
+            max_len=32,
+            positional="rotary",
+            dropout_rate=0.0,
+            **pattern,
+        )
+    )
+    task = tasks.get_task("language_modelling")
+    opt = optimizer.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(
+                learning_rate=1e-2,
+                warmup_steps=0,
+                schedule="constant",
+                weight_decay=0.0,
+                b1=0.9,
+                b2=0.98,
+                eps=1e-9,
+                grad_clip_norm=0.0,
+            )
+        ),
+        total_steps=steps,
+    )
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, 32, size=(steps, 8, 32)).astype(np.int32)
+    inputs[:, :3, 27:] = 0  # padded tokens: keys no one attends to, targets of weight 0
+    targets = np.concatenate([inputs[:, :, 1:], np.zeros((steps, 8, 1), np.int32)], axis=2)
+    mesh = parallel.make_mesh(sizes, devices)
+    state = loop.make_init(model, task, opt, mesh)(0, {"inputs": inputs[0]})
+    step = parallel.distribute(
+        loop.make_train_step(model, task, opt, label_smoothing=0.0, mesh=mesh), "shard_map", mesh
+    )
+    losses = []
+    for batch in ({"inputs": x, "targets": y} for x, y in zip(inputs, targets)):
+        device_batch = parallel.global_batch(batch, mesh, "shard_map", loop.context_order(model))
+        state, metrics = step(state, device_batch)
+        sums = parallel.fetch(metrics)
+        losses.append(sums["loss"][0] / sums["loss"][1])
+    return np.array(losses), parallel.fetch(state.params)
+
+
+LM_PATTERNS = {
+    "causal": dict(pattern="causal"),
+    "sliding_window": dict(pattern="sliding_window", pattern_options=dict(left=5)),
+}
+
+
+@pytest.mark.parametrize(
+    "pattern, sizes",
+    [("causal", dict(data=2, context=4)), ("sliding_window", dict(data=1, fsdp=2, context=4))],
+)
+def test_context_meshes_train_the_one_device_losses_and_parameters(pattern, sizes):
+    one_losses, one_params = train_lm(LM_PATTERNS[pattern], dict(data=1), jax.devices()[:1])
+    losses, params = train_lm(LM_PATTERNS[pattern], dict(sizes, data=-1))
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    compared = 0
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(one_params)
+    ):
+        # The key bias's gradient is 0 up to rounding (the softmax cancels it), which Adam
+        # scales up to steps of the learning rate, different for any other order of the sums.
+        if "['key']['bias']" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+            )
+            compared += 1
+    assert compared == len(jax.tree.leaves(params)) - 2
+
+
+def use_tiny_transformers(monkeypatch):
+    """The toy data, with `config.model` built as a tiny Transformer of the zoo."""
+    from transformer.modules.models import build_model
+
+    use_toy_setup(monkeypatch)
+    tiny = dict(vocab_size=16, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=8)
+    monkeypatch.setattr(
+        loop, "build_model", lambda model_config: build_model(dict(tiny, **model_config))
+    )
+
+
+def test_a_run_on_a_context_mesh_evaluates_and_resumes_on_another_mesh(
+    monkeypatch, tmp_path, caplog
+):
+    use_tiny_transformers(monkeypatch)
+    caplog.set_level("INFO")
+    workdir = str(tmp_path / "run")
+    for sizes, steps in ((dict(data=4, context=2), 10), (dict(data=8, context=1), 12)):
+        config = toy_config("language_modelling", num_train_steps=steps, best_metric="")
+        config.model = ml_collections.ConfigDict(dict(name="decoder_lm", pattern="causal"))
+        config.mesh.update(sizes)
+        result = loop.train_and_evaluate(config, workdir)
+        assert result.summary["mesh"]["context"] == sizes["context"]
+        assert result.summary["status"] == "completed"
+        assert np.isfinite(result.summary["final"]["eval/loss"])
+    assert "resumed from the checkpoint at step 10 (digests verified)" in caplog.text
+    assert int(result.state.step) == 12
+
+
+@pytest.mark.parametrize(
+    "task, model, overrides, message",
+    [
+        (
+            "language_modelling",
+            "decoder_lm",
+            {"parallel": "pmap", "mesh.context": 2},
+            r"config.parallel='pmap' runs data parallelism only, but config.mesh.context=2; "
+            r"allowed: context=1 with pmap, or config.parallel='shard_map'",
+        ),
+        (
+            "language_modelling",
+            "decoder_lm",
+            {"mesh.data": 1, "mesh.context": 8},
+            r"config.data \(train batches\): sequences of length 8 do not divide into 2 x 8 "
+            r"zig-zag chunks \(config.mesh.context=8, zig-zag order for a causal model\); "
+            r"allowed: a length that is a multiple of 16",
+        ),
+        (
+            "classification",
+            "encoder_classifier",
+            {"mesh.data": 4, "mesh.context": 2},
+            r"config.mesh.context=2 splits each sequence over 2 devices, which config.model "
+            r"\(name 'encoder_classifier'\) cannot run: .*EncoderClassifier pools over the whole "
+            r"sequence.* Allowed: config.mesh.context=1, or a model whose attention is all "
+            r"self-attention",
+        ),
+    ],
+)
+def test_context_parallelism_a_run_cannot_use_is_refused_before_anything_is_written(
+    monkeypatch, tmp_path, task, model, overrides, message
+):
+    use_tiny_transformers(monkeypatch)
+    config = toy_config(task, **overrides)
+    config.model = ml_collections.ConfigDict(dict(name=model))
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

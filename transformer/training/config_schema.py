@@ -46,7 +46,8 @@ def base_config():
     config.parallel = "shard_map"  # or "pmap" (data parallelism only)
     # Sizes of the device mesh's axes (transformer/training/parallel.py); -1 = the rest of the
     # devices. `data` and `fsdp` split the batch; `fsdp` also shards parameters and optimizer
-    # state. `tensor` and `context` are kept for later and take 1.
+    # state; `context` splits each sequence (ring attention; shard_map, Transformer models
+    # without cross-attention). `tensor` is kept for later and takes 1.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.optimizer = ml_collections.ConfigDict(
         dict(

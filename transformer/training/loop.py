@@ -4,7 +4,10 @@ The loop is the same for every task and imports nothing task-specific: the task
 (`tasks.py`) says how a model is called on a batch, which targets count, and which evaluators
 run after each evaluation. The steps below are written once: their per-device parts pmap-style,
 the optimizer update on whole arrays; `parallel.py` runs them over the mesh that `config.mesh`
-describes, data-parallel or with parameters sharded (FSDP).
+describes, data-parallel, with parameters sharded (FSDP), and with each sequence split over the
+"context" axis (context parallelism: the steps run the model with its self-attention as a ring
+over that axis, `context_model`, and the batches arrive split along their length, in zig-zag
+order for a causal model, `context_order`).
 
 The config travels in two hops: the ConfigDict (from an experiment file and the command line) is
 checked whole by `prepare`, and `build_model(config.model)` turns its model fields into the
@@ -19,6 +22,7 @@ What lands in `workdir`:
                      the machine and library versions (`provenance.py`)
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -36,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer.data import with_overrides
@@ -83,13 +88,42 @@ def state_specs(state, mesh):
     )
 
 
+def context_order(model):
+    """How a sequence is split over "context" for `model`: "zigzag" when it trains under a
+    causal mask (it declares `causal_mask_in_training`), which balances the ring's work over the
+    devices; else "contiguous"."""
+    declared = "causal_mask_in_training" in getattr(model, "config_fields", ())
+    return "zigzag" if declared and model.config.causal_mask_in_training else "contiguous"
+
+
+def context_model(model, mesh):
+    """`model` as the steps run it on `mesh`: with context parallelism (a "context" axis of size
+    > 1) its self-attention runs as a ring over that axis, on each device's shard of the
+    sequences, in `context_order(model)`; else `model` itself. The parameters are the same."""
+    if mesh is None or parallel.context_size(mesh) == 1:
+        return model
+    config = getattr(model, "config", None)
+    if not hasattr(config, "context_axis"):
+        raise ValueError(
+            f"{type(model).__name__} has no context parallelism (its config has no "
+            "context_axis); the Transformer models have it."
+        )
+    config = dataclasses.replace(
+        config, context_axis=parallel.CONTEXT, context_order=context_order(model)
+    )
+    return model.clone(config=config)
+
+
 def make_train_step(model, task, optimizer, *, label_smoothing, mesh, mode="shard_map"):
     """(state, batch) -> (new state, {metric: (sum, count)} over the global batch).
 
     The gradient is computed per device; the optimizer update runs on whole arrays, so under
     FSDP each device updates its shards and the gradient norm that clipping needs is global.
+    Under context parallelism the batch must come through `parallel.global_batch` in
+    `context_order(model)`.
     """
-    axes = parallel.batch_axes(mode)
+    model = context_model(model, mesh)
+    axes = parallel.sum_axes(mode)
 
     def gradient_share(params, batch, step_and_rng):
         step, rng = step_and_rng
@@ -125,7 +159,8 @@ def make_train_step(model, task, optimizer, *, label_smoothing, mesh, mode="shar
 
 def make_eval_step(model, task, *, mesh, mode="shard_map"):
     """(params, batch) -> {metric: (sum, count)} over the global batch."""
-    axes = parallel.batch_axes(mode)
+    model = context_model(model, mesh)
+    axes = parallel.sum_axes(mode)
 
     def metrics(params, batch, _):
         logits = model.apply({"params": params}, *task.model_inputs(batch), train=False)
@@ -293,13 +328,14 @@ def programs(config, model, task, mesh):
     )
 
 
-def evaluate(eval_step, params, iterator, num_batches, mesh, mode):
-    """Means of the metrics over `num_batches` batches (the whole split when 0)."""
+def evaluate(eval_step, params, iterator, num_batches, mesh, mode, order="contiguous"):
+    """Means of the metrics over `num_batches` batches (the whole split when 0); `order` is the
+    model's `context_order`."""
     sums = None
     for index, batch in enumerate(iterator):
         if num_batches and index >= num_batches:
             break
-        batch = parallel.global_batch(batch, mesh, mode)
+        batch = parallel.global_batch(batch, mesh, mode, order)
         metrics = eval_step(params, batch)
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
         # Wait for each step: eval steps do not depend on each other, so without this several
@@ -448,6 +484,8 @@ def prepare(config, workdir=None):
         model = build_model(model_config)
     except (ValueError, TypeError) as error:
         raise ValueError(f"config.model: {error}") from error
+    if shape[parallel.CONTEXT] > 1:
+        check_context_parallelism(config, task, model)
     evaluators = task.make_evaluators(config, model, workdir)
     if config.best_metric:
         names = tasks.EVAL_METRICS + tuple(n for e in evaluators for n in e.metric_names)
@@ -458,6 +496,65 @@ def prepare(config, workdir=None):
                 f"allowed: {', '.join(allowed)}."
             )
     return Setup(task, model, evaluators)
+
+
+def _first_batches(config):
+    """{name: the first batch} of the training data and of each evaluation set."""
+    batches = {"train": next(training_data(config))}
+    for split, (data_config, data_split) in eval_sets(config).items():
+        iterator = make_iterator(
+            data_config,
+            data_split,
+            global_batch_size=config.global_batch_size,
+            seed=config.seed,
+            num_epochs=1,
+            data_dir=config.data_dir,
+        )
+        batches[split] = next(iter(iterator))
+    return batches
+
+
+def check_context_parallelism(config, task, model):
+    """Start-up errors for config.mesh.context > 1: every batch's lengths split into the
+    shards (two zig-zag chunks each for a causal model), and the model runs on shards (traced
+    abstractly on the mesh: nothing is computed)."""
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    shards, order = parallel.context_size(mesh), context_order(model)
+    batches = _first_batches(config)
+    for name, batch in batches.items():
+        try:
+            jax.tree.map(lambda x: parallel.check_context_length(x, shards, order), batch)
+        except ValueError as error:
+            raise ValueError(f"config.data ({name} batches): {error}") from None
+    # One row of the training batch, as shapes laid out on the mesh.
+    specs = jax.tree.map(
+        lambda x: P(None, parallel.CONTEXT) if np.ndim(x) >= 2 else P(), batches["train"]
+    )
+    sample = jax.tree.map(
+        lambda x, spec: jax.ShapeDtypeStruct(
+            (1, *np.shape(x)[1:]), np.asarray(x).dtype, sharding=NamedSharding(mesh, spec)
+        ),
+        batches["train"],
+        specs,
+    )
+
+    def init(sample):
+        rng = jax.random.PRNGKey(0)
+        return context_model(model, mesh).init(
+            {"params": rng, "dropout": rng}, *task.model_inputs(sample), train=True
+        )
+
+    traced = jax.shard_map(init, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False)
+    try:
+        jax.eval_shape(traced, sample)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise ValueError(
+            f"config.mesh.context={shards} splits each sequence over {shards} devices, which "
+            f"config.model (name {config.model.name!r}) cannot run: {error} Allowed: "
+            "config.mesh.context=1, or a model whose attention is all self-attention over the "
+            "split sequence (decoder_lm; not encoder-decoder cross-attention, pooling "
+            "classifiers or recurrent models)."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +583,7 @@ def _train_and_evaluate(config, workdir, setup):
     task, model, evaluators = setup.task, setup.model, setup.evaluators
     mesh = parallel.make_mesh(config.mesh.to_dict())
     mode = config.parallel
+    order = context_order(model)  # of the sequences over "context", when split
     check_compatible_config(config, workdir)  # the first write into the workdir
 
     compiled = programs(config, model, task, mesh)
@@ -534,7 +632,9 @@ def _train_and_evaluate(config, workdir, setup):
                 num_epochs=1,
                 data_dir=config.data_dir,
             )
-            metrics = evaluate(eval_step, state.params, iterator, config.eval_steps, mesh, mode)
+            metrics = evaluate(
+                eval_step, state.params, iterator, config.eval_steps, mesh, mode, order
+            )
             for evaluator in evaluators:
                 metrics.update(
                     evaluator.evaluate(state.params, split, data_config, data_split, step)
@@ -555,7 +655,7 @@ def _train_and_evaluate(config, workdir, setup):
         with _StopRequest() as stop:
             while step < config.num_train_steps:
                 batch = next(train_iter)
-                device_batch = parallel.global_batch(batch, mesh, mode)
+                device_batch = parallel.global_batch(batch, mesh, mode, order)
                 state, metrics = train_step(state, device_batch)
                 step += 1
                 # Hosts read equal shares, so this host's tokens times the host count.

@@ -1,17 +1,19 @@
 """Parallelism: a device mesh from the config, one per-device step, and sharding rules.
 
 The mesh has named axes (`AXES`): `data` and `fsdp` split the batch between them; `fsdp` also
-shards the parameters and the optimizer state (ZeRO-3 style); `tensor` and `context` are names
-kept for tensor and context parallelism and take size 1 for now. `mesh_shape` turns
-`config.mesh` into sizes, with start-up errors that name the numbers.
+shards the parameters and the optimizer state (ZeRO-3 style); `context` splits each sequence
+(context parallelism: the model's self-attention runs as a ring over it, see
+`transformer/attention/ring.py`); `tensor` is a name kept for tensor parallelism and takes size 1
+for now. `mesh_shape` turns `config.mesh` into sizes, with start-up errors that name the numbers.
 
 A step is written once, in two parts:
-  * the per-device part (`per_device`) sees its device's rows of the batch and the whole
-    parameters, and combines results across devices with collectives (`lax.psum`) over
-    `batch_axes(mode)`. It runs under `jax.shard_map` over the mesh (the default), or under
-    `jax.pmap`. Under FSDP the parameters reach it gathered (one all-gather per array, which
-    XLA's scheduler is free to place next to its use), and the gradient it returns leaves it
-    reduce-scattered back to the parameters' shards.
+  * the per-device part (`per_device`) sees its device's rows of the batch (and its shard of
+    each sequence under context parallelism) and the whole parameters, and combines results
+    across devices with collectives (`lax.psum`) over `sum_axes(mode)`. It runs under
+    `jax.shard_map` over the mesh (the default), or under `jax.pmap`. Under FSDP the parameters
+    reach it gathered (one all-gather per array, which XLA's scheduler is free to place next to
+    its use), and the gradient it returns leaves it reduce-scattered back to the parameters'
+    shards.
   * the rest of the step (the optimizer update) is written on whole arrays; under `jax.jit` each
     device updates its own shard of the parameters and optimizer state, and reductions over them
     (the global gradient norm) are combined by XLA.
@@ -19,8 +21,10 @@ The custom calls of the attention kernels have no sharding rule, which is one re
 itself runs per device: inside `shard_map` every call sees one device's rows.
 
 Parameters and optimizer state follow `fsdp_spec`: each array is split over `fsdp` along its
-largest dimension that the fsdp size divides, or replicated when none does. The batch is split
-along its first dimension over `data` x `fsdp`.
+largest dimension that the fsdp size divides, or replicated when none does; nothing is split
+over `context`. The batch is split along its first dimension over `data` x `fsdp`, and its arrays
+with a length (`[batch, length, ...]`) along the second over `context` (`batch_spec`), in zig-zag
+order when the model asks for it (`global_batch`).
 
 Multi-host: call `initialize_distributed` before anything else touches JAX devices. Each host then
 feeds only its own rows of the global batch (`local_batch_size`), and `global_batch` assembles
@@ -39,11 +43,11 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor", "context")
 AXIS = "data"  # the one axis of pmap, and of data parallelism
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both, data-major
+CONTEXT = "context"  # each sequence is split over this axis
+# Losses, metrics and gradients are sums over every token of the global batch: over these axes.
+SUM_AXES = (*BATCH_AXES, CONTEXT)
 # Names kept for parallelism still to come: accepted with size 1 only.
-RESERVED_AXES = {
-    "tensor": "tensor parallelism (parameters split within a layer)",
-    "context": "context parallelism (each sequence split over devices)",
-}
+RESERVED_AXES = {"tensor": "tensor parallelism (parameters split within a layer)"}
 MODES = ("shard_map", "pmap")
 
 
@@ -137,11 +141,12 @@ def mesh_shape(sizes=None, device_count=None, mode="shard_map"):
         )
     if rest:
         shape[rest[0]] = device_count // fixed
-    if mode == "pmap" and shape["fsdp"] > 1:
-        raise ValueError(
-            f"config.parallel='pmap' runs data parallelism only, but config.mesh.fsdp="
-            f"{shape['fsdp']}; allowed: fsdp=1 with pmap, or config.parallel='shard_map'."
-        )
+    for axis in ("fsdp", CONTEXT):
+        if mode == "pmap" and shape[axis] > 1:
+            raise ValueError(
+                f"config.parallel='pmap' runs data parallelism only, but config.mesh.{axis}="
+                f"{shape[axis]}; allowed: {axis}=1 with pmap, or config.parallel='shard_map'."
+            )
     return shape
 
 
@@ -156,8 +161,27 @@ def make_mesh(sizes=None, devices=None):
 
 
 def batch_axes(mode):
-    """The axes the batch is split over, as the per-device step names them in collectives."""
+    """The axes the batch's rows are split over, as the per-device step names them."""
     return (AXIS,) if mode == "pmap" else BATCH_AXES
+
+
+def sum_axes(mode):
+    """The axes the per-device step sums its losses, metrics and gradients over: those of the
+    rows and of the sequence shards."""
+    return (AXIS,) if mode == "pmap" else SUM_AXES
+
+
+def context_size(mesh):
+    """How many shards each sequence is split into on `mesh` (1 without context parallelism)."""
+    return dict(mesh.shape).get(CONTEXT, 1)
+
+
+def batch_spec(x, mesh):
+    """The PartitionSpec of a batch array: rows over the batch axes; with context parallelism,
+    `[batch, length, ...]` arrays also split along the length over "context"."""
+    if np.ndim(x) >= 2 and context_size(mesh) > 1:
+        return P(BATCH_AXES, CONTEXT)
+    return P(BATCH_AXES)
 
 
 def local_batch_size(global_batch_size, shape=None):
@@ -228,8 +252,8 @@ def _gather(params, specs):
 
 
 def _sum_gradients(grads, specs, axes):
-    """Per device: this device's share of the gradient -> the sum over the batch axes, on the
-    parameters' shards (a reduce-scatter over "fsdp" for sharded ones)."""
+    """Per device: this device's share of the gradient -> the sum over `axes` (the batch and
+    sequence axes), on the parameters' shards (a reduce-scatter over "fsdp" for sharded ones)."""
 
     def reduce(g, spec):
         if "fsdp" not in spec:
@@ -243,14 +267,16 @@ def _sum_gradients(grads, specs, axes):
 def per_device(fn, mesh, mode, *, gradients=False):
     """Global view -> per device: `run(params, batch, rest)` calls `fn(params, batch, rest)` on
     every device with the whole `params`, this device's rows of `batch` (a pytree of arrays
-    `[batch, ...]`) and `rest` (replicated).
+    `[batch, ...]`; of those with a length, this device's shard of it under context
+    parallelism, `batch_spec`) and `rest` (replicated).
 
-    `fn`'s outputs must be combined over `batch_axes(mode)` already (replicated), except, with
+    `fn`'s outputs must be combined over `sum_axes(mode)` already (replicated), except, with
     `gradients=True`, the first of its two outputs: this device's share of the gradient of the
-    parameters, which `run` sums over the batch and returns laid out as the parameters are.
-    Under pmap (called inside `distribute`'s pmap) `run` is `fn`, plus the psum of gradients.
+    parameters, which `run` sums over the batch and the sequence shards and returns laid out as
+    the parameters are. Under pmap (called inside `distribute`'s pmap) `run` is `fn`, plus the
+    psum of gradients.
     """
-    axes = batch_axes(mode)
+    axes = sum_axes(mode)
     if mode == "pmap":
 
         def run_pmap(params, batch, rest):
@@ -266,10 +292,11 @@ def per_device(fn, mesh, mode, *, gradients=False):
             out = fn(_gather(params, specs), batch, rest)
             return (_sum_gradients(out[0], specs, axes), out[1]) if gradients else out
 
+        batch_specs = jax.tree.map(lambda x: batch_spec(x, mesh), batch)
         mapped = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(specs, P(axes), P()),
+            in_specs=(specs, batch_specs, P()),
             out_specs=(specs, P()) if gradients else P(),
             check_vma=False,
         )
@@ -333,18 +360,54 @@ def replicate(tree, mesh, mode):
     return place(tree, P(), mesh, mode)
 
 
-def global_batch(local_batch, mesh, mode):
+def global_batch(local_batch, mesh, mode, order="contiguous"):
     """This host's rows `[local_batch, ...]` -> the batch the distributed step takes.
 
-    Under shard_map that is one global array `[global_batch, ...]` split over the batch axes of
-    all hosts' devices; under pmap it stays host-local (pmap splits it over the local devices).
+    Under shard_map that is one global array `[global_batch, ...]` per field, laid out by
+    `batch_spec` over all hosts' devices; under pmap it stays host-local (pmap splits it over
+    the local devices). With context parallelism and `order="zigzag"` the arrays with a length
+    are put in zig-zag order first (`ring.to_zigzag`, on the host), as the model's ring expects.
     """
     if mode == "pmap":
         return local_batch
-    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    local_batch = jax.tree.map(np.asarray, local_batch)
+    shards = context_size(mesh)
+    if shards > 1:
+        local_batch = jax.tree.map(lambda x: in_context_order(x, shards, order), local_batch)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+        lambda x: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, batch_spec(x, mesh)), x
+        ),
+        local_batch,
     )
+
+
+def check_context_length(x, shards, order):
+    """A ValueError naming the numbers unless `x`, `[batch, length, ...]`, has a length that
+    splits into `shards` sequence shards (2 x shards zig-zag chunks); arrays without a length
+    pass."""
+    if np.ndim(x) < 2:
+        return
+    length = np.shape(x)[1]
+    chunks = 2 * shards if order == "zigzag" else shards
+    if length % chunks:
+        what = f"2 x {shards} zig-zag chunks" if order == "zigzag" else f"{shards} shards"
+        raise ValueError(
+            f"sequences of length {length} do not divide into {what} (config.mesh.context="
+            f"{shards}{', zig-zag order for a causal model' if order == 'zigzag' else ''}); "
+            f"allowed: a length that is a multiple of {chunks}, e.g. {-(-length // chunks) * chunks}."
+        )
+
+
+def in_context_order(x, shards, order):
+    """`[batch, length, ...]` -> the same in `order` over `shards` sequence shards (arrays
+    without a length as they are)."""
+    check_context_length(x, shards, order)
+    if np.ndim(x) < 2 or order != "zigzag":
+        return x
+    from transformer.attention import ring
+
+    return np.asarray(x)[:, ring.zigzag_permutation(np.shape(x)[1], shards)]
 
 
 def fetch(tree):
