@@ -131,6 +131,32 @@ def test_decoding_benchmark_records_its_machine(tmp_path):
     assert_records_this_machine(generation + [buffers, uncached], stdout)
 
 
+def test_peers_without_torch_times_our_side_and_the_ideal_speedups(tmp_path):
+    stdout = run(
+        "peers.py",
+        *("--no-torch", "--lengths", 128, "--sparse-length", 128, "--train-variants", ""),
+        *("--repeats", 1, "--out", tmp_path),
+    )
+    assert "PyTorch is not used (--no-torch): our side only." in stdout
+    rows = read_csv(tmp_path / "peers.csv")
+    assert [(r["pattern"], r["pass"]) for r in rows] == [
+        ("full", "forward+backward"),
+        ("causal", "forward+backward"),
+        ("sliding_window", "forward+backward"),
+        ("sliding_window", "forward"),
+        ("bigbird", "forward+backward"),
+        ("bigbird", "forward"),
+    ]
+    assert all(float(r["ours_seconds"]) > 0 and float(r["jax_nn_seconds"]) > 0 for r in rows[:2])
+    assert all(r["peer_seconds"] == "" and not r["error"] for r in rows)
+    sparse = [r for r in rows if r["pattern"] in ("sliding_window", "bigbird")]
+    # At 128 tokens both patterns leave no block empty: their ideal speedup is none.
+    assert all(float(r["block_fraction"]) == 1.0 for r in sparse)
+    assert all(float(r["fraction_of_ideal"]) > 0 for r in sparse if r["pass"] != "forward")
+    assert (tmp_path / "peers.png").exists()
+    assert_records_this_machine(rows, stdout)
+
+
 def test_block_products_gradients_match_autodiff():
     length, heads, dim = 512, 2, 8
     q, k, v = (
