@@ -507,7 +507,8 @@ class DecoderLM(nn.Module):
     `[batch, length, vocab_size]`. The data pipeline shifts: targets[i] = the token after
     inputs[i]. Rows packed with several documents take `segment_ids` int `[batch, length]` (the
     document of each token: none attends to another document) and `positions` int
-    `[batch, length]` (each token's position in its document: positional encodings restart).
+    `[batch, length]` (each token's position in its document: positional encodings restart),
+    after the inputs, as the language-modelling task passes a packed batch's.
 
     Context parallelism (`context_axis` set): call it inside `jax.shard_map` with inputs (and
     segment_ids, positions) split over that axis; each device returns its shard's logits.
@@ -529,7 +530,7 @@ class DecoderLM(nn.Module):
         self.decoder = Decoder(config, config.num_layers)
         self.output_projection = output_projection(config, config.vocab_size)
 
-    def __call__(self, inputs, *, train=False, segment_ids=None, positions=None):
+    def __call__(self, inputs, segment_ids=None, positions=None, *, train=False):
         x = embed_tokens(self.config, self.embed, inputs)
         x = self.decoder(
             x,
