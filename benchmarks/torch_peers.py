@@ -40,6 +40,12 @@ def sdpa_step(q, k, v, causal):
     return step
 
 
+def sdpa_forward(q, k, v, causal):
+    """`[batch, heads, length, head_dim]`: SDPA's output, without gradients."""
+    with torch.no_grad():
+        return functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def block_mask(mask, block):
     """A FlexAttention BlockMask of the boolean `mask` `[q_len, kv_len]` (True: attend) in
     `block` x `block` tiles: tiles with every pair allowed skip the mask, tiles with some read it,
