@@ -12,6 +12,11 @@ One sequence (batch 1) of --length tokens, split over a "context" mesh axis of e
   `total_bytes`);
 - the plan: ring steps computed and skipped, shard pairs and chunk products skipped.
 
+With --train, it measures instead the training step of a small BigBird decoder LM (2 layers,
+d_model 64, 4 heads, vocabulary 256, blocks of 64; batch 1 of --length tokens) on a mesh of
+`context` devices, context 1 being one device running the model as it does without a mesh
+axis: per-device memory and step time, and the ring's bytes per layer (`train.md`, `train.csv`).
+
 It makes 8 CPU devices itself (XLA_FLAGS, before JAX is imported). Writes ring.md (the table),
 ring.csv (with the machine's columns) and ring.png to --out.
 
@@ -19,6 +24,7 @@ ring.csv (with the machine's columns) and ring.png to --out.
   python benchmarks/ring_benchmark.py --length=4096 --repeats=2 --out=/tmp/ring
   python benchmarks/ring_benchmark.py --patterns=causal --order=zigzag --length=8192 \
       --out=benchmarks/results/ring/causal_zigzag
+  python benchmarks/ring_benchmark.py --train --out=benchmarks/results/ring/train
 """
 
 import os
@@ -54,6 +60,7 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4", "8"], "Sizes of the co
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case, after one warm-up.")
 _WINDOW = flags.DEFINE_integer("window", 256, "Sliding window half-width (tokens each side).")
 _ORDER = flags.DEFINE_enum("order", "contiguous", ring.ORDERS, "Token order over the shards.")
+_TRAIN = flags.DEFINE_bool("train", False, "Measure a BigBird LM's training step instead.")
 _PATTERNS = flags.DEFINE_list(
     "patterns", ["sliding_window", "bigbird"], "Of: sliding_window, bigbird, causal."
 )
@@ -133,6 +140,138 @@ def measure(name, pattern, context, length, heads, head_dim, repeats, order):
     }
 
 
+def _lm(length):
+    """The small BigBird decoder LM of --train, its task and optimizer."""
+    import ml_collections
+
+    from transformer.modules.models import build_model
+    from transformer.training import optimizer, tasks
+
+    model = build_model(
+        dict(
+            name="decoder_lm",
+            vocab_size=256,
+            d_model=64,
+            num_heads=4,
+            d_ff=128,
+            num_layers=2,
+            max_len=length,
+            pattern="bigbird",
+            pattern_options=dict(block_size=64),
+            positional="rotary",
+            dropout_rate=0.0,
+        )
+    )
+    opt = optimizer.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(
+                learning_rate=1e-3,
+                warmup_steps=0,
+                schedule="constant",
+                weight_decay=0.0,
+                b1=0.9,
+                b2=0.98,
+                eps=1e-9,
+                grad_clip_norm=1.0,
+            )
+        ),
+        total_steps=10,
+    )
+    return model, tasks.get_task("language_modelling"), opt
+
+
+def measure_train(context, length, repeats):
+    """One row: a BigBird LM's training step on `context` devices, each holding
+    length / context tokens of the one sequence."""
+    from transformer.training import loop, parallel
+
+    model, task, opt = _lm(length)
+    mesh = parallel.make_mesh(dict(data=1, context=context), jax.devices()[:context])
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, 256, size=(1, length)).astype(np.int32)
+    batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1)}
+    state = loop.make_init(model, task, opt, mesh)(0, batch)
+    order = loop.context_order(model)
+    step = parallel.distribute(
+        loop.make_train_step(model, task, opt, label_smoothing=0.0, mesh=mesh), "shard_map", mesh
+    )
+    device_batch = parallel.global_batch(batch, mesh, "shard_map", order)
+    compiled = step.lower(state, device_batch).compile()
+    memory = compiled.memory_analysis()
+    per_device = (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    )
+    jax.block_until_ready(compiled(state, device_batch))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(state, device_batch))
+        times.append(time.perf_counter() - start)
+    config = model.config
+    from transformer.modules.models import layer_pattern
+
+    plan = ring.plan_ring(
+        layer_pattern(config, 0, causal=True), context, length // context, None, order
+    )
+    head_dim = config.d_model // config.num_heads
+    forward, backward = plan.total_bytes(1, config.num_heads, head_dim)
+    return {
+        "model": "decoder_lm bigbird(64), 2 layers, d_model 64",
+        "order": order if context > 1 else "-",
+        "context": context,
+        "length": length,
+        "memory_mb_per_device": per_device / 1e6,
+        "temp_mb_per_device": memory.temp_size_in_bytes / 1e6,
+        "step_s": statistics.median(times),
+        "tokens_per_s": length / statistics.median(times),
+        "layer0_pairs_skipped": plan.skipped_pairs,
+        "layer0_fwd_bwd_mb_all": backward / 1e6,
+        "layer0_fwd_mb_all": forward / 1e6,
+    }
+
+
+def train_table(rows):
+    lines = [
+        "| context | order | memory / device (MB) | temporaries / device (MB) | step (s) | "
+        "tokens/s | layer 0: shard pairs skipped | layer 0: sent, all, fwd / fwd+bwd (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['order']} | {r['memory_mb_per_device']:.0f} | "
+            f"{r['temp_mb_per_device']:.0f} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['layer0_pairs_skipped']} of {r['context'] ** 2} | "
+            f"{r['layer0_fwd_mb_all']:.1f} / {r['layer0_fwd_bwd_mb_all']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write(rows, name, text):
+    """`name`.csv (with the machine's columns) and `name`.md in --out."""
+    machine_columns = machine.columns()
+    with open(os.path.join(_OUT.value, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(machine_columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **machine_columns})
+    with open(os.path.join(_OUT.value, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main_train():
+    rows = []
+    for context in map(int, _CONTEXTS.value):
+        row = measure_train(context, _LENGTH.value, _REPEATS.value)
+        print(row, flush=True)
+        rows.append(row)
+    text = (
+        f"{provenance.describe()}\n\nbatch 1, {_LENGTH.value} tokens, float32, one training "
+        f"step (forward, backward, AdamW)\n\n{train_table(rows)}\n"
+    )
+    write(rows, "train", text)
+
+
 def table(rows):
     lines = [
         "| pattern | context | memory / device (MB) | step (s) | steps computed / skipped | "
@@ -183,6 +322,8 @@ def plot(rows, path):
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
+    if _TRAIN.value:
+        return main_train()
     rows = []
     for name, pattern in _patterns().items():
         for context in map(int, _CONTEXTS.value):
@@ -198,21 +339,13 @@ def main(argv):
             )
             print(row, flush=True)
             rows.append(row)
-    machine_columns = machine.columns()
-    with open(os.path.join(_OUT.value, "ring.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(machine_columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **machine_columns})
     text = (
         f"{provenance.describe()}\n\nbatch 1, {_LENGTH.value} tokens, {_HEADS.value} heads, "
         f"head_dim {_HEAD_DIM.value}, float32, forward+backward, {_ORDER.value} order\n\n"
         f"{table(rows)}\n"
     )
-    with open(os.path.join(_OUT.value, "ring.md"), "w") as f:
-        f.write(text)
+    write(rows, "ring", text)
     plot(rows, os.path.join(_OUT.value, "ring.png"))
-    print(text)
 
 
 if __name__ == "__main__":

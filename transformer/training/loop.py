@@ -520,6 +520,14 @@ def check_context_parallelism(config, task, model):
     abstractly on the mesh: nothing is computed)."""
     mesh = parallel.make_mesh(config.mesh.to_dict())
     shards, order = parallel.context_size(mesh), context_order(model)
+    local = jax.local_device_count()
+    if local % shards:
+        # Each host reads whole sequences: their shards must lie on its own devices.
+        raise ValueError(
+            f"config.mesh.context={shards} does not divide the {local} devices of each host; "
+            f"each host reads whole sequences, whose shards must lie on its devices; allowed: "
+            f"a divisor of {local}."
+        )
     batches = _first_batches(config)
     for name, batch in batches.items():
         try:
