@@ -36,6 +36,9 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.17,<0.18",  # the one formatter and linter (ruff.toml); minor versions reformat
         ],
+        # The PyTorch peers benchmarks/peers.py times beside this codebase; the package never
+        # imports torch. Here pip takes the CPU build from the local wheels (docs/benchmarks.md).
+        "benchmarks": ["torch==2.13.*"],
         "tpu": ["jax[tpu]>=0.10.0,<0.11"],
         "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
     },
