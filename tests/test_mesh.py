@@ -310,7 +310,15 @@ def train_lm(pattern, sizes, devices=None, steps=2):
 
 LM_PATTERNS = {
     "causal": dict(pattern="causal"),
-    "sliding_window": dict(pattern="sliding_window", pattern_options=dict(left=5)),
+    # Multi-query heads, learned sinks and a soft cap: the sinks' gradient is summed over the
+    # sequence shards as every other parameter's.
+    "sliding_window": dict(
+        pattern="sliding_window",
+        pattern_options=dict(left=5),
+        num_kv_heads=1,
+        attention_sinks=True,
+        logit_soft_cap=5.0,
+    ),
 }
 
 
