@@ -49,9 +49,11 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -406,6 +408,24 @@ void parallel_for(ffi::ThreadPool& pool, long count, const std::function<void(lo
   state->cv.wait(lock, [&] { return state->done.load() == count_copy; });
 }
 
+// all_finite_fast over several arrays, in pieces on the pool's threads: on a sparse layout
+// this pass over the inputs is a fair share of a call's work.
+bool all_finite_parallel(ffi::ThreadPool& pool,
+                         std::initializer_list<std::pair<const float*, long>> arrays) {
+  constexpr long kPiece = 1 << 18;
+  std::vector<std::pair<const float*, long>> pieces;
+  for (auto [data, n] : arrays)
+    for (long start = 0; start < n; start += kPiece)
+      pieces.emplace_back(data + start, std::min(kPiece, n - start));
+  std::atomic<bool> finite{true};
+  parallel_for(pool, static_cast<long>(pieces.size()), [&](long i) {
+    if (finite.load(std::memory_order_relaxed) &&
+        !all_finite_fast(pieces[i].first, pieces[i].second))
+      finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
 Layout layout_of(ffi::Buffer<ffi::S32>& rows, ffi::Buffer<ffi::S32>& row_start,
                  ffi::Buffer<ffi::S32>& kv_block, ffi::Buffer<ffi::S32>& mask_id,
                  ffi::Buffer<ffi::U8>& masks, ffi::Buffer<ffi::F32>& key_bias) {
@@ -464,16 +484,24 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   const Walks walks(sh, lay, q_ids, kv_ids);
   float* out_data = out->typed_data();
   float* lse_data = lse->typed_data();
-  std::fill(out_data, out_data + out->element_count(), 0.0f);
-  std::fill(lse_data, lse_data + lse->element_count(), kInf);
+  // The items write every row of their query blocks; the blocks no row schedules are zeros.
+  std::vector<bool> scheduled(sh.num_q_blocks, false);
+  for (long r = 0; r < lay.num_rows; ++r) scheduled[lay.rows[r]] = true;
+  for (long bh = 0; bh < sh.bh; ++bh)
+    for (long qb = 0; qb < sh.num_q_blocks; ++qb) {
+      if (scheduled[qb]) continue;
+      long first_row = (bh * sh.num_q_blocks + qb) * sh.block_q;
+      std::fill(out_data + first_row * sh.dv, out_data + (first_row + sh.block_q) * sh.dv, 0.0f);
+      std::fill(lse_data + first_row, lse_data + first_row + sh.block_q, kInf);
+    }
   const float* q_data = q.typed_data();
   const float* kt_data = k_t.typed_data();
   const float* v_data = v.typed_data();
   // Finite inputs cannot carry a NaN or inf from an excluded pair into a product (0 * finite =
   // 0), so only inputs holding one take the careful paths below.
-  const bool careful = !(all_finite_fast(q_data, q.element_count()) &&
-                         all_finite_fast(kt_data, k_t.element_count()) &&
-                         all_finite_fast(v_data, v.element_count()));
+  const bool careful = !all_finite_parallel(
+      pool, {{q_data, q.element_count()}, {kt_data, k_t.element_count()},
+             {v_data, v.element_count()}});
 
   parallel_for(pool, sh.bh * lay.num_rows, [&](long item) {
     long bh = item / lay.num_rows, r = item % lay.num_rows, b = bh / sh.heads;
@@ -589,17 +617,14 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     return error;
   const int32_t *q_ids = ids_or_null(q_segments), *kv_ids = ids_or_null(kv_segments);
   const Walks walks(sh, lay, q_ids, kv_ids);
-  for (auto* g : {&dq, &dk, &dv})
-    std::fill((*g)->typed_data(), (*g)->typed_data() + (*g)->element_count(), 0.0f);
   const float *q_data = q.typed_data(), *k_data = k.typed_data(), *kt_data = k_t.typed_data(),
               *vt_data = v_t.typed_data(), *do_data = d_out.typed_data(),
               *lse_data = lse.typed_data(), *delta_data = delta.typed_data();
   float *dq_data = dq->typed_data(), *dk_data = dk->typed_data(), *dv_data = dv->typed_data();
   // As in the forward pass; a NaN in dO would reach dV through an excluded pair's zero weight.
-  const bool careful = !(all_finite_fast(q_data, q.element_count()) &&
-                         all_finite_fast(k_data, k.element_count()) &&
-                         all_finite_fast(vt_data, v_t.element_count()) &&
-                         all_finite_fast(do_data, d_out.element_count()));
+  const bool careful = !all_finite_parallel(
+      pool, {{q_data, q.element_count()}, {k_data, k.element_count()},
+             {vt_data, v_t.element_count()}, {do_data, d_out.element_count()}});
 
   // One (batch, head) per task: its rows share key blocks, whose dK and dV they accumulate.
   parallel_for(pool, sh.bh, [&](long bh) {
@@ -607,6 +632,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     long kv_base = bh * sh.num_kv_blocks * sh.block_kv;  // first key of this (batch, head)
     const float* kt = kt_data + kv_base * sh.d;
     const float* vt = vt_data + kv_base * sh.dv;
+    // This task's gradients, zeroed here (on the pool, not serially before it): every row and
+    // key block of one (batch, head) accumulates only into them.
+    long q_rows = sh.num_q_blocks * sh.block_q, kv_rows = sh.num_kv_blocks * sh.block_kv;
+    std::fill(dq_data + bh * q_rows * sh.d, dq_data + (bh + 1) * q_rows * sh.d, 0.0f);
+    std::fill(dk_data + kv_base * sh.d, dk_data + (kv_base + kv_rows) * sh.d, 0.0f);
+    std::fill(dv_data + kv_base * sh.dv, dv_data + (kv_base + kv_rows) * sh.dv, 0.0f);
     std::vector<float> probs(sh.block_q * kChunk * sh.block_kv);
     std::vector<float> d_logits(sh.block_q * kChunk * sh.block_kv);
     for (long r = 0; r < lay.num_rows; ++r) {
