@@ -11,7 +11,15 @@ import pytest
 import tensorflow_datasets as tfds
 
 from transformer import data
-from transformer.data import associative_recall, bible_en_es, listops, registry, sword, tokenizers
+from transformer.data import (
+    associative_recall,
+    bible_en_es,
+    listops,
+    pipeline,
+    registry,
+    sword,
+    tokenizers,
+)
 
 tfds.disable_progress_bar()
 
@@ -406,3 +414,82 @@ def test_negative_reader_counts_are_refused(data_dir, field):
             seed=0,
             data_dir=data_dir,
         )
+
+
+def test_packed_windows_keep_documents_apart():
+    windows = pipeline.PackedWindows([[10, 11, 12], [20], [30, 31, 32, 33, 34, 35]], 5)
+    bos, eos = tokenizers.BOS_ID, tokenizers.EOS_ID
+    assert len(windows) == 2  # 13 pairs: the last 3 do not fill a window
+    expected = [
+        dict(
+            inputs=[bos, 10, 11, 12, bos],
+            targets=[10, 11, 12, eos, 20],
+            segment_ids=[1, 1, 1, 1, 2],
+            positions=[0, 1, 2, 3, 0],
+        ),
+        # The second document was cut at the window's edge: its piece is a segment of its own.
+        dict(
+            inputs=[20, bos, 30, 31, 32],
+            targets=[eos, 30, 31, 32, 33],
+            segment_ids=[1, 2, 2, 2, 2],
+            positions=[0, 0, 1, 2, 3],
+        ),
+    ]
+    for index, want in enumerate(expected):
+        got = windows[index]
+        assert {key: got[key].tolist() for key in want} == want
+
+
+def _check_packed_row(row):
+    """One packed row's invariants: segments 1, 2, ...; positions restart with each; every
+    target is the next input of its own segment or ends its document with EOS."""
+    inputs, targets, segments, positions = (
+        row[k] for k in ("inputs", "targets", "segment_ids", "positions")
+    )
+    starts = np.concatenate([[True], segments[1:] != segments[:-1]])
+    assert segments[0] == 1 and set(np.diff(segments)) <= {0, 1}
+    assert (positions[starts] == 0).all() and (np.diff(positions)[~starts[1:]] == 1).all()
+    inside = ~starts[1:]
+    assert (targets[:-1][inside] == inputs[1:][inside]).all()
+    new_document = starts[1:] & (inputs[1:] == tokenizers.BOS_ID)
+    assert (targets[:-1][new_document] == tokenizers.EOS_ID).all()
+    return int(new_document.sum())
+
+
+def test_packed_language_modelling_batches_carry_segments_and_positions(data_dir):
+    config = dict(SMALL_CONFIGS["shakespeare"], pack_documents=True)
+    unpacked = dict(SMALL_CONFIGS["shakespeare"])
+    it = data.make_iterator(
+        config,
+        "validation",
+        global_batch_size=64,
+        seed=0,
+        num_epochs=1,
+        shuffle=False,
+        drop_remainder=True,
+        data_dir=data_dir,
+    )
+    batches = list(it)
+    boundaries = 0
+    for batch in batches:
+        assert set(batch) == {"inputs", "targets", "segment_ids", "positions"}
+        for i in range(len(batch["inputs"])):
+            boundaries += _check_packed_row({k: v[i] for k, v in batch.items()})
+    plays = len(read_split(unpacked, "validation", data_dir))
+    assert plays >= 2 and boundaries >= 1
+    # The targets, window after window, are the documents each followed by EOS.
+    documents = [
+        np.append(tokenizers.encode_bytes(example["text"]), tokenizers.EOS_ID)
+        for example in read_split(unpacked, "validation", data_dir)
+    ]
+    stream = np.concatenate(documents)
+    targets = np.concatenate([batch["targets"].reshape(-1) for batch in batches])
+    np.testing.assert_array_equal(targets, stream[: len(targets)])
+    plain = next(
+        data.make_iterator(unpacked, "validation", global_batch_size=8, seed=0, data_dir=data_dir)
+    )
+    assert set(plain) == {"inputs", "targets"}
+    with pytest.raises(ValueError, match="pack_documents"):
+        data.data_info(dict(unpacked, pack_documents="yes"))
+    with pytest.raises(ValueError, match="Unknown data config fields \\['pack_documents'\\]"):
+        data.data_info(dict(SMALL_CONFIGS["listops"], pack_documents=True))

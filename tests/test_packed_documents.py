@@ -2,10 +2,13 @@
 and per-document positions, gives each document the logits (and gradients) it gets alone."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from transformer.data import pipeline
 from transformer.modules.models import DecoderLM, Encoder, TransformerConfig
+from transformer.training import config_schema, loop, tasks
 
 VOCAB, LENGTH = 32, 16
 DOCUMENTS = (5, 7, 3)  # packed into one row of LENGTH, the last position padding
@@ -122,3 +125,48 @@ def test_a_packed_encoder_row_gives_each_document_its_own_outputs():
     packed_out = apply(params, *embed(packed), segment_ids=segment_ids, positions=positions)
     got, expected = _unpack(np.asarray(packed_out), np.asarray(apply(params, *embed(alone))))
     np.testing.assert_allclose(got, expected, **TOLERANCE)
+
+
+def test_one_training_step_on_packed_shakespeare_keeps_documents_apart(tmp_path):
+    config = config_schema.base_config()
+    config.task = "language_modelling"
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="decoder_lm",
+            d_model=16,
+            num_heads=2,
+            d_ff=32,
+            num_layers=1,
+            pattern="causal",
+            positional="rotary",
+            dropout_rate=0.0,
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(name="shakespeare", max_length=LENGTH, pack_documents=True)
+    )
+    config.data_dir = str(tmp_path / "tfds")
+    config.global_batch_size = 8
+    config.num_train_steps = 1
+    config.eval_every_steps = config.log_every_steps = config.checkpoint_every_steps = 1
+    config.eval_steps = 1
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result.summary["status"] == "completed"
+    assert np.isfinite(result.summary["final"]["eval/loss"])
+
+    # The trained model, called by the task on a packed batch, keeps its documents apart.
+    model = loop.build_model(loop.with_data_fields(config))
+    params = {"params": result.state.params}
+    alone = _packed_and_alone()[-1]
+    windows = pipeline.PackedWindows([row[:n] for row, n in zip(alone, DOCUMENTS)], LENGTH)
+    batch = {key: value[None] for key, value in windows[0].items()}
+    task = tasks.get_task("language_modelling")
+    packed_logits = model.apply(params, *task.model_inputs(batch))
+    segment_ids, positions = batch["segment_ids"], batch["positions"]
+    first = int((segment_ids[0] == 1).sum())
+    alone = model.apply(params, batch["inputs"][:, :first])
+    np.testing.assert_allclose(packed_logits[:, :first], alone, **TOLERANCE)
+    second = segment_ids[0] == 2
+    alone = model.apply(params, batch["inputs"][:, second])
+    np.testing.assert_allclose(packed_logits[:, second], alone, **TOLERANCE)
+    assert positions[0, second][0] == 0 and second.sum() == DOCUMENTS[1] + 1

@@ -15,8 +15,18 @@ Token id 0 is padding. Inputs longer than max_length (targets longer than max_ta
 cut. A finite iterator (num_epochs set) whose examples do not fill the last batch pads it with
 rows of zeros whose classification target is -1: give no loss to targets that are 0 (tokens) or
 -1 (classes). Every host yields the same number of batches, so multi-host evaluation stays in
-step. Language modelling packs the split's documents, each followed by EOS, into one stream and
-cuts it into windows of max_length + 1 tokens (a window may span two documents; EOS marks where).
+step.
+
+Language modelling, two ways:
+- data.pack_documents=False (the default): the split's documents, each followed by EOS, make one
+  stream cut into windows of max_length + 1 tokens; a window may span two documents (EOS marks
+  where) and its tokens attend across the boundary.
+- data.pack_documents=True: each document becomes its own (input, target) pairs, BOS t1 .. tn
+  -> t1 .. tn EOS, laid end to end and cut into windows of max_length pairs (`PackedWindows`).
+  Batches also carry "segment_ids" [B, L] (1, 2, ... per document piece of a row) and
+  "positions" [B, L] (restarting at 0 for each piece), which the model reads so that no token
+  attends to another document and positions restart. No target is the next document's first
+  token.
 """
 
 import grain
@@ -26,6 +36,8 @@ from grain.experimental import FlatMapIterDataset, FlatMapTransform
 from transformer.data import registry, spec, tokenizers
 
 _PADDING_CLASS = -1
+# What packed language-modelling windows carry beside inputs and targets.
+_PACKED_KEYS = ("segment_ids", "positions")
 
 
 class _TokenWindows:
@@ -45,6 +57,59 @@ class _TokenWindows:
     def __getitem__(self, index):
         window = self._stream[index * self._length : (index + 1) * self._length + 1]
         return {"inputs": window[:-1], "targets": window[1:]}
+
+
+class PackedWindows:
+    """Random access to windows of `length` (input, target) pairs of documents packed end to end.
+
+    Document d with tokens t1 .. tn gives the n + 1 pairs BOS t1 .. tn -> t1 .. tn EOS: every
+    token is predicted from its own document alone, the first from BOS (as a decoder starts),
+    and no target is the next document's first token. The pairs of all documents are laid end to
+    end and cut into windows every `length` pairs, so no position is padding; a document that
+    crosses a window's edge is cut there, and each piece is a segment of its own whose positions
+    start at 0 (as seqio's split-then-pack and MaxText's packing do; the piece cannot see the
+    part before the edge anyway).
+
+    A window is {"inputs", "targets", "segment_ids", "positions"}, each int32 `[length]`;
+    segment_ids number the window's pieces 1, 2, ...
+    """
+
+    def __init__(self, documents, length: int):
+        documents = [np.asarray(d, np.int32) for d in documents]
+        self._inputs = _joined([np.concatenate([[tokenizers.BOS_ID], d]) for d in documents])
+        self._targets = _joined([np.concatenate([d, [tokenizers.EOS_ID]]) for d in documents])
+        self._documents = _joined([np.full(len(d) + 1, i) for i, d in enumerate(documents)])
+        if len(self._inputs) < length:
+            raise ValueError(
+                f"The split's documents make {len(self._inputs)} (input, target) pairs, fewer "
+                f"than one window of max_length = {length}."
+            )
+        self._length = length
+
+    def __len__(self):
+        return len(self._inputs) // self._length
+
+    def __getitem__(self, index):
+        window = slice(index * self._length, (index + 1) * self._length)
+        documents = self._documents[window]
+        new_piece = np.concatenate([[True], documents[1:] != documents[:-1]])
+        starts = np.flatnonzero(new_piece)
+        piece_start = starts[np.cumsum(new_piece) - 1]
+        return {
+            "inputs": self._inputs[window],
+            "targets": self._targets[window],
+            "segment_ids": np.cumsum(new_piece).astype(np.int32),
+            "positions": (np.arange(self._length) - piece_start).astype(np.int32),
+        }
+
+
+def _joined(arrays) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+
+
+def _documents(source, encode) -> list:
+    """The token ids `[n]` of every document of a split."""
+    return [encode(source[i])["tokens"] for i in range(len(source))]
 
 
 def _token_stream(source, encode) -> np.ndarray:
@@ -118,8 +183,11 @@ class _PadBatch:
         elif self.task == spec.SEQ2SEQ:
             batch["targets"] = self._pad(rows, "targets", self.max_target_length)
         else:  # language modelling: windows have one length already
-            batch["targets"] = self._pad(rows, "targets", self.max_length)
+            for key in ("targets",) + _PACKED_KEYS:
+                if key == "targets" or any(key in r for r in rows):
+                    batch[key] = self._pad(rows, key, self.max_length)
         return batch
+
 
 
 class _SortedBatches(FlatMapTransform):
@@ -192,7 +260,9 @@ def make_dataset(
     shuffle = split == "train" if shuffle is None else shuffle
     drop_remainder = bool(drop_remainder)
 
-    if dataset_spec.task == spec.LANGUAGE_MODELLING:
+    if dataset_spec.task == spec.LANGUAGE_MODELLING and config.pack_documents:
+        ds = grain.MapDataset.source(PackedWindows(_documents(source, encode), config.max_length))
+    elif dataset_spec.task == spec.LANGUAGE_MODELLING:
         ds = grain.MapDataset.source(
             _TokenWindows(_token_stream(source, encode), config.max_length)
         )

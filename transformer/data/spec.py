@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 CLASSIFICATION = "classification"  # {"inputs": int32 [B, L], "targets": int32 [B]}
-LANGUAGE_MODELLING = "language_modelling"  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
+# {"inputs": int32 [B, L], "targets": int32 [B, L]}, and with data.pack_documents
+# {"segment_ids": int32 [B, L], "positions": int32 [B, L]} too.
+LANGUAGE_MODELLING = "language_modelling"
 SEQ2SEQ = "seq2seq"  # {"inputs": int32 [B, Ls], "targets": int32 [B, Lt]}
 
 
@@ -40,6 +42,21 @@ class DatasetSpec:
     max_target_length: Callable[..., int] | None = None
     pipeline_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     choices: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        # Every language-modelling data set reads the packing switch.
+        if self.task == LANGUAGE_MODELLING:
+            fields = {**LANGUAGE_MODELLING_FIELDS, **self.pipeline_fields}
+            choices = {**LANGUAGE_MODELLING_CHOICES, **self.choices}
+            object.__setattr__(self, "pipeline_fields", fields)
+            object.__setattr__(self, "choices", choices)
+
+
+# The data-config fields of every language-modelling data set. pack_documents: False cuts the
+# split's token stream into windows that run across document boundaries; True packs documents
+# into windows with segment ids and per-document positions (`pipeline.PackedWindows`).
+LANGUAGE_MODELLING_FIELDS = {"pack_documents": False}
+LANGUAGE_MODELLING_CHOICES = {"pack_documents": (False, True)}
 
 
 def check_int_fields(dataset: str, config, minimums: dict[str, int]) -> None:

@@ -6,7 +6,8 @@ the mean over the global batch is then exactly the mean one device would compute
 
 Batches (NumPy or jax arrays; id 0 is padding), as the data sets of each task make them:
   classification  {"inputs": [batch, length], "targets": [batch]}; target -1 marks padding rows
-  language_modelling {"inputs": [batch, length], "targets": [batch, length]}
+  language_modelling {"inputs": [batch, length], "targets": [batch, length]}, and when packed
+                  (data.pack_documents) "segment_ids" and "positions" [batch, length] too
   seq2seq         {"inputs": [batch, src_length], "targets": [batch, tgt_length]}
 Any batch may carry "weights", `[batch]` or shaped like "targets", to leave rows or positions
 out, e.g. the padding rows of a last evaluation batch.
@@ -75,6 +76,14 @@ class Task:
 
 
 def _inputs(batch):
+    return (batch["inputs"],)
+
+
+def _language_model_inputs(batch):
+    """The inputs, and for rows packed with several documents (data.pack_documents) their
+    segment ids and per-document positions, which `DecoderLM` takes after the inputs."""
+    if "segment_ids" in batch:
+        return (batch["inputs"], batch["segment_ids"], batch["positions"])
     return (batch["inputs"],)
 
 
@@ -163,7 +172,7 @@ def seq2seq_evaluators(config, model, workdir):
 # Keyed by the task names the data sets declare (`transformer.data.spec`).
 TASKS = {
     spec.CLASSIFICATION: Task(spec.CLASSIFICATION, _inputs, _example_weights),
-    spec.LANGUAGE_MODELLING: Task(spec.LANGUAGE_MODELLING, _inputs, _token_weights),
+    spec.LANGUAGE_MODELLING: Task(spec.LANGUAGE_MODELLING, _language_model_inputs, _token_weights),
     spec.SEQ2SEQ: Task(
         spec.SEQ2SEQ,
         _inputs_and_targets,
