@@ -279,9 +279,9 @@ class PrefixLM(Pattern):
     Query i attends to key j iff j <= i, or both i and j are in the prefix (< prefix_length):
     the prefix language model of T5 and UniLM, where a prompt sees itself whole and the
     continuation is generated left to right. This is the attention-level pattern. A decoder
-    layer ANDs its pattern with causal() (`layer_pattern` in transformer/modules/models.py),
-    which takes the prefix's bidirectionality away again; a prefix-LM model must use this
-    pattern without that AND.
+    layer intersects its pattern with this one rather than with causal() when the pattern has
+    a prefix_lm part (`decoder_mask` in transformer/modules/models.py), so the prefix stays
+    bidirectional there too.
     """
 
     prefix_length: int
@@ -576,8 +576,7 @@ def prefix_lm(prefix_length):
     """Bidirectional among positions < prefix_length, causal after: j <= i or both < prefix_length.
 
     `prefix_lm(0)` is `causal()`, which implementations recognise (chunked attention skips its
-    upper half). Used in a decoder, it must replace that decoder's causal mask, not be ANDed with
-    it (see `PrefixLM`).
+    upper half). In a decoder it replaces the decoder's causal mask (see `PrefixLM`).
     """
     prefix_length = _check_int("prefix_lm prefix_length", prefix_length, 0)
     return Causal() if prefix_length == 0 else PrefixLM(prefix_length)

@@ -36,6 +36,7 @@ from transformer.modules.positional import (
     default_positions,
 )
 from transformer.modules.rnn import build_rnn_seq2seq
+from transformer.patterns import PrefixLM
 from transformer.token_ids import BOS_ID, PAD_ID
 
 
@@ -50,7 +51,8 @@ class TransformerConfig(LayerConfig):
       max_len: longest input of a "learned" positional encoding, and the number of positions
         a decoding cache holds (`init_decode_state`).
       pattern: the self-attention pattern of every layer, or a schedule of several. Decoders
-        intersect each layer's with causal(). One of:
+        intersect each layer's with causal(), or with prefix_lm(n) when it has a prefix_lm(n)
+        part, keeping that prefix bidirectional (`decoder_mask`). One of:
         - a name in `transformer.patterns.PATTERNS`, built per layer with
           `patterns.build(pattern, layer=i, **pattern_options)`, so random parts differ by layer;
         - a Pattern object, used in every layer;
@@ -150,7 +152,7 @@ def _pattern_or_schedule(pattern):
 
 def layer_pattern(config, layer, *, causal):
     """The self-attention pattern of layer `layer`: its schedule's entry, its own random seed,
-    causal in decoders."""
+    intersected with the decoder's mask in decoders (`decoder_mask`)."""
     entry = config.pattern
     if isinstance(entry, tuple):  # a schedule
         entry = entry[layer % len(entry)]
@@ -160,7 +162,39 @@ def layer_pattern(config, layer, *, causal):
         pattern = patterns.build(entry[0], layer=layer, **dict(entry[1]))
     else:
         pattern = entry
-    return pattern & patterns.causal() if causal else pattern
+    if not causal:
+        return pattern
+    mask = decoder_mask(pattern)
+    if pattern == mask or (isinstance(pattern, patterns.Intersection) and mask in pattern.parts):
+        return pattern
+    return pattern & mask
+
+
+def decoder_mask(pattern):
+    """What a decoder intersects `pattern` with so that no query sees the future: causal(), or,
+    when the pattern has a prefix_lm(n) part, prefix_lm(n) itself (causal() | the n x n prefix
+    block), which keeps the prefix bidirectional."""
+    lengths = {part.prefix_length for part in _pattern_parts(pattern) if isinstance(part, PrefixLM)}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"pattern {pattern} has prefix_lm parts of lengths {sorted(lengths)}; a decoder "
+            "layer takes one prefix length (use a schedule for different lengths per layer)."
+        )
+    return patterns.prefix_lm(lengths.pop()) if lengths else patterns.causal()
+
+
+def _pattern_parts(pattern):
+    """Every pattern inside `pattern`'s unions and intersections, and itself."""
+    parts = getattr(pattern, "parts", ())
+    return (pattern,) + tuple(p for part in parts for p in _pattern_parts(part))
+
+
+def prefix_length(config):
+    """The longest prefix_lm(n) prefix of a decoder's layers, or 0 if none has one."""
+    return max(
+        getattr(decoder_mask(layer_pattern(config, layer, causal=False)), "prefix_length", 0)
+        for layer in range(config.num_layers)
+    )
 
 
 def positional_encoding(config):
@@ -488,6 +522,28 @@ def check_lengths(lengths, batch, prompt_len):
         )
 
 
+def check_prefix_prompt(config, lengths=None):
+    """Raises a ValueError unless decoding can continue causally: a prefix-LM decoder's prefix
+    is bidirectional, so its cache must come from `DecoderLM.prefill` of a prompt covering the
+    whole prefix (every row's `lengths` >= n; not checked when traced), never from an empty
+    cache filled token by token."""
+    prefix = prefix_length(config)
+    if not prefix:
+        return
+    if lengths is None:
+        raise ValueError(
+            f"this decoder's pattern keeps a bidirectional prefix of {prefix} tokens "
+            "(prefix_lm), which token-by-token decoding from an empty cache cannot compute; "
+            f"start from DecoderLM.prefill with a prompt of at least {prefix} tokens."
+        )
+    if not isinstance(lengths, jax.core.Tracer) and np.min(np.asarray(lengths)) < prefix:
+        raise ValueError(
+            f"prefill lengths {np.asarray(lengths).tolist()}: a prefix-LM decoder (prefix "
+            f"{prefix}) decodes causally only after its whole prefix; every row's prompt must "
+            f"have at least {prefix} tokens."
+        )
+
+
 def check_cache_length(config, max_decode_len):
     """The number of positions a decoding cache holds: `max_decode_len` or config.max_len."""
     max_decode_len = config.max_len if max_decode_len is None else max_decode_len
@@ -546,6 +602,7 @@ class DecoderLM(nn.Module):
         holding `max_decode_len` positions (default config.max_len; a sliding-window layer
         keeps only its window)."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
+        check_prefix_prompt(self.config)
         batch = inputs.shape[0]
         return {
             "cache": self.decoder.init_cache(batch, max_decode_len),
@@ -562,6 +619,9 @@ class DecoderLM(nn.Module):
         each row's real tokens, the rest being right padding. Row b decodes on from position
         lengths[b]: feed it the token that follows its prompt, usually the prompt's last token
         with `prefill(prompt, lengths=lengths - 1)`.
+
+        A prefix-LM decoder (a `prefix_lm(n)` pattern) computes its prefix bidirectionally
+        here, then decodes causally: every row's lengths must be >= n (checked unless traced).
         """
         max_decode_len = check_cache_length(self.config, max_decode_len)
         batch, prompt_len = prompt.shape
@@ -570,6 +630,7 @@ class DecoderLM(nn.Module):
             lengths = jnp.full((batch,), prompt_len, jnp.int32)
         if not isinstance(lengths, jax.core.Tracer):
             check_lengths(np.asarray(lengths), batch, prompt_len)
+        check_prefix_prompt(self.config, lengths)
         lengths = jnp.asarray(lengths, jnp.int32)
         if any(
             kv_cache.depends_on_length(layer_pattern(self.config, layer, causal=True))
@@ -669,6 +730,7 @@ class EncoderDecoder(nn.Module):
         """Encodes `inputs` `[batch, source_length]`; the cache holds `max_decode_len` target
         positions (default config.max_len), start token included."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
+        check_prefix_prompt(self.config)
         encoded = self.encode(inputs)
         return {
             "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
