@@ -78,8 +78,8 @@ def arrays(seed, batch, q_len, kv_len, heads=2, head_dim=8, kv_heads=None):
     return q, k, v, d_out
 
 
-# block_sparse runs XLA's schedules with segment ids (blocks of 16 by default in
-# dot_product_attention: rows longer than a block, and pieces of rows under causal()).
+# At head dim 8 block_sparse runs XLA's schedules (the kernel takes multiples of 16; test_kernel
+# below checks it).
 @pytest.mark.parametrize(
     "pattern, implementation, kv_heads",
     [
