@@ -24,6 +24,7 @@ each against its PyTorch peer in one process, alternated, the median of `--repea
 
     python benchmarks/peers.py --out benchmarks/results/peers
     python benchmarks/peers.py --quick --out /tmp/peers   # small lengths and the smoke model
+    python benchmarks/peers.py --lengths "" --out /tmp/train  # the training steps only
 
 PyTorch is optional and no dependency of the package (`pip install torch==2.13.0`, a CPU
 build); without it, or with `--no-torch`, only our side is timed. Writes `<out>/peers.csv` (one
@@ -530,7 +531,9 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small lengths, the smoke model")
-    parser.add_argument("--lengths", help="attention lengths, comma-separated (preset's default)")
+    parser.add_argument(
+        "--lengths", help="attention lengths, comma-separated ('' for none; preset's default)"
+    )
     parser.add_argument("--sparse-length", type=int, help="length of the sparse patterns' cases")
     parser.add_argument(
         "--train-variants", help="train_speed variants, e.g. full-1024,bigbird-4096 ('' for none)"
@@ -552,9 +555,11 @@ def main(argv=None):
         return {"attention": worker_attention, "train": worker_train}[args.worker](args)
 
     preset = PRESETS["quick" if args.quick else "default"]
-    lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else preset["lengths"]
+    lengths = preset["lengths"]
+    if args.lengths is not None:
+        lengths = [int(n) for n in args.lengths.split(",") if n]
     sparse_length = args.sparse_length or preset["sparse_length"]
-    if sparse_length not in lengths:
+    if lengths and sparse_length not in lengths:
         parser.error(f"--sparse-length {sparse_length} must be one of the lengths {lengths}")
     variants = preset["train_variants"]
     if args.train_variants is not None:
