@@ -112,12 +112,10 @@ def _documents(source, encode) -> list:
     return [encode(source[i])["tokens"] for i in range(len(source))]
 
 
-def _token_stream(source, encode) -> np.ndarray:
+def _token_stream(documents) -> np.ndarray:
     """All documents of a split, each followed by EOS, as one int32 [num_tokens] array."""
     eos = np.asarray([tokenizers.EOS_ID], np.int32)
-    return np.concatenate(
-        [part for i in range(len(source)) for part in (encode(source[i])["tokens"], eos)]
-    ).astype(np.int32)
+    return _joined([part for document in documents for part in (document, eos)])
 
 
 # Stands for an example that is not there: a padding row of a batch. (grain drops None.)
@@ -187,7 +185,6 @@ class _PadBatch:
                 if key == "targets" or any(key in r for r in rows):
                     batch[key] = self._pad(rows, key, self.max_length)
         return batch
-
 
 
 class _SortedBatches(FlatMapTransform):
@@ -264,7 +261,7 @@ def make_dataset(
         ds = grain.MapDataset.source(PackedWindows(_documents(source, encode), config.max_length))
     elif dataset_spec.task == spec.LANGUAGE_MODELLING:
         ds = grain.MapDataset.source(
-            _TokenWindows(_token_stream(source, encode), config.max_length)
+            _TokenWindows(_token_stream(_documents(source, encode)), config.max_length)
         )
     else:
         ds = grain.MapDataset.source(source)

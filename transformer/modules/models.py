@@ -189,11 +189,12 @@ def _pattern_parts(pattern):
     return (pattern,) + tuple(p for part in parts for p in _pattern_parts(part))
 
 
-def prefix_length(config):
-    """The longest prefix_lm(n) prefix of a decoder's layers, or 0 if none has one."""
+def prefix_length(config, num_layers):
+    """The longest prefix_lm(n) prefix of a decoder's `num_layers` layers, or 0 if none has
+    one."""
     return max(
         getattr(decoder_mask(layer_pattern(config, layer, causal=False)), "prefix_length", 0)
-        for layer in range(config.num_layers)
+        for layer in range(num_layers)
     )
 
 
@@ -522,12 +523,12 @@ def check_lengths(lengths, batch, prompt_len):
         )
 
 
-def check_prefix_prompt(config, lengths=None):
+def check_prefix_prompt(config, num_layers, lengths=None):
     """Raises a ValueError unless decoding can continue causally: a prefix-LM decoder's prefix
     is bidirectional, so its cache must come from `DecoderLM.prefill` of a prompt covering the
     whole prefix (every row's `lengths` >= n; not checked when traced), never from an empty
     cache filled token by token."""
-    prefix = prefix_length(config)
+    prefix = prefix_length(config, num_layers)
     if not prefix:
         return
     if lengths is None:
@@ -602,7 +603,7 @@ class DecoderLM(nn.Module):
         holding `max_decode_len` positions (default config.max_len; a sliding-window layer
         keeps only its window)."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
-        check_prefix_prompt(self.config)
+        check_prefix_prompt(self.config, self.config.num_layers)
         batch = inputs.shape[0]
         return {
             "cache": self.decoder.init_cache(batch, max_decode_len),
@@ -630,7 +631,7 @@ class DecoderLM(nn.Module):
             lengths = jnp.full((batch,), prompt_len, jnp.int32)
         if not isinstance(lengths, jax.core.Tracer):
             check_lengths(np.asarray(lengths), batch, prompt_len)
-        check_prefix_prompt(self.config, lengths)
+        check_prefix_prompt(self.config, self.config.num_layers, lengths)
         lengths = jnp.asarray(lengths, jnp.int32)
         if any(
             kv_cache.depends_on_length(layer_pattern(self.config, layer, causal=True))
@@ -730,7 +731,7 @@ class EncoderDecoder(nn.Module):
         """Encodes `inputs` `[batch, source_length]`; the cache holds `max_decode_len` target
         positions (default config.max_len), start token included."""
         max_decode_len = check_cache_length(self.config, max_decode_len)
-        check_prefix_prompt(self.config)
+        check_prefix_prompt(self.config, self.config.num_decoder_layers)
         encoded = self.encode(inputs)
         return {
             "cache": self.decoder.init_cache(inputs.shape[0], max_decode_len, encoded),
