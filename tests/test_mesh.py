@@ -255,9 +255,10 @@ def test_fsdp_under_pmap_and_a_batch_the_mesh_cannot_split_are_refused(monkeypat
 # Context parallelism: each sequence split over "context", attention as a ring.
 
 
-def train_lm(pattern, sizes, devices=None, steps=2):
+def train_lm(pattern, sizes, devices=None, steps=2, packed=False):
     """(losses `[steps]`, host parameters) of a tiny decoder LM (no dropout: its masks would
-    differ per device) trained on batches `[8, 32]` with padding, on a mesh of `sizes`."""
+    differ per device) trained on batches `[8, 32]` with padding, on a mesh of `sizes`; with
+    `packed`, each row holds 3 documents (segment ids and per-document positions)."""
     from transformer.modules.models import build_model
 
     model = build_model(
@@ -294,13 +295,21 @@ def train_lm(pattern, sizes, devices=None, steps=2):
     inputs = rng.integers(1, 32, size=(steps, 8, 32)).astype(np.int32)
     inputs[:, :3, 27:] = 0  # padded tokens: keys no one attends to, targets of weight 0
     targets = np.concatenate([inputs[:, :, 1:], np.zeros((steps, 8, 1), np.int32)], axis=2)
+    batches = [{"inputs": x, "targets": y} for x, y in zip(inputs, targets)]
+    if packed:  # documents of 10, 13 and 9 tokens: boundaries inside the shards of 8
+        segment_ids = np.broadcast_to(np.repeat([1, 2, 3], [10, 13, 9]), (8, 32))
+        positions = np.broadcast_to(np.concatenate([np.arange(n) for n in (10, 13, 9)]), (8, 32))
+        for batch in batches:
+            batch.update(
+                segment_ids=segment_ids.astype(np.int32), positions=positions.astype(np.int32)
+            )
     mesh = parallel.make_mesh(sizes, devices)
-    state = loop.make_init(model, task, opt, mesh)(0, {"inputs": inputs[0]})
+    state = loop.make_init(model, task, opt, mesh)(0, batches[0])
     step = parallel.distribute(
         loop.make_train_step(model, task, opt, label_smoothing=0.0, mesh=mesh), "shard_map", mesh
     )
     losses = []
-    for batch in ({"inputs": x, "targets": y} for x, y in zip(inputs, targets)):
+    for batch in batches:
         device_batch = parallel.global_batch(batch, mesh, "shard_map", loop.context_order(model))
         state, metrics = step(state, device_batch)
         sums = parallel.fetch(metrics)
@@ -323,12 +332,17 @@ LM_PATTERNS = {
 
 
 @pytest.mark.parametrize(
-    "pattern, sizes",
-    [("causal", dict(data=2, context=4)), ("sliding_window", dict(data=1, fsdp=2, context=4))],
+    "pattern, sizes, packed",
+    [
+        ("causal", dict(data=2, context=4), True),
+        ("sliding_window", dict(data=1, fsdp=2, context=4), False),
+    ],
 )
-def test_context_meshes_train_the_one_device_losses_and_parameters(pattern, sizes):
-    one_losses, one_params = train_lm(LM_PATTERNS[pattern], dict(data=1), jax.devices()[:1])
-    losses, params = train_lm(LM_PATTERNS[pattern], dict(sizes, data=-1))
+def test_context_meshes_train_the_one_device_losses_and_parameters(pattern, sizes, packed):
+    one_losses, one_params = train_lm(
+        LM_PATTERNS[pattern], dict(data=1), jax.devices()[:1], packed=packed
+    )
+    losses, params = train_lm(LM_PATTERNS[pattern], dict(sizes, data=-1), packed=packed)
     np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     compared = 0
