@@ -42,50 +42,52 @@ def _tokens(seed=0):
 
 
 def _sharded(apply, n, order):
-    """apply(params, tokens [batch, length]) -> [batch, length, ...], run on n devices, each
+    """apply(params, *arrays [batch, length]) -> [batch, length, ...], run on n devices, each
     with one shard of the length (in `order`), and returned in the natural order."""
     mesh = Mesh(np.array(jax.devices()[:n]), ("context",))
     spec = P(None, "context")
-    run = jax.shard_map(apply, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
 
-    def whole(params, tokens):
+    def whole(params, *arrays):
         if order == "zigzag":
-            return ring.from_zigzag(run(params, ring.to_zigzag(tokens, n)), n)
-        return run(params, tokens)
+            arrays = [ring.to_zigzag(a, n) for a in arrays]
+        in_specs = (P(),) + (spec,) * len(arrays)
+        out = jax.shard_map(apply, mesh=mesh, in_specs=in_specs, out_specs=spec)(params, *arrays)
+        return ring.from_zigzag(out, n) if order == "zigzag" else out
 
     return whole
 
 
-def _logits_and_grads(apply, params, tokens):
-    weights = jax.random.normal(jax.random.key(1), jax.eval_shape(apply, params, tokens).shape)
+def _logits_and_grads(apply, params, *arrays):
+    weights = jax.random.normal(jax.random.key(1), jax.eval_shape(apply, params, *arrays).shape)
 
     def loss(params):
-        out = apply(params, tokens)
+        out = apply(params, *arrays)
         return (out * weights).sum(), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return out, grads
 
 
-def _check_sharded_equals_whole(model, sharded_model, apply, n, order):
+def _check_sharded_equals_whole(model, sharded_model, apply, n, order, extras=()):
     tokens = jnp.asarray(_tokens())
     params = jax.jit(model.init)(jax.random.key(0), tokens)
 
-    def whole_apply(params, tokens):
-        return apply(model, params, tokens)
+    def whole_apply(params, *arrays):
+        return apply(model, params, *arrays)
 
-    def shard_apply(params, tokens):
-        return apply(sharded_model, params, tokens)
+    def shard_apply(params, *arrays):
+        return apply(sharded_model, params, *arrays)
 
-    expected, expected_grads = _logits_and_grads(whole_apply, params, tokens)
-    out, grads = _logits_and_grads(_sharded(shard_apply, n, order), params, tokens)
+    arrays = (tokens,) + tuple(jnp.asarray(a) for a in extras)
+    expected, expected_grads = _logits_and_grads(whole_apply, params, *arrays)
+    out, grads = _logits_and_grads(_sharded(shard_apply, n, order), params, *arrays)
     np.testing.assert_allclose(out, expected, **TOLERANCE)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), grads, expected_grads)
     assert float(jnp.abs(expected).max()) > 0
 
 
-def _apply(model, params, tokens):
-    return model.apply(params, tokens)
+def _apply(model, params, *arrays):
+    return model.apply(params, *arrays)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,23 @@ class _EncoderOnTokens:
 
     def apply(self, params, tokens):
         return self.encoder.apply(params, *self._embed(tokens))
+
+
+def test_packed_rows_with_grouped_heads_soft_cap_and_sinks_sharded_over_context():
+    """Segment ids and per-document positions split with the tokens; the ring computes the
+    soft cap, the sinks and grouped-query heads as the whole model's attention does."""
+    config = _config(
+        pattern="causal",
+        positional="rotary",
+        num_kv_heads=1,
+        logit_soft_cap=5.0,
+        attention_sinks=True,
+    )
+    sharded = dataclasses.replace(config, context_axis="context", context_order="zigzag")
+    segment_ids = np.repeat([[1] * 7 + [2] * 9], BATCH, axis=0).astype(np.int32)
+    positions = np.where(segment_ids == 1, np.arange(LENGTH), np.arange(LENGTH) - 7)
+    extras = (segment_ids, positions.astype(np.int32))
+    _check_sharded_equals_whole(DecoderLM(config), DecoderLM(sharded), _apply, 4, "zigzag", extras)
 
 
 def test_context_parallelism_refuses_what_it_does_not_support():
