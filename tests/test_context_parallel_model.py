@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from transformer.attention import ring
+from transformer.modules.dropout import Dropout
 from transformer.modules.models import DecoderLM, Encoder, EncoderClassifier, TransformerConfig
 
 BATCH, LENGTH, VOCAB = 2, 16, 32
@@ -153,6 +154,23 @@ def test_packed_rows_with_grouped_heads_soft_cap_and_sinks_sharded_over_context(
     positions = np.where(segment_ids == 1, np.arange(LENGTH), np.arange(LENGTH) - 7)
     extras = (segment_ids, positions.astype(np.int32))
     _check_sharded_equals_whole(DecoderLM(config), DecoderLM(sharded), _apply, 4, "zigzag", extras)
+
+
+@pytest.mark.parametrize("context_axis", [None, "context"])
+def test_each_context_shard_draws_its_own_dropout_mask(context_axis):
+    """Every device gets the same "dropout" key: without the axis folded in, each shard would
+    drop the same positions."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("context",))
+    dropout = Dropout(0.5, context_axis=context_axis)
+
+    def per_device(x):
+        return dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+
+    spec = P(None, "context")
+    out = jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec)(jnp.ones((1, 64, 4)))
+    first, second = np.asarray(out[:, :32] == 0), np.asarray(out[:, 32:] == 0)
+    assert 0.3 < first.mean() < 0.7
+    assert (first == second).all() == (context_axis is None)
 
 
 def test_context_parallelism_refuses_what_it_does_not_support():

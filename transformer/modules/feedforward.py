@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from transformer.modules.checks import check_positive_int, check_rate
+from transformer.modules.dropout import Dropout
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -18,12 +19,15 @@ class FeedForward(nn.Module):
       d_ff: hidden width (2048 in Transformer-base, 4 x d_model).
       activation: a name in ACTIVATIONS ("relu" in the paper).
       dropout_rate: dropout on the hidden activations.
+      context_axis: None, or the mesh axis sequences are split over (`LayerConfig`): each
+        device then draws its own dropout mask.
       dtype: compute dtype; param_dtype: parameter dtype.
     """
 
     d_ff: int
     activation: str = "relu"
     dropout_rate: float = 0.0
+    context_axis: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -45,7 +49,9 @@ class FeedForward(nn.Module):
             name="hidden",
         )(inputs)
         hidden = ACTIVATIONS[self.activation](hidden)
-        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+        hidden = Dropout(self.dropout_rate, context_axis=self.context_axis)(
+            hidden, deterministic=deterministic
+        )
         return nn.Dense(
             d_model,
             kernel_init=self.kernel_init,

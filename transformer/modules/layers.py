@@ -20,6 +20,7 @@ from flax import linen as nn
 from transformer.attention.dot_product import SOFT_CAP_AND_SINKS
 from transformer.attention.soft_cap import check_logit_soft_cap
 from transformer.modules.checks import check_positive_int, check_positive_number, check_rate
+from transformer.modules.dropout import Dropout
 from transformer.modules.feedforward import ACTIVATIONS, FeedForward
 from transformer.modules.multihead_attention import (
     MultiHeadAttention,
@@ -212,6 +213,7 @@ def feed_forward(config, name=None):
         d_ff=config.d_ff,
         activation=config.activation,
         dropout_rate=config.dropout_rate,
+        context_axis=config.context_axis,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         name=name,
@@ -240,7 +242,12 @@ class EncoderLayer(nn.Module):
         int `[batch, length]` or None, each token's position, where rotary rotates."""
         config = self.config
         add = sublayer_connection(
-            config, nn.Dropout(config.dropout_rate, deterministic=deterministic)
+            config,
+            Dropout(
+                config.dropout_rate,
+                deterministic=deterministic,
+                context_axis=config.context_axis,
+            ),
         )
         self_attention = attention(config, self.pattern, config.positional, "self_attention")
         x = add(
@@ -293,7 +300,7 @@ class DecoderLayer(nn.Module):
         self.cross_attention_norm = layer_norm(config)
         self.feed_forward = feed_forward(config)
         self.feed_forward_norm = layer_norm(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate, context_axis=config.context_axis)
 
     def _sublayers(self, x, self_attend, cross_attend, deterministic):
         add = sublayer_connection(

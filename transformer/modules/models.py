@@ -23,6 +23,7 @@ from flax import linen as nn
 from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.modules import kv_cache
+from transformer.modules.dropout import Dropout
 from transformer.modules.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -249,7 +250,9 @@ class Encoder(nn.Module):
         config = self.config
         positions = token_positions(config, embedded.shape[1], positions)
         x = add_positions(positional_encoding(config), embedded.astype(config.dtype), positions)
-        x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(config.dropout_rate, context_axis=config.context_axis)(
+            x, deterministic=deterministic
+        )
         for layer in range(config.num_layers):
             x = EncoderLayer(
                 config, pattern=layer_pattern(config, layer, causal=False), name=f"layers_{layer}"
@@ -286,7 +289,7 @@ class Decoder(nn.Module):
     def setup(self):
         config = self.config
         self.positions = positional_encoding(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate, context_axis=config.context_axis)
         self.layers = [
             DecoderLayer(
                 config,
