@@ -30,7 +30,7 @@ def _config(pattern, **fields):
         d_model=16,
         num_heads=2,
         d_ff=32,
-        num_layers=2,
+        num_layers=1,
         max_len=32,
         dropout_rate=0.0,
         positional="rotary",
@@ -76,7 +76,8 @@ def test_prefix_lm_decoder_equals_the_float64_dense_reference(pattern):
     np.testing.assert_allclose(
         logits, _float64_logits(reference, variables, tokens), rtol=1e-4, atol=1e-4
     )
-    changed = tokens.at[:, PREFIX - 1].set(tokens[:, PREFIX - 1] % (VOCAB - 1) + 1)
+    # Position 2: inside the prefix and the window of position 0, after it.
+    changed = tokens.at[:, 2].set(tokens[:, 2] % (VOCAB - 1) + 1)
     other = np.asarray(jax.jit(model.apply)(variables, changed))
     assert not np.allclose(other[:, 0], logits[:, 0])  # the prefix sees itself whole
     later = tokens.at[:, PREFIX + 2].set(tokens[:, PREFIX + 2] % (VOCAB - 1) + 1)
