@@ -4,6 +4,10 @@ The module owns the parameters (W^Q, W^K, W^V, W^O) and nothing else: the attent
 pure function `transformer.attention.dot_product_attention`, so patterns and implementations
 (dense, block-sparse, ...) are chosen by argument, never re-implemented here.
 
+The full call also takes `segment_ids` (packed documents: no query reads another document's
+keys) and `positions` (where rotary places each token). With `context_axis` set, self-attention
+is ring attention over the devices of that mesh axis (`transformer.attention.ring`).
+
 Besides the full call, these methods serve decoding with a key/value cache: `init_cache` and
 `prefill` (a prompt through the training path's attention) make the self-attention cache,
 `decode_step` appends one position's keys and values and attends over what its pattern lets it
