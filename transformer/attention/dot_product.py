@@ -329,7 +329,8 @@ def dot_product_attention(
       segment_ids: None, an int `[batch, length]` array (self-attention, q_len == kv_len), or a
         pair `(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`: packed
         documents, a query attending to a key only when their ids are equal (and the pattern
-        and mask allow it). The implementations in `SEGMENT_IDS` only, so far.
+        and mask allow it). The implementations in `SEGMENT_IDS` only: `jax.nn`'s attention,
+        behind "xla" and "cudnn", takes no segment ids (pass the equivalent `mask` there).
       implementation: a name in `IMPLEMENTATIONS`: "dense" materialises the score matrix (the
         reference); "chunked" (full and causal), "block_sparse", "splash", "xla", "cudnn";
         "auto" picks one by the rule in `transformer/attention/auto.py`; "lra_local" runs
@@ -355,7 +356,7 @@ def dot_product_attention(
         )
     if segments is not None and implementation not in SEGMENT_IDS:
         raise ValueError(
-            f"segment_ids is computed by implementations {list(SEGMENT_IDS)} only so far; got "
+            f"segment_ids is computed by implementations {list(SEGMENT_IDS)} only; got "
             f"implementation={implementation!r}."
         )
     for name, used in (
