@@ -10,9 +10,7 @@
 // Layouts (float32, row-major), as plan.py and attention.py make them:
 //   q        [bh, num_q_blocks, block_q, d]      (already scaled)
 //   k        [bh, num_kv_blocks, block_kv, d]
-//   k_t      [bh, num_kv_blocks, d, block_kv]    (k with each block transposed)
 //   v        [bh, num_kv_blocks, block_kv, dv]
-//   v_t      [bh, num_kv_blocks, dv, block_kv]
 //   rows     [num_rows] int32: the query block of each scheduled row
 //   row_start[num_rows + 1] int32: CSR offsets into kv_block and mask_id
 //   kv_block [entries] int32, mask_id [entries] int32 (0 = whole block allowed)
@@ -22,6 +20,12 @@
 //            int32 segment ids (packed documents: a query sees a key only when their ids are
 //            equal), or [0] for none
 // Rows not in `rows` get output 0 and log-sum-exp +inf (as do rows that see no key).
+//
+// The score products want each key block transposed ([d, block_kv]: a row of scores is then a
+// sum of key rows' vectors), and the backward pass wants value blocks transposed too. The kernel
+// transposes them itself, into scratch that stays in cache (`transpose_blocks`), once per call
+// in the forward pass and once per (batch, head) task in the backward pass: a transposed copy
+// made by XLA was a separate, slow pass over memory.
 //
 // Segment ids differ per batch row, so which of the layout's blocks they leave is found here,
 // once per call (`Walks`): each block's smallest and largest id decide whether its pair of
@@ -343,6 +347,19 @@ inline bool allowed(const Shapes& sh, const Layout& lay, const Chunk& ch, int c,
   return !ch.split_ids(c) || ch.q_ids[i] == ch.kv_ids[ch.block(lay, c) * sh.block_kv + jj];
 }
 
+// dst[i] = src[i]^T for `blocks` consecutive [rows, cols] blocks, 16 x 16 tiles at a time so
+// that both the reads and the writes stay within a few cache lines.
+void transpose_blocks(const float* src, long blocks, long rows, long cols, float* dst) {
+  constexpr long kTile = 16;
+  for (long b = 0; b < blocks; ++b, src += rows * cols, dst += rows * cols)
+    for (long r0 = 0; r0 < rows; r0 += kTile)
+      for (long c0 = 0; c0 < cols; c0 += kTile) {
+        long r_end = std::min(rows, r0 + kTile), c_end = std::min(cols, c0 + kTile);
+        for (long c = c0; c < c_end; ++c)
+          for (long r = r0; r < r_end; ++r) dst[c * rows + r] = src[r * cols + c];
+      }
+}
+
 // Scores of one chunk: s[block_q, n * block_kv] = q k^T (soft-capped when sh.soft_cap > 0),
 // -inf where masked (pattern or segments) or padded.
 void chunk_scores(const Shapes& sh, const Layout& lay, const Chunk& ch, const float* q_row,
@@ -467,15 +484,15 @@ ffi::Error check(const Shapes& sh, const Layout& lay, const ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_t,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows,
                        ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
                        ffi::Buffer<ffi::S32> mask_id, ffi::Buffer<ffi::U8> masks,
                        ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::S32> q_segments,
                        ffi::Buffer<ffi::S32> kv_segments, ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> lse, int64_t heads, float soft_cap) {
-  auto kd = k_t.dimensions();
-  Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[3],
+  auto kd = k.dimensions();
+  Shapes sh{q.dimensions()[0], heads, q.dimensions()[1], kd[1], q.dimensions()[2], kd[2],
             q.dimensions()[3], v.dimensions()[3], soft_cap};
   Layout lay = layout_of(rows, row_start, kv_block, mask_id, masks, key_bias);
   if (ffi::Error error = check(sh, lay, key_bias, q_segments, kv_segments); error.failure())
@@ -495,13 +512,24 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
       std::fill(lse_data + first_row, lse_data + first_row + sh.block_q, kInf);
     }
   const float* q_data = q.typed_data();
-  const float* kt_data = k_t.typed_data();
   const float* v_data = v.typed_data();
   // Finite inputs cannot carry a NaN or inf from an excluded pair into a product (0 * finite =
   // 0), so only inputs holding one take the careful paths below.
   const bool careful = !all_finite_parallel(
-      pool, {{q_data, q.element_count()}, {kt_data, k_t.element_count()},
+      pool, {{q_data, q.element_count()}, {k.typed_data(), k.element_count()},
              {v_data, v.element_count()}});
+  // Every key block transposed, shared by the items: rows of many items read each block. Kept
+  // per calling thread, so that calls neither reallocate it nor share it.
+  thread_local std::vector<float> k_transposed;
+  k_transposed.resize(k.element_count());
+  // Through a pointer: in the pool's threads, `k_transposed` names their own (empty) vectors.
+  float* kt_scratch = k_transposed.data();
+  parallel_for(pool, sh.bh, [&](long bh) {
+    long offset = bh * sh.num_kv_blocks * sh.block_kv * sh.d;
+    transpose_blocks(k.typed_data() + offset, sh.num_kv_blocks, sh.block_kv, sh.d,
+                     kt_scratch + offset);
+  });
+  const float* kt_data = kt_scratch;
 
   parallel_for(pool, sh.bh * lay.num_rows, [&](long item) {
     long bh = item / lay.num_rows, r = item % lay.num_rows, b = bh / sh.heads;
@@ -600,7 +628,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> k_t, ffi::Buffer<ffi::F32> v_t,
+                        ffi::Buffer<ffi::F32> v,
                         ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> rows,
                         ffi::Buffer<ffi::S32> row_start, ffi::Buffer<ffi::S32> kv_block,
@@ -617,21 +645,29 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     return error;
   const int32_t *q_ids = ids_or_null(q_segments), *kv_ids = ids_or_null(kv_segments);
   const Walks walks(sh, lay, q_ids, kv_ids);
-  const float *q_data = q.typed_data(), *k_data = k.typed_data(), *kt_data = k_t.typed_data(),
-              *vt_data = v_t.typed_data(), *do_data = d_out.typed_data(),
+  const float *q_data = q.typed_data(), *k_data = k.typed_data(), *v_data = v.typed_data(),
+              *do_data = d_out.typed_data(),
               *lse_data = lse.typed_data(), *delta_data = delta.typed_data();
   float *dq_data = dq->typed_data(), *dk_data = dk->typed_data(), *dv_data = dv->typed_data();
   // As in the forward pass; a NaN in dO would reach dV through an excluded pair's zero weight.
   const bool careful = !all_finite_parallel(
       pool, {{q_data, q.element_count()}, {k_data, k.element_count()},
-             {vt_data, v_t.element_count()}, {do_data, d_out.element_count()}});
+             {v_data, v.element_count()}, {do_data, d_out.element_count()}});
 
   // One (batch, head) per task: its rows share key blocks, whose dK and dV they accumulate.
   parallel_for(pool, sh.bh, [&](long bh) {
     long b = bh / sh.heads;
     long kv_base = bh * sh.num_kv_blocks * sh.block_kv;  // first key of this (batch, head)
-    const float* kt = kt_data + kv_base * sh.d;
-    const float* vt = vt_data + kv_base * sh.dv;
+    // This (batch, head)'s keys and values, each block transposed: its rows revisit the blocks.
+    thread_local std::vector<float> k_transposed, v_transposed;
+    k_transposed.resize(sh.num_kv_blocks * sh.block_kv * sh.d);
+    v_transposed.resize(sh.num_kv_blocks * sh.block_kv * sh.dv);
+    transpose_blocks(k_data + kv_base * sh.d, sh.num_kv_blocks, sh.block_kv, sh.d,
+                     k_transposed.data());
+    transpose_blocks(v_data + kv_base * sh.dv, sh.num_kv_blocks, sh.block_kv, sh.dv,
+                     v_transposed.data());
+    const float* kt = k_transposed.data();
+    const float* vt = v_transposed.data();
     // This task's gradients, zeroed here (on the pool, not serially before it): every row and
     // key block of one (batch, head) accumulates only into them.
     long q_rows = sh.num_q_blocks * sh.block_q, kv_rows = sh.num_kv_blocks * sh.block_kv;
@@ -949,7 +985,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows
                                   .Arg<ffi::Buffer<ffi::S32>>()  // row_start
@@ -969,8 +1005,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBackward, BackwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_t
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_t
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // delta

@@ -363,7 +363,7 @@ def forward(q, k, v, layout, masks, key_bias, logit_soft_cap=None, segments=None
         vmap_method="sequential",
     )(
         flat(q),
-        flat(jnp.swapaxes(k, -1, -2)),
+        flat(k),
         flat(v),
         *_layout_args(layout, masks, key_bias, segments),
         heads=np.int64(q.shape[1]),
@@ -384,8 +384,7 @@ def backward(
     )(
         flat(q),
         flat(k),
-        flat(jnp.swapaxes(k, -1, -2)),
-        flat(jnp.swapaxes(v, -1, -2)),
+        flat(v),
         flat(d_out),
         flat(lse),
         flat(delta),
