@@ -23,7 +23,7 @@
 //
 // The score products want each key block transposed ([d, block_kv]: a row of scores is then a
 // sum of key rows' vectors), and the backward pass wants value blocks transposed too. The kernel
-// transposes them itself, into scratch that stays in cache (`transpose_blocks`), once per call
+// transposes them itself, into scratch (`transpose_blocks`, tile by tile), once per call
 // in the forward pass and once per (batch, head) task in the backward pass: a transposed copy
 // made by XLA was a separate, slow pass over memory.
 //
