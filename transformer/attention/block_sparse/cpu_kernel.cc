@@ -5,7 +5,9 @@
 // The same library holds the kernel of one cached decoding step (DecodeStep, at the end).
 //
 // Built at first use by cpu_kernel.py (`c++ -O3 -march=native`), called through XLA's FFI.
-// The vector code uses GCC vector extensions, so `-march=native` picks AVX-512, AVX2 or NEON.
+// The vector code uses GCC vector extensions of the machine's own width (kLanes floats: 16 with
+// AVX-512, 8 with AVX2, 4 with NEON or SSE); key blocks and head dims are multiples of 16, so of
+// every width, and every machine runs the same plans.
 //
 // Layouts (float32, row-major), as plan.py and attention.py make them:
 //   q        [bh, num_q_blocks, block_q, d]      (already scaled)
@@ -66,7 +68,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// A vector wider than the registers is no faster: GCC lowers it to stack traffic.
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 typedef float vec __attribute__((vector_size(kLanes * 4)));
 typedef float vec_u __attribute__((vector_size(kLanes * 4), aligned(4)));
 typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
@@ -123,21 +132,13 @@ void apply_soft_cap(float* s, long rows, long cols, long ld, float c) {
       store(s + i * ld + j, cap * vtanh(load(s + i * ld + j) * inv));
 }
 
-// The sum of a vector's lanes: halving it three times where the compiler has
-// __builtin_shufflevector (GCC 12, Clang), lane by lane elsewhere.
+// The sum of a vector's lanes, halving: lanes [0, n/2) plus [n/2, n), and so on.
 inline float hsum(vec x) {
-#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
-  typedef float half __attribute__((vector_size(kLanes * 2)));
-  typedef float quarter __attribute__((vector_size(kLanes)));
-  half a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-#else
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += x[l];
-  return sum;
-#endif
+  float t[kLanes];
+  std::memcpy(t, &x, sizeof(t));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) t[l] += t[l + width];
+  return t[0];
 }
 
 inline bool all_finite(const float* p, long n) {
@@ -157,8 +158,24 @@ inline bool all_finite_fast(const float* p, long n) {
   return total == 0.0f && all_finite(p + i, n - i);
 }
 
-// C[R, NV * 16] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any strides,
-// so A may be a transposed view) and B's rows in `num_seg` segments of `seg_len` rows each
+// A register tile holds kTileRows x kTileVecs vectors of accumulators. They and a row of B
+// must fit the vector registers, or every update spills to the stack: 6 x 4 takes 24 of the 32
+// registers of AVX-512 and NEON, 6 x 2 takes 12 of AVX2's and SSE's 16.
+#ifndef TILE_ROWS
+#define TILE_ROWS 6
+#endif
+#ifndef TILE_VECS
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define TILE_VECS 4
+#else
+#define TILE_VECS 2
+#endif
+#endif
+constexpr int kTileRows = TILE_ROWS;
+constexpr int kTileVecs = TILE_VECS;
+
+// C[R, NV * kLanes] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any
+// strides, so A may be a transposed view) and B's rows in `num_seg` segments of `seg_len` rows each
 // (key blocks that are not adjacent in memory), B row t of segment s at b_seg[s] + t * ldb.
 template <int R, int NV>
 inline void tile(const float* a, long a_row, long a_k, const float* const* b_seg, int seg_len,
@@ -183,22 +200,17 @@ inline void tile(const float* a, long a_row, long a_k, const float* const* b_seg
     for (int j = 0; j < NV; ++j) store(c + r * ldc + j * kLanes, acc[r][j]);
 }
 
-template <int R>
+// tile<R, nv> for nv in [1, NV].
+template <int R, int NV = kTileVecs>
 inline void tile_row(int nv, const float* a, long a_row, long a_k, const float* const* b_seg,
                      int seg_len, int num_seg, long ldb, float* c, long ldc, bool accumulate) {
-  switch (nv) {
-    case 1: return tile<R, 1>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
-    case 2: return tile<R, 2>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
-    case 3: return tile<R, 3>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
-    default: return tile<R, 4>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return tile_row<R, NV - 1>(nv, a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc,
+                                 accumulate);
   }
+  tile<R, NV>(a, a_row, a_k, b_seg, seg_len, num_seg, ldb, c, ldc, accumulate);
 }
-
-#ifndef TILE_ROWS
-#define TILE_ROWS 6
-#endif
-// Rows per register tile: TILE_ROWS x 4 vectors of accumulators.
-constexpr int kTileRows = TILE_ROWS;
 
 template <int R>
 inline void tile_rows(int rows, int nv, const float* a, long a_row, long a_k,
@@ -212,12 +224,12 @@ inline void tile_rows(int rows, int nv, const float* a, long a_row, long a_k,
   }
 }
 
-// C[m, n] (+)= A[m, K] B[K, n] with n a multiple of 16, in register tiles of kTileRows rows x 64
-// columns.
+// C[m, n] (+)= A[m, K] B[K, n] with n a multiple of kLanes, in register tiles of kTileRows rows
+// x kTileVecs * kLanes columns.
 void matmul(int m, int n, const float* a, long a_row, long a_k, const float* const* b_seg,
             int seg_len, int num_seg, long ldb, float* c, long ldc, bool accumulate) {
-  for (int col = 0; col < n; col += 4 * kLanes) {
-    int nv = std::min(4, (n - col) / kLanes);
+  for (int col = 0; col < n; col += kTileVecs * kLanes) {
+    int nv = std::min(kTileVecs, (n - col) / kLanes);
     const float* b_cols[kChunk];
     for (int s = 0; s < num_seg; ++s) b_cols[s] = b_seg[s] + col;
     for (int row = 0; row < m; row += kTileRows)
@@ -786,7 +798,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
-// out[0..VECS*16) = sum over j < n of w[j] * v[j, :], with rows of VECS vectors, summed in
+// out[0..VECS*kLanes) = sum over j < n of w[j] * v[j, :], with rows of VECS vectors, summed in
 // registers, even and odd keys apart (two chains of dependent additions instead of one). No key
 // is skipped, so 0 * NaN stays NaN, as in the reference.
 template <int VECS>
