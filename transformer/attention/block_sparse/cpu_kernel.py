@@ -45,7 +45,9 @@ _SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 # FFI target names, suffixed with the kernel's version (`_target`).
 _FORWARD, _BACKWARD = "transformer_block_sparse_forward", "transformer_block_sparse_backward"
 _DECODE = "transformer_decode_step"
-# The kernel's register tiles are 16 floats wide: key blocks and head dims must be multiples.
+# Key blocks and head dims must be multiples of 16 floats: a whole number of the kernel's vectors
+# at every machine's width (16 floats with AVX-512, 8 with AVX2, 4 otherwise), so every machine
+# takes the kernel for the same inputs.
 LANES = 16
 
 
