@@ -153,26 +153,18 @@ inline bool all_finite_fast(const float* p, long n) {
   vec acc = splat(0.0f);
   long i = 0;
   for (; i + kLanes <= n; i += kLanes) acc += load(p + i) * 0.0f;
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total == 0.0f && all_finite(p + i, n - i);
+  return hsum(acc) == 0.0f && all_finite(p + i, n - i);
 }
 
 // A register tile holds kTileRows x kTileVecs vectors of accumulators. They and a row of B
 // must fit the vector registers, or every update spills to the stack: 6 x 4 takes 24 of the 32
 // registers of AVX-512 and NEON, 6 x 2 takes 12 of AVX2's and SSE's 16.
-#ifndef TILE_ROWS
-#define TILE_ROWS 6
-#endif
-#ifndef TILE_VECS
+constexpr int kTileRows = 6;
 #if defined(__AVX512F__) || defined(__aarch64__)
-#define TILE_VECS 4
+constexpr int kTileVecs = 4;
 #else
-#define TILE_VECS 2
+constexpr int kTileVecs = 2;
 #endif
-#endif
-constexpr int kTileRows = TILE_ROWS;
-constexpr int kTileVecs = TILE_VECS;
 
 // C[R, NV * kLanes] (+)= sum_k A[r, k] B[k, :], with A read as A[r * a_row + k * a_k] (any
 // strides, so A may be a transposed view) and B's rows in `num_seg` segments of `seg_len` rows each
