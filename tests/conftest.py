@@ -5,6 +5,10 @@ import os
 # Must happen before JAX initialises its backends, hence at import of the first conftest.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's programs are small and run for milliseconds, so XLA's optimisation passes cost far
+# more than they save (they were most of the suite's time). Environment variables, not
+# jax.config, so the launches that tests run as subprocesses compile the same way.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from absl import flags  # noqa: E402
 
