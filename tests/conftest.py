@@ -1,13 +1,18 @@
-"""Shared test set-up: eight CPU devices, so data-parallel code runs as it would on a pod slice."""
+"""Shared test set-up: eight CPU devices, so data-parallel code runs as it would on a pod slice,
+and compilation cheap enough for a suite of many small programs."""
 
 import os
 
 # Must happen before JAX initialises its backends, hence at import of the first conftest.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite's programs are small and run for milliseconds, so compiling them is most of its time:
+# XLA's optimisation passes and its newer (MLIR) fusion emitters cost far more than they save
+# here. The tests check what the code computes, which neither changes beyond float rounding;
+# tests/test_nan_semantics.py turns the optimisation passes back on. Environment
+# variables, not jax.config, so the launches that tests run as subprocesses compile the same way.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite's programs are small and run for milliseconds, so XLA's optimisation passes cost far
-# more than they save (they were most of the suite's time). Environment variables, not
-# jax.config, so the launches that tests run as subprocesses compile the same way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from absl import flags  # noqa: E402
