@@ -68,7 +68,10 @@ def toy_iterator(
     if split == "train":
         first = data_config.get("nan_from_batch") or np.inf
         dataset = dataset.map_with_index(lambda i, batch: _poison(batch, i >= first))
-    return iter(dataset)
+    # Read in the calling thread, as the real pipeline does by default (`read_threads` 0):
+    # grain's default read-ahead (16 threads, 500 batches) would compute hundreds of batches no
+    # step asks for, beside the training step.
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def _poison(batch, poisoned):
