@@ -15,6 +15,9 @@ setup(
     install_requires=[
         "numpy>=1.26,<3",
         "jax>=0.10.0,<0.11",  # chunked attention uses the 0.10 varying-axis API
+        # JAX's dtype extension; 0.7.0 takes seconds to import (0.6.0: milliseconds), which every
+        # launch, sweep worker and test process pays.
+        "ml_dtypes>=0.5,<0.7",
         "flax>=0.12.0,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11.20,<0.13",

@@ -7,7 +7,9 @@ or, for a sentence the model translates itself, `translate_and_plot`.
 """
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import matplotlib
 
@@ -60,17 +62,22 @@ def alignment_weights(model, params, source, target):
     implementation that returns weights, and sows them; its last decoder layer's
     cross-attention, averaged over heads, is the alignment (row i predicts target[i]).
     """
+    return np.asarray(_alignment_weights(model, params, jnp.asarray(source), jnp.asarray(target)))
+
+
+# One compiled program per model and sentence shape: run op by op, a model's forward pass would
+# compile each of its hundreds of operations on its own.
+@functools.partial(jax.jit, static_argnames="model")
+def _alignment_weights(model, params, source, target):
     if not isinstance(model, EncoderDecoder):
-        return np.asarray(
-            model.apply({"params": params}, source, target, return_attention=True)[1][0]
-        )
+        return model.apply({"params": params}, source, target, return_attention=True)[1][0]
     config = dataclasses.replace(model.config, sow_attention_weights=True, implementation="dense")
     _, state = model.clone(config=config).apply(
         {"params": params}, source, target, mutable=["intermediates"]
     )
     last_layer = state["intermediates"]["decoder"][f"layers_{config.num_decoder_layers - 1}"]
     weights = last_layer["cross_attention"]["attention_weights"][0]  # [1, heads, tgt, src]
-    return np.asarray(weights[0].mean(0))
+    return weights[0].mean(0)
 
 
 def translate_and_plot(
