@@ -17,23 +17,26 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 2, 32)
 
 def lm(**switches):
     model = build_model({**LM, "dropout_rate": 0.0, "norm_position": "pre", **switches})
-    return model, model.init(jax.random.key(0), TOKENS)
+    return model, jax.jit(model.init)(jax.random.key(0), TOKENS)
 
 
-def param_paths(variables):
+def param_paths(**switches):
+    """The parameter names of `lm(**switches)`, from their shapes alone (nothing compiled)."""
+    model = build_model({**LM, "dropout_rate": 0.0, "norm_position": "pre", **switches})
+    variables = jax.eval_shape(model.init, jax.random.key(0), TOKENS)
     return ["/".join(path) for path in traverse_util.flatten_dict(variables["params"])]
 
 
 def test_no_feed_forward_has_no_feed_forward_parameters():
-    assert any("feed_forward/" in p for p in param_paths(lm()[1]))
-    paths = param_paths(lm(feed_forward=False)[1])
+    assert any("feed_forward/" in p for p in param_paths())
+    paths = param_paths(feed_forward=False)
     assert not any("feed_forward" in p for p in paths)
     assert any("self_attention/" in p for p in paths)
 
 
 def test_norm_position_none_has_no_layer_norm_anywhere():
-    assert any("norm" in p for p in param_paths(lm()[1]))
-    assert not any("norm" in p for p in param_paths(lm(norm_position="none")[1]))
+    assert any("norm" in p for p in param_paths())
+    assert not any("norm" in p for p in param_paths(norm_position="none"))
 
 
 def zero_sublayer_outputs(variables):
@@ -57,8 +60,8 @@ def test_without_residual_the_layer_output_does_not_contain_the_input(norm_posit
         )
         config = LayerConfig(**{**config.__dict__, "residual": residual})
         layer = EncoderLayer(config)
-        variables = zero_sublayer_outputs(layer.init(jax.random.key(0), x))
-        outputs[residual] = np.asarray(layer.apply(variables, x))
+        variables = zero_sublayer_outputs(jax.jit(layer.init)(jax.random.key(0), x))
+        outputs[residual] = np.asarray(jax.jit(layer.apply)(variables, x))
     if norm_position == "post":  # LayerNorm(x + 0), twice; its bias starts at 0
         normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
         np.testing.assert_allclose(outputs[True], normed, atol=1e-4)
@@ -71,8 +74,8 @@ def test_unscaled_attention_is_scaled_attention_of_queries_times_sqrt_head_dim()
     head_dim = 64
     x = jax.random.normal(jax.random.key(3), (2, 10, 32))
     unscaled = MultiHeadAttention(num_heads=2, features=32, head_dim=head_dim, scale_scores=False)
-    variables = unscaled.init(jax.random.key(0), x)
-    got = unscaled.apply(variables, x)
+    variables = jax.jit(unscaled.init)(jax.random.key(0), x)
+    got = jax.jit(unscaled.apply)(variables, x)
 
     params = variables["params"]
 
@@ -90,10 +93,13 @@ def test_unscaled_attention_is_scaled_attention_of_queries_times_sqrt_head_dim()
 
 def test_unscaled_decoding_with_a_cache_equals_the_full_call():
     model, variables = lm(scale_scores=False, head_dim=64)
-    full = model.apply(variables, TOKENS)
+    full = jax.jit(model.apply)(variables, TOKENS)
     state = model.apply(variables, TOKENS, 16, method="init_decode_state")
+    decode_step = jax.jit(
+        lambda state, token: model.apply(variables, state, token, method="decode_step")
+    )
     for position in range(TOKENS.shape[1]):
-        logits, state = model.apply(variables, state, TOKENS[:, position], method="decode_step")
+        logits, state = decode_step(state, TOKENS[:, position])
         np.testing.assert_allclose(logits, full[:, position], atol=2e-4, rtol=2e-4)
 
 
@@ -131,7 +137,7 @@ def test_the_defaults_are_the_full_model():
         }
     )
     np.testing.assert_array_equal(
-        default.apply(variables, TOKENS), explicit.apply(variables, TOKENS)
+        jax.jit(default.apply)(variables, TOKENS), jax.jit(explicit.apply)(variables, TOKENS)
     )
 
 
