@@ -1,6 +1,7 @@
 """BLEU by source length (transformer/evaluation/translation.py) and the bottleneck experiment's sweep."""
 
 import dataclasses
+import functools
 import math
 
 import ml_collections
@@ -112,7 +113,7 @@ def test_transformer_alignment_is_its_last_cross_attention_over_real_source_toke
     model = EncoderDecoder(config)
     source = np.array([[5, 6, 7, EOS_ID, PAD_ID, PAD_ID]])
     target = np.array([[8, 9, EOS_ID]])
-    params = model.init(jax.random.key(0), source, target)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), source, target)["params"]
     from transformer.evaluation.alignment import alignment_weights
 
     weights = alignment_weights(model, params, source, target)
@@ -120,9 +121,11 @@ def test_transformer_alignment_is_its_last_cross_attention_over_real_source_toke
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     assert (weights[:, 4:] == 0).all() and (weights[:, :4] > 0).all()
     # The last decoder layer's, not the first's.
-    _, state = model.clone(
+    sowing = model.clone(
         config=dataclasses.replace(config, sow_attention_weights=True, implementation="dense")
-    ).apply({"params": params}, source, target, mutable=["intermediates"])
+    )
+    apply = jax.jit(functools.partial(sowing.apply, mutable=["intermediates"]))
+    _, state = apply({"params": params}, source, target)
     layers = state["intermediates"]["decoder"]
     first = layers["layers_0"]["cross_attention"]["attention_weights"][0][0].mean(0)
     last = layers["layers_1"]["cross_attention"]["attention_weights"][0][0].mean(0)
