@@ -65,7 +65,8 @@ def test_learned_positions_start_at_the_scale_of_the_token_embeddings():
         positional="learned",
         max_len=64,
     )
-    params = build_model(config).init(jax.random.key(0), jnp.ones((1, 64), jnp.int32))["params"]
+    model = build_model(config)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 64), jnp.int32))["params"]
     tokens = params["embed"]["embedding"] * 64**0.5  # as embed_tokens scales them
     positions = params["encoder"]["LearnedPositionalEmbedding_0"]["embedding"]
     ratio = float(jnp.std(positions) / jnp.std(tokens))

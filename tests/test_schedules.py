@@ -40,7 +40,7 @@ def test_layer_i_takes_entry_i_mod_length_with_its_own_options_and_seed():
 def reach(model, length=12):
     """{p: whether the logits at the last position change when token p changes}."""
     tokens = jax.random.randint(jax.random.key(0), (1, length), 1, SMALL["vocab_size"])
-    variables = model.init(jax.random.key(1), tokens)
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
     # Row p has token p changed; row `length` is the original.
     others = jnp.concatenate([jnp.tile(tokens, (length, 1)), tokens])
     others = others.at[jnp.arange(length), jnp.arange(length)].set(
@@ -74,8 +74,8 @@ def test_an_encoder_classifier_runs_a_schedule():
         dict(name="encoder_classifier", num_layers=2, pattern=[WINDOW_1, "full"], **SMALL)
     )
     tokens = jnp.ones((2, 9), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens)
-    assert model.apply(variables, tokens).shape == (2, 2)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
+    assert jax.jit(model.apply)(variables, tokens).shape == (2, 2)
 
 
 @pytest.mark.parametrize(
