@@ -163,12 +163,13 @@ def test_one_training_step_on_packed_shakespeare_keeps_documents_apart(tmp_path)
     windows = pipeline.PackedWindows([row[:n] for row, n in zip(alone, DOCUMENTS)], LENGTH)
     batch = {key: value[None] for key, value in windows[0].items()}
     task = tasks.get_task("language_modelling")
-    packed_logits = model.apply(params, *task.model_inputs(batch))
+    apply = jax.jit(model.apply)
+    packed_logits = apply(params, *task.model_inputs(batch))
     segment_ids, positions = batch["segment_ids"], batch["positions"]
     first = int((segment_ids[0] == 1).sum())
-    alone = model.apply(params, batch["inputs"][:, :first])
+    alone = apply(params, batch["inputs"][:, :first])
     np.testing.assert_allclose(packed_logits[:, :first], alone, **TOLERANCE)
     second = segment_ids[0] == 2
-    alone = model.apply(params, batch["inputs"][:, second])
+    alone = apply(params, batch["inputs"][:, second])
     np.testing.assert_allclose(packed_logits[:, second], alone, **TOLERANCE)
     assert positions[0, second][0] == 0 and second.sum() == DOCUMENTS[1] + 1
