@@ -288,7 +288,7 @@ def test_prefill_hands_over_rows_of_different_lengths(case):
     rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])
     cached = decode_all(model, variables, rest, max_len, state=state)
     # The full call over max_len tokens: random blocks are drawn for the cache's length.
-    full = model.apply(variables, sequences)
+    full = jax.jit(model.apply)(variables, sequences)
     for row, n in enumerate(lengths.tolist()):
         np.testing.assert_allclose(cached[row], full[row, n : n + steps], rtol=2e-4, atol=2e-4)
 
@@ -315,7 +315,7 @@ def test_beam_search_over_a_ring_cache_keeps_each_beams_window():
 
     # Every beam of both examples, scored by the full call: log p up to and with the first EOS.
     targets = tokens.reshape(8, 12)
-    logits = model.apply(variables, jnp.repeat(source, 4, axis=0), targets)
+    logits = jax.jit(model.apply)(variables, jnp.repeat(source, 4, axis=0), targets)
     logp = jax.nn.log_softmax(logits.at[..., 0].set(-jnp.inf))
     picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     after_eos = jnp.cumsum(targets == 2, axis=1) - (targets == 2) > 0

@@ -391,7 +391,7 @@ def test_generate_with_the_cache_picks_the_full_calls_argmax_at_every_step():
     variables = jax.jit(model.init)(jax.random.key(0), source, source)
     generated = decoding.generate(model, variables, source, eos_id=None)
     assert generated.shape == (2, 7)
-    full = model.apply(variables, source, generated)  # position i predicts generated[:, i]
+    full = jax.jit(model.apply)(variables, source, generated)  # position i predicts generated[:, i]
     np.testing.assert_array_equal(jnp.argmax(full.at[..., 0].set(-jnp.inf), axis=-1), generated)
     with pytest.raises(ValueError, match="max_decode_len 8 exceeds the learned positional"):
         decoding.generate(model, variables, source, eos_id=None, max_len=8)

@@ -95,11 +95,13 @@ def test_decoding_after_a_prefill_of_the_prefix_equals_the_full_call(pattern):
     prompt = jnp.where(
         jnp.arange(prompt_len)[None] < lengths[:, None], sequences[:, :prompt_len], 0
     )
-    state = model.apply(variables, prompt, max_len, lengths=lengths, method="prefill")
+    state = jax.jit(lambda v, p: model.apply(v, p, max_len, lengths=lengths, method="prefill"))(
+        variables, prompt
+    )
     steps = 6
     rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])
     cached = decode_all(model, variables, rest, max_len, state=state)
-    full = model.apply(variables, sequences)
+    full = jax.jit(model.apply)(variables, sequences)
     for row, n in enumerate(lengths.tolist()):
         np.testing.assert_allclose(cached[row], full[row, n : n + steps], rtol=2e-4, atol=2e-4)
 
