@@ -15,15 +15,18 @@ LM = dict(name="decoder_lm", vocab_size=32, d_model=16, num_heads=2, d_ff=32, nu
 TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 2, 32)
 
 
+def lm_model(**switches):
+    return build_model({**LM, "dropout_rate": 0.0, "norm_position": "pre", **switches})
+
+
 def lm(**switches):
-    model = build_model({**LM, "dropout_rate": 0.0, "norm_position": "pre", **switches})
+    model = lm_model(**switches)
     return model, jax.jit(model.init)(jax.random.key(0), TOKENS)
 
 
 def param_paths(**switches):
     """The parameter names of `lm(**switches)`, from their shapes alone (nothing compiled)."""
-    model = build_model({**LM, "dropout_rate": 0.0, "norm_position": "pre", **switches})
-    variables = jax.eval_shape(model.init, jax.random.key(0), TOKENS)
+    variables = jax.eval_shape(lm_model(**switches).init, jax.random.key(0), TOKENS)
     return ["/".join(path) for path in traverse_util.flatten_dict(variables["params"])]
 
 

@@ -41,6 +41,14 @@ def decode_all(model, variables, tokens, max_decode_len, state=None):
     return jax.jit(run)(variables, tokens, state)
 
 
+def prefill(model, variables, prompt, max_decode_len, lengths):
+    """The decoding state after right-padded `prompt` `[batch, prompt_len]` of `lengths`
+    `[batch]` real tokens, from one jitted forward pass (`method="prefill"`)."""
+    return jax.jit(lambda v, p, n: model.apply(v, p, max_decode_len, lengths=n, method="prefill"))(
+        variables, prompt, lengths
+    )
+
+
 # (fields, the layout the first layer's cache takes, sequence length). The lengths pass the
 # first prefix segment (128) and wrap each ring several times.
 CASES = {
@@ -280,9 +288,7 @@ def test_prefill_hands_over_rows_of_different_lengths(case):
     variables = jax.jit(model.init)(jax.random.key(0), sequences)
     real = jnp.arange(prompt_len)[None, :] < lengths[:, None]
     prompt = jnp.where(real, sequences[:, :prompt_len], 0)
-    state = jax.jit(lambda v, p: model.apply(v, p, max_len, lengths=lengths, method="prefill"))(
-        variables, prompt
-    )
+    state = prefill(model, variables, prompt, max_len, lengths)
     np.testing.assert_array_equal(state["positions"], lengths)
     steps = 8
     rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_kv_cache import decode_all, random_tokens
+from test_kv_cache import decode_all, prefill, random_tokens
 
 from transformer import patterns
 from transformer.modules.models import DecoderLM, TransformerConfig, layer_pattern
@@ -95,9 +95,7 @@ def test_decoding_after_a_prefill_of_the_prefix_equals_the_full_call(pattern):
     prompt = jnp.where(
         jnp.arange(prompt_len)[None] < lengths[:, None], sequences[:, :prompt_len], 0
     )
-    state = jax.jit(lambda v, p: model.apply(v, p, max_len, lengths=lengths, method="prefill"))(
-        variables, prompt
-    )
+    state = prefill(model, variables, prompt, max_len, lengths)
     steps = 6
     rest = jnp.stack([sequences[row, n : n + steps] for row, n in enumerate(lengths.tolist())])
     cached = decode_all(model, variables, rest, max_len, state=state)

@@ -62,7 +62,7 @@ def alignment_weights(model, params, source, target):
     implementation that returns weights, and sows them; its last decoder layer's
     cross-attention, averaged over heads, is the alignment (row i predicts target[i]).
     """
-    return np.asarray(_alignment_weights(model, params, jnp.asarray(source), jnp.asarray(target)))
+    return np.asarray(_alignment_weights(model, params, source, target))
 
 
 # One compiled program per model and sentence shape: run op by op, a model's forward pass would
