@@ -3,15 +3,19 @@ and compilation cheap enough for a suite of many small programs."""
 
 import os
 
-# Must happen before JAX initialises its backends, hence at import of the first conftest.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite's programs are small and run for milliseconds, so compiling them is most of its time.
+# Two settings make compiling cheaper than it is for users; the tests check what the code
+# computes, which neither changes beyond float rounding, and tests/test_nan_semantics.py compiles
+# as users do. XLA's optimisation passes cost far more than they save here. And XLA:CPU's older
+# fusion emitters (`--xla_cpu_use_fusion_emitters=false`) compile each fused kernel about three
+# times faster than the default MLIR emitters, which build a pass pipeline per kernel. Environment
+# variables, not jax.config, so the launches that tests run as subprocesses compile the same way
+# (tests/xla_flags.py keeps the flags when a subprocess asks for another device count). Both must
+# be set before JAX initialises its backends, hence at import of the first conftest.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite's programs are small and run for milliseconds, so compiling them is most of its time,
-# and XLA's optimisation passes cost far more than they save here. The tests check what the code
-# computes, which the passes do not change beyond float rounding; tests/test_nan_semantics.py
-# turns them back on. An environment variable, not jax.config, so the launches that tests run as
-# subprocesses compile the same way. (XLA's older CPU fusion emitters would compile faster still,
-# but together with this flag they miscompile tests/test_nnx.py's training step.)
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from absl import flags  # noqa: E402

@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_implementations import composed_patterns, random_inputs, reference
+from test_attention_implementations import (
+    composed_patterns,
+    forward_and_gradients,
+    random_inputs,
+    reference,
+)
 
 from transformer import patterns
 from transformer.attention import block_sparse
@@ -24,10 +29,15 @@ from transformer.attention.block_sparse import cpu_kernel
 from transformer.attention.dense import dense_attention
 
 
-def uses_kernel(fn, *args):
-    """Whether the compiled computation calls the kernel's forward and backward."""
-    text = jax.jit(fn).lower(*args).as_text()
+def calls_kernel(lowered):
+    """Whether a lowered program calls the kernel's forward and backward."""
+    text = lowered.as_text()
     return cpu_kernel._FORWARD in text, cpu_kernel._BACKWARD in text
+
+
+def uses_kernel(fn, *args):
+    """Whether `fn` compiled for `args` calls the kernel's forward and backward."""
+    return calls_kernel(jax.jit(fn).lower(*args))
 
 
 def check(pattern, inputs, block_q, block_kv, use_kernel=True):
@@ -45,15 +55,15 @@ def check(pattern, inputs, block_q, block_kv, use_kernel=True):
             use_kernel=use_kernel,
         )
 
-    loss = lambda q, k, v: (attend(q, k, v) * d_out).sum()
-    called = uses_kernel(jax.grad(loss, (0, 1, 2)), q, k, v)
-    out, vjp = jax.vjp(jax.jit(attend), q, k, v)
+    lowered = forward_and_gradients(attend).lower(d_out, q, k, v)
+    called = calls_kernel(lowered)
+    out, grads = lowered.compile()(d_out, q, k, v)
     q_len, kv_len = q.shape[1], k.shape[1]
     allowed = np.broadcast_to(pattern.mask(q_len, kv_len), (q.shape[0], q_len, kv_len))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
     expected, expected_grads = reference(q, k, v, d_out, allowed, q.shape[-1] ** -0.5, None)
-    got = (out,) + tuple(vjp(jnp.asarray(d_out)))
+    got = (out,) + tuple(grads)
     for name, g, want in zip(("out", "dq", "dk", "dv"), got, (expected,) + expected_grads):
         np.testing.assert_allclose(
             np.asarray(g), want, atol=2e-5, rtol=2e-4, err_msg=f"{name} {pattern}"

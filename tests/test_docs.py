@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xla_flags import with_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
@@ -42,8 +43,9 @@ def test_pages_have_snippets():
 
 def _environment(tmp_path):
     """A user's environment, not the test suite's: one CPU device, output under tmp_path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(
+        XLA_FLAGS=with_device_count(None),  # the suite's compile flags, one device
         JAX_PLATFORMS="cpu",
         TMPDIR=str(tmp_path),
         TFDS_DATA_DIR=str(tmp_path / "tensorflow_datasets"),

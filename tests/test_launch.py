@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 from experiment_files import EXPERIMENTS, ROOT, load_experiment
 from ml_collections import config_flags
+from xla_flags import with_device_count
 
 from transformer.training import config_schema, loop, sweep
 
@@ -47,7 +48,7 @@ def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        env=dict(os.environ, XLA_FLAGS=with_device_count(2)),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())

@@ -26,6 +26,10 @@ KEY_VALID[0, 56:] = False
 KEY_VALID[1, :4] = False
 
 
+# XLA:CPU's default fusion emitters, which conftest.py swaps for the older, faster-compiling ones.
+USERS_CPU_COMPILER = {"xla_cpu_use_fusion_emitters": True}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _optimised_compilation():
     """Where NaN and inf land can depend on how XLA rewrites the arithmetic, so these tests
@@ -83,7 +87,7 @@ def _run(name, pattern_name):
         out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, pattern, mask), q, k, v)
         return (out, *vjp(d_out))
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=USERS_CPU_COMPILER)
 
 
 def dense(q, k, v, pattern, mask):

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from xla_flags import with_device_count
 
 from transformer.training import loop, optimizer, parallel, tasks
 
@@ -156,9 +157,7 @@ def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_o
     tmp_path, monkeypatch
 ):
     port = _free_port()
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=with_device_count(2), JAX_PLATFORMS="cpu")
     outputs = [tmp_path / f"params_{i}.npz" for i in range(2)]
     workers = [
         subprocess.Popen(
