@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -33,23 +34,43 @@ def test_every_experiment_has_valid_smoke_and_sweep_configs(file_name):
         config_schema.validate(get_config(f"smoke,{variant}"))
 
 
-def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
-    workdir = tmp_path / "run"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "launch.py"),
-            "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
-            f"--workdir={workdir}",
-            "--config.num_train_steps=6",
-            f"--config.data_dir={data_dir}",
-        ],
+# The launches below share one trained workdir: each is a whole training run to compile.
+SMOKE_RUN = pytest.mark.xdist_group("test_launch smoke run")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    """launch.py trains the smoke preset with overrides, on 2 devices, in the workdir of a run
+    that failed before its first checkpoint (its config.json names a misspelt pattern). Returns
+    the completed process, the workdir and the command's arguments."""
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": {"pattern": "slidng_window"}}))
+    arguments = [
+        os.path.join(ROOT, "launch.py"),
+        "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
+        f"--workdir={workdir}",
+        "--config.num_train_steps=6",
+        f"--config.data_dir={data_dir}",
+    ]
+    completed = _launch_on_two_devices(arguments)
+    return completed, workdir, arguments
+
+
+def _launch_on_two_devices(arguments):
+    return subprocess.run(
+        [sys.executable, *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         env=dict(os.environ, XLA_FLAGS=with_device_count(2)),
     )
+
+
+@SMOKE_RUN
+def test_launch_trains_the_smoke_preset_with_overrides(smoke_run):
+    completed, workdir, _ = smoke_run
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["device_count"] == 2
@@ -63,6 +84,30 @@ def test_launch_trains_the_smoke_preset_with_overrides(tmp_path, data_dir):
     machine = summary["machine"]
     assert machine["cpu_cores"] >= 1 and machine["cpu_model"]
     assert machine["versions"]["jax"] == jax.__version__
+
+
+@SMOKE_RUN
+def test_a_corrected_command_runs_in_the_workdir_of_a_failed_one(smoke_run):
+    """A run that failed before its first checkpoint protects nothing: its workdir takes the
+    corrected config."""
+    completed, workdir, _ = smoke_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["pattern"] == "sliding_window"
+
+
+@SMOKE_RUN
+def test_a_changed_config_in_a_workdir_with_checkpoints_is_a_short_error(smoke_run, tmp_path):
+    _, trained, arguments = smoke_run
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    saved = (workdir / "config.json").read_text()
+    arguments = [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in arguments]
+    completed = _launch_on_two_devices([*arguments, "--config.seed=1"])
+    lines = _error_lines(completed.stderr)
+    assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
+    assert "holds checkpoints of a run with a different config (seed: 0 -> 1)" in lines[0]
+    assert (workdir / "config.json").read_text() == saved
 
 
 def _launch(*args, cwd=ROOT):
@@ -149,33 +194,6 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     assert completed.returncode == 2
     assert f"the workdir {not_a_directory} is a file" in _error_lines(completed.stderr)[0]
     assert not_a_directory.read_text() == "keep me"
-
-
-def test_a_corrected_command_runs_in_the_workdir_of_a_failed_one(tmp_path, data_dir):
-    """A run that failed before its first checkpoint protects nothing: its workdir takes the
-    corrected config."""
-    workdir = tmp_path / "run"
-    common = ["--config=experiments/pattern_reach.py:smoke", f"--workdir={workdir}"]
-    common += [f"--config.data_dir={data_dir}", "--config.num_train_steps=2"]
-    workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"model": {"pattern": "slidng_window"}}))
-    completed = _launch(*common, "--config.model.pattern=causal")
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"]["pattern"] == "causal"
-
-
-def test_a_changed_config_in_a_workdir_with_checkpoints_is_a_short_error(tmp_path, data_dir):
-    workdir = tmp_path / "run"
-    common = ["--config=experiments/pattern_reach.py:smoke", f"--workdir={workdir}"]
-    common += [f"--config.data_dir={data_dir}", "--config.num_train_steps=2"]
-    assert _launch(*common).returncode == 0
-    saved = (workdir / "config.json").read_text()
-    completed = _launch(*common, "--config.seed=1")
-    lines = _error_lines(completed.stderr)
-    assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
-    assert "holds checkpoints of a run with a different config (seed: 0 -> 1)" in lines[0]
-    assert (workdir / "config.json").read_text() == saved
 
 
 def test_a_busy_workdir_is_a_short_error_naming_the_holder(tmp_path):

@@ -20,6 +20,7 @@ def data_parallel():
     return run_steps("shard_map", jax.devices())
 
 
+@pytest.mark.xdist_group("test_mesh data_parallel")  # one worker: the reference runs once
 @pytest.mark.parametrize("sizes", [dict(data=2, fsdp=4), dict(data=1, fsdp=8)])
 def test_each_mesh_trains_the_data_parallel_losses_and_parameters(sizes, data_parallel):
     losses, params = run_steps("shard_map", jax.devices(), sizes)

@@ -89,6 +89,10 @@ def test_encoder_outputs_at_real_positions_ignore_appended_padding():
     )
 
 
+# Its tests run in one worker process, so the model compiles its init once.
+LANGUAGE_MODEL_GROUP = pytest.mark.xdist_group("test_models language_model")
+
+
 @pytest.fixture(scope="module")
 def language_model():
     """A tiny DecoderLM with learned positions and attention dropout, and its variables."""
@@ -100,6 +104,7 @@ def language_model():
     return model, jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 12), jnp.int32))
 
 
+@LANGUAGE_MODEL_GROUP
 def test_language_model_logits_at_real_positions_ignore_appended_padding(language_model):
     model, variables = language_model
     tokens = random_tokens(0, 2, 6)
@@ -183,6 +188,7 @@ def test_encoder_decoder_with_separate_vocabularies():
     assert shapes["output_projection"]["kernel"].shape == (16, 11)
 
 
+@LANGUAGE_MODEL_GROUP
 def test_dropout_follows_train_and_rng(language_model):
     model, variables = language_model
     tokens = random_tokens(0, 2, 6)
@@ -196,6 +202,7 @@ def test_dropout_follows_train_and_rng(language_model):
     assert not np.allclose(other, first, atol=1e-3)
 
 
+@LANGUAGE_MODEL_GROUP
 def test_bfloat16_compute_keeps_float32_params_and_logits(language_model):
     model, variables = language_model
     tokens = random_tokens(0, 2, 6)

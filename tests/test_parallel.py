@@ -76,6 +76,7 @@ def one_device():
     return run_steps("shard_map", jax.devices()[:1])
 
 
+@pytest.mark.xdist_group("test_parallel one_device")  # one worker: the reference runs once
 @pytest.mark.parametrize("mode", parallel.MODES)
 def test_eight_devices_match_one_device(mode, one_device):
     assert jax.device_count() == 8

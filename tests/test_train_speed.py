@@ -113,6 +113,10 @@ def test_train_step_memory_holds_parameters_and_adam_moments_and_grows_with_leng
 SWEPT = ("full-64", "bigbird-128")  # two of the smoke preset's four: compiling is the cost
 
 
+# Its tests run in one worker process, so the sweep runs once.
+SWEPT_GROUP = pytest.mark.xdist_group("test_train_speed swept")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """A sweep of the smoke preset's variants SWEPT (one seed) and its report."""
@@ -128,6 +132,7 @@ def swept(tmp_path_factory):
     return workdir, records, speed.report(str(workdir))
 
 
+@SWEPT_GROUP
 def test_smoke_sweep_times_every_variant(swept):
     workdir, records, _ = swept
     assert [r["variant"] for r in records] == list(SWEPT)
@@ -136,6 +141,7 @@ def test_smoke_sweep_times_every_variant(swept):
     assert "| bigbird-128 | 1 | " in (workdir / "results.md").read_text()
 
 
+@SWEPT_GROUP
 def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
     workdir, records, table = swept
     assert set(table) == {("full", 64), ("bigbird", 128)}
@@ -159,6 +165,7 @@ def test_report_tabulates_speed_over_timed_steps_and_memory(swept):
     assert (workdir / "speed.png").stat().st_size > 1000
 
 
+@SWEPT_GROUP
 def test_report_reads_memory_from_the_summary_when_the_loop_recorded_it(swept, tmp_path):
     import json
     import shutil
@@ -172,6 +179,7 @@ def test_report_reads_memory_from_the_summary_when_the_loop_recorded_it(swept, t
     assert speed.summarize(speed.finished_runs(str(tmp_path)))["full", 64][4] == 123.0
 
 
+@SWEPT_GROUP
 def test_report_refuses_runs_on_different_device_counts(swept, tmp_path):
     import json
     import shutil
