@@ -19,6 +19,9 @@ from transformer import patterns
 from transformer.attention import dot_product_attention
 from transformer.attention.block_sparse import block_sparse_attention, cpu_kernel
 
+# One worker process runs these tests, so each implementation and pattern compiles once (_run).
+pytestmark = pytest.mark.xdist_group("test_nan_semantics")
+
 BATCH, LENGTH, HEADS, DIM = 2, 64, 2, 16
 # Batch 0 pads its last keys; batch 1 its first, so under causal() its first rows see no key.
 KEY_VALID = np.ones((BATCH, LENGTH), bool)

@@ -60,6 +60,10 @@ def make(name, **overrides):
     )
 
 
+# The tests that compare outputs(name) run in one worker process, so each config compiles once.
+OUTPUTS_GROUP = pytest.mark.xdist_group("test_rnn outputs")
+
+
 @functools.cache
 def outputs(name):
     """Everything the per-config tests compare, computed in one jitted call (one compile)."""
@@ -87,6 +91,7 @@ def outputs(name):
     return run(variables)
 
 
+@OUTPUTS_GROUP
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_and_teacher_forcing_equals_step_by_step(name):
     out = outputs(name)
@@ -101,6 +106,7 @@ def test_runs_outside_jit_too():
     )
 
 
+@OUTPUTS_GROUP
 @pytest.mark.parametrize("name", CONFIGS)
 def test_padding_does_not_change_outputs(name):
     out = outputs(name)
@@ -109,6 +115,7 @@ def test_padding_does_not_change_outputs(name):
     )
 
 
+@OUTPUTS_GROUP
 @pytest.mark.parametrize("name", ATTENTION_CONFIGS)
 def test_attention_weights_sum_to_one_over_real_source_positions(name):
     weights = np.asarray(outputs(name)["weights"])

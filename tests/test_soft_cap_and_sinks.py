@@ -399,6 +399,7 @@ def non_finite_run(implementation, pattern_name):
     return jax.jit(run)
 
 
+@pytest.mark.xdist_group("test_soft_cap_and_sinks non_finite_run")  # one worker: compiled once
 @pytest.mark.parametrize("case", list(NON_FINITE))
 def test_non_finite_inputs_as_the_dense_reference(case):
     """NaN and inf with a cap and sinks: where NaN and +-inf land and the finite values, in
