@@ -42,7 +42,8 @@ def test_pages_have_snippets():
 
 
 def _environment(tmp_path):
-    """A user's environment, not the test suite's: one CPU device, output under tmp_path."""
+    """A user's environment, but for the suite's compile flags (conftest.py): one CPU device,
+    output under tmp_path."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env.update(
         XLA_FLAGS=with_device_count(None),  # the suite's compile flags, one device

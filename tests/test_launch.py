@@ -47,25 +47,13 @@ def smoke_run(tmp_path_factory, data_dir):
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"model": {"pattern": "slidng_window"}}))
     arguments = [
-        os.path.join(ROOT, "launch.py"),
         "--config=experiments/pattern_reach.py:smoke,sliding_window-2layers",
         f"--workdir={workdir}",
         "--config.num_train_steps=6",
         f"--config.data_dir={data_dir}",
     ]
-    completed = _launch_on_two_devices(arguments)
+    completed = _launch(*arguments, devices=2)
     return completed, workdir, arguments
-
-
-def _launch_on_two_devices(arguments):
-    return subprocess.run(
-        [sys.executable, *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, XLA_FLAGS=with_device_count(2)),
-    )
 
 
 @SMOKE_RUN
@@ -103,20 +91,23 @@ def test_a_changed_config_in_a_workdir_with_checkpoints_is_a_short_error(smoke_r
     shutil.copytree(trained, workdir)
     saved = (workdir / "config.json").read_text()
     arguments = [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in arguments]
-    completed = _launch_on_two_devices([*arguments, "--config.seed=1"])
+    completed = _launch(*arguments, "--config.seed=1", devices=2)
     lines = _error_lines(completed.stderr)
     assert completed.returncode == 2 and len(lines) <= 3, completed.stderr[-2000:]
     assert "holds checkpoints of a run with a different config (seed: 0 -> 1)" in lines[0]
     assert (workdir / "config.json").read_text() == saved
 
 
-def _launch(*args, cwd=ROOT):
+def _launch(*args, cwd=ROOT, devices=None):
+    """launch.py with `args`; on `devices` CPU devices if given, else the suite's eight."""
+    env = os.environ if devices is None else dict(os.environ, XLA_FLAGS=with_device_count(devices))
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch.py"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
 
 

@@ -36,8 +36,8 @@ USERS_CPU_COMPILER = {"xla_cpu_use_fusion_emitters": True}
 @pytest.fixture(autouse=True, scope="module")
 def _optimised_compilation():
     """Where NaN and inf land can depend on how XLA rewrites the arithmetic, so these tests
-    compile with XLA's optimisation passes on, as users run, which conftest.py turns off for the
-    rest of the suite."""
+    compile with XLA's optimisation passes on and its default emitters (USERS_CPU_COMPILER), as
+    users run, which conftest.py changes for the rest of the suite."""
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
