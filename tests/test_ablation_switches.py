@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_kv_cache import decode_all
 
 from transformer.attention import dot_product_attention
 from transformer.modules import build_model
@@ -97,13 +98,8 @@ def test_unscaled_attention_is_scaled_attention_of_queries_times_sqrt_head_dim()
 def test_unscaled_decoding_with_a_cache_equals_the_full_call():
     model, variables = lm(scale_scores=False, head_dim=64)
     full = jax.jit(model.apply)(variables, TOKENS)
-    state = model.apply(variables, TOKENS, 16, method="init_decode_state")
-    decode_step = jax.jit(
-        lambda state, token: model.apply(variables, state, token, method="decode_step")
-    )
-    for position in range(TOKENS.shape[1]):
-        logits, state = decode_step(state, TOKENS[:, position])
-        np.testing.assert_allclose(logits, full[:, position], atol=2e-4, rtol=2e-4)
+    cached = decode_all(model, variables, TOKENS, max_decode_len=16)
+    np.testing.assert_allclose(cached, full, atol=2e-4, rtol=2e-4)
 
 
 def future_changes_the_present(model, variables, train):

@@ -44,12 +44,12 @@ def reference(q, k, v, d_out, allowed, scale, slopes):
 
 def forward_and_gradients(attend):
     """`attend(*inputs)` and its input gradients for a cotangent, as one jitted function
-    `(d_out, *inputs) -> (out, grads)`: one program to compile, where jax.vjp of a jitted
+    `(d_out, *inputs) -> (out, *grads)`: one program to compile, where jax.vjp of a jitted
     function compiles the forward and the backward apart."""
 
     def run(d_out, *inputs):
         out, vjp = jax.vjp(attend, *inputs)
-        return out, vjp(d_out)
+        return (out, *vjp(d_out))
 
     return jax.jit(run)
 
@@ -84,7 +84,7 @@ def check_against_reference(implementation, pattern, inputs, **options):
             **options,
         )
 
-    out, grads = forward_and_gradients(attend)(d_out, q, k, v)
+    out, *grads = forward_and_gradients(attend)(d_out, q, k, v)
     allowed = np.broadcast_to(
         pattern.mask(q.shape[1], k.shape[1]), (q.shape[0],) + (q.shape[1], k.shape[1])
     )
@@ -169,7 +169,7 @@ def test_block_sparse_matches_reference(
             block_kv=block_kv,
         )
 
-    out, grads = forward_and_gradients(attend)(d_out, q, k, v)
+    out, *grads = forward_and_gradients(attend)(d_out, q, k, v)
     allowed = np.broadcast_to(pattern.mask(q_len, kv_len), (2, q_len, kv_len))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
@@ -376,7 +376,7 @@ def test_block_sparse_whole_rows_beside_row_pieces(monkeypatch, padding, alibi, 
             block_q=8,
         )
 
-    out, grads = forward_and_gradients(attend)(d_out, q, k, v)
+    out, *grads = forward_and_gradients(attend)(d_out, q, k, v)
     allowed = np.broadcast_to(pattern.mask(177, 177), (2, 177, 177))
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]

@@ -57,7 +57,7 @@ def check(pattern, inputs, block_q, block_kv, use_kernel=True):
 
     lowered = forward_and_gradients(attend).lower(d_out, q, k, v)
     called = calls_kernel(lowered)
-    out, grads = lowered.compile()(d_out, q, k, v)
+    out, *grads = lowered.compile()(d_out, q, k, v)
     q_len, kv_len = q.shape[1], k.shape[1]
     allowed = np.broadcast_to(pattern.mask(q_len, kv_len), (q.shape[0], q_len, kv_len))
     if key_valid is not None:

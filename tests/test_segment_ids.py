@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention_implementations import forward_and_gradients
 from test_block_sparse_cpu import uses_kernel
 from test_soft_cap_and_sinks import CAP, allowed_pairs, random_sinks, reference
 
@@ -184,7 +185,7 @@ def test_kernel(case):
 
     loss = lambda q, k, v, sinks: (attend(q, k, v, sinks) * d_out).sum()
     assert uses_kernel(jax.grad(loss, (0, 1, 2, 3)), q, k, v, sinks) == (True, True)
-    got = jax.jit(run_vjp, static_argnums=0)(attend, d_out, q, k, v, sinks)
+    got = forward_and_gradients(attend)(d_out, q, k, v, sinks)
     allowed = allowed_pairs(pattern, q_len, kv_len, key_valid, 2)
     allowed = allowed & (q_ids[:, :, None] == kv_ids[:, None, :])
     expect_reference(got, q, k, v, d_out, sinks, allowed, case)
@@ -274,12 +275,7 @@ def test_chunked_in_small_tiles_equals_dense(causal):
 
     for name, got, want in zip(
         ("out", "dq", "dk", "dv", "d_sinks"),
-        jax.jit(lambda *a: run_vjp(chunked, d_out, *a))(q, k, v, sinks),
-        jax.jit(lambda *a: run_vjp(dense, d_out, *a))(q, k, v, sinks),
+        forward_and_gradients(chunked)(d_out, q, k, v, sinks),
+        forward_and_gradients(dense)(d_out, q, k, v, sinks),
     ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=name)
-
-
-def run_vjp(attend, d_out, *args):
-    out, vjp = jax.vjp(attend, *args)
-    return (out, *vjp(d_out))
