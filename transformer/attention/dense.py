@@ -15,6 +15,7 @@ implementations use it too.
 """
 
 import functools
+import string
 
 import jax
 import jax.numpy as jnp
@@ -37,25 +38,35 @@ def masked_einsum(spec, weights, allowed, operand, preferred_element_type=None):
     """
     weights = jnp.where(allowed, weights, 0)
     finite = jnp.isfinite(operand)
-    product = functools.partial(jnp.einsum, spec, preferred_element_type=preferred_element_type)
-    out = product(weights, jnp.where(finite, operand, 0))
+    out = jnp.einsum(
+        spec, weights, jnp.where(finite, operand, 0), preferred_element_type=preferred_element_type
+    )
 
     def non_finite_terms():
-        # Counts of the allowed non-finite terms per output entry, as 0/1 products (exact in
-        # float32 up to 2^24 terms).
+        # One product of 0/1 indicators counts, per output entry, the allowed terms of each kind:
+        # the weight's sign (positive, negative, zero or NaN) against the operand's non-finite
+        # value (+inf, -inf, NaN). One product, not one per kind, keeps the branch cheap to trace
+        # and compile. Only whether a count is positive matters, so its rounding does not.
+        inputs, output_spec = spec.split("->")
+        weights_spec, operand_spec = inputs.split(",")
+        sign, kind = [label for label in string.ascii_letters if label not in spec][:2]
         allow = jnp.broadcast_to(allowed, weights.shape)
-        as_float = lambda x: x.astype(out.dtype)
-        positive, negative = as_float(allow & (weights > 0)), as_float(allow & (weights < 0))
-        zero_or_nan = as_float(allow & ~(weights > 0) & ~(weights < 0))
-        plus_inf, minus_inf = as_float(jnp.isposinf(operand)), as_float(jnp.isneginf(operand))
-        to_plus = product(positive, plus_inf) + product(negative, minus_inf)
-        to_minus = product(positive, minus_inf) + product(negative, plus_inf)
-        to_nan = product(as_float(allow), as_float(jnp.isnan(operand))) + product(
-            zero_or_nan, plus_inf + minus_inf
+        positive, negative = allow & (weights > 0), allow & (weights < 0)
+        signs = jnp.stack([positive, negative, allow & ~positive & ~negative], axis=-1)
+        kinds = jnp.stack([jnp.isposinf(operand), jnp.isneginf(operand), jnp.isnan(operand)], -1)
+        counts = jnp.einsum(
+            f"{weights_spec}{sign},{operand_spec}{kind}->{output_spec}{sign}{kind}",
+            signs.astype(out.dtype),
+            kinds.astype(out.dtype),
+            preferred_element_type=preferred_element_type,
         )
-        nan = (to_nan > 0) | ((to_plus > 0) & (to_minus > 0))
+        meets = counts > 0  # [..., sign, kind]
+        to_plus = meets[..., 0, 0] | meets[..., 1, 1]
+        to_minus = meets[..., 0, 1] | meets[..., 1, 0]
+        # NaN: a NaN operand, an infinite one times a zero (or NaN) weight, or inf - inf.
+        nan = meets[..., :, 2].any(-1) | meets[..., 2, :2].any(-1) | (to_plus & to_minus)
         return jnp.where(
-            nan, jnp.nan, jnp.where(to_plus > 0, jnp.inf, jnp.where(to_minus > 0, -jnp.inf, 0.0))
+            nan, jnp.nan, jnp.where(to_plus, jnp.inf, jnp.where(to_minus, -jnp.inf, 0.0))
         ).astype(out.dtype)
 
     return out + lax.cond(finite.all(), lambda: jnp.zeros_like(out), non_finite_terms)
