@@ -3,9 +3,9 @@ r"""Cached greedy decoding: what a token costs, beside PyTorch eager, and what t
     python benchmarks/decoding_benchmark.py                       # every table
     python benchmarks/decoding_benchmark.py --tables generation --lengths 512,2048
 
-A decoder-only LM (4 layers, d_model 256, 4 heads, d_ff 1024, vocabulary 1024, pre-LN,
-sinusoidal positions, tied embedding, random weights, float32, batch 1), with full attention
-("full") or a causal window of 256 keys back ("window"). Tables:
+A decoder-only LM (4 layers, or --num_layers; d_model 256, 4 heads, d_ff 1024, vocabulary 1024,
+pre-LN, sinusoidal positions, tied embedding, random weights, float32, batch 1), with full
+attention ("full") or a causal window of 256 keys back ("window"). Tables:
 
   generation  tokens/s generating N tokens from one start token, the cache holding N.
   buffers     ms/token at positions 144..207 for cache buffers of 256 to 8,192 positions: what a
@@ -26,7 +26,7 @@ in speed. Both generate from the same start token with the same greedy rule; the
 differ, so their tokens do.
 
 Writes `decoding_<table>.csv` per table and `decoding.png` into --out; rows end with the
-machine's columns (`machine.py`), and the printed tables start with `provenance.describe()`.
+model's num_layers and the machine's columns (`machine.py`), and the printed tables start with `provenance.describe()`.
 """
 
 import argparse
@@ -402,7 +402,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     parser.add_argument("--out", default="benchmarks/results/decoding")
+    parser.add_argument(
+        "--num_layers", type=int, default=SIZES["num_layers"], help="layers of both sides' model"
+    )
     args = parser.parse_args()
+    if args.num_layers < 1:
+        raise SystemExit(f"error: --num_layers={args.num_layers}; allowed: a positive integer.")
+    # Both sides build their models from these dicts, the PyTorch side too.
+    SIZES["num_layers"] = MODEL["num_layers"] = args.num_layers
     tables = args.tables.split(",")
     for name in tables:
         if name not in TABLES:
@@ -410,6 +417,7 @@ def main():
     numbers = lambda text: [int(n) for n in text.split(",")]
     peer = maybe_torch() if args.torch else None
     print(provenance.describe())
+    print(f"decoder LM: num_layers {args.num_layers}, d_model {SIZES['d_model']}")
     if peer:
         print(f"PyTorch {peer.torch.__version__}, {peer.torch.get_num_threads()} threads")
     results = {}
@@ -429,7 +437,8 @@ def main():
     columns = machine.columns()
     for name, rows in results.items():
         write_csv(
-            [{**row, **columns} for row in rows], os.path.join(args.out, f"decoding_{name}.csv")
+            [{**row, "num_layers": args.num_layers, **columns} for row in rows],
+            os.path.join(args.out, f"decoding_{name}.csv"),
         )
     plot(results, os.path.join(args.out, "decoding.png"))
 

@@ -115,7 +115,7 @@ def test_decoding_benchmark_records_its_machine(tmp_path):
         "decoding_benchmark.py",
         *("--tables", "generation,buffers,memory,uncached", "--lengths", 8, "--buffers", "256"),
         *("--uncached_lengths", 8, "--uncached_steps", 4, "--repeats", 1, "--no-torch"),
-        *("--out", tmp_path),
+        *("--num_layers", 1, "--out", tmp_path),  # one layer: the tables' code, compiled cheaply
     )
     (uncached,) = read_csv(tmp_path / "decoding_uncached.csv")
     assert (uncached["tokens"], uncached["same_tokens"]) == ("8", "4/4")
@@ -128,7 +128,9 @@ def test_decoding_benchmark_records_its_machine(tmp_path):
     # 8 tokens: the window's ring holds min(257, 8) slots, as many as full attention's cache.
     assert float(memory["window"]["jax_cache_mb"]) == float(memory["full"]["jax_cache_mb"]) > 0
     assert (tmp_path / "decoding.png").exists()
-    assert_records_this_machine(generation + [buffers, uncached], stdout)
+    rows = generation + [buffers, uncached, *memory.values()]
+    assert {r["num_layers"] for r in rows} == {"1"} and "decoder LM: num_layers 1," in stdout
+    assert_records_this_machine(rows, stdout)
 
 
 def test_peers_without_torch_times_our_side_and_the_ideal_speedups(tmp_path):
