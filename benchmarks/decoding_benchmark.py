@@ -26,7 +26,8 @@ in speed. Both generate from the same start token with the same greedy rule; the
 differ, so their tokens do.
 
 Writes `decoding_<table>.csv` per table and `decoding.png` into --out; rows end with the
-model's num_layers and the machine's columns (`machine.py`), and the printed tables start with `provenance.describe()`.
+model's num_layers and the machine's columns (`machine.py`), and the printed tables start with
+`provenance.describe()`.
 """
 
 import argparse

@@ -33,8 +33,9 @@ def masked_einsum(spec, weights, allowed, operand, preferred_element_type=None):
     it, `operand` is contracted over one pair axis. An excluded pair contributes nothing, even
     where its operand entry is NaN or inf; an allowed pair contributes weight * entry in IEEE
     arithmetic (0 * inf = NaN). The plain product runs on the finite part of the operand; only
-    when the operand holds a non-finite entry do a few 0/1 products find where the non-finite
-    terms land (NaN, +inf, -inf), so finite inputs cost one `where` and a reduction extra.
+    when the operand holds a non-finite entry does one product of 0/1 indicators find where the
+    non-finite terms land (NaN, +inf, -inf), so finite inputs cost one `where` and a reduction
+    extra.
     """
     weights = jnp.where(allowed, weights, 0)
     finite = jnp.isfinite(operand)
