@@ -16,12 +16,11 @@ from transformer.modules import kv_cache
 from transformer.modules.models import build_model, layer_pattern, shift_right
 
 # head_dim 8: the XLA layouts; head_dim 16: full attention takes the CPU kernel. One layer where a
-# case checks a layout. TWO_LAYERS where the second layer's cache matters: built from the first
-# layer's outputs by prefill, or drawing random blocks of its own (test_models.py and
-# test_schedules.py decode several layers from an empty cache).
+# case checks a layout; two where the second layer's cache matters: built from the first layer's
+# outputs by prefill, or drawing random blocks of its own (test_models.py and test_schedules.py
+# decode several layers from an empty cache).
 SMALL = dict(vocab_size=29, d_model=16, num_heads=2, d_ff=32, num_layers=1, dropout_rate=0.0)
 KERNEL_SIZED = {**SMALL, "d_model": 32}
-TWO_LAYERS = {"num_layers": 2}
 
 
 def random_tokens(seed, batch, length, vocab=SMALL["vocab_size"]):
@@ -90,7 +89,7 @@ CASES = {
     "bigbird, sparse": (
         dict(
             SMALL,
-            **TWO_LAYERS,
+            num_layers=2,
             positional="rotary",
             pattern="bigbird",
             pattern_options=dict(block_size=4, num_anchor_blocks=1, num_random_blocks=2),
@@ -244,7 +243,7 @@ PREFILL_CASES = {
     "kernel": (dict(KERNEL_SIZED, positional="rotary"), 16, [7, 3, 1]),
     "segments": (dict(SMALL, positional="alibi"), 16, [7, 3, 1]),
     # Rows on both sides of the first segment's end (128), one crossing it while decoding.
-    "segments, past 128": (dict(SMALL, **TWO_LAYERS, positional="rotary"), 144, [131, 124, 3]),
+    "segments, past 128": (dict(SMALL, num_layers=2, positional="rotary"), 144, [131, 124, 3]),
     "ring": (
         dict(SMALL, positional="rotary", pattern="sliding_window", pattern_options={"left": 2}),
         16,
@@ -253,7 +252,7 @@ PREFILL_CASES = {
     "ring kernel": (
         dict(
             KERNEL_SIZED,
-            **TWO_LAYERS,
+            num_layers=2,
             positional="alibi",
             pattern="sliding_window",
             pattern_options={"left": 2},
@@ -274,7 +273,7 @@ PREFILL_CASES = {
     "sparse": (
         dict(
             SMALL,
-            **TWO_LAYERS,
+            num_layers=2,
             positional="sinusoidal",
             pattern="bigbird",
             pattern_options=dict(block_size=2, num_anchor_blocks=1, num_random_blocks=1),
