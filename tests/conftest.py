@@ -18,6 +18,23 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+
+def _share_the_cores_between_workers():
+    """Under pytest-xdist, worker i of n runs on every n-th core, from the i-th: XLA sizes its
+    thread pools by the cores a process may use, so each worker then keeps to its share instead
+    of every worker's pool contending for all the cores. The launches a test starts inherit it.
+    Must happen before JAX starts its backend, as the flags above."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker[2:]) % count
+    os.sched_setaffinity(0, cores[index % len(cores) :: count] or cores)
+
+
+_share_the_cores_between_workers()
+
 from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; tests do not go through app.run.
