@@ -30,7 +30,7 @@ def _share_the_cores_between_workers():
         return
     cores = sorted(os.sched_getaffinity(0))
     index = int(worker[2:]) % count
-    os.sched_setaffinity(0, cores[index % len(cores) :: count] or cores)
+    os.sched_setaffinity(0, cores[index % len(cores) :: count])
 
 
 _share_the_cores_between_workers()
@@ -40,9 +40,10 @@ from absl import flags  # noqa: E402
 # grain's worker processes read absl flags; tests do not go through app.run.
 flags.FLAGS.mark_as_parsed()
 
+import pytest  # noqa: E402
+
 # CI explores the same examples every run (a red CI is then a change, not a draw); elsewhere
 # hypothesis draws new ones, and a failure it finds prints the example to pin as a test.
-import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -60,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
     ids are stored (pytest 9.2 with pytest-xdist 3.8: pytest-xdist#1386), the marks are ignored
     with no message and every grouped fixture is built once per worker: those tests fail instead
     (an error raised here would reach the user only as xdist's internal error)."""
-    if not config.getvalue("loadgroup"):  # set on the workers of a --dist loadgroup run
+    if not config.getoption("loadgroup", default=False):  # set on a loadgroup run's workers
         return
     for item in items:
         if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rpartition("]")[2]:
@@ -73,5 +74,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _grouped_as_marked(request):
+    """Fails a test that the run ignored the xdist_group of (pytest_collection_modifyitems)."""
     if _UNGROUPED in request.node.stash:
         pytest.fail(request.node.stash[_UNGROUPED], pytrace=False)
