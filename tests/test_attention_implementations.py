@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec
 
 from transformer import patterns
-from transformer.attention import block_sparse, dot_product_attention
+from transformer.attention import block_sparse, dot_product_attention, splash
 from transformer.attention.auto import choose_implementation
 from transformer.attention.block_sparse import plan as block_plan
 from transformer.attention.block_sparse import xla_schedules
@@ -219,6 +219,33 @@ def test_chunked_matches_reference(pattern, length):
 def test_splash_interpreted_matches_reference(pattern, padding):
     inputs = random_inputs(5, 2, 45, 45, 2, head_dim=8, padding=padding)
     check_against_reference("splash", pattern, inputs)
+
+
+def test_splash_runs_its_kernel_on_finite_inputs_and_the_schedules_otherwise(monkeypatch):
+    """Splash's kernel for finite inputs; block-sparse's schedules when q, k, v or a sink hold a
+    NaN or inf (what those compute is test_nan_semantics'). The kernel, replaced by a marker,
+    shows which branch ran; a sink of -inf is no sink, not a non-finite input."""
+
+    def marker(query, key, value, **_):
+        return jnp.full(query.shape[:3] + value.shape[-1:], 7.0, query.dtype)
+
+    monkeypatch.setattr(splash, "_kernel_attention", marker)
+    q, k, v = (jnp.asarray(x) for x in np.random.default_rng(6).normal(size=(3, 2, 45, 2, 8)))
+    attend = jax.jit(
+        lambda q, k, v, sinks: splash.splash_attention(
+            q, k, v, pattern=patterns.causal(), sinks=sinks
+        )
+    )
+    no_sink = jnp.full((2,), -jnp.inf)
+    assert (attend(q, k, v, None) == 7).all()
+    assert (attend(q, k, v, no_sink) == 7).all()
+    nan_key = k.at[1, 30, 0, 2].set(jnp.nan)
+    for inputs in ((q, nan_key, v, None), (q, k, v.at[0, 3].set(jnp.inf), None)):
+        out = np.asarray(attend(*inputs))
+        assert not (out == 7).any()
+        want = block_sparse.block_sparse_attention(*inputs[:3], pattern=patterns.causal())
+        np.testing.assert_allclose(out, want, atol=1e-6)
+    assert not (np.asarray(attend(q, k, v, jnp.array([0.0, jnp.nan]))) == 7).any()
 
 
 @pytest.mark.parametrize("implementation", ["block_sparse", "xla", "chunked"])

@@ -67,6 +67,7 @@ def _implementations():
         "block_sparse_kernel_16": block_sparse(True),
         "block_sparse_xla_16": block_sparse(False),
         "xla": via_entry_point("xla"),
+        "splash": via_entry_point("splash"),  # the Pallas kernel, interpreted on CPU
         "auto": via_entry_point("auto"),
     }
 

@@ -372,7 +372,7 @@ NON_FINITE_KEY_VALID[1, 40:] = False
 def non_finite_run(implementation, pattern_name):
     """jit((q, k, v, sinks, d_out) -> (out, dq, dk, dv, d sinks)) with the cap, compiled once
     per implementation and pattern: "dense" (the reference), "block_sparse" (the kernel, one
-    64-block), "block_sparse_xla" (XLA's schedules in 16-blocks) or "chunked"."""
+    64-block), "block_sparse_xla" (XLA's schedules in 16-blocks), "chunked" or "splash"."""
     pattern = NON_FINITE_PATTERNS[pattern_name]
     key_valid = jnp.asarray(NON_FINITE_KEY_VALID)
     if implementation == "block_sparse_xla":
@@ -411,7 +411,7 @@ def test_non_finite_inputs_as_the_dense_reference(case):
         arrays[name][index] = value
     inputs = (arrays["q"], arrays["k"], arrays["v"], random_sinks(9, 2), arrays["d"])
     want = non_finite_run("dense", pattern_name)(*inputs)
-    for label in ("block_sparse", "block_sparse_xla", "chunked"):
+    for label in ("block_sparse", "block_sparse_xla", "chunked", "splash"):
         got = non_finite_run(label, pattern_name)(*inputs)
         for name, g, w in zip(("out", "dq", "dk", "dv", "d_sinks"), got, want):
             g, w = np.asarray(g), np.asarray(w)

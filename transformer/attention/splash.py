@@ -4,7 +4,15 @@ Splash takes a lazy mask object and asks it for one block at a time while it bui
 tables, so `PatternMask` evaluates the pattern on exactly the blocks it is asked for: no
 `[q_len, kv_len]` array is ever built. On CPU the kernel runs in Pallas interpret mode (slow,
 for tests only); on TPU it is compiled.
+
+Non-finite inputs: the kernel multiplies excluded pairs' zero weights by their values inside a
+block (0 * NaN = NaN), and gives excluded logits a finite mask value rather than -inf. So when
+q, k, v or the sinks hold a NaN or inf, splash computes block-sparse attention's XLA schedules
+instead (`block_sparse/`, the same cost class: only the pattern's blocks), which keep what the
+mask excludes out of the results and follow the dense reference (docs/attention.md).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +20,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
+from transformer.attention.block_sparse import block_sparse_attention
+from transformer.attention.dense import all_finite
 from transformer.attention.sinks import check_sinks
 from transformer.attention.soft_cap import check_logit_soft_cap
 
@@ -100,10 +110,57 @@ def splash_attention(
     logit_soft_cap = check_logit_soft_cap(logit_soft_cap)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    batch, q_len, heads, head_dim = query.shape
-    kv_len = key.shape[1]
     if scale is None:
-        scale = head_dim**-0.5
+        scale = query.shape[-1] ** -0.5
+    options = dict(
+        pattern=pattern,
+        key_valid=key_valid,
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+        segment_ids=segment_ids,
+    )
+    kernel = functools.partial(
+        _kernel_attention, block_size=block_size, interpret=interpret, **options
+    )
+    # The schedules' blocks at most the sequence's: a 128-block over 40 tokens is mostly padding.
+    exact_block = min(block_size, max(16, -(-max(query.shape[1], key.shape[1]) // 16) * 16))
+    exact = functools.partial(block_sparse_attention, block_q=exact_block, **options)
+    # Finite inputs cannot carry a NaN or inf from an excluded pair into a product (its weight
+    # is 0, and 0 * finite = 0), so only inputs holding one pay for the schedules. Rematerialised
+    # so that its residuals (the inputs) cost the kernel's branch nothing under differentiation.
+    # A sink of -inf is no sink; a NaN or +inf sink is non-finite input like any other.
+    finite = all_finite(query, key, value)
+    if sinks is not None:
+        sinks = jnp.asarray(sinks)
+        finite = finite & ~jnp.any(jnp.isnan(sinks) | jnp.isposinf(sinks))
+    return jax.lax.cond(
+        finite,
+        lambda q, k, v, s: kernel(q, k, v, sinks=s),
+        jax.checkpoint(lambda q, k, v, s: exact(q, k, v, sinks=s)),
+        query,
+        key,
+        value,
+        sinks,
+    )
+
+
+def _kernel_attention(
+    query,
+    key,
+    value,
+    *,
+    pattern,
+    key_valid,
+    scale,
+    logit_soft_cap,
+    sinks,
+    segment_ids,
+    block_size,
+    interpret,
+):
+    """`splash_attention` by the Pallas kernel: finite inputs (see the module's docstring)."""
+    batch, q_len, heads, _ = query.shape
+    kv_len = key.shape[1]
     q_pad, kv_pad = -(-q_len // block_size) * block_size, -(-kv_len // block_size) * block_size
     mask = PatternMask(pattern, q_len, kv_len, (q_pad, kv_pad))
     blocks = kernels.BlockSizes(
