@@ -1,8 +1,8 @@
 """Data parallelism: shard_map and pmap match one device; two processes over gloo, on a mesh with
-FSDP across them, train what one process trains.
+FSDP across them or with context parallelism inside each, train what one process trains.
 
-Run as a script, this file is one worker of the two-process test:
-  python tests/test_parallel.py <coordinator port> <process id> <workdir> <output.npz>
+Run as a script, this file is one worker of the two-process tests:
+  python tests/test_parallel.py <coordinator port> <process id> <workdir> <output.npz> <kind>
 """
 
 import json
@@ -129,40 +129,67 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# Two processes of 2 devices each train 3 steps with fsdp within each process, then resume from
-# the checkpoint with fsdp=4 spanning both: parameters are gathered and gradients
-# reduce-scattered across processes, and the checkpoint moves between meshes.
-TWO_PROCESS_MESHES = (dict(data=2, fsdp=2), dict(data=1, fsdp=4))
+# Two processes of 2 devices each, each kind a few meshes in turn, resuming from the previous
+# mesh's checkpoint:
+# - "fsdp": the toy classifier, 3 steps with fsdp within each process, then 3 more with fsdp=4
+#   spanning both: parameters are gathered and gradients reduce-scattered across processes, and
+#   the checkpoint moves between meshes;
+# - "context": a tiny causal decoder LM, data=2 splitting the rows between the processes and
+#   context=2 each row's sequence between a process's own two devices (the ring stays within a
+#   host, as `parallel` requires), for 4 steps.
+TWO_PROCESS_MESHES = {
+    "fsdp": ((dict(data=2, fsdp=2), 3), (dict(data=1, fsdp=4), 6)),
+    "context": ((dict(data=2, context=2), 4),),
+}
 
 
-def two_process_config():
+def two_process_config(kind):
     from test_train import toy_config
 
-    config = toy_config(
-        num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
-    )
+    if kind == "fsdp":
+        config = toy_config(
+            num_train_steps=6, eval_every_steps=3, log_every_steps=3, checkpoint_every_steps=3
+        )
+    else:
+        config = toy_config(
+            "language_modelling",
+            num_train_steps=4,
+            eval_every_steps=4,
+            log_every_steps=4,
+            checkpoint_every_steps=4,
+            best_metric="",
+        )
+        config.model = ml_collections.ConfigDict(dict(name="decoder_lm", pattern="causal"))
     config.mesh.update(dict(data=-1, fsdp=1))
     return config
 
 
-def use_toy_setup_without_dropout(monkeypatch):
-    """The toy setup, its model without dropout: dropout masks follow a row's device, and rows
-    lie on other devices when two processes read the batch."""
+def use_toy_setup_without_dropout(kind, monkeypatch):
+    """The toy data and the kind's model without dropout: dropout masks follow a row's device,
+    and rows lie on other devices when two processes read the batch."""
     from test_train import ToyModel, use_toy_setup
 
+    from transformer.modules.models import build_model
+
     use_toy_setup(monkeypatch)
-    monkeypatch.setattr(loop, "build_model", lambda config: ToyModel(dropout_rate=0.0))
+    if kind == "fsdp":
+        model = lambda config: ToyModel(dropout_rate=0.0)
+    else:
+        tiny = dict(vocab_size=16, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=8)
+        model = lambda config: build_model(dict(tiny, dropout_rate=0.0, **config))
+    monkeypatch.setattr(loop, "build_model", model)
 
 
-def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_one(
-    tmp_path, monkeypatch
-):
+def train_in_two_processes(kind, tmp_path, monkeypatch):
+    """(parameters of process 0 and of process 1, their logs, the run's summary, the
+    parameters of one process on 8 devices trained on the last mesh's rows meanwhile)."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=with_device_count(2), JAX_PLATFORMS="cpu")
     outputs = [tmp_path / f"params_{i}.npz" for i in range(2)]
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(port), str(i), str(tmp_path / "run"), str(outputs[i])],
+            [sys.executable, __file__, str(port), str(i), str(tmp_path / "run"), str(outputs[i])]
+            + [kind],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -170,32 +197,60 @@ def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_o
         )
         for i in range(2)
     ]
-    use_toy_setup_without_dropout(monkeypatch)  # meanwhile, one process on 8 devices
-    one_process = loop.train_and_evaluate(two_process_config(), str(tmp_path / "one")).state
+    use_toy_setup_without_dropout(kind, monkeypatch)  # meanwhile, one process on 8 devices
+    one_process = loop.train_and_evaluate(two_process_config(kind), str(tmp_path / "one")).state
     logs = [w.communicate(timeout=240)[0] for w in workers]
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
     params = [dict(np.load(path)) for path in outputs]
-    assert params[0].keys() == params[1].keys() and len(params[0]) > 0
-    for name in params[0]:
-        np.testing.assert_array_equal(params[0][name], params[1][name])
-    # Both processes together read the rows one process reads (in another order).
     reference = {
         jax.tree_util.keystr(path): value
         for path, value in jax.tree_util.tree_leaves_with_path(one_process.params)
     }
-    assert reference.keys() == params[0].keys()
-    for name, value in reference.items():
-        np.testing.assert_allclose(params[0][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return params, logs, summary, reference
+
+
+def assert_params_match(params, reference, rtol, skip=()):
+    """Both processes hold the same parameters, those of one process (names in `skip` apart)."""
+    assert params[0].keys() == params[1].keys() == reference.keys() and len(reference) > 0
+    for name in params[0]:
+        np.testing.assert_array_equal(params[0][name], params[1][name])
+    compared = 0
+    for name, value in reference.items():
+        if not any(part in name for part in skip):
+            np.testing.assert_allclose(params[0][name], value, rtol=rtol, atol=1e-6, err_msg=name)
+            compared += 1
+    assert compared == len(reference) - len(skip)
+
+
+def test_two_processes_over_gloo_train_a_data_x_fsdp_mesh_to_the_parameters_of_one(
+    tmp_path, monkeypatch
+):
+    params, logs, summary, reference = train_in_two_processes("fsdp", tmp_path, monkeypatch)
+    # Both processes together read the rows one process reads (in another order).
+    assert_params_match(params, reference, rtol=1e-5)
     assert summary["device_count"] == 4 and summary["process_count"] == 2
     assert summary["mesh"] == dict(data=1, fsdp=4, tensor=1, context=1)
     assert "process 1 of 2; 2 local devices of 4" in logs[1]
     assert "resumed from the checkpoint at step 3 (digests verified)" in logs[0]
 
 
-def _worker(port, process_id, workdir, output):
-    """One of two processes: trains the toy classifier for a few steps on each of
+def test_two_processes_over_gloo_train_a_data_x_context_mesh_to_the_parameters_of_one(
+    tmp_path, monkeypatch
+):
+    params, logs, summary, reference = train_in_two_processes("context", tmp_path, monkeypatch)
+    # The key bias's gradient is 0 up to rounding (the softmax cancels it), which Adam scales
+    # up to steps of the learning rate, different for any other order of the sums.
+    assert_params_match(params, reference, rtol=1e-4, skip=["['key']['bias']"])
+    assert summary["device_count"] == 4 and summary["process_count"] == 2
+    assert summary["mesh"] == dict(data=2, fsdp=1, tensor=1, context=2)
+    assert summary["status"] == "completed" and np.isfinite(summary["final"]["eval/loss"])
+    assert "process 1 of 2; 2 local devices of 4" in logs[1]
+
+
+def _worker(port, process_id, workdir, output, kind):
+    """One of two processes: trains the kind's model for a few steps on each of its
     `TWO_PROCESS_MESHES`."""
     from absl import flags, logging
 
@@ -205,9 +260,9 @@ def _worker(port, process_id, workdir, output):
     parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import pytest as _pytest
 
-    use_toy_setup_without_dropout(_pytest.MonkeyPatch())
-    config = two_process_config()
-    for mesh, steps in zip(TWO_PROCESS_MESHES, (3, 6)):
+    use_toy_setup_without_dropout(kind, _pytest.MonkeyPatch())
+    config = two_process_config(kind)
+    for mesh, steps in TWO_PROCESS_MESHES[kind]:
         config.mesh.update(mesh)
         config.num_train_steps = steps
         result = loop.train_and_evaluate(config, workdir)
@@ -220,4 +275,4 @@ def _worker(port, process_id, workdir, output):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
