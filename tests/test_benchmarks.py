@@ -133,6 +133,44 @@ def test_decoding_benchmark_records_its_machine(tmp_path):
     assert_records_this_machine(rows, stdout)
 
 
+def test_ring_benchmark_measures_memory_and_bytes_against_the_context_size(tmp_path):
+    """A sliding window of 64 over 1,024 tokens on 1, 2 and 4 devices: per-device memory falls
+    with the context size, and each ring step sends one window's keys and values whatever the
+    number of shards (64 tokens x 2 heads x 16 dims x 4 bytes, keys and values)."""
+    stdout = run(
+        "ring_benchmark.py",
+        *("--length=1024", "--contexts=1,2,4", "--patterns=sliding_window", "--window=64"),
+        *("--heads=2", "--head_dim=16", "--repeats=1", f"--out={tmp_path}"),
+    )
+    rows = read_csv(tmp_path / "ring.csv")
+    assert [(r["pattern"], r["context"]) for r in rows] == [
+        ("sliding_window(64)", str(context)) for context in (1, 2, 4)
+    ]
+    memory = [float(r["memory_mb_per_device"]) for r in rows]
+    assert memory[0] > memory[1] > memory[2] > 0
+    assert [int(r["bytes_per_step_per_device"]) for r in rows] == [0] + [64 * 2 * 16 * 4 * 2] * 2
+    # On 4 shards of 256 tokens, each exchanges with its left and right neighbours only.
+    assert int(rows[2]["pairs_skipped"]) == 16 - 4 - 2 * 3
+    assert all(float(r["step_s"]) > 0 for r in rows)
+    assert (tmp_path / "ring.md").exists() and (tmp_path / "ring.png").exists()
+    assert_records_this_machine(rows, stdout)
+
+
+def test_ring_benchmark_trains_a_bigbird_lm_on_one_and_on_two_context_devices(tmp_path):
+    stdout = run(
+        "ring_benchmark.py",
+        *("--train", "--length=512", "--contexts=1,2", "--repeats=1", f"--out={tmp_path}"),
+    )
+    one, two = read_csv(tmp_path / "train.csv")
+    assert (one["context"], one["order"], two["context"], two["order"]) == ("1", "-", "2", "zigzag")
+    assert float(one["memory_mb_per_device"]) > float(two["memory_mb_per_device"]) > 0
+    assert float(one["layer0_fwd_mb_all"]) == 0 < float(two["layer0_fwd_mb_all"])
+    assert float(two["layer0_fwd_bwd_mb_all"]) > float(two["layer0_fwd_mb_all"])
+    assert all(float(r["tokens_per_s"]) > 0 for r in (one, two))
+    assert (tmp_path / "train.md").exists()
+    assert_records_this_machine([one, two], stdout)
+
+
 def test_peers_without_torch_times_our_side_and_the_ideal_speedups(tmp_path):
     stdout = run(
         "peers.py",
