@@ -162,6 +162,66 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
     _check(got, _reference(q, k, v, valid, weights, pattern, sinks=sinks))
 
 
+NAN, INF = float("nan"), float("inf")
+# (pattern, order, poisoned entries (array, index, value)); the second sequence pads key 10, and
+# both pad every key from LENGTH on.
+NON_FINITE = {
+    "nan key, padded": ("causal", "zigzag", [("k", (1, 10), NAN)]),
+    # Excluded from the earlier rows of its chunk (of 4) and shard, allowed in the later ones.
+    "nan value, causal": ("causal", "zigzag", [("v", (0, 21), NAN)]),
+    "nan value in a window": ("sliding_window", "contiguous", [("v", (0, 13, 1, 2), NAN)]),
+    "nan query": ("sliding_window", "contiguous", [("q", (1, 6), NAN)]),
+    "inf value": ("causal", "contiguous", [("v", (0, 20, 1, 2), INF)]),
+    "-inf key": ("full", "contiguous", [("k", (1, 17, 0, 3), -INF)]),
+    "inf query": ("bigbird", "contiguous", [("q", (0, 7, 0, 0), INF)]),
+}
+
+
+@functools.cache
+def _ring_with_sinks(name, order):
+    """jit((q, k, v, valid, weights, sinks) -> (out, (dq, dk, dv, d sinks))), once per pattern."""
+    mesh = _mesh(4)
+
+    def loss(q, k, v, sinks, valid, weights):
+        out = ring.sharded_ring_attention(
+            q, k, v, mesh=mesh, pattern=PATTERNS[name], key_valid=valid, length=LENGTH,
+            sinks=sinks, order=order, chunk=4,
+        )  # fmt: skip
+        return (out[:, :LENGTH] * weights).sum(), out
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_non_finite_inputs_land_where_the_dense_reference_puts_them(case):
+    """NaN and inf in queries, keys and values, with sinks: where NaN and +-inf land and the
+    finite values, in the output and every gradient, equal the dense float64 reference's; what
+    the mask excludes (padded keys, keys outside a row's pattern) reaches nothing."""
+    name, order, where = NON_FINITE[case]
+    q, k, v, valid, weights = _inputs(seed=5)
+    arrays = dict(q=q, k=k, v=v)
+    for array, index, value in where:
+        arrays[array][index] = value
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    sinks = np.array([0.5, -1.0], np.float32)
+    (_, out), grads = _ring_with_sinks(name, order)(q, k, v, sinks, valid, weights)
+    want_out, want_grads = _reference(q, k, v, valid, weights, PATTERNS[name], sinks=sinks)
+    got = [np.asarray(out)[:, :LENGTH]] + [np.asarray(g)[:, :LENGTH] for g in grads[:3]]
+    got.append(np.asarray(grads[3]))
+    for label, g, w in zip(("out", "dq", "dk", "dv", "d sinks"), got, [want_out, *want_grads]):
+        for kind, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+            differs = np.argwhere(test(g) != test(w))
+            assert not len(differs), f"{case} {label}: {kind} differs at {differs[:5].tolist()}"
+        finite = np.isfinite(w)
+        np.testing.assert_allclose(
+            g[finite], w[finite], atol=3e-5, rtol=1e-4, err_msg=f"{case} {label}"
+        )
+    # Every case but the excluded key reaches the output (an inf key entry times a query entry
+    # of either sign gives logits of +inf too).
+    assert np.isfinite(got[0]).all() == (case == "nan key, padded")
+    np.testing.assert_array_equal(np.asarray(out)[:, LENGTH:], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan.
 

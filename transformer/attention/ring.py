@@ -32,9 +32,10 @@ Exact, forward and backward: a `jax.custom_vjp` whose backward walks the same st
 gradients of each visiting key shard accumulate in buffers that travel with it and go home to its
 owner when the walk leaves it (one more ppermute). The forward saves only the device's own q, k,
 v, output and log-sum-exp, never the visiting shards. A query with no allowed key gets zeros and
-zero gradients. Inputs are assumed finite (padded keys and values are zeroed, as block-sparse
-attention does); unlike the dense reference, a NaN or inf at an excluded position inside a
-computed chunk product is not kept out.
+zero gradients. Non-finite inputs follow the dense reference (`dense.py`): padded keys and values
+are zeroed, excluded logits are selected (never added) to -inf, and the products run over the
+allowed pairs only (`dense.masked_einsum`), so what the mask excludes never reaches the results
+and what it allows propagates (NaN in, NaN out); a NaN row maximum is not "no key".
 
 Variants, as in the other implementations: grouped-query heads (key and value with kv_heads
 dividing heads; only kv_heads travel, never repeated), logit soft-capping, attention sinks
@@ -52,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from transformer import patterns
+from transformer.attention.dense import masked_einsum
 from transformer.attention.shapes import check_query_key_value, varying_like
 from transformer.attention.sinks import check_sinks
 from transformer.attention.soft_cap import check_logit_soft_cap, soft_cap_with_slope
@@ -680,8 +682,9 @@ def _walk(step, device, carry, compute, pair=None, k_ids=None):
 
 def _with_sinks(row_max, row_sum, sinks):
     """Each row's log-sum-exp `[batch, heads, shard_len]`, sinks included, -inf for a row with
-    no allowed key (which keeps zeros: nothing of its sink is added)."""
-    has_key = row_sum > 0
+    no allowed key or only -inf logits (which keeps zeros: nothing of its sink is added). Not
+    row_sum > 0: a NaN row (NaN or +inf logits) has keys and gives NaN."""
+    has_key = ~jnp.isneginf(row_max)
     lse = row_max + jnp.log(jnp.where(has_key, row_sum, 1.0))
     if sinks is not None:
         lse = jnp.logaddexp(lse, sinks.astype(lse.dtype)[None, :, None])
@@ -716,13 +719,16 @@ def _ring_forward(plan, config, axis_name, query, key, value, key_valid, segment
             logits, _ = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
             logits = jnp.where(mask, logits, -jnp.inf)
             new_max = jnp.maximum(row_max, logits.max(-1))
-            # A row with no allowed key so far keeps max -inf: shift it by 0, not by -inf.
-            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+            # A row with no allowed key so far keeps max -inf: shift it by 0, not by -inf. A NaN
+            # or +inf maximum stays, so that exp() gives the row NaN, as in the reference.
+            shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
             p = jnp.where(mask, jnp.exp(logits - shift[..., None]), 0.0)
             correction = jnp.exp(row_max - shift)
             row_sum = row_sum * correction + p.sum(-1)
             v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
-            weighted = jnp.einsum("bhgqk,bkhd->bhgqd", _grouped(p, kv_heads), v_chunk)
+            weighted = masked_einsum(
+                "bhgqk,bkhd->bhgqd", _grouped(p, kv_heads), mask[:, :, None], v_chunk
+            )
             acc = acc * correction[..., None] + _ungrouped(weighted)
             return tuple(
                 _update(x, u, chunk, q_chunk, 2) for x, u in zip(carry, (new_max, row_sum, acc))
@@ -732,7 +738,7 @@ def _ring_forward(plan, config, axis_name, query, key, value, key_valid, segment
     row_max, row_sum, acc = carry
     lse = _with_sinks(row_max, row_sum, sinks)
     # acc holds sum exp(s - row_max) v: divided by exp(lse - row_max), the sinks' share included.
-    keep = jnp.exp(jnp.where(jnp.isfinite(lse), row_max - lse, -jnp.inf))
+    keep = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(row_max - lse))
     out = acc * keep[..., None]
     return out.transpose(0, 2, 1, 3).astype(query.dtype), lse
 
@@ -793,28 +799,32 @@ def _ring_bwd(plan, config, axis_name, residuals, d_out):
             mask = pair.mask(q_chunk, k_chunk, k_at, valid, k_ids)
             logits, slope = pair.logits(q_chunk, k_chunk, k_at, q_scaled, k)
             lse_chunk = _slice(lse, chunk, q_chunk, 2)
-            # Rows with no allowed key (lse -inf) have weight 0 everywhere.
-            allowed = mask & jnp.isfinite(lse_chunk)[..., None]
-            shift = jnp.where(jnp.isfinite(lse_chunk), lse_chunk, 0.0)
+            # Rows with no allowed key (lse -inf) have weight 0 everywhere; a NaN row's weights
+            # are NaN, as in the reference.
+            has_key = ~jnp.isneginf(lse_chunk)
+            allowed = mask & has_key[..., None]  # [batch, heads, chunk, chunk]
+            allowed_grouped = _grouped(allowed, kv_heads)
+            shift = jnp.where(has_key, lse_chunk, 0.0)
             p = jnp.where(allowed, jnp.exp(jnp.where(allowed, logits, 0.0) - shift[..., None]), 0.0)
             d_out_chunk = _grouped(_slice(d_out_t, chunk, q_chunk, 2), kv_heads)
             k_chunk_values = _slice(k, chunk, k_chunk, 1).astype(dtype)
             v_chunk = _slice(v, chunk, k_chunk, 1).astype(dtype)
             p_grouped = _grouped(p, kv_heads)
-            d_v = jnp.einsum("bhgqk,bhgqd->bkhd", p_grouped, d_out_chunk)
+            d_v = masked_einsum("bhgqk,bhgqd->bkhd", p_grouped, allowed_grouped, d_out_chunk)
             d_p = _ungrouped(jnp.einsum("bhgqd,bkhd->bhgqk", d_out_chunk, v_chunk))
             d_logits = p * (d_p - _slice(delta, chunk, q_chunk, 2)[..., None]) * config.scale
             if slope is not None:
                 d_logits = d_logits * slope
-            d_logits = _grouped(d_logits, kv_heads)
+            # Over the allowed pairs only: an excluded NaN value makes d_p NaN there.
+            d_logits = _grouped(jnp.where(allowed, d_logits, 0.0), kv_heads)
             q_chunk_values = _slice(q, chunk, q_chunk, 1)
             q_chunk_values = q_chunk_values.reshape(
                 *q_chunk_values.shape[:2], kv_heads, -1, q.shape[-1]
             )
-            d_q = jnp.einsum("bhgqk,bkhd->bqhgd", d_logits, k_chunk_values).reshape(
-                *q_chunk_values.shape[:2], -1, q.shape[-1]
-            )
-            d_k = jnp.einsum("bhgqk,bqhgd->bkhd", d_logits, q_chunk_values)
+            d_q = masked_einsum(
+                "bhgqk,bkhd->bqhgd", d_logits, allowed_grouped, k_chunk_values
+            ).reshape(*q_chunk_values.shape[:2], -1, q.shape[-1])
+            d_k = masked_einsum("bhgqk,bqhgd->bkhd", d_logits, allowed_grouped, q_chunk_values)
             return (
                 _update(d_query, _slice(d_query, chunk, q_chunk, 1) + d_q, chunk, q_chunk, 1),
                 _update(d_key, _slice(d_key, chunk, k_chunk, 1) + d_k, chunk, k_chunk, 1),
@@ -839,7 +849,7 @@ def _ring_bwd(plan, config, axis_name, residuals, d_out):
 
 def _sink_gradient(sinks, lse, delta):
     """`[heads]`: -sum over this device's rows of p_sink * (dO . O); rows with no key add 0."""
-    p_sink = jnp.exp(jnp.where(jnp.isfinite(lse), sinks[None, :, None] - lse, -jnp.inf))
+    p_sink = jnp.exp(jnp.where(jnp.isneginf(lse), -jnp.inf, sinks[None, :, None] - lse))
     return -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
 
 
