@@ -684,8 +684,8 @@ def _product_over_allowed_pairs(axis_name, *inputs):
     """`product(spec, weights, allowed, operand)`: `einsum(spec, weights, operand)` over the
     allowed pairs only, for weights that are 0 at excluded pairs. Plain when every device's
     `inputs` are finite (then 0 * operand = 0); `masked_einsum` otherwise, so that an excluded
-    NaN or inf stays out. One check per call, not one per chunk product: small products (BigBird's
-    chunks of 64) paid a third more time for one each."""
+    NaN or inf stays out. One check per call, not one per chunk product, whose cost small
+    products (BigBird's chunks of 64) would feel."""
     finite = lax.pmin(all_finite(*inputs).astype(jnp.int32), axis_name) > 0
 
     def product(spec, weights, allowed, operand):
