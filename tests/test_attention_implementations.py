@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec
 
 from transformer import patterns
-from transformer.attention import block_sparse, dot_product_attention, splash
+from transformer.attention import block_sparse, dot_product_attention, splash, xla
 from transformer.attention.auto import choose_implementation
 from transformer.attention.block_sparse import plan as block_plan
 from transformer.attention.block_sparse import xla_schedules
@@ -246,6 +246,28 @@ def test_splash_runs_its_kernel_on_finite_inputs_and_the_schedules_otherwise(mon
         want = block_sparse.block_sparse_attention(*inputs[:3], pattern=patterns.causal())
         np.testing.assert_allclose(out, want, atol=1e-6)
     assert not (np.asarray(attend(q, k, v, jnp.array([0.0, jnp.nan]))) == 7).any()
+
+
+def test_cudnn_runs_its_kernel_on_finite_inputs_and_the_schedules_otherwise(monkeypatch):
+    """cuDNN's kernel for finite inputs; block-sparse's XLA schedules when q, k or v hold a NaN
+    or inf. No GPU here: the backend is reported as one, and the kernel replaced by a marker
+    shows which branch ran (what the schedules compute is test_nan_semantics')."""
+
+    def marker(query, key, value, **_):
+        return jnp.full(query.shape[:3] + value.shape[-1:], 7.0, query.dtype)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(xla, "_fused", marker)
+    q, k, v = (jnp.asarray(x) for x in np.random.default_rng(7).normal(size=(3, 2, 45, 2, 16)))
+    key_valid = jnp.arange(45)[None, :] < jnp.array([[45], [40]])
+    options = dict(pattern=patterns.causal(), key_valid=key_valid)
+    attend = jax.jit(lambda q, k, v: xla.cudnn_attention(q, k, v, **options))
+    assert (attend(q, k, v) == 7).all()
+    for inputs in ((q, k.at[1, 30, 0, 2].set(jnp.nan), v), (q, k, v.at[0, 3].set(-jnp.inf))):
+        out = np.asarray(attend(*inputs))
+        assert not (out == 7).any()
+        want = block_sparse.block_sparse_attention(*inputs, **options)
+        np.testing.assert_allclose(out, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("implementation", ["block_sparse", "xla", "chunked"])

@@ -181,15 +181,22 @@ def use_toy_setup_without_dropout(kind, monkeypatch):
 
 
 def train_in_two_processes(kind, tmp_path, monkeypatch):
-    """(parameters of process 0 and of process 1, their logs, the run's summary, the
-    parameters of one process on 8 devices trained on the last mesh's rows meanwhile)."""
+    """(parameters of process 0 and of process 1, their logs, the run's summary, and the
+    parameters of the same run in this process on 8 data-parallel devices, trained meanwhile)."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=with_device_count(2), JAX_PLATFORMS="cpu")
     outputs = [tmp_path / f"params_{i}.npz" for i in range(2)]
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(port), str(i), str(tmp_path / "run"), str(outputs[i])]
-            + [kind],
+            [
+                sys.executable,
+                __file__,
+                str(port),
+                str(i),
+                str(tmp_path / "run"),
+                str(outputs[i]),
+                kind,
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

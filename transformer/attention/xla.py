@@ -8,7 +8,8 @@ and float16/bfloat16 inputs, and takes only the native patterns.
 Non-finite inputs: jax.nn multiplies excluded pairs' zero weights by their values (0 * NaN =
 NaN) and differentiates through them, so when q, k or v hold a NaN or inf, "xla" computes the
 careful dense reference instead (`dense.py`, the same cost class: both materialise the
-scores), which keeps what the mask excludes out of the results.
+scores), and "cudnn" block-sparse attention's XLA schedules (which, like cuDNN's kernel, never
+hold the whole score matrix); both keep what the mask excludes out of the results.
 """
 
 import functools
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer import patterns
+from transformer.attention.block_sparse import block_sparse_attention
 from transformer.attention.dense import alibi_bias, all_finite, careful_dense_attention
 
 
@@ -90,8 +92,6 @@ def _jax_nn_attention(
         implementation=implementation,
         arguments=arguments,
     )
-    if implementation != "xla":
-        return fused(query, key, value)
 
     def reference(query, key, value):
         mask = jnp.asarray(pattern.mask(q_len, kv_len))[None, None]
@@ -108,10 +108,23 @@ def _jax_nn_attention(
         return out.astype(query.dtype)
 
     # Finite inputs cannot carry a NaN or inf from an excluded pair into a product (its weight
-    # is 0, and 0 * finite = 0), so only inputs holding one pay for the reference. Rematerialised
-    # so that its residuals (the inputs) cost the plain branch nothing under differentiation.
-    reference = jax.checkpoint(reference)
-    return jax.lax.cond(all_finite(query, key, value), fused, reference, query, key, value)
+    # is 0, and 0 * finite = 0), so only inputs holding one pay for the exact branch: the dense
+    # reference for "xla", block-sparse's XLA schedules for "cudnn" (which, like cuDNN's kernel,
+    # never hold the whole score matrix, so the branch reserves no quadratic memory).
+    # Rematerialised so that its residuals (the inputs) cost the plain branch nothing under
+    # differentiation.
+    exact = reference
+    if implementation == "cudnn":
+        exact = functools.partial(
+            block_sparse_attention,
+            pattern=pattern,
+            key_valid=key_valid,
+            scale=scale,
+            alibi_slopes=alibi_slopes,
+        )
+    return jax.lax.cond(
+        all_finite(query, key, value), fused, jax.checkpoint(exact), query, key, value
+    )
 
 
 def _fused(
