@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from non_finite import INF, NAN, assert_like_reference
 
 from transformer import patterns
 from transformer.attention import dot_product_attention
@@ -27,6 +28,7 @@ BATCH, LENGTH, HEADS, DIM = 2, 64, 2, 16
 KEY_VALID = np.ones((BATCH, LENGTH), bool)
 KEY_VALID[0, 56:] = False
 KEY_VALID[1, :4] = False
+RESULTS = ("out", "dq", "dk", "dv")
 
 
 # XLA:CPU's default fusion emitters, which conftest.py swaps for the older, faster-compiling ones.
@@ -114,19 +116,6 @@ def poisoned(where):
     return arrays["q"], arrays["k"], arrays["v"], clean_inputs()[3]
 
 
-def assert_same(got, want, label):
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        g, w = np.asarray(g), np.asarray(w)
-        for kind, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
-            where = np.argwhere(test(g) != test(w))
-            assert not len(where), f"{label} {name}: {kind} differs at {where[:5].tolist()}"
-        finite = np.isfinite(w)
-        np.testing.assert_allclose(
-            g[finite], w[finite], atol=5e-5, rtol=5e-4, err_msg=f"{label} {name}"
-        )
-
-
-NAN, INF = float("nan"), float("inf")
 # (name, pattern, poisoned entries); a key or value index is [batch, position, head, dim].
 CASES = {
     # The reported reproducer: NaN keys that padding excludes (batch 0) or allows (batch 1).
@@ -156,7 +145,8 @@ def test_non_finite_inputs_match_the_dense_reference(name):
             continue  # chunked computes full and causal attention only
         inputs = poisoned(where)
         want = _run("dense", pattern_name)(*inputs)
-        assert_same(_run(name, pattern_name)(*inputs), want, f"{name} {label}")
+        got = _run(name, pattern_name)(*inputs)
+        assert_like_reference(got, want, RESULTS, f"{name} {label}", atol=5e-5, rtol=5e-4)
 
 
 # Poison only where the mask excludes: keys and values of padded positions (batch 0's last
@@ -185,7 +175,7 @@ def test_excluded_non_finite_inputs_never_reach_the_results(name):
             continue
         got = _run(name, pattern_name)(*poisoned(where))
         want = _run(name, pattern_name)(*clean_inputs())
-        for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        for label, g, w in zip(RESULTS, got, want):
             g, w = np.asarray(g), np.asarray(w)
             if label != "out":  # gradients of the poisoned (excluded) inputs are zero
                 for array, index, _ in where:
