@@ -179,7 +179,8 @@ NON_FINITE = {
 
 @functools.cache
 def _ring_with_sinks(name, order):
-    """jit((q, k, v, valid, weights, sinks) -> (out, (dq, dk, dv, d sinks))), once per pattern."""
+    """jit((q, k, v, sinks, valid, weights) -> ((loss, out), (dq, dk, dv, d sinks))), compiled
+    once per pattern and order."""
     mesh = _mesh(4)
 
     def loss(q, k, v, sinks, valid, weights):
