@@ -63,8 +63,9 @@ PATTERNS = {
 START_TOKEN = SIZES["vocab_size"] - 1
 
 
-def decoder_lm(pattern, max_len):
-    return build_model(dict(name="decoder_lm", max_len=max_len, **MODEL, **PATTERNS[pattern]))
+def decoder_lm(pattern, max_len, num_layers):
+    config = {**MODEL, **PATTERNS[pattern], "num_layers": num_layers}
+    return build_model(dict(config, name="decoder_lm", max_len=max_len))
 
 
 def variables_of(model):
@@ -101,14 +102,17 @@ def alternate(functions, repeats):
 class Torch:
     """The PyTorch-eager peer, or None where torch is not installed."""
 
-    def __init__(self):
+    def __init__(self, num_layers):
         import torch
         import torch_decoder  # this directory's
 
         torch.set_num_threads(os.cpu_count())
         self.torch, self.decoder = torch, torch_decoder
         self.models = {
-            pattern: torch_decoder.build(**SIZES, window=WINDOW if pattern == "window" else None)
+            pattern: torch_decoder.build(
+                **{**SIZES, "num_layers": num_layers},
+                window=WINDOW if pattern == "window" else None,
+            )
             for pattern in PATTERNS
         }
 
@@ -130,9 +134,9 @@ class Torch:
         )
 
 
-def maybe_torch():
+def maybe_torch(num_layers):
     try:
-        return Torch()
+        return Torch(num_layers)
     except ImportError:
         print("(torch is not installed: no PyTorch column)")
         return None
@@ -142,11 +146,11 @@ def per_token(seconds_short, seconds_long, steps_short, steps_long):
     return (seconds_long - seconds_short) / (steps_long - steps_short)
 
 
-def generation_rows(lengths, repeats, peer):
+def generation_rows(lengths, repeats, peer, num_layers):
     rows = []
     for pattern in PATTERNS:
         for num_tokens in lengths:
-            model = decoder_lm(pattern, num_tokens)
+            model = decoder_lm(pattern, num_tokens, num_layers)
             variables = variables_of(model)
             state = model.apply(variables, jnp.ones((1, 1)), num_tokens, method="init_decode_state")
             generate = generate_fn(model, num_tokens, num_tokens)
@@ -176,9 +180,9 @@ def prefilled(model, variables, position, max_len):
     return prefill(variables, prompt)
 
 
-def step_cost(pattern, position, buffer, repeats, peer, steps=(16, 80)):
+def step_cost(pattern, position, buffer, repeats, peer, num_layers, steps=(16, 80)):
     """ms/token at positions position+steps[0]..position+steps[1] with a cache of `buffer`."""
-    model = decoder_lm(pattern, buffer)
+    model = decoder_lm(pattern, buffer, num_layers)
     variables = variables_of(model)
     state = prefilled(model, variables, position, buffer)
     short, long = (generate_fn(model, n, buffer) for n in steps)
@@ -214,33 +218,32 @@ def cost_row(table, pattern, position, buffer, costs):
     return row
 
 
-def buffer_rows(buffers, repeats, peer):
+def buffer_rows(buffers, repeats, peer, num_layers):
     rows = []
     for buffer in buffers:
-        row = cost_row(
-            "buffers", "full", 128, buffer, step_cost("full", 128, buffer, repeats, peer)
-        )
+        costs = step_cost("full", 128, buffer, repeats, peer, num_layers)
+        row = cost_row("buffers", "full", 128, buffer, costs)
         rows.append(row)
         print_row(row)
     return rows
 
 
-def position_rows(positions, repeats, peer):
+def position_rows(positions, repeats, peer, num_layers):
     rows = []
     for pattern in PATTERNS:
         for position in positions:
             buffer = position + 128
-            costs = step_cost(pattern, position, buffer, repeats, peer)
+            costs = step_cost(pattern, position, buffer, repeats, peer, num_layers)
             rows.append(cost_row("positions", pattern, position, buffer, costs))
             print_row(rows[-1])
     return rows
 
 
-def memory_rows(lengths, peer):
+def memory_rows(lengths, peer, num_layers):
     rows = []
     for pattern in PATTERNS:
         for num_tokens in lengths:
-            model = decoder_lm(pattern, num_tokens)
+            model = decoder_lm(pattern, num_tokens, num_layers)
             variables = variables_of(model)
             state = jax.eval_shape(
                 lambda v, n=num_tokens, m=model: m.apply(
@@ -298,12 +301,12 @@ def uncached_fn(model, num_tokens, steps):
     return jax.jit(run)
 
 
-def uncached_rows(lengths, uncached_steps, repeats):
+def uncached_rows(lengths, uncached_steps, repeats, num_layers):
     """Cached decoding against full recomputation at every step, for the full model."""
     rows = []
     for num_tokens in lengths:
         steps = min(num_tokens, uncached_steps)
-        model = decoder_lm("full", num_tokens)
+        model = decoder_lm("full", num_tokens, num_layers)
         variables = variables_of(model)
         state = model.apply(variables, jnp.ones((1, 1)), num_tokens, method="init_decode_state")
         cached = generate_fn(model, num_tokens, num_tokens)
@@ -409,30 +412,29 @@ def main():
     args = parser.parse_args()
     if args.num_layers < 1:
         raise SystemExit(f"error: --num_layers={args.num_layers}; allowed: a positive integer.")
-    # Both sides build their models from these dicts, the PyTorch side too.
-    SIZES["num_layers"] = MODEL["num_layers"] = args.num_layers
     tables = args.tables.split(",")
     for name in tables:
         if name not in TABLES:
             raise SystemExit(f"error: unknown table {name!r}; allowed: {', '.join(TABLES)}.")
     numbers = lambda text: [int(n) for n in text.split(",")]
-    peer = maybe_torch() if args.torch else None
+    layers = args.num_layers
+    peer = maybe_torch(layers) if args.torch else None
     print(provenance.describe())
     print(f"decoder LM: num_layers {args.num_layers}, d_model {SIZES['d_model']}")
     if peer:
         print(f"PyTorch {peer.torch.__version__}, {peer.torch.get_num_threads()} threads")
     results = {}
     if "generation" in tables:
-        results["generation"] = generation_rows(numbers(args.lengths), args.repeats, peer)
+        results["generation"] = generation_rows(numbers(args.lengths), args.repeats, peer, layers)
     if "buffers" in tables:
-        results["buffers"] = buffer_rows(numbers(args.buffers), args.repeats, peer)
+        results["buffers"] = buffer_rows(numbers(args.buffers), args.repeats, peer, layers)
     if "positions" in tables:
-        results["positions"] = position_rows(numbers(args.positions), args.repeats, peer)
+        results["positions"] = position_rows(numbers(args.positions), args.repeats, peer, layers)
     if "memory" in tables:
-        results["memory"] = memory_rows(numbers(args.lengths), peer)
+        results["memory"] = memory_rows(numbers(args.lengths), peer, layers)
     if "uncached" in tables:
         results["uncached"] = uncached_rows(
-            numbers(args.uncached_lengths), args.uncached_steps, args.repeats
+            numbers(args.uncached_lengths), args.uncached_steps, args.repeats, layers
         )
     os.makedirs(args.out, exist_ok=True)
     columns = machine.columns()
