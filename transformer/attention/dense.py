@@ -212,6 +212,15 @@ def all_finite(*arrays):
     return functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in arrays])
 
 
+def kernel_unless_non_finite(finite, kernel, exact, *operands):
+    """`kernel(*operands)` where `finite`, else `exact(*operands)`: for kernels that multiply
+    excluded pairs' zero weights by their operands. Finite inputs cannot carry a NaN or inf from
+    an excluded pair into a product (0 * finite = 0), so only inputs holding one pay for the
+    exact branch. It is rematerialised, so that its residuals (the inputs) cost the kernel's
+    branch nothing under differentiation."""
+    return lax.cond(finite, kernel, jax.checkpoint(exact), *operands)
+
+
 def _softmax_with_sinks(logits, sinks):
     """Softmax over the last axis of `[batch, heads, q_len, kv_len]` finite logits, with each
     head's sink logit `[heads]` in the denominator (plain softmax when `sinks` is None)."""

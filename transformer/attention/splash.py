@@ -21,7 +21,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from transformer.attention.block_sparse import block_sparse_attention
-from transformer.attention.dense import all_finite
+from transformer.attention.dense import all_finite, kernel_unless_non_finite
 from transformer.attention.sinks import check_sinks
 from transformer.attention.soft_cap import check_logit_soft_cap
 
@@ -125,18 +125,15 @@ def splash_attention(
     # The schedules' blocks at most the sequence's: a 128-block over 40 tokens is mostly padding.
     exact_block = min(block_size, max(16, -(-max(query.shape[1], key.shape[1]) // 16) * 16))
     exact = functools.partial(block_sparse_attention, block_q=exact_block, **options)
-    # Finite inputs cannot carry a NaN or inf from an excluded pair into a product (its weight
-    # is 0, and 0 * finite = 0), so only inputs holding one pay for the schedules. Rematerialised
-    # so that its residuals (the inputs) cost the kernel's branch nothing under differentiation.
     # A sink of -inf is no sink; a NaN or +inf sink is non-finite input like any other.
     finite = all_finite(query, key, value)
     if sinks is not None:
         sinks = jnp.asarray(sinks)
         finite = finite & ~jnp.any(jnp.isnan(sinks) | jnp.isposinf(sinks))
-    return jax.lax.cond(
+    return kernel_unless_non_finite(
         finite,
         lambda q, k, v, s: kernel(q, k, v, sinks=s),
-        jax.checkpoint(lambda q, k, v, s: exact(q, k, v, sinks=s)),
+        lambda q, k, v, s: exact(q, k, v, sinks=s),
         query,
         key,
         value,

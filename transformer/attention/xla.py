@@ -19,7 +19,12 @@ import jax.numpy as jnp
 
 from transformer import patterns
 from transformer.attention.block_sparse import block_sparse_attention
-from transformer.attention.dense import alibi_bias, all_finite, careful_dense_attention
+from transformer.attention.dense import (
+    alibi_bias,
+    all_finite,
+    careful_dense_attention,
+    kernel_unless_non_finite,
+)
 
 
 def _native_arguments(pattern):
@@ -107,12 +112,9 @@ def _jax_nn_attention(
         )
         return out.astype(query.dtype)
 
-    # Finite inputs cannot carry a NaN or inf from an excluded pair into a product (its weight
-    # is 0, and 0 * finite = 0), so only inputs holding one pay for the exact branch: the dense
-    # reference for "xla", block-sparse's XLA schedules for "cudnn" (which, like cuDNN's kernel,
-    # never hold the whole score matrix, so the branch reserves no quadratic memory).
-    # Rematerialised so that its residuals (the inputs) cost the plain branch nothing under
-    # differentiation.
+    # Inputs holding a NaN or inf take the dense reference for "xla", block-sparse's XLA
+    # schedules for "cudnn" (which, like cuDNN's kernel, never hold the whole score matrix, so
+    # the branch reserves no quadratic memory).
     exact = reference
     if implementation == "cudnn":
         exact = functools.partial(
@@ -122,9 +124,8 @@ def _jax_nn_attention(
             scale=scale,
             alibi_slopes=alibi_slopes,
         )
-    return jax.lax.cond(
-        all_finite(query, key, value), fused, jax.checkpoint(exact), query, key, value
-    )
+    finite = all_finite(query, key, value)
+    return kernel_unless_non_finite(finite, fused, exact, query, key, value)
 
 
 def _fused(
