@@ -159,25 +159,25 @@ def two_process_config(kind):
             checkpoint_every_steps=4,
             best_metric="",
         )
-        config.model = ml_collections.ConfigDict(dict(name="decoder_lm", pattern="causal"))
+        config.model = ml_collections.ConfigDict(
+            dict(name="decoder_lm", pattern="causal", dropout_rate=0.0)
+        )
     config.mesh.update(dict(data=-1, fsdp=1))
     return config
 
 
 def use_toy_setup_without_dropout(kind, monkeypatch):
-    """The toy data and the kind's model without dropout: dropout masks follow a row's device,
-    and rows lie on other devices when two processes read the batch."""
+    """The toy data and the kind's model without dropout (the LM's config turns it off):
+    dropout masks follow a row's device, and rows lie on other devices when two processes read
+    the batch."""
+    from test_mesh import use_tiny_transformers
     from test_train import ToyModel, use_toy_setup
 
-    from transformer.modules.models import build_model
-
-    use_toy_setup(monkeypatch)
     if kind == "fsdp":
-        model = lambda config: ToyModel(dropout_rate=0.0)
+        use_toy_setup(monkeypatch)
+        monkeypatch.setattr(loop, "build_model", lambda config: ToyModel(dropout_rate=0.0))
     else:
-        tiny = dict(vocab_size=16, d_model=16, num_heads=2, d_ff=32, num_layers=1, max_len=8)
-        model = lambda config: build_model(dict(tiny, dropout_rate=0.0, **config))
-    monkeypatch.setattr(loop, "build_model", model)
+        use_tiny_transformers(monkeypatch)
 
 
 def train_in_two_processes(kind, tmp_path, monkeypatch):
