@@ -221,15 +221,16 @@ def test_splash_interpreted_matches_reference(pattern, padding):
     check_against_reference("splash", pattern, inputs)
 
 
+def marker_kernel(query, key, value, **_):
+    """A stand-in for a kernel: 7 everywhere, so a test sees which branch computed a result."""
+    return jnp.full(query.shape[:3] + value.shape[-1:], 7.0, query.dtype)
+
+
 def test_splash_runs_its_kernel_on_finite_inputs_and_the_schedules_otherwise(monkeypatch):
     """Splash's kernel for finite inputs; block-sparse's schedules when q, k, v or a sink hold a
     NaN or inf (what those compute is test_nan_semantics'). The kernel, replaced by a marker,
     shows which branch ran; a sink of -inf is no sink, not a non-finite input."""
-
-    def marker(query, key, value, **_):
-        return jnp.full(query.shape[:3] + value.shape[-1:], 7.0, query.dtype)
-
-    monkeypatch.setattr(splash, "_kernel_attention", marker)
+    monkeypatch.setattr(splash, "_kernel_attention", marker_kernel)
     q, k, v = (jnp.asarray(x) for x in np.random.default_rng(6).normal(size=(3, 2, 45, 2, 8)))
     attend = jax.jit(
         lambda q, k, v, sinks: splash.splash_attention(
@@ -252,12 +253,8 @@ def test_cudnn_runs_its_kernel_on_finite_inputs_and_the_schedules_otherwise(monk
     """cuDNN's kernel for finite inputs; block-sparse's XLA schedules when q, k or v hold a NaN
     or inf. No GPU here: the backend is reported as one, and the kernel replaced by a marker
     shows which branch ran (what the schedules compute is test_nan_semantics')."""
-
-    def marker(query, key, value, **_):
-        return jnp.full(query.shape[:3] + value.shape[-1:], 7.0, query.dtype)
-
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(xla, "_fused", marker)
+    monkeypatch.setattr(xla, "_fused", marker_kernel)
     q, k, v = (jnp.asarray(x) for x in np.random.default_rng(7).normal(size=(3, 2, 45, 2, 16)))
     key_valid = jnp.arange(45)[None, :] < jnp.array([[45], [40]])
     options = dict(pattern=patterns.causal(), key_valid=key_valid)
